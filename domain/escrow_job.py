@@ -1,0 +1,851 @@
+"""The EscrowJob aggregate: one RunPod job, its escrow, and the saga that settles it.
+
+Read it next to the lifecycle table of DESIGN.md. Each outcome command checks the state, records
+the outcome and, in the same save, the next intent. Processors carry out intents; they never decide
+what comes next.
+
+The `@event` methods are the apply logic and run again on replay (and in the audit). They only
+record facts, without guards, so that the audit can replay any log, even a broken one, and then ask
+`violations()` what is wrong with it. The guards live in the public commands.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from eventsourcing.domain import Aggregate, event
+
+from podsettle.domain import rules
+from podsettle.domain.errors import ConflictingOutcome, IllegalTransition, InvalidInput
+from podsettle.domain.money import ZERO, fmt, to_money
+
+JOB_NAMESPACE = uuid.UUID("6f1c1d5e-8a4b-4f0e-9a57-2f6f3c1e7b11")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$")
+
+
+class State(StrEnum):
+    OPENED = "OPENED"
+    FUNDING = "FUNDING"
+    FUNDED = "FUNDED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    RELEASING = "RELEASING"
+    RELEASED = "RELEASED"
+    FAILED = "FAILED"
+    REFUNDING = "REFUNDING"
+    REFUNDED = "REFUNDED"
+    REJECTED = "REJECTED"
+    ATTENTION = "ATTENTION"
+
+
+TERMINAL = frozenset({State.RELEASED, State.REFUNDED, State.REJECTED})
+
+
+class Step(StrEnum):
+    """An effect the engine carries out for an intent."""
+
+    FUND = "fund"  # create (and fund) the escrow
+    START = "start"  # submit the job to RunPod
+    CANCEL = "cancel"  # cancel the job on RunPod
+    RELEASE = "release"  # release the escrow to the payee
+    REFUND = "refund"  # return the escrow to the payer
+    BONUS_FUND = "bonus_fund"  # create the bonus escrow
+    BONUS_RELEASE = "bonus_release"  # release the bonus escrow
+
+    @property
+    def moves_money(self) -> bool:
+        return self not in (Step.START, Step.CANCEL)
+
+
+@dataclass(frozen=True)
+class Intent:
+    """An effect that is wanted: its step, its stable idempotency key, and the attempts made so far."""
+
+    step: Step
+    key: str
+    attempts: int = 0
+
+
+def job_id_for(job_key: str) -> uuid.UUID:
+    """Jobs are identified by the caller's key, so opening the same job twice finds the first."""
+    return uuid.uuid5(JOB_NAMESPACE, job_key)
+
+
+def check_id(value: object, field: str, *, optional: bool = False) -> str | None:
+    if value is None or value == "":
+        if optional:
+            return None
+        raise InvalidInput(field, "is required")
+    if not isinstance(value, str) or not _ID.match(value):
+        raise InvalidInput(
+            field, f"{value!r} is not a valid id (letters, digits and _.:@/- only, at most 128 characters)"
+        )
+    return value
+
+
+class EscrowJob(Aggregate):
+    """A RunPod job paid through escrow."""
+
+    class Event(Aggregate.Event):
+        class_version = 1
+
+    class Opened(Aggregate.Created):
+        class_version = 1
+        job_key: str
+        batch_id: str | None
+        endpoint_id: str
+        input_digest: str
+        payer: str
+        payee: str
+        budget: Decimal
+        referral: str | None
+        acceptance: dict[str, Any]
+        bonus_pool: Decimal | None
+        deadline: datetime
+
+    class FundingRequested(Event):
+        key: str
+
+    class Attempted(Event):
+        step: str
+        attempt: int
+        processor: str
+
+    class Funded(Event):
+        escrow_id: str
+        amount: Decimal
+        fee: Decimal
+        net: Decimal
+
+    class FundingRejected(Event):
+        reason: str
+        status_code: int | None
+
+    class StartRequested(Event):
+        key: str
+
+    class Started(Event):
+        runpod_job_id: str
+        attempt: int
+
+    class CancelRequested(Event):
+        key: str
+        reason: str
+
+    class Completed(Event):
+        output_digest: str
+        execution_ms: int | None
+        delay_ms: int | None
+        worker_id: str | None
+        metrics: dict[str, str]
+
+    class Failed(Event):
+        stage: str
+        runpod_status: str | None
+        reason: str
+
+    class ReleaseRequested(Event):
+        key: str
+        method: str
+
+    class RefundRequested(Event):
+        key: str
+        method: str
+
+    class Released(Event):
+        to_payee: Decimal
+        fee: Decimal
+        referral_fee: Decimal
+        returned: Decimal
+
+    class Refunded(Event):
+        returned: Decimal
+        fee_kept: Decimal
+
+    class BonusRequested(Event):
+        key: str
+        amount: Decimal
+        pool: Decimal
+        base_metric: str
+        achieved_metric: str
+        threshold: str
+
+    class BonusFunded(Event):
+        escrow_id: str
+        amount: Decimal
+        fee: Decimal
+        net: Decimal
+
+    class BonusAwarded(Event):
+        escrow_id: str
+        amount: Decimal
+        to_payee: Decimal
+        fee: Decimal
+        referral_fee: Decimal
+
+    class AttentionRaised(Event):
+        step: str
+        reason: str
+        known: dict[str, str]
+
+    class Resolved(Event):
+        step: str
+        finding: str
+        operator: str
+        retry: bool
+
+    # ------------------------------------------------------------------ opening
+
+    @staticmethod
+    def create_id(job_key: str) -> uuid.UUID:
+        return job_id_for(job_key)
+
+    @event(Opened)
+    def __init__(
+        self,
+        job_key: str,
+        batch_id: str | None,
+        endpoint_id: str,
+        input_digest: str,
+        payer: str,
+        payee: str,
+        budget: Decimal,
+        referral: str | None,
+        acceptance: dict[str, Any],
+        bonus_pool: Decimal | None,
+        deadline: datetime,
+    ) -> None:
+        self.job_key = job_key
+        self.batch_id = batch_id
+        self.endpoint_id = endpoint_id
+        self.input_digest = input_digest
+        self.payer = payer
+        self.payee = payee
+        self.budget = budget
+        self.referral = referral
+        self.acceptance = acceptance
+        self.bonus_pool = bonus_pool
+        self.deadline = deadline
+        self.state = State.OPENED
+        self.intent: Intent | None = None
+        self.state_before_attention: State | None = None
+        self.attention: dict[str, str] | None = None
+        # Settlement facts.
+        self.escrow_id: str | None = None
+        self.funded_amount: Decimal | None = None
+        self.fee: Decimal | None = None
+        self.net: Decimal | None = None
+        self.rejection: str | None = None
+        self.runpod_job_id: str | None = None
+        self.start_attempt = 0
+        self.output_digest: str | None = None
+        self.execution_ms: int | None = None
+        self.delay_ms: int | None = None
+        self.worker_id: str | None = None
+        self.metrics: dict[str, str] = {}
+        self.failure: tuple[str, str | None, str] | None = None
+        self.released: tuple[Decimal, Decimal, Decimal, Decimal] | None = None
+        self.refunded: tuple[Decimal, Decimal] | None = None
+        self.cancel_reason: str | None = None
+        # Bonus.
+        self.bonus_amount: Decimal | None = None
+        self.bonus_terms: tuple[Decimal, str, str, str] | None = None
+        self.bonus_escrow_id: str | None = None
+        self.bonus_funded: tuple[Decimal, Decimal, Decimal] | None = None
+        self.bonus_awarded: tuple[Decimal, Decimal, Decimal, Decimal] | None = None
+        # Facts for the audit: counted, and checked in order as they were applied.
+        self.counts: dict[str, int] = {}
+        self.order_violations: list[str] = []
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        job_key: str,
+        endpoint_id: str,
+        input_digest: str,
+        payer: str,
+        payee: str,
+        budget: object,
+        deadline: datetime,
+        batch_id: str | None = None,
+        referral: str | None = None,
+        acceptance: dict[str, Any] | None = None,
+        bonus_pool: object = None,
+    ) -> EscrowJob:
+        """Open a job and, in the same save, ask for its escrow to be funded."""
+        check_id(job_key, "job_key")
+        check_id(endpoint_id, "endpoint_id")
+        check_id(payer, "payer")
+        check_id(payee, "payee")
+        check_id(batch_id, "batch_id", optional=True)
+        check_id(referral, "referral", optional=True)
+        if payer == payee:
+            raise InvalidInput("payee", "must differ from the payer")
+        if not re.fullmatch(r"[0-9a-f]{64}", input_digest or ""):
+            raise InvalidInput("input_digest", "must be a sha256 hex digest")
+        if deadline.tzinfo is None:
+            raise InvalidInput("deadline", "must carry a time zone")
+        amount = to_money(budget, "budget", allow_zero=False)
+        pool = None if bonus_pool is None else to_money(bonus_pool, "bonus_pool")
+        job = cls(
+            job_key=job_key,
+            batch_id=batch_id,
+            endpoint_id=endpoint_id,
+            input_digest=input_digest,
+            payer=payer,
+            payee=payee,
+            budget=amount,
+            referral=referral or None,
+            acceptance=dict(acceptance or {"kind": "non_empty"}),
+            bonus_pool=pool,
+            deadline=deadline,
+        )
+        job._funding_requested(key=f"{job_key}:fund")
+        return job
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def job_id(self) -> uuid.UUID:
+        return self.id
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL and (self.intent is None)
+
+    @property
+    def in_flight(self) -> bool:
+        """An intent has been attempted and its outcome is not recorded yet."""
+        return self.intent is not None and self.intent.attempts > 0
+
+    def _guard(self, command: str, *allowed: State, detail: str = "") -> None:
+        if self.state not in allowed:
+            raise IllegalTransition(self.id, self.state, command, detail)
+
+    def _conflict(self, command: str, detail: str) -> ConflictingOutcome:
+        return ConflictingOutcome(self.id, self.state, command, detail)
+
+    def _count(self, name: str) -> int:
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return self.counts[name]
+
+    def _seen(self, name: str) -> bool:
+        return self.counts.get(name, 0) > 0
+
+    def _order(self, ok: bool, rule: str) -> None:
+        if not ok:
+            self.order_violations.append(rule)
+
+    # ------------------------------------------------------------------ attempts
+
+    def record_attempt(self, step: Step, processor: str) -> int:
+        """A processor claims the current intent and is about to make its call. Returns the attempt."""
+        if self.intent is None or self.intent.step != step:
+            raise IllegalTransition(self.id, self.state, f"attempt {step}", "no such intent is open")
+        if self.state == State.ATTENTION:
+            raise IllegalTransition(self.id, self.state, f"attempt {step}", "the job waits for an operator")
+        attempt = self.intent.attempts + 1
+        self._attempted(step=str(step), attempt=attempt, processor=processor)
+        return attempt
+
+    @event(Attempted)
+    def _attempted(self, step: str, attempt: int, processor: str) -> None:
+        if self.intent is not None and self.intent.step == step:
+            self.intent = Intent(self.intent.step, self.intent.key, attempt)
+        else:
+            self.order_violations.append(f"{step} attempted without an open intent")
+        if step == Step.START:
+            self.start_attempt = attempt
+
+    # ------------------------------------------------------------------ funding
+
+    @event(FundingRequested)
+    def _funding_requested(self, key: str) -> None:
+        self.state = State.FUNDING
+        self.intent = Intent(Step.FUND, key)
+
+    def record_funded(self, escrow_id: str, amount: object, fee: object, net: object) -> None:
+        """The escrow exists and holds the budget. Next: start the job on RunPod."""
+        check_id(escrow_id, "escrow_id")
+        amount_ = to_money(amount, "amount")
+        fee_ = to_money(fee, "fee")
+        net_ = to_money(net, "net")
+        if self.escrow_id is not None:
+            same = (self.escrow_id, self.funded_amount, self.fee, self.net) == (
+                escrow_id,
+                amount_,
+                fee_,
+                net_,
+            )
+            if same:
+                return
+            raise self._conflict("record funded", f"already funded by escrow {self.escrow_id}")
+        self._guard("record funded", State.FUNDING)
+        if amount_ != self.budget:
+            raise self._conflict(
+                "record funded", f"escrow holds {fmt(amount_)}, budget is {fmt(self.budget)}"
+            )
+        expected = rules.split(amount_)
+        if (fee_, net_) != (expected.fee, expected.net):
+            raise self._conflict(
+                "record funded",
+                f"fee {fmt(fee_)} / net {fmt(net_)} differ from the expected "
+                f"{fmt(expected.fee)} / {fmt(expected.net)}",
+            )
+        self._funded(escrow_id=escrow_id, amount=amount_, fee=fee_, net=net_)
+        self._start_requested(key=f"{self.job_key}:start")
+
+    @event(Funded)
+    def _funded(self, escrow_id: str, amount: Decimal, fee: Decimal, net: Decimal) -> None:
+        self._count("Funded")
+        self.escrow_id = escrow_id
+        self.funded_amount = amount
+        self.fee = fee
+        self.net = net
+        self.state = State.FUNDED
+        self.intent = None
+
+    def record_funding_rejected(self, reason: str, status_code: int | None = None) -> None:
+        """The escrow service refused the escrow; no money moved. Terminal."""
+        if self.state == State.REJECTED:
+            if self.rejection == reason:
+                return
+            raise self._conflict("record funding rejected", f"already rejected: {self.rejection}")
+        self._guard("record funding rejected", State.FUNDING)
+        self._funding_rejected(reason=reason, status_code=status_code)
+
+    @event(FundingRejected)
+    def _funding_rejected(self, reason: str, status_code: int | None) -> None:
+        self.rejection = reason
+        self.state = State.REJECTED
+        self.intent = None
+
+    # ------------------------------------------------------------------ compute
+
+    @event(StartRequested)
+    def _start_requested(self, key: str) -> None:
+        self.intent = Intent(Step.START, key)
+
+    def record_started(self, runpod_job_id: str) -> None:
+        """RunPod accepted the job."""
+        check_id(runpod_job_id, "runpod_job_id")
+        if self.runpod_job_id is not None:
+            if self.runpod_job_id == runpod_job_id:
+                return
+            raise self._conflict("record started", f"already started as RunPod job {self.runpod_job_id}")
+        self._guard("record started", State.FUNDED)
+        self._started(runpod_job_id=runpod_job_id, attempt=max(self.start_attempt, 1))
+
+    @event(Started)
+    def _started(self, runpod_job_id: str, attempt: int) -> None:
+        self._count("Started")
+        self._order(self._seen("Funded"), "Started without Funded")
+        self.runpod_job_id = runpod_job_id
+        self.state = State.RUNNING
+        self.intent = None
+
+    def request_cancel(self, reason: str) -> None:
+        """Cancel a running job on RunPod; its failure then refunds the escrow."""
+        if self.intent is not None and self.intent.step == Step.CANCEL:
+            return
+        if self.state == State.FUNDED and self.intent is not None and self.intent.attempts == 0:
+            # Nothing was submitted yet: fail it here, no RunPod call needed.
+            self.record_failed(stage="cancel", runpod_status=None, reason=reason)
+            return
+        self._guard("cancel", State.RUNNING)
+        self._cancel_requested(key=f"{self.job_key}:cancel", reason=reason)
+
+    @event(CancelRequested)
+    def _cancel_requested(self, key: str, reason: str) -> None:
+        self.cancel_reason = reason
+        self.intent = Intent(Step.CANCEL, key)
+
+    def record_completed(
+        self,
+        output_digest: str,
+        execution_ms: int | None = None,
+        delay_ms: int | None = None,
+        worker_id: str | None = None,
+        metrics: dict[str, str] | None = None,
+    ) -> None:
+        """RunPod finished with output that passed the acceptance check. Next: release."""
+        if self.output_digest is not None:
+            if self.output_digest == output_digest:
+                return
+            raise self._conflict("record completed", "a different output was already accepted")
+        if self.failure is not None:
+            raise self._conflict("record completed", f"the job already failed ({self.failure[2]})")
+        self._guard("record completed", State.RUNNING)
+        self._completed(
+            output_digest=output_digest,
+            execution_ms=execution_ms,
+            delay_ms=delay_ms,
+            worker_id=worker_id,
+            metrics=dict(metrics or {}),
+        )
+        self._release_requested(key=f"{self.job_key}:release", method="release")
+
+    @event(Completed)
+    def _completed(
+        self,
+        output_digest: str,
+        execution_ms: int | None,
+        delay_ms: int | None,
+        worker_id: str | None,
+        metrics: dict[str, str],
+    ) -> None:
+        self._count("Completed")
+        self._order(self._seen("Started"), "Completed without Started")
+        self.output_digest = output_digest
+        self.execution_ms = execution_ms
+        self.delay_ms = delay_ms
+        self.worker_id = worker_id
+        self.metrics = metrics
+        self.state = State.COMPLETED
+        self.intent = None
+
+    def record_failed(self, stage: str, runpod_status: str | None, reason: str) -> None:
+        """The job did not succeed (RunPod failure, timeout, cancel, no output, rejected output).
+
+        Next: refund the escrow.
+        """
+        if self.failure is not None:
+            if self.failure == (stage, runpod_status, reason):
+                return
+            raise self._conflict("record failed", f"already failed: {self.failure[2]}")
+        if self.output_digest is not None:
+            raise self._conflict("record failed", "the job already completed")
+        self._guard("record failed", State.FUNDED, State.RUNNING)
+        self._failed(stage=stage, runpod_status=runpod_status, reason=reason)
+        self._refund_requested(key=f"{self.job_key}:refund", method="refund")
+
+    @event(Failed)
+    def _failed(self, stage: str, runpod_status: str | None, reason: str) -> None:
+        self._count("Failed")
+        self.failure = (stage, runpod_status, reason)
+        self.state = State.FAILED
+        self.intent = None
+
+    # ------------------------------------------------------------------ settlement
+
+    @event(ReleaseRequested)
+    def _release_requested(self, key: str, method: str) -> None:
+        self.state = State.RELEASING
+        self.intent = Intent(Step.RELEASE, key)
+
+    def record_released(
+        self, to_payee: object, fee: object, referral_fee: object, returned: object = ZERO
+    ) -> None:
+        """The escrow was released: the payee has `to_payee`, the service kept `fee`."""
+        to_payee_ = to_money(to_payee, "to_payee")
+        fee_ = to_money(fee, "fee")
+        referral_ = to_money(referral_fee, "referral_fee")
+        returned_ = to_money(returned, "returned")
+        if self.released is not None:
+            if self.released == (to_payee_, fee_, referral_, returned_):
+                return
+            raise self._conflict("record released", "a different release was already recorded")
+        if self.refunded is not None:
+            raise self._conflict("record released", "the escrow was already refunded")
+        self._guard("record released", State.RELEASING)
+        if to_payee_ + fee_ + returned_ != self.funded_amount:
+            raise self._conflict(
+                "record released",
+                f"{fmt(to_payee_)} to the payee + {fmt(fee_)} fee + {fmt(returned_)} returned "
+                f"is not the funded {fmt(self.funded_amount or ZERO)}",
+            )
+        if referral_ > fee_:
+            raise self._conflict("record released", "the referral share exceeds the fee")
+        self._released(to_payee=to_payee_, fee=fee_, referral_fee=referral_, returned=returned_)
+
+    @event(Released)
+    def _released(self, to_payee: Decimal, fee: Decimal, referral_fee: Decimal, returned: Decimal) -> None:
+        self._count("Released")
+        self._order(self._seen("Completed"), "Released without Completed")
+        self._order(self._seen("Funded"), "Released without Funded")
+        self._order(not self._seen("Refunded"), "Released after Refunded")
+        self.released = (to_payee, fee, referral_fee, returned)
+        self.state = State.RELEASED
+        self.intent = None
+
+    @event(RefundRequested)
+    def _refund_requested(self, key: str, method: str) -> None:
+        self.state = State.REFUNDING
+        self.intent = Intent(Step.REFUND, key)
+
+    def record_refunded(self, returned: object, fee_kept: object) -> None:
+        """The escrow's money is back with the payer, less any fee the service kept."""
+        returned_ = to_money(returned, "returned")
+        fee_kept_ = to_money(fee_kept, "fee_kept")
+        if self.refunded is not None:
+            if self.refunded == (returned_, fee_kept_):
+                return
+            raise self._conflict("record refunded", "a different refund was already recorded")
+        if self.released is not None:
+            raise self._conflict("record refunded", "the escrow was already released")
+        self._guard("record refunded", State.REFUNDING)
+        if returned_ + fee_kept_ != self.funded_amount:
+            raise self._conflict(
+                "record refunded",
+                f"{fmt(returned_)} returned + {fmt(fee_kept_)} kept is not the funded "
+                f"{fmt(self.funded_amount or ZERO)}",
+            )
+        self._refunded(returned=returned_, fee_kept=fee_kept_)
+
+    @event(Refunded)
+    def _refunded(self, returned: Decimal, fee_kept: Decimal) -> None:
+        self._count("Refunded")
+        self._order(self._seen("Failed"), "Refunded without Failed")
+        self._order(self._seen("Funded"), "Refunded without Funded")
+        self._order(not self._seen("Released"), "Refunded after Released")
+        self.refunded = (returned, fee_kept)
+        self.state = State.REFUNDED
+        self.intent = None
+
+    def record_refunded_by_service(self, returned: object, fee_kept: object, reason: str) -> None:
+        """The escrow service returned the money on its own (timeout sweep) before a release.
+
+        The job cannot be paid any more: it is recorded as failed at the release stage and refunded.
+        """
+        if self.refunded is not None:
+            self.record_refunded(returned, fee_kept)
+            return
+        self._guard("record refunded by service", State.RELEASING, State.REFUNDING)
+        if self.state == State.RELEASING:
+            self._failed(stage="release", runpod_status=None, reason=reason)
+            self._refund_requested(key=f"{self.job_key}:refund", method="service")
+        self.record_refunded(returned, fee_kept)
+
+    # ------------------------------------------------------------------ bonus
+
+    def request_bonus(
+        self, base_metric: Decimal, achieved_metric: Decimal, pool: object, threshold: Decimal
+    ) -> rules.BonusDecision:
+        """Grant the product page's performance bonus on a released job, once."""
+        pool_ = to_money(pool, "pool")
+        decision = rules.bonus(base_metric, achieved_metric, pool_, threshold)
+        if self.bonus_amount is not None:
+            if self.bonus_amount == decision.amount and self.bonus_terms == (
+                pool_,
+                str(base_metric),
+                str(achieved_metric),
+                str(threshold),
+            ):
+                return decision
+            raise self._conflict("award bonus", f"a bonus of {fmt(self.bonus_amount)} was already granted")
+        self._guard("award bonus", State.RELEASED, detail="a bonus is paid only on a released job")
+        if self.bonus_pool is not None and pool_ > self.bonus_pool:
+            raise self._conflict(
+                "award bonus", f"pool {fmt(pool_)} exceeds the job's bonus terms of {fmt(self.bonus_pool)}"
+            )
+        if decision.granted:
+            self._bonus_requested(
+                key=f"{self.job_key}:bonus",
+                amount=decision.amount,
+                pool=pool_,
+                base_metric=str(base_metric),
+                achieved_metric=str(achieved_metric),
+                threshold=str(threshold),
+            )
+        return decision
+
+    @event(BonusRequested)
+    def _bonus_requested(
+        self, key: str, amount: Decimal, pool: Decimal, base_metric: str, achieved_metric: str, threshold: str
+    ) -> None:
+        self._order(self._seen("Released"), "BonusRequested without Released")
+        self.bonus_amount = amount
+        self.bonus_terms = (pool, base_metric, achieved_metric, threshold)
+        self.intent = Intent(Step.BONUS_FUND, key)
+
+    def record_bonus_funded(self, escrow_id: str, amount: object, fee: object, net: object) -> None:
+        check_id(escrow_id, "escrow_id")
+        amount_, fee_, net_ = to_money(amount, "amount"), to_money(fee, "fee"), to_money(net, "net")
+        if self.bonus_escrow_id is not None:
+            if (self.bonus_escrow_id, self.bonus_funded) == (escrow_id, (amount_, fee_, net_)):
+                return
+            raise self._conflict("record bonus funded", f"already funded by escrow {self.bonus_escrow_id}")
+        if self.intent is None or self.intent.step != Step.BONUS_FUND:
+            raise IllegalTransition(self.id, self.state, "record bonus funded", "no bonus is being funded")
+        expected = rules.split(amount_)
+        if amount_ != self.bonus_amount or (fee_, net_) != (expected.fee, expected.net):
+            raise self._conflict(
+                "record bonus funded",
+                f"bonus escrow {fmt(amount_)} (fee {fmt(fee_)}) differs from the granted "
+                f"{fmt(self.bonus_amount or ZERO)} (fee {fmt(expected.fee)})",
+            )
+        self._bonus_funded(escrow_id=escrow_id, amount=amount_, fee=fee_, net=net_)
+
+    @event(BonusFunded)
+    def _bonus_funded(self, escrow_id: str, amount: Decimal, fee: Decimal, net: Decimal) -> None:
+        self._count("BonusFunded")
+        self.bonus_escrow_id = escrow_id
+        self.bonus_funded = (amount, fee, net)
+        self.intent = Intent(Step.BONUS_RELEASE, f"{self.job_key}:bonus_release")
+
+    def record_bonus_awarded(self, to_payee: object, fee: object, referral_fee: object) -> None:
+        to_payee_, fee_ = to_money(to_payee, "to_payee"), to_money(fee, "fee")
+        referral_ = to_money(referral_fee, "referral_fee")
+        if self.bonus_awarded is not None:
+            if self.bonus_awarded[1:] == (to_payee_, fee_, referral_):
+                return
+            raise self._conflict("record bonus awarded", "a different bonus payment was already recorded")
+        if self.intent is None or self.intent.step != Step.BONUS_RELEASE or self.bonus_funded is None:
+            raise IllegalTransition(self.id, self.state, "record bonus awarded", "no bonus escrow to release")
+        if to_payee_ + fee_ != self.bonus_funded[0]:
+            raise self._conflict("record bonus awarded", "payee share + fee is not the bonus escrow's amount")
+        self._bonus_awarded(
+            escrow_id=self.bonus_escrow_id or "",
+            amount=self.bonus_funded[0],
+            to_payee=to_payee_,
+            fee=fee_,
+            referral_fee=referral_,
+        )
+
+    @event(BonusAwarded)
+    def _bonus_awarded(
+        self, escrow_id: str, amount: Decimal, to_payee: Decimal, fee: Decimal, referral_fee: Decimal
+    ) -> None:
+        self._count("BonusAwarded")
+        self._order(self._seen("Released"), "BonusAwarded without Released")
+        self.bonus_awarded = (amount, to_payee, fee, referral_fee)
+        self.intent = None
+
+    # ------------------------------------------------------------------ attention
+
+    def raise_attention(self, step: Step, reason: str, known: dict[str, str] | None = None) -> None:
+        """Park an ambiguous outcome for an operator; nothing more happens to the job until resolved."""
+        if self.state == State.ATTENTION:
+            return
+        if self.intent is None or self.intent.step != step:
+            raise IllegalTransition(
+                self.id, self.state, f"raise attention on {step}", "no such intent is open"
+            )
+        self._attention_raised(step=str(step), reason=reason, known=dict(known or {}))
+
+    @event(AttentionRaised)
+    def _attention_raised(self, step: str, reason: str, known: dict[str, str]) -> None:
+        self._count("AttentionRaised")
+        self.state_before_attention = self.state
+        self.attention = {"step": step, "reason": reason, **known}
+        self.state = State.ATTENTION
+
+    def resolve(self, finding: str, operator: str, *, retry: bool = False) -> Step:
+        """An operator settles an ATTENTION job with what they found.
+
+        The job returns to the state it was in, so the outcome that the operator found (funded, not
+        funded, released, refunded) is then recorded with the ordinary command, in the same save.
+        With `retry`, the intent is executed again: only for an operator who checked that the first
+        call had no effect.
+        """
+        self._guard("resolve", State.ATTENTION)
+        if not finding.strip():
+            raise InvalidInput("finding", "is required")
+        check_id(operator, "operator")
+        assert self.intent is not None  # an ATTENTION job always has the intent it stopped on
+        step = self.intent.step
+        self._resolved(step=str(step), finding=finding, operator=operator, retry=retry)
+        return step
+
+    @event(Resolved)
+    def _resolved(self, step: str, finding: str, operator: str, retry: bool) -> None:
+        self._count("Resolved")
+        self.state = self.state_before_attention or self.state
+        self.state_before_attention = None
+        self.attention = None
+        if retry and self.intent is not None:
+            self.intent = Intent(self.intent.step, self.intent.key)
+
+    # ------------------------------------------------------------------ audit
+
+    def violations(self, *, quiescent: bool = False) -> list[str]:
+        """Every invariant of DESIGN.md that this job's history breaks (empty when it is sound).
+
+        `quiescent` adds the rule that holds only when no engine is working: every funded job ends
+        released, refunded or in ATTENTION.
+        """
+        found = list(self.order_violations)
+        for name in ("Funded", "Released", "Refunded", "Completed", "Failed", "BonusFunded", "BonusAwarded"):
+            if self.counts.get(name, 0) > 1:
+                found.append(f"{name} recorded {self.counts[name]} times")
+        if self._seen("Released") and self._seen("Refunded"):
+            found.append("both Released and Refunded")
+        if self._seen("Completed") and self._seen("Failed") and self.failure and self.failure[0] != "release":
+            found.append("both Completed and Failed")
+        funded = self.funded_amount
+        if funded is not None:
+            if funded != self.budget:
+                found.append(f"funded {fmt(funded)} is not the budget {fmt(self.budget)}")
+            if self.fee is not None and self.net is not None and self.fee + self.net != funded:
+                found.append("fee + net is not the funded amount")
+        if self.released is not None:
+            to_payee, fee, referral, returned = self.released
+            if funded is None or to_payee + fee + returned != funded:
+                found.append("released to payee + fee + returned is not the funded amount")
+            if referral > fee:
+                found.append("referral share above the fee")
+        if self.refunded is not None:
+            returned, kept = self.refunded
+            if funded is None or returned + kept != funded:
+                found.append("refunded + fee kept is not the funded amount")
+        if self.bonus_amount is not None:
+            terms = self.bonus_terms
+            if terms is not None and self.bonus_amount > terms[0]:
+                found.append("bonus above its pool")
+            if self.bonus_pool is not None and self.bonus_amount > self.bonus_pool:
+                found.append("bonus above the job's bonus terms")
+        if self.bonus_awarded is not None:
+            amount, to_payee, fee, _ = self.bonus_awarded
+            if self.bonus_amount is None or amount != self.bonus_amount:
+                found.append("bonus awarded differs from the bonus granted")
+            if to_payee + fee != amount:
+                found.append("bonus paid + fee is not the bonus amount")
+        if (
+            quiescent
+            and self._seen("Funded")
+            and self.state
+            not in (
+                State.RELEASED,
+                State.REFUNDED,
+                State.ATTENTION,
+            )
+        ):
+            found.append(f"funded job left in {self.state}")
+        if quiescent and self.state == State.RELEASED and self.intent is not None:
+            found.append(f"bonus left in flight at {self.intent.step}")
+        return found
+
+    def summary(self) -> dict[str, Any]:
+        """The job as plain data (amounts as strings), for reports and JSON output."""
+
+        def money(value: Decimal | None) -> str | None:
+            return None if value is None else fmt(value)
+
+        return {
+            "job_id": str(self.id),
+            "job_key": self.job_key,
+            "batch_id": self.batch_id,
+            "endpoint_id": self.endpoint_id,
+            "state": str(self.state),
+            "payer": self.payer,
+            "payee": self.payee,
+            "budget": money(self.budget),
+            "escrow_id": self.escrow_id,
+            "runpod_job_id": self.runpod_job_id,
+            "fee": money(self.fee),
+            "released_to_payee": money(self.released[0]) if self.released else None,
+            "refunded": money(self.refunded[0]) if self.refunded else None,
+            "bonus": money(self.bonus_awarded[1]) if self.bonus_awarded else None,
+            "failure": self.failure[2] if self.failure else None,
+            "rejection": self.rejection,
+            "attention": self.attention,
+            "intent": None if self.intent is None else str(self.intent.step),
+            "version": self.version,
+        }

@@ -1,0 +1,51 @@
+"""structlog, configured once by the composition root (JSON lines when stderr is not a terminal).
+
+Embedding runtimes that configure structlog themselves keep their configuration: podsettle only
+configures it when asked to (the CLI and `Engine.from_env` do), and only once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_configured = False
+SECRET_FIELDS = frozenset({"api_key", "authorization", "key", "token", "password", "secret"})
+
+
+def _drop_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Last line of defence: a field that is named like a secret never reaches a log line."""
+    for name in list(event_dict):
+        if name.lower() in SECRET_FIELDS:
+            event_dict[name] = "[redacted]"
+    return event_dict
+
+
+def configure_logging(*, json: bool | None = None, level: str = "INFO", force: bool = False) -> None:
+    global _configured
+    if _configured and not force:
+        return
+    as_json = not sys.stderr.isatty() if json is None else json
+    renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _drop_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    _configured = True
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,1 @@
+"""Audit: streaming replay of the event log through the aggregate's own code."""
