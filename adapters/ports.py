@@ -1,0 +1,259 @@
+"""The ports: what the engine needs from an escrow service and from a compute service.
+
+Each port is a small async protocol with typed results and a typed exception tree, so that the
+engine can act on what happened without knowing which adapter it talks to. Differences between
+services live in the adapters, described to the engine by capability flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+from podsettle.domain.money import Money
+from podsettle.domain.rules import FeeSplit
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+class GatewayError(Exception):
+    """Base of every error a gateway raises. Messages never contain an API key."""
+
+    retryable: bool = False
+
+
+class Rejected(GatewayError):
+    """The service refused the request and nothing happened (400, 402, 404 on create)."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, code: str | None = None) -> None:
+        self.status_code = status_code
+        self.code = code
+        super().__init__(message)
+
+
+class Unauthorized(GatewayError):
+    """The key is missing or unknown (401). A configuration problem: retrying does not help."""
+
+
+class Forbidden(GatewayError):
+    """The key belongs to the wrong party for this call (403)."""
+
+
+class NotFound(GatewayError):
+    """The escrow or job does not exist (any more)."""
+
+
+class Conflict(GatewayError):
+    """The escrow is not in a status that allows the call (409); `status` is what a read found."""
+
+    def __init__(self, message: str, *, status: str | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class RateLimited(GatewayError):
+    """429: back off for `retry_after` seconds. Nothing happened."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class Unavailable(GatewayError):
+    """A read or a call that moves no money failed in a way worth retrying (timeout, 5xx)."""
+
+    retryable = True
+
+
+class OutcomeUnknown(GatewayError):
+    """A money-moving call may or may not have taken effect (timeout, dropped connection, 5xx,
+    or a success status with a body that cannot be trusted). Never retried blindly."""
+
+
+class BadResponse(GatewayError):
+    """A response that does not match the contract (HTML, truncated JSON, missing or wrong fields)."""
+
+
+class AmountMismatch(GatewayError):
+    """The service reports amounts that differ from what the engine expects: money moved, but not
+    as agreed. The engine parks the job for an operator."""
+
+    def __init__(self, message: str, *, reported: dict[str, str]) -> None:
+        self.reported = reported
+        super().__init__(message)
+
+
+# ---------------------------------------------------------------------------------------- escrow
+
+
+class EscrowStatus(StrEnum):
+    FUNDED = "funded"
+    COMPLETED = "completed"
+    RELEASED = "released"
+    DISPUTED = "disputed"
+    REFUNDED = "refunded"
+
+
+@dataclass(frozen=True)
+class EscrowCapabilities:
+    idempotent_create: bool  # create with the same key twice gives the same escrow
+    lookup_by_key: bool  # an escrow can be found by the key it was created with
+    cancel: bool  # the payer can get the money back at once
+
+
+@dataclass(frozen=True)
+class EscrowReceipt:
+    """A created, funded escrow."""
+
+    escrow_id: str
+    amount: Money
+    fee: Money
+    net: Money
+
+
+@dataclass(frozen=True)
+class EscrowView:
+    """An escrow as the service reports it now."""
+
+    escrow_id: str
+    status: EscrowStatus
+    amount: Money
+    fee: Money
+    net: Money
+    payer: str | None = None
+    payee: str | None = None
+    auto_release_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """Money that left the escrow: to the payee on release, back to the payer on refund."""
+
+    escrow_id: str
+    status: EscrowStatus  # RELEASED or REFUNDED
+    to_payee: Money
+    fee: Money
+    referral_fee: Money
+    returned: Money
+
+
+class EscrowPending(GatewayError):
+    """A refund was asked for but the service has not returned the money yet (v1: dispute or wait
+    for the timeout sweep). Ask again later with `get`."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, escrow_id: str, status: str) -> None:
+        self.escrow_id = escrow_id
+        self.status = status
+        super().__init__(message)
+
+
+@runtime_checkable
+class EscrowGateway(Protocol):
+    capabilities: EscrowCapabilities
+
+    async def create(
+        self,
+        *,
+        key: str,
+        payee: str,
+        amount: Money,
+        description: str,
+        timeout_hours: int,
+        referral: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> EscrowReceipt:
+        """Create and fund an escrow. Checks the reported fee and net against the fee rules."""
+        ...
+
+    async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement: ...
+
+    async def refund(self, escrow_id: str, *, key: str, reason: str) -> Settlement:
+        """Return the money to the payer; raises `EscrowPending` while the service has not yet."""
+        ...
+
+    async def get(self, escrow_id: str) -> EscrowView: ...
+
+    async def find_by_key(self, key: str) -> EscrowView | None:
+        """Only when `capabilities.lookup_by_key`; otherwise raises NotImplementedError."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------- compute
+
+
+class RunStatus(StrEnum):
+    IN_QUEUE = "IN_QUEUE"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.TIMED_OUT)
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A RunPod job's status object."""
+
+    run_id: str
+    status: RunStatus
+    output: Any = None
+    has_output: bool = False
+    error: str | None = None
+    delay_ms: int | None = None
+    execution_ms: int | None = None
+    worker_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """A terminal run classified for the engine: success only for COMPLETED with output."""
+
+    state: RunState
+    succeeded: bool
+    reason: str  # why it failed, precisely; "completed" on success
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ComputeGateway(Protocol):
+    async def submit(
+        self,
+        endpoint_id: str,
+        job_input: dict[str, Any],
+        *,
+        execution_timeout_ms: int | None = None,
+        ttl_ms: int | None = None,
+        webhook: str | None = None,
+        low_priority: bool = False,
+    ) -> str:
+        """Queue a job; returns RunPod's job id."""
+        ...
+
+    async def status(self, endpoint_id: str, run_id: str) -> RunState: ...
+
+    async def wait(self, endpoint_id: str, run_id: str, *, timeout_s: float) -> RunOutcome:
+        """Poll (capped exponential backoff with jitter) until terminal or `timeout_s` passed; on
+        timeout the outcome is a failure with reason 'deadline passed' and the last state seen."""
+        ...
+
+    async def cancel(self, endpoint_id: str, run_id: str) -> RunState: ...
+
+    async def retry(self, endpoint_id: str, run_id: str) -> RunState: ...
+
+    async def health(self, endpoint_id: str) -> dict[str, Any]: ...
+
+    async def purge_queue(self, endpoint_id: str) -> int: ...
+
+    async def aclose(self) -> None: ...
