@@ -13,7 +13,9 @@ from typing import Any
 class BackgroundServer:
     """`with BackgroundServer(app) as server: httpx.get(server.url + "/health")`."""
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    def __init__(
+        self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+    ) -> None:
         import uvicorn  # imported here: servers are not needed to embed the engine
 
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
