@@ -1,0 +1,1148 @@
+"""A Purple Flea-compatible escrow server for tests, demos and benchmarks, backed by the local ledger.
+
+It speaks the contract in contracts/purpleflea-escrow.md: the v1 routes (`/escrow/...`) with their
+status codes, error bodies (`{error, message}` plus `_info`) and per-IP, per-route rate limits; the
+seed dialect (`/api/escrow/create|release|cancel`); `/health`; and the onboarding routes
+(`/api/v1/auth/register`, `/faucet/claim`). Amounts go out as JSON numbers written from `Decimal`
+digits (never through a float) and are kept in the ledger as integer micro-units.
+
+Semantics, as the published service has them:
+- create takes the amount from the creator's balance into a hold; commission is 1% rounded half up
+  to 6 places; release pays `amount - commission` to the counterparty, 15% of the commission to the
+  referrer (the create's `referral_code`, which is a referrer's agent id, else the creator's own
+  referrer), the rest of the commission to the `fees` account;
+- the timeout sweep refunds funded and completed escrows whose `auto_release_at` has passed,
+  crediting `amount - commission` to the creator (the commission is kept). It runs lazily: before
+  any request, when `sweep_interval_s` (default 300, the service's five minutes) of the injectable
+  clock has passed since the last sweep; `POST /sandbox/sweep` runs it at once; pass
+  `sweep_interval_s=math.inf` to sweep only on that route;
+- a disputed escrow stays locked; `POST /sandbox/disputes/{id}/resolve {"outcome": "refund"|"release"}`
+  plays the operator's manual review (refund: `amount - commission` back, like the sweep);
+- seed: `auto_release` on create is the timeout in hours; cancel gives the creator the *whole*
+  amount back (no commission); responses carry no amounts; a 409 carries the escrow's `status`.
+
+Admin routes (no auth; sandbox only): `POST /sandbox/agents`, `GET /sandbox/ledger`,
+`POST /sandbox/clock`, `POST /sandbox/sweep`, `POST|GET|DELETE /sandbox/faults`,
+`POST /sandbox/disputes/{id}/resolve`. Fault modes per route (`create`, `complete`, `release`,
+`cancel`, `dispute`, `get`): `error_before` (500, nothing done), `drop_after` (the work is done,
+then a 500, or with `"close": true` the connection is cut in the middle of the response),
+`rate_limit` (429), `delay` (sleep `delay_s` seconds, then do the work and answer: a client that
+timed out meanwhile still gets the effect). Each fault applies to the next `count` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_DOWN, Decimal
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from podsettle.adapters.ledger import FEES_ACCOUNT, MICRO, Ledger, LedgerTx
+from podsettle.domain.errors import InvalidAmount
+from podsettle.domain.money import ZERO, Money, fmt, to_money
+from podsettle.domain.rules import commission, referral_fee
+from podsettle.logs import get_logger
+
+log = get_logger(__name__)
+
+INFO = {
+    "service": "agent-escrow",
+    "docs": "https://escrow.purpleflea.com/llms.txt",
+    "referral": "GET /gossip \u2014 15% referral commission on escrow fees",
+    "version": "1.0.0",
+}
+DEFAULT_RATE_LIMITS = {
+    "create": 20,
+    "complete": 30,
+    "release": 30,
+    "dispute": 10,
+    "cancel": 30,
+    "faucet": 1,  # claims per IP per 24 h
+}
+MIN_AMOUNT = Decimal("0.10")
+FAUCET_AMOUNT = Decimal("1.00")
+FAULT_ROUTES = frozenset({"create", "complete", "release", "cancel", "dispute", "get"})
+FAULT_MODES = frozenset({"error_before", "drop_after", "rate_limit", "delay"})
+UNAUTHORIZED_MESSAGE = "Bearer {casino_api_key} required. Register at casino.purpleflea.com."
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandbox_agents (
+    agent_id TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    referrer TEXT,
+    faucet_claimed_at TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sandbox_escrows (
+    escrow_id TEXT PRIMARY KEY,
+    dialect TEXT NOT NULL,
+    creator_id TEXT NOT NULL,
+    counterparty_id TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    commission INTEGER NOT NULL,
+    description TEXT NOT NULL,
+    status TEXT NOT NULL,
+    timeout_hours INTEGER NOT NULL,
+    referrer TEXT,
+    metadata TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    auto_release_at TEXT NOT NULL,
+    completed_at TEXT,
+    released_at TEXT,
+    disputed_at TEXT
+);
+CREATE INDEX IF NOT EXISTS sandbox_escrows_due ON sandbox_escrows (status, auto_release_at);
+CREATE TABLE IF NOT EXISTS sandbox_events (
+    id TEXT PRIMARY KEY,
+    escrow_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    actor_id TEXT,
+    note TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sandbox_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sandbox_faucet_claims (ip TEXT NOT NULL, claimed_at TEXT NOT NULL);
+"""
+
+# ---------------------------------------------------------------------------------------- JSON
+
+
+def dumps(value: Any) -> bytes:
+    """JSON with `Decimal` written as a number from its own digits (0.500000 -> 0.5), never a float."""
+    return _encode(value).encode()
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"cannot write {value} as JSON")
+        text = f"{value.normalize():f}"
+        return "0" if text in ("-0", "0") else text
+    if isinstance(value, float):
+        raise TypeError("the sandbox never writes floats")
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(str(k))}:{_encode(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_encode(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+class JSONOut(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
+def _body(content: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None) -> JSONOut:
+    return JSONOut({**content, "_info": INFO}, status_code=status_code, headers=headers)
+
+
+class ApiError(Exception):
+    def __init__(self, http_status: int, error: str, message: str | None = None, **extra: Any) -> None:
+        self.status = http_status
+        self.error = error
+        self.message = message
+        self.extra = extra
+        super().__init__(f"{http_status} {error}: {message}")
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONOut:
+        content: dict[str, Any] = {"error": self.error}
+        if self.message is not None:
+            content["message"] = self.message
+        content.update(self.extra)
+        return _body(content, self.status, headers)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _js_time(moment: datetime | None) -> str | None:
+    """ISO-8601 as JavaScript's toISOString writes it: milliseconds and a Z."""
+    if moment is None:
+        return None
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _micro(amount: Decimal) -> int:
+    return int(amount * MICRO)
+
+
+def _money(micro: int) -> Money:
+    return to_money(Decimal(micro) / MICRO)
+
+
+def _dollars(amount: Decimal) -> str:
+    return f"{amount.quantize(Decimal('0.01'), rounding=ROUND_DOWN):f}"
+
+
+def _hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def _request_amount(value: Any, field: str) -> Money:
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise ApiError(400, "invalid_amount", f"{field} must be a number")
+    try:
+        amount = to_money(value, field)
+    except InvalidAmount as e:
+        raise ApiError(400, "invalid_amount", str(e)) from None
+    if amount < MIN_AMOUNT:
+        raise ApiError(400, "invalid_amount", "Minimum escrow amount is $0.1")
+    return amount
+
+
+def _timeout_hours(value: Any) -> int:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | Decimal):
+        return 24
+    if isinstance(value, Decimal) and not value.is_finite():
+        return 24
+    return max(1, min(720, int(value)))
+
+
+@dataclass
+class Fault:
+    mode: str
+    count: int
+    delay_s: float = 0.0
+    close: bool = False
+
+
+class SlidingWindow:
+    def __init__(self) -> None:
+        self._calls: dict[tuple[str, str], deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, route: str, ip: str, limit: int, period_s: float, now: float) -> float | None:
+        """None when admitted, else the seconds until the next call would be."""
+        with self._lock:
+            calls = self._calls.setdefault((route, ip), deque())
+            while calls and calls[0] <= now - period_s:
+                calls.popleft()
+            if len(calls) >= limit:
+                return max(calls[0] + period_s - now, 0.001)
+            calls.append(now)
+            return None
+
+
+# ---------------------------------------------------------------------------------------- state
+
+
+class EscrowSandbox:
+    """The server's state: agents, escrows and their events next to the ledger in one SQLite file."""
+
+    def __init__(
+        self,
+        *,
+        ledger_path: str | None = None,
+        clock: Callable[[], datetime] | None = None,
+        rate_limits: dict[str, int] | None = None,
+        sweep_interval_s: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        self._base_clock = clock or (lambda: datetime.now(UTC))
+        self._offset = timedelta(0)
+        self.seed = seed
+        self.rate_limits = {**DEFAULT_RATE_LIMITS, **(rate_limits or {})}
+        for route, limit in self.rate_limits.items():
+            if not isinstance(limit, int) or limit < 1:
+                raise ValueError(f"rate_limits[{route!r}] must be an integer >= 1, got {limit!r}")
+        self.sweep_interval_s = 300.0 if sweep_interval_s is None else sweep_interval_s
+        self.ledger = Ledger(ledger_path, clock=self.now)
+        self.faults: dict[str, deque[Fault]] = {}
+        self._windows = SlidingWindow()
+        self._last_sweep = self.now()
+        with self.ledger.transaction() as tx:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    tx.execute(statement)
+
+    def __repr__(self) -> str:
+        return f"EscrowSandbox(ledger={self.ledger!r})"
+
+    # ------------------------------------------------------------------ clock, ids, limits
+
+    def now(self) -> datetime:
+        return self._base_clock() + self._offset
+
+    def advance(self, seconds: float) -> datetime:
+        self._offset += timedelta(seconds=seconds)
+        return self.now()
+
+    def _next_id(self, tx: LedgerTx, kind: str, prefix: str, hex_chars: int) -> str:
+        tx.execute(
+            "INSERT INTO sandbox_counters (name, value) VALUES (?, 1) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + 1",
+            (kind,),
+        )
+        n = tx.execute("SELECT value FROM sandbox_counters WHERE name = ?", (kind,)).fetchone()[0]
+        return prefix + hashlib.sha256(f"{self.seed}:{kind}:{n}".encode()).hexdigest()[:hex_chars]
+
+    def admit(self, route: str, ip: str) -> None:
+        limit = self.rate_limits.get(route)
+        if limit is None:
+            return
+        wait = self._windows.admit(route, ip, limit, 60.0, time.monotonic())
+        if wait is not None:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"Too many requests. Limit: {limit} per minute.",
+                retry_after=math.ceil(wait),
+            )
+
+    def take_fault(self, route: str) -> Fault | None:
+        queue = self.faults.get(route)
+        if not queue:
+            return None
+        fault = queue[0]
+        fault.count -= 1
+        if fault.count <= 0:
+            queue.popleft()
+        return fault
+
+    # ------------------------------------------------------------------ agents
+
+    def create_agent(self, balance: object = ZERO, referrer: str | None = None) -> tuple[str, str]:
+        amount = to_money(balance, "balance")
+        api_key = "pf_live_" + secrets.token_hex(20)
+        with self.ledger.transaction() as tx:
+            if referrer is not None and not tx.has_account(referrer):
+                raise ApiError(404, "not_found", f"referrer {referrer!r} does not exist")
+            agent_id = self._next_id(tx, "agent", "ag_", 12)
+            tx.execute(
+                "INSERT INTO sandbox_agents (agent_id, key_hash, referrer, created_at) VALUES (?, ?, ?, ?)",
+                (agent_id, _hash_key(api_key), referrer, tx.now.isoformat()),
+            )
+            tx.open_account(agent_id)
+            if amount > 0:
+                tx.mint(agent_id, amount, key=f"sandbox:agent:{agent_id}")
+        log.info("sandbox.agent_created", agent_id=agent_id, balance=fmt(amount))
+        return agent_id, api_key
+
+    def agent_for_key(self, api_key: str) -> str | None:
+        with self.ledger.transaction() as tx:
+            row = tx.execute(
+                "SELECT agent_id FROM sandbox_agents WHERE key_hash = ?", (_hash_key(api_key),)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def claim_faucet(self, agent_id: Any, ip: str) -> dict[str, Any]:
+        if not isinstance(agent_id, str) or not agent_id.startswith("ag_"):
+            raise ApiError(400, "invalid_agent", "agent_casino_id must be in ag_xxx format")
+        limit = self.rate_limits["faucet"]
+        with self.ledger.transaction() as tx:
+            row = tx.execute(
+                "SELECT faucet_claimed_at FROM sandbox_agents WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+            if row is None:
+                raise ApiError(
+                    404, "not_found", f"Agent {agent_id} not found. Register at casino.purpleflea.com."
+                )
+            if row[0] is not None:
+                raise ApiError(
+                    409, "already_claimed", "This agent has already claimed the faucet", claimed_at=row[0]
+                )
+            since = (tx.now - timedelta(hours=24)).isoformat()
+            recent = tx.execute(
+                "SELECT COUNT(*) FROM sandbox_faucet_claims WHERE ip = ? AND claimed_at > ?", (ip, since)
+            ).fetchone()[0]
+            if recent >= limit:
+                raise ApiError(
+                    429, "rate_limited", "Faucet already claimed from this IP in the last 24 hours"
+                )
+            tx.execute(
+                "INSERT INTO sandbox_faucet_claims (ip, claimed_at) VALUES (?, ?)", (ip, tx.now.isoformat())
+            )
+            tx.execute(
+                "UPDATE sandbox_agents SET faucet_claimed_at = ? WHERE agent_id = ?",
+                (tx.now.isoformat(), agent_id),
+            )
+            tx.mint(agent_id, FAUCET_AMOUNT, key=f"sandbox:faucet:{agent_id}")
+            balance = tx.balance(agent_id)
+        return {
+            "success": True,
+            "agent_casino_id": agent_id,
+            "amount_usd": FAUCET_AMOUNT,
+            "new_balance": balance,
+            "message": "$1.00 credited to your casino balance",
+        }
+
+    # ------------------------------------------------------------------ escrows
+
+    def create_escrow(
+        self,
+        *,
+        creator: str,
+        counterparty: Any,
+        amount: Money,
+        description: Any,
+        timeout_hours: int,
+        referral_code: Any,
+        dialect: str,
+        metadata: Any = None,
+    ) -> dict[str, Any]:
+        if not isinstance(description, str) or len(description.strip()) < 3:
+            raise ApiError(400, "invalid_description", "description must be at least 3 characters")
+        field = "counterparty_agent_id" if dialect == "v1" else "payee_wallet"
+        if not isinstance(counterparty, str) or not counterparty.startswith("ag_") or len(counterparty) < 4:
+            raise ApiError(400, "invalid_counterparty", f"{field} must be in ag_xxx format")
+        if counterparty == creator:
+            raise ApiError(400, "self_escrow", "Cannot create escrow with yourself")
+        with self.ledger.transaction() as tx:
+            if not tx.has_account(creator):
+                raise ApiError(404, "creator_not_found", "Creator agent not found")
+            if not tx.has_account(counterparty) or counterparty == FEES_ACCOUNT:
+                raise ApiError(404, "counterparty_not_found", "Counterparty agent not found")
+            balance = tx.balance(creator)
+            if balance < amount:
+                raise ApiError(
+                    402,
+                    "insufficient_balance",
+                    f"Balance ${_dollars(balance)} < escrow amount ${_dollars(amount)}",
+                    balance=balance,
+                )
+            referrer = self._referrer(tx, creator, referral_code)
+            escrow_id = self._next_id(tx, "escrow", "esc_", 16)
+            fee = commission(amount)
+            now = tx.now
+            auto_release_at = now + timedelta(hours=timeout_hours)
+            tx.hold(key=f"sandbox:create:{escrow_id}", payer=creator, amount=amount, hold_id=escrow_id)
+            tx.execute(
+                "INSERT INTO sandbox_escrows (escrow_id, dialect, creator_id, counterparty_id, amount,"
+                " commission, description, status, timeout_hours, referrer, metadata, created_at,"
+                " auto_release_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'funded', ?, ?, ?, ?, ?)",
+                (
+                    escrow_id,
+                    dialect,
+                    creator,
+                    counterparty,
+                    _micro(amount),
+                    _micro(fee),
+                    description,
+                    timeout_hours,
+                    referrer,
+                    json.dumps(metadata if isinstance(metadata, dict) else {}, default=str),
+                    now.isoformat(),
+                    auto_release_at.isoformat(),
+                ),
+            )
+            self._event(
+                tx,
+                escrow_id,
+                "created",
+                creator,
+                f'Escrow created: ${amount.normalize():f} for "{description}"',
+            )
+            row = self._row(tx, escrow_id)
+        log.info("sandbox.escrow_created", escrow_id=escrow_id, amount=fmt(amount), dialect=dialect)
+        return row
+
+    def _referrer(self, tx: LedgerTx, creator: str, referral_code: Any) -> str | None:
+        if isinstance(referral_code, str) and referral_code != creator:
+            found = tx.execute(
+                "SELECT agent_id FROM sandbox_agents WHERE agent_id = ?", (referral_code,)
+            ).fetchone()
+            if found is not None:
+                return str(found[0])
+        own = tx.execute("SELECT referrer FROM sandbox_agents WHERE agent_id = ?", (creator,)).fetchone()
+        return None if own is None or own[0] is None else str(own[0])
+
+    def _event(self, tx: LedgerTx, escrow_id: str, event: str, actor: str | None, note: str) -> None:
+        stamp = tx.now
+        event_id = (
+            f"{escrow_id}_created"
+            if event == "created"
+            else f"{escrow_id}_{event}_{int(stamp.timestamp() * 1000)}"
+        )
+        tx.execute(
+            "INSERT OR REPLACE INTO sandbox_events (id, escrow_id, event, actor_id, note, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (event_id, escrow_id, event, actor, note, int(stamp.timestamp())),
+        )
+
+    def _row(self, tx: LedgerTx, escrow_id: str) -> dict[str, Any]:
+        cursor = tx.execute("SELECT * FROM sandbox_escrows WHERE escrow_id = ?", (escrow_id,))
+        row = cursor.fetchone()
+        if row is None:
+            raise ApiError(404, "not_found", "Escrow not found")
+        names = [d[0] for d in cursor.description]
+        return dict(zip(names, row, strict=True))
+
+    def _participant_row(self, tx: LedgerTx, escrow_id: Any) -> dict[str, Any]:
+        if not isinstance(escrow_id, str) or not escrow_id:
+            raise ApiError(400, "invalid_escrow_id", "escrow_id is required")
+        return self._row(tx, escrow_id)
+
+    def complete(self, escrow_id: str, actor: str) -> dict[str, Any]:
+        with self.ledger.transaction() as tx:
+            row = self._row(tx, escrow_id)
+            if actor != row["counterparty_id"]:
+                raise ApiError(403, "forbidden", "Only the counterparty can mark the task complete")
+            if row["status"] != "funded":
+                raise ApiError(409, "invalid_status", f"Cannot complete escrow in status '{row['status']}'")
+            tx.execute(
+                "UPDATE sandbox_escrows SET status = 'completed', completed_at = ? WHERE escrow_id = ?",
+                (tx.now.isoformat(), escrow_id),
+            )
+            self._event(tx, escrow_id, "completed", actor, "Counterparty marked task complete")
+            return self._row(tx, escrow_id)
+
+    def release(self, escrow_id: Any, actor: str, *, seed: bool = False) -> dict[str, Any]:
+        with self.ledger.transaction() as tx:
+            row = self._participant_row(tx, escrow_id)
+            if actor != row["creator_id"]:
+                raise ApiError(403, "forbidden", "Only the escrow creator can release funds")
+            if row["status"] not in ("funded", "completed"):
+                raise ApiError(
+                    409,
+                    "invalid_status",
+                    f"Cannot release escrow in status '{row['status']}'",
+                    **({"status": row["status"]} if seed else {}),
+                )
+            return self._pay_out(tx, row, actor)
+
+    def _pay_out(self, tx: LedgerTx, row: dict[str, Any], actor: str | None) -> dict[str, Any]:
+        amount = _money(row["amount"])
+        fee = _money(row["commission"])
+        referrer = row["referrer"]
+        share = referral_fee(fee) if referrer else ZERO
+        tx.post(
+            row["escrow_id"],
+            key=f"sandbox:release:{row['escrow_id']}",
+            payee=row["counterparty_id"],
+            net=amount - fee,
+            fee=fee,
+            referrer=referrer,
+            referral_fee=share,
+        )
+        tx.execute(
+            "UPDATE sandbox_escrows SET status = 'released', released_at = ? WHERE escrow_id = ?",
+            (tx.now.isoformat(), row["escrow_id"]),
+        )
+        self._event(
+            tx, row["escrow_id"], "released", actor, f"Released ${_dollars(amount - fee)} to counterparty"
+        )
+        log.info("sandbox.escrow_released", escrow_id=row["escrow_id"])
+        return {
+            "escrow_id": row["escrow_id"],
+            "status": "released",
+            "amount_released": Money(amount - fee),
+            "commission": fee,
+            "referral_commission": share,
+            "counterparty_id": row["counterparty_id"],
+            "message": f"${_dollars(amount - fee)} released to counterparty.",
+        }
+
+    def _refund_less_commission(self, tx: LedgerTx, row: dict[str, Any], note: str) -> None:
+        amount = _money(row["amount"])
+        fee = _money(row["commission"])
+        tx.post(
+            row["escrow_id"],
+            key=f"sandbox:refund:{row['escrow_id']}",
+            payee=row["creator_id"],
+            net=amount - fee,
+            fee=fee,
+        )
+        # The published service stamps released_at on a refund too (see the recorded example).
+        tx.execute(
+            "UPDATE sandbox_escrows SET status = 'refunded', released_at = ? WHERE escrow_id = ?",
+            (tx.now.isoformat(), row["escrow_id"]),
+        )
+        self._event(tx, row["escrow_id"], "refunded", None, note)
+
+    def dispute(self, escrow_id: str, actor: str, reason: Any) -> dict[str, Any]:
+        text = reason if isinstance(reason, str) and reason else "No reason given"
+        with self.ledger.transaction() as tx:
+            row = self._row(tx, escrow_id)
+            if actor not in (row["creator_id"], row["counterparty_id"]):
+                raise ApiError(403, "forbidden", "Only escrow participants can raise a dispute")
+            if row["status"] not in ("funded", "completed"):
+                raise ApiError(409, "invalid_status", f"Cannot dispute escrow in status '{row['status']}'")
+            tx.execute(
+                "UPDATE sandbox_escrows SET status = 'disputed', disputed_at = ? WHERE escrow_id = ?",
+                (tx.now.isoformat(), escrow_id),
+            )
+            self._event(tx, escrow_id, "disputed", actor, f"Dispute: {text}")
+        return {
+            "escrow_id": escrow_id,
+            "status": "disputed",
+            "reason": text,
+            "message": "Escrow flagged for manual review. Purple Flea team will investigate.",
+            "contact": "support@purpleflea.com",
+        }
+
+    def resolve_dispute(self, escrow_id: str, outcome: Any) -> dict[str, Any]:
+        if outcome not in ("refund", "release"):
+            raise ApiError(400, "invalid_outcome", "outcome must be 'refund' or 'release'")
+        with self.ledger.transaction() as tx:
+            row = self._row(tx, escrow_id)
+            if row["status"] != "disputed":
+                raise ApiError(409, "invalid_status", f"Cannot resolve escrow in status '{row['status']}'")
+            if outcome == "release":
+                self._pay_out(tx, row, None)
+            else:
+                self._refund_less_commission(tx, row, "Refunded after manual review")
+            return self._row(tx, escrow_id)
+
+    def cancel(self, escrow_id: Any, actor: str) -> dict[str, Any]:
+        with self.ledger.transaction() as tx:
+            row = self._participant_row(tx, escrow_id)
+            if actor != row["creator_id"]:
+                raise ApiError(403, "forbidden", "Only the escrow creator can cancel")
+            if row["status"] not in ("funded", "completed"):
+                raise ApiError(
+                    409,
+                    "invalid_status",
+                    f"Cannot cancel escrow in status '{row['status']}'",
+                    status=row["status"],
+                )
+            tx.void(row["escrow_id"], key=f"sandbox:cancel:{row['escrow_id']}")
+            tx.execute(
+                "UPDATE sandbox_escrows SET status = 'refunded', released_at = ? WHERE escrow_id = ?",
+                (tx.now.isoformat(), row["escrow_id"]),
+            )
+            self._event(tx, row["escrow_id"], "refunded", actor, "Cancelled by creator; refunded in full")
+        return {"escrow_id": row["escrow_id"], "status": "refunded"}
+
+    def view(self, escrow_id: str, viewer: str | None) -> dict[str, Any]:
+        with self.ledger.transaction() as tx:
+            row = self._row(tx, escrow_id)
+            events = None
+            if viewer in (row["creator_id"], row["counterparty_id"]):
+                events = [
+                    {
+                        "id": e[0],
+                        "escrow_id": e[1],
+                        "event": e[2],
+                        "actor_id": e[3],
+                        "note": e[4],
+                        "created_at": e[5],
+                    }
+                    for e in tx.execute(
+                        "SELECT id, escrow_id, event, actor_id, note, created_at FROM sandbox_events "
+                        "WHERE escrow_id = ? ORDER BY rowid",
+                        (escrow_id,),
+                    )
+                ]
+        amount = _money(row["amount"])
+        fee = _money(row["commission"])
+        out: dict[str, Any] = {
+            "escrow_id": row["escrow_id"],
+            "status": row["status"],
+            "amount_usd": amount,
+            "commission_usd": fee,
+            "net_to_counterparty": Money(amount - fee),
+            "description": row["description"],
+            "creator_id": row["creator_id"],
+            "counterparty_id": row["counterparty_id"],
+            "timeout_hours": row["timeout_hours"],
+            "created_at": _js_time(_parse_time(row["created_at"])),
+            "auto_release_at": _js_time(_parse_time(row["auto_release_at"])),
+            "completed_at": _js_time(_parse_time(row["completed_at"])),
+            "released_at": _js_time(_parse_time(row["released_at"])),
+            "disputed_at": _js_time(_parse_time(row["disputed_at"])),
+        }
+        if events is not None:
+            out["events"] = events
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        with self.ledger.transaction() as tx:
+            created, volume = tx.execute(
+                "SELECT COUNT(*), COALESCE(SUM(amount), 0) FROM sandbox_escrows"
+            ).fetchone()
+            released, fees = tx.execute(
+                "SELECT COUNT(*), COALESCE(SUM(commission), 0) FROM sandbox_escrows WHERE status = 'released'"
+            ).fetchone()
+            disputed = tx.execute(
+                "SELECT COUNT(*) FROM sandbox_escrows WHERE status = 'disputed'"
+            ).fetchone()[0]
+        return {
+            "total_created": created,
+            "total_released": released,
+            "total_disputed": disputed,
+            "total_volume_usd": _money(volume),
+            "total_commission_usd": _money(fees),
+            "commission_rate": "1%",
+            "referral_commission_rate": "15% of fees",
+        }
+
+    def sweep(self) -> list[str]:
+        """Refund every funded or completed escrow past its auto_release_at (commission kept)."""
+        with self.ledger.transaction() as tx:
+            due = tx.execute(
+                "SELECT escrow_id FROM sandbox_escrows WHERE status IN ('funded', 'completed') "
+                "AND auto_release_at <= ? ORDER BY auto_release_at",
+                (tx.now.isoformat(),),
+            ).fetchall()
+            refunded = []
+            for (escrow_id,) in due:
+                row = self._row(tx, escrow_id)
+                self._refund_less_commission(tx, row, f"Auto-refunded after {row['timeout_hours']}h timeout")
+                refunded.append(str(escrow_id))
+        self._last_sweep = self.now()
+        if refunded:
+            log.info("sandbox.swept", refunded=refunded)
+        return refunded
+
+    def maybe_sweep(self) -> None:
+        if math.isinf(self.sweep_interval_s):
+            return
+        if (self.now() - self._last_sweep).total_seconds() >= self.sweep_interval_s:
+            self.sweep()
+
+    def ledger_report(self) -> dict[str, Any]:
+        report = self.ledger.conservation()
+        return {
+            "accounts": [
+                {"account": a.account_id, "balance": fmt(a.balance), "held": fmt(a.held)}
+                for a in report.accounts
+            ],
+            "balances": fmt(report.balances),
+            "held": fmt(report.held),
+            "total": fmt(report.total),
+            "minted": fmt(report.minted),
+            "conserved": report.conserved,
+        }
+
+
+# ---------------------------------------------------------------------------------------- HTTP
+
+
+async def _json(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        if optional:
+            return {}
+        raise ApiError(400, "invalid_request", "request body must be a JSON object")
+    try:
+        data = json.loads(raw, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_request", "request body must be a JSON object")
+    return data
+
+
+def _state(request: Request) -> EscrowSandbox:
+    state: EscrowSandbox = request.app.state.escrow
+    return state
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _agent(request: Request) -> str:
+    token = _bearer(request)
+    agent = _state(request).agent_for_key(token) if token else None
+    if agent is None:
+        raise ApiError(401, "unauthorized", UNAUTHORIZED_MESSAGE)
+    return agent
+
+
+def _ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+Handler = Callable[[Request], Any]
+
+
+def _api(route: str | None = None) -> Callable[[Handler], Handler]:
+    """Rate limit (per IP and route) and turn ApiError into its JSON answer."""
+
+    def wrap(handler: Handler) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            try:
+                if route is not None:
+                    _state(request).admit(route, _ip(request))
+                result: Response = await handler(request)
+                return result
+            except ApiError as e:
+                retry = e.extra.get("retry_after")
+                return e.response({"Retry-After": str(retry)} if retry is not None else None)
+
+        return endpoint
+
+    return wrap
+
+
+@_api("create")
+async def create_v1(request: Request) -> Response:
+    state = _state(request)
+    creator = _agent(request)
+    body = await _json(request)
+    amount = _request_amount(body.get("amount_usd"), "amount_usd")
+    timeout_hours = _timeout_hours(body.get("timeout_hours"))
+    row = state.create_escrow(
+        creator=creator,
+        counterparty=body.get("counterparty_agent_id"),
+        amount=amount,
+        description=body.get("description"),
+        timeout_hours=timeout_hours,
+        referral_code=body.get("referral_code"),
+        dialect="v1",
+    )
+    escrow_id = row["escrow_id"]
+    fee = _money(row["commission"])
+    return _body(
+        {
+            "escrow_id": escrow_id,
+            "amount_usd": amount,
+            "commission_usd": fee,
+            "net_to_counterparty": Money(amount - fee),
+            "description": row["description"],
+            "creator_id": creator,
+            "counterparty_id": row["counterparty_id"],
+            "status": "funded",
+            "timeout_hours": row["timeout_hours"],
+            "auto_release_at": _js_time(_parse_time(row["auto_release_at"])),
+            "next_steps": {
+                "counterparty": f"POST /escrow/complete/{escrow_id} when task is done",
+                "creator": f"POST /escrow/release/{escrow_id} to release funds",
+                "dispute": f"POST /escrow/dispute/{escrow_id} if something goes wrong",
+            },
+        },
+        201,
+    )
+
+
+@_api("complete")
+async def complete_v1(request: Request) -> Response:
+    actor = _agent(request)
+    escrow_id = request.path_params["escrow_id"]
+    row = _state(request).complete(escrow_id, actor)
+    return _body(
+        {
+            "escrow_id": escrow_id,
+            "status": "completed",
+            "message": "Task marked complete. Waiting for creator to release funds.",
+            "next_step": f"Creator should call POST /escrow/release/{escrow_id}",
+            "auto_release_at": _js_time(_parse_time(row["auto_release_at"])),
+        }
+    )
+
+
+@_api("release")
+async def release_v1(request: Request) -> Response:
+    actor = _agent(request)
+    return _body(_state(request).release(request.path_params["escrow_id"], actor))
+
+
+@_api("dispute")
+async def dispute_v1(request: Request) -> Response:
+    actor = _agent(request)
+    body = await _json(request, optional=True)
+    return _body(_state(request).dispute(request.path_params["escrow_id"], actor, body.get("reason")))
+
+
+@_api()
+async def get_v1(request: Request) -> Response:
+    token = _bearer(request)
+    state = _state(request)
+    viewer = state.agent_for_key(token) if token else None
+    return _body(state.view(request.path_params["escrow_id"], viewer))
+
+
+@_api()
+async def stats(request: Request) -> Response:
+    return _body(_state(request).stats())
+
+
+@_api()
+async def health(request: Request) -> Response:
+    return _body({"status": "ok", "service": "agent-escrow", "version": "1.0.0"})
+
+
+@_api("create")
+async def create_seed(request: Request) -> Response:
+    state = _state(request)
+    creator = _agent(request)
+    body = await _json(request)
+    payer = body.get("payer_wallet")
+    if payer != creator:
+        raise ApiError(403, "forbidden", "payer_wallet must be the agent of the api key")
+    amount = _request_amount(body.get("amount_usdc"), "amount_usdc")
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ApiError(400, "invalid_metadata", "metadata must be a JSON object")
+    row = state.create_escrow(
+        creator=creator,
+        counterparty=body.get("payee_wallet"),
+        amount=amount,
+        description=body.get("description"),
+        timeout_hours=_timeout_hours(body.get("auto_release")),
+        referral_code=body.get("referral_code"),
+        dialect="seed",
+        metadata=metadata,
+    )
+    return _body({"escrow_id": row["escrow_id"], "status": "funded"}, 201)
+
+
+@_api("release")
+async def release_seed(request: Request) -> Response:
+    actor = _agent(request)
+    body = await _json(request)
+    result = _state(request).release(body.get("escrow_id"), actor, seed=True)
+    return _body({"escrow_id": result["escrow_id"], "status": "released"})
+
+
+@_api("cancel")
+async def cancel_seed(request: Request) -> Response:
+    actor = _agent(request)
+    body = await _json(request)
+    return _body(_state(request).cancel(body.get("escrow_id"), actor))
+
+
+@_api()
+async def register(request: Request) -> Response:
+    await _json(request, optional=True)
+    agent_id, api_key = _state(request).create_agent()
+    return _body({"agent_id": agent_id, "api_key": api_key, "balance_usd": ZERO}, 201)
+
+
+@_api()
+async def faucet_claim(request: Request) -> Response:
+    body = await _json(request)
+    return _body(_state(request).claim_faucet(body.get("agent_casino_id"), _ip(request)))
+
+
+# ---------------------------------------------------------------------------------------- admin
+
+
+@_api()
+async def admin_agents(request: Request) -> Response:
+    body = await _json(request, optional=True)
+    balance = body.get("balance", "0")
+    if isinstance(balance, bool) or not isinstance(balance, str | int | Decimal):
+        raise ApiError(400, "invalid_balance", 'balance must be an amount such as "100.00"')
+    try:
+        amount = to_money(balance, "balance")
+    except InvalidAmount as e:
+        raise ApiError(400, "invalid_balance", str(e)) from None
+    referrer = body.get("referrer")
+    if referrer is not None and not isinstance(referrer, str):
+        raise ApiError(400, "invalid_referrer", "referrer must be an agent id")
+    agent_id, api_key = _state(request).create_agent(amount, referrer)
+    return JSONOut({"agent_id": agent_id, "api_key": api_key}, status_code=201)
+
+
+@_api()
+async def admin_ledger(request: Request) -> Response:
+    return JSONOut(_state(request).ledger_report())
+
+
+@_api()
+async def admin_clock(request: Request) -> Response:
+    body = await _json(request)
+    seconds = body.get("advance_s")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | Decimal) or seconds < 0:
+        raise ApiError(400, "invalid_advance", "advance_s must be a number of seconds >= 0")
+    now = _state(request).advance(float(seconds))
+    return JSONOut({"now": _js_time(now)})
+
+
+@_api()
+async def admin_sweep(request: Request) -> Response:
+    return JSONOut({"refunded": _state(request).sweep()})
+
+
+@_api()
+async def admin_faults(request: Request) -> Response:
+    state = _state(request)
+    if request.method == "DELETE":
+        state.faults.clear()
+        return JSONOut({"faults": {}})
+    if request.method == "POST":
+        body = await _json(request)
+        route, mode, count = body.get("route"), body.get("mode"), body.get("count", 1)
+        if route not in FAULT_ROUTES:
+            raise ApiError(400, "invalid_route", f"route must be one of {sorted(FAULT_ROUTES)}")
+        if mode not in FAULT_MODES:
+            raise ApiError(400, "invalid_mode", f"mode must be one of {sorted(FAULT_MODES)}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ApiError(400, "invalid_count", "count must be an integer >= 1")
+        delay = body.get("delay_s", body.get("seconds", 0))
+        if isinstance(delay, bool) or not isinstance(delay, int | Decimal) or delay < 0:
+            raise ApiError(400, "invalid_delay", "delay_s must be a number of seconds >= 0")
+        state.faults.setdefault(route, deque()).append(
+            Fault(mode=mode, count=count, delay_s=float(delay), close=body.get("close") is True)
+        )
+    return JSONOut(
+        {
+            "faults": {
+                route: [
+                    {"mode": f.mode, "count": f.count, "delay_s": str(f.delay_s), "close": f.close}
+                    for f in queue
+                ]
+                for route, queue in state.faults.items()
+                if queue
+            }
+        }
+    )
+
+
+@_api()
+async def admin_resolve(request: Request) -> Response:
+    body = await _json(request)
+    row = _state(request).resolve_dispute(request.path_params["escrow_id"], body.get("outcome"))
+    return JSONOut({"escrow_id": row["escrow_id"], "status": row["status"]})
+
+
+# ---------------------------------------------------------------------------------------- faults
+
+
+def _fault_route(method: str, path: str) -> str | None:
+    if method == "POST":
+        if path in ("/escrow/create", "/api/escrow/create"):
+            return "create"
+        if path.startswith("/escrow/release/") or path == "/api/escrow/release":
+            return "release"
+        if path.startswith("/escrow/complete/"):
+            return "complete"
+        if path.startswith("/escrow/dispute/"):
+            return "dispute"
+        if path == "/api/escrow/cancel":
+            return "cancel"
+    if method == "GET" and path.startswith("/escrow/") and path != "/escrow/stats":
+        return "get"
+    return None
+
+
+class SandboxMiddleware:
+    """Runs the lazy timeout sweep before each request and plays the injected faults."""
+
+    def __init__(self, app: ASGIApp, state: EscrowSandbox) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.state.maybe_sweep()
+        route = _fault_route(scope["method"], scope["path"])
+        fault = self.state.take_fault(route) if route else None
+        if fault is None:
+            await self.app(scope, receive, send)
+            return
+        log.info("sandbox.fault", route=route, mode=fault.mode)
+        if fault.mode == "error_before":
+            await _send(send, ApiError(500, "internal_error", "Injected fault: nothing was done").response())
+        elif fault.mode == "rate_limit":
+            error = ApiError(429, "rate_limited", "Too many requests (injected).", retry_after=1)
+            await _send(send, error.response({"Retry-After": "1"}))
+        elif fault.mode == "delay":
+            await asyncio.sleep(fault.delay_s)
+            await self.app(scope, receive, send)
+        else:  # drop_after: do the work, lose the answer
+
+            async def swallow(message: Message) -> None:
+                return None
+
+            await self.app(scope, receive, swallow)
+            if fault.close:
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4096")]}
+                )
+                await send({"type": "http.response.body", "body": b'{"escrow_id": "esc_', "more_body": True})
+                # Returning with the body unfinished makes uvicorn close the connection.
+                return
+            await _send(
+                send, ApiError(500, "internal_error", "Injected fault after the work was done").response()
+            )
+
+
+async def _send(send: Send, response: Response) -> None:
+    await send(
+        {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 404
+    if status == 405:
+        status = 404
+    return _body({"error": "not_found"}, status)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("sandbox.internal_error", error=type(exc).__name__)
+    return _body({"error": "internal_error", "message": "Internal server error"}, 500)
+
+
+def create_escrow_app(
+    *,
+    ledger_path: str | None = None,
+    clock: Callable[[], datetime] | None = None,
+    rate_limits: dict[str, int] | None = None,
+    sweep_interval_s: float | None = None,
+    seed: int = 0,
+) -> Starlette:
+    """The sandbox escrow server; its state is `app.state.escrow` (an `EscrowSandbox`).
+
+    `ledger_path` None keeps everything in memory; a file path survives a restart. `rate_limits`
+    overrides the per-minute limits per route (`create`, `complete`, `release`, `dispute`, `cancel`)
+    and the faucet's claims per IP per 24 h (`faucet`). `seed` makes agent and escrow ids reproducible.
+    """
+    state = EscrowSandbox(
+        ledger_path=ledger_path,
+        clock=clock,
+        rate_limits=rate_limits,
+        sweep_interval_s=sweep_interval_s,
+        seed=seed,
+    )
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/escrow/create", create_v1, methods=["POST"]),
+        Route("/escrow/stats", stats, methods=["GET"]),
+        Route("/escrow/complete/{escrow_id}", complete_v1, methods=["POST"]),
+        Route("/escrow/release/{escrow_id}", release_v1, methods=["POST"]),
+        Route("/escrow/dispute/{escrow_id}", dispute_v1, methods=["POST"]),
+        Route("/escrow/{escrow_id}", get_v1, methods=["GET"]),
+        Route("/api/escrow/create", create_seed, methods=["POST"]),
+        Route("/api/escrow/release", release_seed, methods=["POST"]),
+        Route("/api/escrow/cancel", cancel_seed, methods=["POST"]),
+        Route("/api/v1/auth/register", register, methods=["POST"]),
+        Route("/faucet/claim", faucet_claim, methods=["POST"]),
+        Route("/sandbox/agents", admin_agents, methods=["POST"]),
+        Route("/sandbox/ledger", admin_ledger, methods=["GET"]),
+        Route("/sandbox/clock", admin_clock, methods=["POST"]),
+        Route("/sandbox/sweep", admin_sweep, methods=["POST"]),
+        Route("/sandbox/faults", admin_faults, methods=["GET", "POST", "DELETE"]),
+        Route("/sandbox/disputes/{escrow_id}/resolve", admin_resolve, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(SandboxMiddleware, state=state)],
+        exception_handlers={404: _not_found, 405: _not_found, 500: _internal_error},
+    )
+    app.state.escrow = state
+    return app

@@ -1,0 +1,753 @@
+"""`PurpleFleaEscrow`: the escrow port over Purple Flea's HTTP API (contracts/purpleflea-escrow.md).
+
+Two dialects, chosen by the `dialect` argument:
+
+- `"v1"`, the routes the published server implements: `POST /escrow/create`, `/escrow/complete/{id}`,
+  `/escrow/release/{id}`, `/escrow/dispute/{id}`, `GET /escrow/{id}`. It has no idempotency key, no
+  lookup by key and no cancel: money comes back to the payer only through the timeout sweep (or an
+  operator after a dispute), so `refund()` asks for it (`refund_method`) and reports the refund only
+  once a read shows the escrow `refunded`, raising `EscrowPending` until then.
+- `"seed"`, the routes of the product page: `POST /api/escrow/create|release|cancel`. Its responses
+  carry no amounts and it has no read route, so the adapter computes the split itself from the fee
+  rules, `get()` raises NotImplementedError, and after a create nothing is read back. `cancel` returns
+  the whole amount to the payer (no commission). To build the refund's `Settlement` the adapter
+  remembers the amount of each escrow it created; after a restart, tell it with `expect()`.
+
+Every response is validated with pydantic (unknown fields such as `_info` ignored). Amounts arrive as
+JSON numbers; the raw text is parsed with `parse_float=Decimal`, so a float never holds them. An
+amount that is not valid money (negative, more than 6 decimals, not a number) makes the body
+untrustworthy; valid amounts that differ from `rules.split` raise `AmountMismatch`.
+
+What the engine can act on:
+- create: 400/402/404 `Rejected` (nothing moved); 401 `Unauthorized`; 403 `Forbidden`;
+  429 `RateLimited` (nothing moved); a timeout after sending, a dropped connection, a 5xx or a 2xx
+  whose body cannot be trusted `OutcomeUnknown` (never retried here). A connection that could not
+  even be opened (connect error or timeout, pool timeout) sent nothing: `Unavailable`.
+- release/refund: 409 reads the escrow: already in the wanted state gives the `Settlement`, else
+  `Conflict(status=<what the read found>)`; 404 `NotFound`; the rest as for create.
+- get: 5xx, timeouts and connection errors `Unavailable` (retryable); a body that breaks the
+  contract `BadResponse`; 404 `NotFound`.
+
+A client-side `RateLimiter` per route keeps under the documented limits (create 20/min, complete
+30/min, release 30/min, dispute 10/min; `rate_limits` overrides them). API keys never appear in the
+repr, in log lines or in exception messages: any echo of a key in a server message is redacted.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
+
+import httpx
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+from podsettle.adapters.limits import RateLimiter
+from podsettle.adapters.ports import (
+    AmountMismatch,
+    BadResponse,
+    Conflict,
+    EscrowCapabilities,
+    EscrowPending,
+    EscrowReceipt,
+    EscrowStatus,
+    EscrowView,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    OutcomeUnknown,
+    RateLimited,
+    Rejected,
+    Settlement,
+    Unauthorized,
+    Unavailable,
+)
+from podsettle.domain.errors import InvalidAmount
+from podsettle.domain.money import ZERO, Money, fmt, to_money
+from podsettle.domain.rules import FeeSplit, referral_fee, split
+from podsettle.logs import get_logger
+
+log = get_logger(__name__)
+
+Dialect = Literal["v1", "seed"]
+RefundMethod = Literal["dispute", "timeout"]
+
+DEFAULT_BASE_URL = "https://escrow.purpleflea.com"
+DEFAULT_RATE_LIMITS: dict[str, int] = {
+    "create": 20,
+    "complete": 30,
+    "release": 30,
+    "dispute": 10,
+    "cancel": 30,
+}
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=20.0, write=10.0, pool=10.0)
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def _amount(value: Any) -> Money:
+    """A JSON number (already parsed to int or Decimal) that is a valid USDC amount."""
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise ValueError(f"must be a JSON number, not {type(value).__name__}")
+    try:
+        return to_money(value)
+    except InvalidAmount as e:
+        raise ValueError(e.reason.removeprefix(f"{value!r} ").removeprefix(f"'{value}' ")) from None
+
+
+Amount = Annotated[Decimal, BeforeValidator(_amount)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class ErrorBody(_Model):
+    error: str
+    message: str | None = None
+
+
+class CreatedV1(_Model):
+    escrow_id: str
+    amount_usd: Amount
+    commission_usd: Amount
+    net_to_counterparty: Amount
+    status: EscrowStatus
+    creator_id: str | None = None
+    counterparty_id: str | None = None
+    auto_release_at: datetime | None = None
+
+
+class ReleasedV1(_Model):
+    escrow_id: str
+    status: Literal["released"]
+    amount_released: Amount
+    commission: Amount
+    referral_commission: Amount = ZERO
+    counterparty_id: str | None = None
+
+
+class EscrowV1(_Model):
+    escrow_id: str
+    status: EscrowStatus
+    amount_usd: Amount
+    commission_usd: Amount
+    net_to_counterparty: Amount
+    creator_id: str | None = None
+    counterparty_id: str | None = None
+    auto_release_at: datetime | None = None
+
+
+class CompletedV1(_Model):
+    escrow_id: str
+    status: Literal["completed"]
+
+
+class DisputedV1(_Model):
+    escrow_id: str
+    status: Literal["disputed"]
+
+
+class SeedCreated(_Model):
+    escrow_id: str
+
+
+class SeedSettled(_Model):
+    escrow_id: str
+    status: Literal["released", "refunded"] | None = None
+
+
+M = TypeVar("M", bound=_Model)
+
+
+class _Secret:
+    """A key that prints as `***`."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+
+def _validation_summary(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+class PurpleFleaEscrow:
+    """The escrow port on Purple Flea, over a pooled `httpx.AsyncClient`.
+
+    `payer_key` pays (create, release, refund); `worker_key` (optional) is only used by `complete`.
+    The seed dialect also needs `payer_id` (the payer's `ag_…` id, sent as `payer_wallet`).
+    `referred` says whether the payer's escrows carry a referrer (it decides the expected referral
+    fee that a release reports). `transport` replaces the network (tests use `httpx.MockTransport`).
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        payer_key: str,
+        worker_key: str | None = None,
+        dialect: Dialect = "v1",
+        payer_id: str | None = None,
+        refund_method: RefundMethod = "dispute",
+        rate_limits: dict[str, int] | None = None,
+        rate_limit_period_s: float = 60.0,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if dialect not in ("v1", "seed"):
+            raise ValueError(f"dialect: must be 'v1' or 'seed', not {dialect!r}")
+        if refund_method not in ("dispute", "timeout"):
+            raise ValueError(f"refund_method: must be 'dispute' or 'timeout', not {refund_method!r}")
+        if not isinstance(payer_key, str) or not payer_key.strip():
+            raise ValueError("payer_key: must be a non-empty API key")
+        if worker_key is not None and (not isinstance(worker_key, str) or not worker_key.strip()):
+            raise ValueError("worker_key: must be a non-empty API key when given")
+        if dialect == "seed" and not payer_id:
+            raise ValueError("payer_id: the seed dialect needs the payer's agent id (payer_wallet)")
+        self.base_url = base_url.rstrip("/")
+        self.dialect: Dialect = dialect
+        self.payer_id = payer_id
+        self.refund_method: RefundMethod = refund_method
+        self._payer_key = _Secret(payer_key.strip())
+        self._worker_key = _Secret(worker_key.strip()) if worker_key else None
+        self.capabilities = EscrowCapabilities(
+            idempotent_create=False, lookup_by_key=False, cancel=dialect == "seed"
+        )
+        limits = {**DEFAULT_RATE_LIMITS, **(rate_limits or {})}
+        self._limiters = {route: RateLimiter(n, rate_limit_period_s) for route, n in limits.items()}
+        self._seed_amounts: dict[str, Money] = {}
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            headers={"Accept": "application/json", "User-Agent": "podsettle"},
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        worker = "set" if self._worker_key else "none"
+        return f"PurpleFleaEscrow(base_url={self.base_url!r}, dialect={self.dialect!r}, worker_key={worker})"
+
+    async def __aenter__(self) -> PurpleFleaEscrow:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # ------------------------------------------------------------------ the port
+
+    async def create(
+        self,
+        *,
+        key: str,
+        payee: str,
+        amount: Money,
+        description: str,
+        timeout_hours: int,
+        referral: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> EscrowReceipt:
+        """Create and fund an escrow; `key` is only logged (neither dialect takes one)."""
+        value = to_money(amount, "amount", allow_zero=False)
+        expected = split(value)
+        if self.dialect == "seed":
+            body: dict[str, Any] = {
+                "payer_wallet": self.payer_id,
+                "payee_wallet": payee,
+                "amount_usdc": value,
+                "description": description,
+                "referral_code": referral,
+                "metadata": metadata or {},
+                "auto_release": timeout_hours,
+            }
+            response = await self._call("create", "POST", "/api/escrow/create", body=body, money=True)
+            self._expect_status(response, "create", (200, 201), money=True)
+            created_seed = self._parse(response, SeedCreated, "create", money=True)
+            self._seed_amounts[created_seed.escrow_id] = value
+            log.info(
+                "escrow.created", key=key, escrow_id=created_seed.escrow_id, amount=fmt(value), dialect="seed"
+            )
+            return EscrowReceipt(created_seed.escrow_id, value, expected.fee, expected.net)
+        body = {
+            "amount_usd": value,
+            "description": description,
+            "counterparty_agent_id": payee,
+            "timeout_hours": timeout_hours,
+        }
+        if referral:
+            body["referral_code"] = referral
+        response = await self._call("create", "POST", "/escrow/create", body=body, money=True)
+        self._expect_status(response, "create", (201, 200), money=True)
+        created = self._parse(response, CreatedV1, "create", money=True)
+        reported = {
+            "escrow_id": created.escrow_id,
+            "amount": fmt(created.amount_usd),
+            "fee": fmt(created.commission_usd),
+            "net": fmt(created.net_to_counterparty),
+        }
+        if (created.amount_usd, created.commission_usd, created.net_to_counterparty) != (
+            expected.amount,
+            expected.fee,
+            expected.net,
+        ):
+            log.error("escrow.amount_mismatch", step="create", key=key, **reported)
+            raise AmountMismatch(
+                f"escrow {created.escrow_id} was created with amount {reported['amount']}, "
+                f"fee {reported['fee']}, net {reported['net']}; "
+                f"expected {fmt(expected.amount)}, {fmt(expected.fee)}, {fmt(expected.net)}",
+                reported=reported,
+            )
+        if created.status is not EscrowStatus.FUNDED:
+            raise OutcomeUnknown(
+                f"escrow {created.escrow_id} was created with status {created.status.value!r}"
+            )
+        log.info("escrow.created", key=key, escrow_id=created.escrow_id, amount=fmt(value), dialect="v1")
+        return EscrowReceipt(created.escrow_id, expected.amount, expected.fee, expected.net)
+
+    async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement:
+        """Release to the payee. v1 checks the reported net and fee against `expected`; the referral
+        fee reported is accepted when it is zero or 15% of the fee. The seed dialect reports no
+        amounts: the settlement is `expected`'s."""
+        _check_id(escrow_id)
+        if self.dialect == "seed":
+            response = await self._call(
+                "release", "POST", "/api/escrow/release", body={"escrow_id": escrow_id}, money=True
+            )
+            if response.status_code == 409:
+                status = self._seed_conflict_status(response)
+                if status == EscrowStatus.RELEASED.value:
+                    return _released(escrow_id, expected)
+                raise Conflict(f"escrow {escrow_id} cannot be released: it is {status}", status=status)
+            self._expect_status(response, "release", (200,), money=True, escrow_id=escrow_id)
+            settled = self._parse(response, SeedSettled, "release", money=True)
+            self._check_echo(settled.escrow_id, escrow_id, "release")
+            log.info("escrow.released", key=key, escrow_id=escrow_id, dialect="seed")
+            return _released(escrow_id, expected)
+
+        response = await self._call("release", "POST", f"/escrow/release/{escrow_id}", money=True)
+        if response.status_code == 409:
+            view = await self._read_for_conflict(escrow_id)
+            if view is not None and view.status is EscrowStatus.RELEASED:
+                self._check_view(view, expected.amount)
+                log.info("escrow.already_released", key=key, escrow_id=escrow_id)
+                return _released(escrow_id, expected)
+            raise _conflict(escrow_id, "release", view)
+        self._expect_status(response, "release", (200,), money=True, escrow_id=escrow_id)
+        released = self._parse(response, ReleasedV1, "release", money=True)
+        self._check_echo(released.escrow_id, escrow_id, "release")
+        reported = {
+            "escrow_id": escrow_id,
+            "net": fmt(released.amount_released),
+            "fee": fmt(released.commission),
+            "referral_fee": fmt(released.referral_commission),
+        }
+        allowed_referral = {ZERO, referral_fee(Money(released.commission))}
+        if (
+            released.amount_released != expected.net
+            or released.commission != expected.fee
+            or released.referral_commission not in allowed_referral
+        ):
+            log.error("escrow.amount_mismatch", step="release", key=key, **reported)
+            raise AmountMismatch(
+                f"escrow {escrow_id} released net {reported['net']}, fee {reported['fee']}, referral "
+                f"{reported['referral_fee']}; expected net {fmt(expected.net)}, fee {fmt(expected.fee)}",
+                reported=reported,
+            )
+        log.info("escrow.released", key=key, escrow_id=escrow_id, net=reported["net"])
+        return Settlement(
+            escrow_id=escrow_id,
+            status=EscrowStatus.RELEASED,
+            to_payee=Money(released.amount_released),
+            fee=Money(released.commission),
+            referral_fee=Money(released.referral_commission),
+            returned=ZERO,
+        )
+
+    async def refund(self, escrow_id: str, *, key: str, reason: str) -> Settlement:
+        """Get the money back to the payer.
+
+        seed: `POST /api/escrow/cancel`, the whole amount back. v1 (no cancel): reads the escrow;
+        `refunded` gives the Settlement (returned = amount - commission, the commission kept);
+        `funded`/`completed` asks for the refund by `refund_method` (`dispute`: POST /escrow/dispute,
+        `timeout`: nothing, the sweep refunds after auto_release_at) and raises `EscrowPending`;
+        `disputed` raises `EscrowPending`; `released` raises `Conflict`.
+        """
+        _check_id(escrow_id)
+        if self.dialect == "seed":
+            return await self._cancel_seed(escrow_id, key)
+        view = await self.get(escrow_id)
+        if view.status is EscrowStatus.REFUNDED:
+            return self._refunded(view, key)
+        if view.status is EscrowStatus.RELEASED:
+            raise Conflict(
+                f"escrow {escrow_id} cannot be refunded: it was released", status=view.status.value
+            )
+        if view.status is EscrowStatus.DISPUTED:
+            raise EscrowPending(
+                f"escrow {escrow_id} is disputed: the refund waits for Purple Flea's review",
+                escrow_id=escrow_id,
+                status=view.status.value,
+            )
+        if self.refund_method == "timeout":
+            when = view.auto_release_at.isoformat() if view.auto_release_at else "its timeout"
+            raise EscrowPending(
+                f"escrow {escrow_id} is {view.status.value}: the timeout sweep refunds it after {when}",
+                escrow_id=escrow_id,
+                status=view.status.value,
+            )
+        status = await self.dispute(escrow_id, reason=reason)
+        if status is EscrowStatus.REFUNDED:
+            return self._refunded(await self.get(escrow_id), key)
+        raise EscrowPending(
+            f"escrow {escrow_id} is {status.value}: a refund was asked for by dispute",
+            escrow_id=escrow_id,
+            status=status.value,
+        )
+
+    async def get(self, escrow_id: str) -> EscrowView:
+        """Read an escrow (v1 only: the seed dialect has no read route)."""
+        if self.dialect == "seed":
+            raise NotImplementedError("the seed dialect has no route to read an escrow")
+        _check_id(escrow_id)
+        response = await self._call("get", "GET", f"/escrow/{escrow_id}", money=False)
+        self._expect_status(response, "get", (200,), money=False, escrow_id=escrow_id)
+        read = self._parse(response, EscrowV1, "get", money=False)
+        self._check_echo(read.escrow_id, escrow_id, "get", money=False)
+        return EscrowView(
+            escrow_id=read.escrow_id,
+            status=read.status,
+            amount=Money(read.amount_usd),
+            fee=Money(read.commission_usd),
+            net=Money(read.net_to_counterparty),
+            payer=read.creator_id,
+            payee=read.counterparty_id,
+            auto_release_at=read.auto_release_at,
+        )
+
+    async def find_by_key(self, key: str) -> EscrowView | None:
+        raise NotImplementedError("Purple Flea escrows can only be found by id, not by key")
+
+    # ------------------------------------------------------------------ beyond the port
+
+    async def complete(self, escrow_id: str) -> EscrowStatus:
+        """The worker signals delivery (`POST /escrow/complete/{id}` with the worker key; v1 only)."""
+        if self.dialect == "seed":
+            raise NotImplementedError("the seed dialect has no complete route")
+        if self._worker_key is None:
+            raise Unauthorized("complete needs the worker's key, and none was configured")
+        _check_id(escrow_id)
+        response = await self._call(
+            "complete", "POST", f"/escrow/complete/{escrow_id}", money=False, secret=self._worker_key
+        )
+        if response.status_code == 409:
+            view = await self._read_for_conflict(escrow_id)
+            if view is not None and view.status is EscrowStatus.COMPLETED:
+                return view.status
+            raise _conflict(escrow_id, "complete", view)
+        self._expect_status(response, "complete", (200,), money=False, escrow_id=escrow_id)
+        completed = self._parse(response, CompletedV1, "complete", money=False)
+        self._check_echo(completed.escrow_id, escrow_id, "complete", money=False)
+        return EscrowStatus.COMPLETED
+
+    async def dispute(self, escrow_id: str, *, reason: str) -> EscrowStatus:
+        """Freeze an escrow for Purple Flea's manual review (v1). Moves no money, so a failed call is
+        `Unavailable` and safe to repeat: a second dispute answers 409 and the read says `disputed`."""
+        if self.dialect == "seed":
+            raise NotImplementedError("the seed dialect has no dispute route")
+        _check_id(escrow_id)
+        response = await self._call(
+            "dispute", "POST", f"/escrow/dispute/{escrow_id}", body={"reason": reason}, money=False
+        )
+        if response.status_code == 409:
+            view = await self._read_for_conflict(escrow_id)
+            if view is not None and view.status in (EscrowStatus.DISPUTED, EscrowStatus.REFUNDED):
+                return view.status
+            raise _conflict(escrow_id, "dispute", view)
+        self._expect_status(response, "dispute", (200,), money=False, escrow_id=escrow_id)
+        disputed = self._parse(response, DisputedV1, "dispute", money=False)
+        self._check_echo(disputed.escrow_id, escrow_id, "dispute", money=False)
+        log.info("escrow.disputed", escrow_id=escrow_id)
+        return EscrowStatus.DISPUTED
+
+    def expect(self, escrow_id: str, amount: Money) -> None:
+        """seed: the amount of an escrow created before this adapter existed (for `refund`)."""
+        self._seed_amounts[escrow_id] = to_money(amount, "amount", allow_zero=False)
+
+    # ------------------------------------------------------------------ internals
+
+    async def _cancel_seed(self, escrow_id: str, key: str) -> Settlement:
+        amount = self._seed_amounts.get(escrow_id)
+        if amount is None:
+            raise GatewayError(
+                f"escrow {escrow_id}: its amount is unknown to this adapter (seed responses carry none); "
+                "call expect(escrow_id, amount) first. Nothing was sent."
+            )
+        response = await self._call(
+            "cancel", "POST", "/api/escrow/cancel", body={"escrow_id": escrow_id}, money=True
+        )
+        if response.status_code == 409:
+            status = self._seed_conflict_status(response)
+            if status == EscrowStatus.REFUNDED.value:
+                return _cancelled(escrow_id, amount)
+            raise Conflict(f"escrow {escrow_id} cannot be cancelled: it is {status}", status=status)
+        self._expect_status(response, "cancel", (200,), money=True, escrow_id=escrow_id)
+        settled = self._parse(response, SeedSettled, "cancel", money=True)
+        self._check_echo(settled.escrow_id, escrow_id, "cancel")
+        log.info("escrow.refunded", key=key, escrow_id=escrow_id, dialect="seed")
+        return _cancelled(escrow_id, amount)
+
+    def _refunded(self, view: EscrowView, key: str) -> Settlement:
+        self._check_view(view, view.amount)
+        log.info("escrow.refunded", key=key, escrow_id=view.escrow_id, returned=fmt(view.net))
+        return Settlement(
+            escrow_id=view.escrow_id,
+            status=EscrowStatus.REFUNDED,
+            to_payee=ZERO,
+            fee=view.fee,
+            referral_fee=ZERO,
+            returned=Money(view.amount - view.fee),
+        )
+
+    def _check_view(self, view: EscrowView, amount: Money) -> None:
+        expected = split(amount)
+        if (view.amount, view.fee, view.net) != (expected.amount, expected.fee, expected.net):
+            reported = {
+                "escrow_id": view.escrow_id,
+                "amount": fmt(view.amount),
+                "fee": fmt(view.fee),
+                "net": fmt(view.net),
+            }
+            raise AmountMismatch(
+                f"escrow {view.escrow_id} reads amount {reported['amount']}, fee {reported['fee']}, net "
+                f"{reported['net']}; expected {fmt(expected.amount)}, {fmt(expected.fee)}, "
+                f"{fmt(expected.net)}",
+                reported=reported,
+            )
+
+    async def _read_for_conflict(self, escrow_id: str) -> EscrowView | None:
+        try:
+            return await self.get(escrow_id)
+        except GatewayError as e:
+            log.warning("escrow.conflict_read_failed", escrow_id=escrow_id, error=type(e).__name__)
+            return None
+
+    def _seed_conflict_status(self, response: httpx.Response) -> str | None:
+        data = self._json(response, "conflict", money=False, required=False)
+        status = data.get("status") if isinstance(data, dict) else None
+        return status if isinstance(status, str) else None
+
+    async def _call(
+        self,
+        route: str,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        money: bool,
+        secret: _Secret | None = None,
+    ) -> httpx.Response:
+        limiter = self._limiters.get(route)
+        if limiter is not None:
+            await limiter.acquire()
+        key = (secret or self._payer_key).reveal()
+        headers = {"Authorization": f"Bearer {key}"}
+        content = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            content = _dumps(body)
+        try:
+            response = await self._client.request(method, path, content=content, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
+            log.warning("escrow.unreachable", route=route, error=type(e).__name__)
+            raise Unavailable(
+                f"{route}: could not reach {self.base_url} ({type(e).__name__}); nothing was sent"
+            ) from None
+        except httpx.TransportError as e:
+            log.warning("escrow.transport_error", route=route, error=type(e).__name__, money=money)
+            detail = f"{route} {method} {path}: {type(e).__name__} after the request was sent"
+            if money:
+                raise OutcomeUnknown(f"{detail}; the call may or may not have taken effect") from None
+            raise Unavailable(detail) from None
+        log.debug("escrow.response", route=route, status=response.status_code, path=path)
+        if response.status_code == 429:
+            retry_after = _retry_after(response)
+            if limiter is not None:
+                limiter.penalize(retry_after)
+            raise RateLimited(f"{route}: rate limited by the escrow service", retry_after=retry_after)
+        return response
+
+    def _expect_status(
+        self,
+        response: httpx.Response,
+        route: str,
+        ok: tuple[int, ...],
+        *,
+        money: bool,
+        escrow_id: str | None = None,
+    ) -> None:
+        status = response.status_code
+        if status in ok:
+            return
+        what = f"escrow {escrow_id}: {route}" if escrow_id else route
+        if 200 <= status < 300:
+            self._untrusted(f"{what}: unexpected success status {status}", money)
+        if status >= 500 or status in (408, 502, 503, 504):
+            code, message = self._error_text(response)
+            detail = f"{what}: HTTP {status} {code}{': ' + message if message else ''}"
+            if money:
+                raise OutcomeUnknown(f"{detail}; the call may or may not have taken effect")
+            raise Unavailable(detail)
+        code, message = self._error_text(response)
+        detail = f"{what}: HTTP {status} {code}{': ' + message if message else ''}"
+        if status == 401:
+            raise Unauthorized(detail)
+        if status == 403:
+            raise Forbidden(detail)
+        if status == 404 and route != "create":
+            raise NotFound(detail)
+        if status in (400, 402, 404):
+            raise Rejected(detail, status_code=status, code=code)
+        if status == 409:
+            raise Conflict(detail)
+        self._untrusted(f"{detail} (not in the contract)", money)
+
+    def _error_text(self, response: httpx.Response) -> tuple[str, str]:
+        data = self._json(response, "error", money=False, required=False)
+        if not isinstance(data, dict):
+            return "(no JSON error body)", ""
+        try:
+            parsed = ErrorBody.model_validate(data)
+        except ValidationError:
+            return "(malformed error body)", ""
+        return self._redact(parsed.error)[:80], self._redact(parsed.message or "")[:300]
+
+    def _json(self, response: httpx.Response, route: str, *, money: bool, required: bool = True) -> Any:
+        try:
+            return json.loads(response.text, parse_float=Decimal)
+        except (ValueError, UnicodeDecodeError):
+            if not required:
+                return None
+            kind = response.headers.get("content-type", "no content type").split(";")[0]
+            self._untrusted(
+                f"{route}: HTTP {response.status_code} body is not JSON "
+                f"({kind}, {len(response.content)} bytes)",
+                money,
+            )
+
+    def _parse(self, response: httpx.Response, model: type[M], route: str, *, money: bool) -> M:
+        data = self._json(response, route, money=money)
+        if not isinstance(data, dict):
+            self._untrusted(f"{route}: HTTP {response.status_code} body is not a JSON object", money)
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            self._untrusted(
+                f"{route}: HTTP {response.status_code} body breaks the contract: {_validation_summary(e)}",
+                money,
+            )
+
+    def _check_echo(self, got: str, wanted: str, route: str, *, money: bool = True) -> None:
+        if got != wanted:
+            self._untrusted(f"{route}: the response is about escrow {got!r}, not {wanted!r}", money)
+
+    def _untrusted(self, detail: str, money: bool) -> NoReturn:
+        detail = self._redact(detail)
+        log.error("escrow.bad_response", detail=detail, money=money)
+        if money:
+            raise OutcomeUnknown(f"{detail}; the call may or may not have taken effect")
+        raise BadResponse(detail)
+
+    def _redact(self, text: str) -> str:
+        for secret in (self._payer_key, self._worker_key):
+            if secret is not None:
+                text = text.replace(secret.reveal(), "[redacted]")
+        return text
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _check_id(escrow_id: str) -> None:
+    if not isinstance(escrow_id, str) or not escrow_id or "/" in escrow_id or len(escrow_id) > 128:
+        raise ValueError(f"escrow_id: {escrow_id!r} is not an escrow id")
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    """JSON with Money written as a number from its digits (the service wants numbers)."""
+
+    def encode(value: Any) -> str:
+        if isinstance(value, Decimal):
+            return f"{value.normalize():f}"
+        if isinstance(value, dict):
+            return "{" + ",".join(f"{json.dumps(str(k))}:{encode(v)}" for k, v in value.items()) + "}"
+        return json.dumps(value)
+
+    return encode(body).encode()
+
+
+def _retry_after(response: httpx.Response) -> float:
+    header = response.headers.get("retry-after")
+    if header:
+        try:
+            return max(float(header), 0.1)
+        except ValueError:
+            pass
+    try:
+        data = json.loads(response.text, parse_float=Decimal)
+        value = data.get("retry_after") if isinstance(data, dict) else None
+        if isinstance(value, int | Decimal) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    except ValueError:
+        pass
+    return 1.0
+
+
+def _conflict(escrow_id: str, route: str, view: EscrowView | None) -> Conflict:
+    if view is None:
+        return Conflict(
+            f"escrow {escrow_id}: {route} refused (409); its status could not be read", status=None
+        )
+    return Conflict(
+        f"escrow {escrow_id}: {route} refused (409): it is {view.status.value}", status=view.status.value
+    )
+
+
+def _released(escrow_id: str, expected: FeeSplit) -> Settlement:
+    return Settlement(
+        escrow_id=escrow_id,
+        status=EscrowStatus.RELEASED,
+        to_payee=expected.net,
+        fee=expected.fee,
+        referral_fee=expected.referral_fee,
+        returned=ZERO,
+    )
+
+
+def _cancelled(escrow_id: str, amount: Money) -> Settlement:
+    return Settlement(
+        escrow_id=escrow_id,
+        status=EscrowStatus.REFUNDED,
+        to_payee=ZERO,
+        fee=ZERO,
+        referral_fee=ZERO,
+        returned=amount,
+    )
