@@ -40,3 +40,17 @@ class IllegalTransition(DomainError):
 
 class ConflictingOutcome(IllegalTransition):
     """An outcome that contradicts the one already recorded (the same outcome again is a no-op)."""
+
+
+class JobNotFound(DomainError, LookupError):
+    def __init__(self, job_id: object) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id}: not found")
+
+
+class ClaimLost(DomainError):
+    """Another processor recorded an attempt for this intent first."""
+
+    def __init__(self, job_id: object, step: object) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id}: another processor claimed {step} first")

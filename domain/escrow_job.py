@@ -72,6 +72,53 @@ class Intent:
     attempts: int = 0
 
 
+@dataclass(frozen=True)
+class JobView:
+    """A consistent, immutable snapshot of a job, for code that must not hold the aggregate itself
+    (it may be changed by another thread while it is read)."""
+
+    job_id: uuid.UUID
+    job_key: str
+    batch_id: str | None
+    endpoint_id: str
+    input_digest: str
+    payer: str
+    payee: str
+    budget: Decimal
+    referral: str | None
+    acceptance: dict[str, Any]
+    deadline: datetime
+    state: State
+    intent: Intent | None
+    escrow_id: str | None
+    funded_amount: Decimal | None
+    fee: Decimal | None
+    net: Decimal | None
+    rejection: str | None
+    runpod_job_id: str | None
+    failure: tuple[str, str | None, str] | None
+    released: tuple[Decimal, Decimal, Decimal, Decimal] | None
+    refunded: tuple[Decimal, Decimal] | None
+    cancel_reason: str | None
+    attention: dict[str, str] | None
+    state_before_attention: State | None
+    output_digest: str | None
+    execution_ms: int | None
+    delay_ms: int | None
+    worker_id: str | None
+    metrics: dict[str, str]
+    bonus_amount: Decimal | None
+    bonus_escrow_id: str | None
+    bonus_funded: tuple[Decimal, Decimal, Decimal] | None
+    bonus_awarded: tuple[Decimal, Decimal, Decimal, Decimal] | None
+    version: int
+
+    @property
+    def rests(self) -> bool:
+        """Nothing more happens to the job without an operator or a new command."""
+        return self.state == State.ATTENTION or (self.state in TERMINAL and self.intent is None)
+
+
 def job_id_for(job_key: str) -> uuid.UUID:
     """Jobs are identified by the caller's key, so opening the same job twice finds the first."""
     return uuid.uuid5(JOB_NAMESPACE, job_key)
@@ -618,6 +665,14 @@ class EscrowJob(Aggregate):
             self.record_refunded(returned, fee_kept)
             return
         self._guard("record refunded by service", State.RELEASING, State.REFUNDING)
+        returned_, fee_kept_ = to_money(returned, "returned"), to_money(fee_kept, "fee_kept")
+        if returned_ + fee_kept_ != self.funded_amount:
+            # Checked before anything is recorded: a command either records all or nothing.
+            raise self._conflict(
+                "record refunded by service",
+                f"{fmt(returned_)} returned + {fmt(fee_kept_)} kept is not the funded "
+                f"{fmt(self.funded_amount or ZERO)}",
+            )
         if self.state == State.RELEASING:
             self._failed(stage="release", runpod_status=None, reason=reason)
             self._refund_requested(key=f"{self.job_key}:refund", method="service")
@@ -821,6 +876,45 @@ class EscrowJob(Aggregate):
         if quiescent and self.state == State.RELEASED and self.intent is not None:
             found.append(f"bonus left in flight at {self.intent.step}")
         return found
+
+    def view(self) -> JobView:
+        return JobView(
+            job_id=self.id,
+            job_key=self.job_key,
+            batch_id=self.batch_id,
+            endpoint_id=self.endpoint_id,
+            input_digest=self.input_digest,
+            payer=self.payer,
+            payee=self.payee,
+            budget=self.budget,
+            referral=self.referral,
+            acceptance=dict(self.acceptance),
+            deadline=self.deadline,
+            state=self.state,
+            intent=self.intent,
+            escrow_id=self.escrow_id,
+            funded_amount=self.funded_amount,
+            fee=self.fee,
+            net=self.net,
+            rejection=self.rejection,
+            runpod_job_id=self.runpod_job_id,
+            failure=self.failure,
+            released=self.released,
+            refunded=self.refunded,
+            cancel_reason=self.cancel_reason,
+            attention=None if self.attention is None else dict(self.attention),
+            state_before_attention=self.state_before_attention,
+            output_digest=self.output_digest,
+            execution_ms=self.execution_ms,
+            delay_ms=self.delay_ms,
+            worker_id=self.worker_id,
+            metrics=dict(self.metrics),
+            bonus_amount=self.bonus_amount,
+            bonus_escrow_id=self.bonus_escrow_id,
+            bonus_funded=self.bonus_funded,
+            bonus_awarded=self.bonus_awarded,
+            version=self.version,
+        )
 
     def summary(self) -> dict[str, Any]:
         """The job as plain data (amounts as strings), for reports and JSON output."""

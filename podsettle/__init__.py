@@ -6,7 +6,8 @@ where they are used.
 
 from __future__ import annotations
 
-from podsettle.application import ClaimLost, JobNotFound, JobSpec, Settlements
+from podsettle.application import JobSpec, Settlements
+from podsettle.domain.errors import ClaimLost, JobNotFound
 
 __all__ = ["ClaimLost", "JobNotFound", "JobSpec", "Settlements"]
 __version__ = "0.1.0"

@@ -18,27 +18,17 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 from eventsourcing.utils import get_topic
 
+from podsettle.adapters.chain import ChainMapper
 from podsettle.adapters.persistence import Store, store_from_url
 from podsettle.domain import EscrowJob, State, Step
-from podsettle.domain.errors import ConflictingOutcome, DomainError, InvalidInput
+from podsettle.domain.digests import digest
+from podsettle.domain.errors import ClaimLost, ConflictingOutcome, InvalidInput, JobNotFound
 from podsettle.domain.escrow_job import check_id, job_id_for
+from podsettle.domain.job_input import JobInput, input_id_for
 from podsettle.domain.rules import BonusDecision
 
 T = TypeVar("T")
 MAX_RACE_RETRIES = 20
-
-
-class JobNotFound(DomainError, LookupError):
-    def __init__(self, job_id: object) -> None:
-        self.job_id = job_id
-        super().__init__(f"job {job_id}: not found")
-
-
-class ClaimLost(DomainError):
-    """Another processor recorded an attempt for this intent first."""
-
-    def __init__(self, job_id: object, step: Step) -> None:
-        super().__init__(f"job {job_id}: another processor claimed {step} first")
 
 
 @dataclass(frozen=True)
@@ -56,6 +46,7 @@ class JobSpec:
     referral: str | None = None
     acceptance: Mapping[str, Any] | None = None
     bonus_pool: object = None
+    job_input: Mapping[str, Any] | None = None  # kept (as its own aggregate) to submit again after a crash
 
 
 class Settlements(Application[UUID]):
@@ -72,6 +63,15 @@ class Settlements(Application[UUID]):
         super().__init__(env=merged)
         self._opened_topic = get_topic(EscrowJob.Opened)
 
+    def construct_mapper(self) -> ChainMapper:
+        """Every stored event is sealed and chained to its job's previous event (adapters/chain.py)."""
+        return ChainMapper(
+            transcoder=self.construct_transcoder(),
+            compressor=self.factory.compressor(),
+            cipher=self.factory.cipher(),
+            recorder=lambda: getattr(self, "recorder", None),
+        )
+
     # ------------------------------------------------------------------ opening
 
     def open_job(self, spec: JobSpec) -> UUID:
@@ -80,20 +80,39 @@ class Settlements(Application[UUID]):
 
     def open_jobs(self, specs: Sequence[JobSpec]) -> list[UUID]:
         """Open many jobs in one atomic save (a batch: all or nothing)."""
-        jobs = [self._new_job(spec) for spec in specs]
-        keys = [job.job_key for job in jobs]
+        built = [self.build(spec) for spec in specs]
+        keys = [job.job_key for job, _ in built]
         if len(set(keys)) != len(keys):
             raise InvalidInput("job_key", "the same key appears twice in one batch")
-        fresh = [job for job in jobs if not self._matches_existing(job)]
+        fresh = [(job, extra) for job, extra in built if not self.matches_existing(job)]
         if fresh:
             try:
-                self.save(*fresh)
+                self.save(*(a for job, extra in fresh for a in (job, *extra)))
             except IntegrityError:
                 # Another writer opened one of them meanwhile: accept it only if it is the same job.
-                for job in fresh:
-                    if not self._matches_existing(job):
+                for job, _ in fresh:
+                    if not self.matches_existing(job):
                         raise
-        return [job.id for job in jobs]
+        return [job.id for job, _ in built]
+
+    def build(self, spec: JobSpec) -> tuple[EscrowJob, list[JobInput]]:
+        """The aggregates that opening `spec` saves: the job, and its input when one is given."""
+        job = self._new_job(spec)
+        extra = []
+        if spec.job_input is not None:
+            payload = dict(spec.job_input)
+            if digest(payload) != spec.input_digest:
+                raise InvalidInput("input_digest", "does not match the job input")
+            extra.append(JobInput(job_key=spec.job_key, digest=spec.input_digest, payload=payload))
+        return job, extra
+
+    def job_input(self, job_key: str) -> dict[str, Any] | None:
+        """The input a job was opened with, or None when it was opened without one."""
+        try:
+            record: JobInput = self.repository.get(input_id_for(job_key))
+        except AggregateNotFoundError:
+            return None
+        return record.payload
 
     def _new_job(self, spec: JobSpec) -> EscrowJob:
         return EscrowJob.open(
@@ -110,7 +129,8 @@ class Settlements(Application[UUID]):
             bonus_pool=spec.bonus_pool,
         )
 
-    def _matches_existing(self, job: EscrowJob) -> bool:
+    def matches_existing(self, job: EscrowJob) -> bool:
+        """True when the job is already stored; an error when its key holds a different job."""
         try:
             existing = self.get_job(job.id)
         except JobNotFound:

@@ -7,6 +7,7 @@ configures it when asked to (the CLI and `Engine.from_env` do), and only once.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -25,10 +26,14 @@ def _drop_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Muta
     return event_dict
 
 
-def configure_logging(*, json: bool | None = None, level: str = "INFO", force: bool = False) -> None:
+def configure_logging(*, json: bool | None = None, level: str | None = None, force: bool = False) -> None:
+    """Log lines go to stderr (stdout stays clean for --json output); level from PODSETTLE_LOG_LEVEL."""
+    level = (level or os.environ.get("PODSETTLE_LOG_LEVEL") or "WARNING").upper()
+    if level not in logging.getLevelNamesMapping():
+        level = "WARNING"
     global _configured
-    if _configured and not force:
-        return
+    if (_configured or structlog.is_configured()) and not force:
+        return  # configured already, by us or by the runtime that embeds podsettle
     as_json = not sys.stderr.isatty() if json is None else json
     renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
@@ -40,7 +45,7 @@ def configure_logging(*, json: bool | None = None, level: str = "INFO", force: b
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -1,0 +1,621 @@
+"""The processors: they carry out the intents the EscrowJob aggregate records.
+
+For every effect the shape is the same: take the intent, record the attempt (the claim), call the
+port, record the outcome through a command. The aggregate decides what comes next; a processor only
+decides how to read what the gateway answered. An attempt found without an outcome (after a crash)
+is confirmed through the gateway where it can be; a money call whose outcome cannot be known is
+parked in ATTENTION with what is known. Compute may run twice; money moves at most once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Protocol
+from uuid import UUID
+
+from podsettle.adapters.ports import (
+    AmountMismatch,
+    BadResponse,
+    ComputeGateway,
+    Conflict,
+    EscrowGateway,
+    EscrowPending,
+    EscrowStatus,
+    EscrowView,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    OutcomeUnknown,
+    RateLimited,
+    Rejected,
+    RunOutcome,
+    RunStatus,
+    Settlement,
+    Unauthorized,
+    Unavailable,
+)
+from podsettle.domain import EscrowJob, State, Step
+from podsettle.domain.acceptance import CustomCheck, evaluate
+from podsettle.domain.digests import digest
+from podsettle.domain.errors import ClaimLost, DomainError
+from podsettle.domain.escrow_job import Intent, JobView
+from podsettle.domain.money import fmt
+from podsettle.domain.rules import split
+from podsettle.logs import get_logger
+
+log = get_logger("podsettle.processor")
+Command = Callable[[EscrowJob], Any]
+# The escrow must outlive the job: it may not auto-refund while the job can still succeed, and the
+# engine needs time to release after the job ends.
+ESCROW_MARGIN_S = 3600
+MAX_ESCROW_HOURS = 720
+
+
+class RefundPending(Exception):
+    """The escrow service will return the money on its own (dispute review, timeout sweep): the job
+    stays REFUNDING and is looked at again later."""
+
+
+class JobStore(Protocol):
+    """What a processor needs from the store (the engine's writer implements it)."""
+
+    async def execute(self, job_id: UUID, command: Command) -> tuple[Any, JobView]: ...
+
+    async def claim(self, job_id: UUID, step: Step, processor: str) -> tuple[int, JobView]: ...
+
+    async def view(self, job_id: UUID) -> JobView: ...
+
+    async def job_input(self, job_key: str) -> dict[str, Any] | None: ...
+
+
+@dataclass
+class ProcessorConfig:
+    processor_id: str = "engine"
+    escrow_concurrency: int = 32
+    compute_concurrency: int = 64
+    retry_base_s: float = 0.05
+    retry_cap_s: float = 5.0
+    pending_refund_poll_s: float = 30.0
+    description: str = "RunPod job {endpoint_id} ({job_key})"
+    seed: int | None = None
+
+
+@dataclass
+class Outputs:
+    """Outputs of finished runs, kept in memory for the caller (the log keeps only digests)."""
+
+    by_job: dict[UUID, Any] = field(default_factory=dict)
+
+
+def escrow_timeout_hours(deadline: datetime, now: datetime) -> int:
+    """Hours the escrow must stay funded: past the job's deadline by a margin for the release."""
+    seconds = (deadline - now).total_seconds() + ESCROW_MARGIN_S
+    return max(1, math.ceil(seconds / 3600))
+
+
+class Processor:
+    def __init__(
+        self,
+        store: JobStore,
+        escrow: EscrowGateway,
+        compute: ComputeGateway,
+        *,
+        config: ProcessorConfig | None = None,
+        checks: Mapping[str, CustomCheck] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.store = store
+        self.escrow = escrow
+        self.compute = compute
+        self.config = config or ProcessorConfig()
+        self.checks = dict(checks or {})
+        self.clock = clock
+        self.sleep = sleep
+        self.outputs = Outputs()
+        self._escrow_slots = asyncio.Semaphore(self.config.escrow_concurrency)
+        self._compute_slots = asyncio.Semaphore(self.config.compute_concurrency)
+        self._random = random.Random(self.config.seed)
+        self._waits: dict[UUID, asyncio.Future[RunOutcome]] = {}
+        self.pending_refunds: set[UUID] = set()
+        self._effects: dict[Step, Callable[[JobView, int], Awaitable[Command]]] = {
+            Step.FUND: self._fund,
+            Step.START: self._start,
+            Step.CANCEL: self._cancel,
+            Step.RELEASE: self._release,
+            Step.REFUND: self._refund,
+            Step.BONUS_FUND: self._bonus_fund,
+            Step.BONUS_RELEASE: self._bonus_release,
+        }
+        self._confirms: dict[Step, Callable[[JobView], Awaitable[Command | None]]] = {
+            Step.FUND: self._confirm_fund,
+            Step.START: self._confirm_redo,
+            Step.CANCEL: self._confirm_redo,
+            Step.RELEASE: self._confirm_release,
+            Step.REFUND: self._confirm_refund,
+            Step.BONUS_FUND: self._confirm_bonus_fund,
+            Step.BONUS_RELEASE: self._confirm_bonus_release,
+        }
+
+    # ------------------------------------------------------------------ driving a job
+
+    async def drive(self, job_id: UUID) -> JobView:
+        """Carry out the job's intents until it rests (settled, rejected, or waiting for an operator)."""
+        view = await self.store.view(job_id)
+        while not view.rests:
+            intent = view.intent
+            try:
+                if intent is None:
+                    if view.state != State.RUNNING:
+                        return view  # nothing is wanted
+                    view = await self._watch(view)
+                elif intent.attempts == 0:
+                    view = await self._execute(view, intent)
+                else:
+                    view = await self._recover(view, intent)
+            except RefundPending:
+                self.pending_refunds.add(job_id)
+                return await self.store.view(job_id)
+        self.pending_refunds.discard(job_id)
+        return view
+
+    def interrupt_wait(self, job_id: UUID) -> None:
+        """Stop waiting for the job's run (a cancel was requested): the drive loop re-reads the job."""
+        task = self._waits.get(job_id)
+        if task is not None:
+            task.cancel()
+
+    async def _execute(self, view: JobView, intent: Intent) -> JobView:
+        """Claim the intent, make the call, record the outcome. Calls that certainly had no effect
+        (429, an unavailable compute service) are tried again as new attempts."""
+        delay = self.config.retry_base_s
+        while True:
+            try:
+                attempt, view = await self.store.claim(view.job_id, intent.step, self.config.processor_id)
+            except ClaimLost:
+                return await self._wait_for_other(view)
+            except DomainError:
+                return await self.store.view(view.job_id)  # the intent changed meanwhile: re-read
+            log.info("effect.attempt", **self._ids(view), step=str(intent.step), attempt=attempt)
+            try:
+                command = await self._effects[intent.step](view, attempt)
+            except RateLimited as error:
+                await self.sleep(max(error.retry_after, delay))
+            except Unavailable as error:
+                if intent.step.moves_money:
+                    # A read failed while confirming a money call: the outcome stays unknown for now.
+                    return await self._recover(view, intent)
+                log.warning("effect.retry", **self._ids(view), step=str(intent.step), error=str(error))
+                await self.sleep(self._jitter(delay))
+            except (OutcomeUnknown, BadResponse) as error:
+                if intent.step.moves_money:
+                    return await self._unknown(view, intent, error)
+                log.warning("effect.retry", **self._ids(view), step=str(intent.step), error=str(error))
+                await self.sleep(self._jitter(delay))
+            else:
+                return await self._record(view, command)
+            delay = min(delay * 2, self.config.retry_cap_s)
+            view = await self.store.view(view.job_id)
+            if view.intent is None or view.intent.step != intent.step or view.rests:
+                return view
+            if view.deadline <= self.clock() and intent.step == Step.START:
+                return await self._record(
+                    view,
+                    lambda job: job.record_failed(
+                        "start", None, "RunPod could not be reached before the job's deadline"
+                    ),
+                )
+
+    async def _recover(self, view: JobView, intent: Intent) -> JobView:
+        """An attempt without an outcome: confirm through the gateway, else redo or park."""
+        try:
+            command = await self._confirms[intent.step](view)
+        except NotImplementedError:
+            # The service cannot be asked (the seed dialect has no read route).
+            command = self._unconfirmable(view, intent.step)
+        except (Unavailable, RateLimited, OutcomeUnknown, BadResponse) as error:
+            log.warning("effect.confirm_later", **self._ids(view), step=str(intent.step), error=str(error))
+            await self.sleep(self._jitter(self.config.retry_cap_s))
+            return await self.store.view(view.job_id)
+        if command is None:
+            return await self._execute(view, intent)  # known not to have happened, or safe to redo
+        return await self._record(view, command)
+
+    def _unconfirmable(self, view: JobView, step: Step) -> Command | None:
+        if step in (Step.RELEASE, Step.REFUND, Step.BONUS_RELEASE, Step.START, Step.CANCEL):
+            return None  # these act on one escrow (or are compute): repeating them cannot move money twice
+        return self._attention_command(step, "the escrow service cannot be asked what happened", {})
+
+    async def _unknown(self, view: JobView, intent: Intent, error: GatewayError) -> JobView:
+        log.warning("effect.outcome_unknown", **self._ids(view), step=str(intent.step), error=str(error))
+        return await self._recover(view, intent)
+
+    async def _record(self, view: JobView, command: Command) -> JobView:
+        try:
+            _, after = await self.store.execute(view.job_id, command)
+        except DomainError as error:
+            current = await self.store.view(view.job_id)
+            if current.version != view.version or current.rests:
+                return current  # another processor recorded an outcome first; ours is moot
+            # Nobody else wrote, and the log refuses what the gateway reported: park it for an
+            # operator with what is known, rather than guess (and rather than loop).
+            log.error("effect.outcome_refused", **self._ids(view), error=str(error))
+            step = current.intent.step if current.intent is not None else Step.START
+            if current.intent is None:
+                return current
+            return await self._park(current, step, f"outcome refused by the log: {error}", {})
+        log.info("effect.recorded", **self._ids(after), state=str(after.state))
+        return after
+
+    async def _park(self, view: JobView, step: Step, reason: str, known: dict[str, str]) -> JobView:
+        known = {"attempt": str(view.intent.attempts if view.intent else 0), **known}
+        if view.intent is not None:
+            known.setdefault("key", view.intent.key)
+        log.error("effect.attention", **self._ids(view), step=str(step), reason=reason)
+        _, after = await self.store.execute(view.job_id, lambda job: job.raise_attention(step, reason, known))
+        return after
+
+    async def _wait_for_other(self, view: JobView) -> JobView:
+        """Another processor holds the claim: give it time, then look again."""
+        await self.sleep(self._jitter(self.config.retry_base_s * 4))
+        return await self.store.view(view.job_id)
+
+    # ------------------------------------------------------------------ escrow effects
+
+    async def _fund(self, view: JobView, attempt: int) -> Command:
+        try:
+            async with self._escrow_slots:
+                receipt = await self.escrow.create(
+                    key=self._key(view),
+                    payee=view.payee,
+                    amount=view.budget,  # type: ignore[arg-type]
+                    description=self.config.description.format(
+                        endpoint_id=view.endpoint_id, job_key=view.job_key
+                    ),
+                    timeout_hours=min(MAX_ESCROW_HOURS, escrow_timeout_hours(view.deadline, self.clock())),
+                    referral=view.referral,
+                    metadata={"job_id": str(view.job_id), "input_digest": view.input_digest},
+                )
+        except Rejected as error:
+            reason, code = f"escrow refused: {error}", error.status_code
+            return lambda job: job.record_funding_rejected(reason, code)
+        except (Unauthorized, Forbidden) as error:
+            reason = f"escrow refused the payer's key ({type(error).__name__}): {error}"
+            status = 401 if isinstance(error, Unauthorized) else 403
+            return lambda job: job.record_funding_rejected(reason, status)
+        except AmountMismatch as error:
+            return self._attention_command(
+                Step.FUND, f"escrow reported other amounts: {error}", error.reported
+            )
+        escrow_id, amount, fee, net = receipt.escrow_id, receipt.amount, receipt.fee, receipt.net
+        log.info("escrow.funded", **self._ids(view), escrow_id=escrow_id, amount=fmt(amount))
+        return lambda job: job.record_funded(escrow_id, amount, fee, net)
+
+    async def _confirm_fund(self, view: JobView) -> Command | None:
+        return await self._confirm_create(view, Step.FUND)
+
+    async def _confirm_create(self, view: JobView, step: Step) -> Command | None:
+        """A create whose outcome is unknown: look it up by key, or repeat it where the service makes
+        repeats safe; otherwise nobody can tell, and an operator must look."""
+        caps = self.escrow.capabilities
+        if caps.lookup_by_key:
+            found = await self.escrow.find_by_key(self._key(view))
+            if found is None:
+                return None  # certainly not created: safe to create
+            return self._created_command(view, step, found)
+        if caps.idempotent_create:
+            return None  # the same key gives the same escrow: repeating it is safe
+        return self._attention_command(
+            step,
+            "escrow create may or may not have happened, and the escrow service offers no lookup by key",
+            {"key": self._key(view), "payee": view.payee, "amount": fmt(self._create_amount(view, step))},
+        )
+
+    def _created_command(self, view: JobView, step: Step, found: EscrowView) -> Command:
+        escrow_id, amount, fee, net = found.escrow_id, found.amount, found.fee, found.net
+        if step == Step.FUND:
+            return lambda job: job.record_funded(escrow_id, amount, fee, net)
+        return lambda job: job.record_bonus_funded(escrow_id, amount, fee, net)
+
+    async def _release(self, view: JobView, attempt: int) -> Command:
+        assert view.escrow_id is not None and view.funded_amount is not None
+        try:
+            async with self._escrow_slots:
+                settlement = await self.escrow.release(
+                    view.escrow_id,
+                    key=self._key(view),
+                    expected=split(view.funded_amount),  # type: ignore[arg-type]
+                )
+        except Conflict:
+            command = await self._confirm_release(view)
+            if command is None:
+                return self._attention_command(
+                    Step.RELEASE, "release refused (409) but the escrow is releasable", {}
+                )
+            return command
+        except AmountMismatch as error:
+            return self._attention_command(
+                Step.RELEASE, f"release moved other amounts: {error}", error.reported
+            )
+        except (Unauthorized, Forbidden, NotFound, Rejected) as error:
+            return self._attention_command(
+                Step.RELEASE, f"release refused: {type(error).__name__}: {error}", {}
+            )
+        log.info("escrow.released", **self._ids(view), to_payee=fmt(settlement.to_payee))
+        return self._settled_command(settlement)
+
+    async def _confirm_release(self, view: JobView) -> Command | None:
+        """Read the escrow: released -> record it; still funded -> release again (the service moves an
+        escrow's money once, so a repeated release cannot pay twice); refunded -> the service took it
+        back first."""
+        assert view.escrow_id is not None
+        escrow = await self.escrow.get(view.escrow_id)
+        if escrow.status == EscrowStatus.RELEASED:
+            parts = split(escrow.amount, referred=True)
+            referral = parts.referral_fee if view.referral else Decimal(0)
+            to_payee, fee = escrow.net, escrow.fee
+            return lambda job: job.record_released(to_payee, fee, referral)
+        if escrow.status in (EscrowStatus.FUNDED, EscrowStatus.COMPLETED):
+            return None
+        if escrow.status == EscrowStatus.REFUNDED:
+            returned, kept = escrow.net, escrow.fee
+            return lambda job: job.record_refunded_by_service(
+                returned, kept, "the escrow service refunded the escrow (timeout) before it was released"
+            )
+        return self._attention_command(Step.RELEASE, f"escrow is {escrow.status}; it cannot be released", {})
+
+    async def _refund(self, view: JobView, attempt: int) -> Command:
+        assert view.escrow_id is not None
+        reason = view.failure[2] if view.failure else "job failed"
+        try:
+            async with self._escrow_slots:
+                settlement = await self.escrow.refund(view.escrow_id, key=self._key(view), reason=reason)
+        except EscrowPending as pending:
+            log.info("escrow.refund_pending", **self._ids(view), status=pending.status)
+            raise RefundPending(view.escrow_id) from pending
+        except Conflict:
+            command = await self._confirm_refund(view)
+            if command is None:
+                return self._attention_command(
+                    Step.REFUND, "refund refused (409) but the escrow is funded", {}
+                )
+            return command
+        except AmountMismatch as error:
+            return self._attention_command(
+                Step.REFUND, f"refund moved other amounts: {error}", error.reported
+            )
+        except (Unauthorized, Forbidden, NotFound, Rejected) as error:
+            return self._attention_command(
+                Step.REFUND, f"refund refused: {type(error).__name__}: {error}", {}
+            )
+        log.info("escrow.refunded", **self._ids(view), returned=fmt(settlement.returned))
+        return self._settled_command(settlement)
+
+    async def _confirm_refund(self, view: JobView) -> Command | None:
+        assert view.escrow_id is not None
+        escrow = await self.escrow.get(view.escrow_id)
+        if escrow.status == EscrowStatus.REFUNDED:
+            returned, kept = self._refund_amounts(view, escrow)
+            return lambda job: job.record_refunded(returned, kept)
+        if escrow.status in (EscrowStatus.FUNDED, EscrowStatus.COMPLETED):
+            return None
+        if escrow.status == EscrowStatus.DISPUTED:
+            raise RefundPending(view.escrow_id)
+        return self._attention_command(Step.REFUND, f"escrow is {escrow.status}; it cannot be refunded", {})
+
+    def _refund_amounts(self, view: JobView, escrow: EscrowView) -> tuple[Decimal, Decimal]:
+        """What came back: a service that can cancel returns everything; v1's refunds (dispute,
+        timeout sweep) keep the commission."""
+        amount = view.funded_amount or escrow.amount
+        kept = Decimal(0) if self.escrow.capabilities.cancel else escrow.fee
+        return amount - kept, kept
+
+    async def _bonus_fund(self, view: JobView, attempt: int) -> Command:
+        assert view.bonus_amount is not None
+        try:
+            async with self._escrow_slots:
+                receipt = await self.escrow.create(
+                    key=self._key(view),
+                    payee=view.payee,
+                    amount=view.bonus_amount,  # type: ignore[arg-type]
+                    description=f"Performance bonus for {view.job_key}",
+                    timeout_hours=1,
+                    referral=view.referral,
+                    metadata={"job_id": str(view.job_id), "bonus": "true"},
+                )
+        except (Rejected, Unauthorized, Forbidden) as error:
+            return self._attention_command(Step.BONUS_FUND, f"bonus escrow refused: {error}", {})
+        except AmountMismatch as error:
+            return self._attention_command(
+                Step.BONUS_FUND, f"bonus escrow amounts differ: {error}", error.reported
+            )
+        escrow_id, amount, fee, net = receipt.escrow_id, receipt.amount, receipt.fee, receipt.net
+        return lambda job: job.record_bonus_funded(escrow_id, amount, fee, net)
+
+    async def _confirm_bonus_fund(self, view: JobView) -> Command | None:
+        return await self._confirm_create(view, Step.BONUS_FUND)
+
+    async def _bonus_release(self, view: JobView, attempt: int) -> Command:
+        assert view.bonus_escrow_id is not None and view.bonus_funded is not None
+        try:
+            async with self._escrow_slots:
+                settlement = await self.escrow.release(
+                    view.bonus_escrow_id,
+                    key=self._key(view),
+                    expected=split(view.bonus_funded[0]),  # type: ignore[arg-type]
+                )
+        except Conflict:
+            command = await self._confirm_bonus_release(view)
+            return command or self._attention_command(Step.BONUS_RELEASE, "bonus release refused (409)", {})
+        except (AmountMismatch, Unauthorized, Forbidden, NotFound, Rejected) as error:
+            return self._attention_command(Step.BONUS_RELEASE, f"bonus release refused: {error}", {})
+        to_payee, fee, referral = settlement.to_payee, settlement.fee, settlement.referral_fee
+        return lambda job: job.record_bonus_awarded(to_payee, fee, referral)
+
+    async def _confirm_bonus_release(self, view: JobView) -> Command | None:
+        assert view.bonus_escrow_id is not None
+        escrow = await self.escrow.get(view.bonus_escrow_id)
+        if escrow.status == EscrowStatus.RELEASED:
+            referral = split(escrow.amount).referral_fee if view.referral else Decimal(0)
+            to_payee, fee = escrow.net, escrow.fee
+            return lambda job: job.record_bonus_awarded(to_payee, fee, referral)
+        if escrow.status in (EscrowStatus.FUNDED, EscrowStatus.COMPLETED):
+            return None
+        return self._attention_command(Step.BONUS_RELEASE, f"bonus escrow is {escrow.status}", {})
+
+    @staticmethod
+    def _settled_command(settlement: Settlement) -> Command:
+        if settlement.status == EscrowStatus.RELEASED:
+            to_payee, fee, referral, returned = (
+                settlement.to_payee,
+                settlement.fee,
+                settlement.referral_fee,
+                settlement.returned,
+            )
+            return lambda job: job.record_released(to_payee, fee, referral, returned)
+        returned, kept = settlement.returned, settlement.fee
+        return lambda job: job.record_refunded(returned, kept)
+
+    # ------------------------------------------------------------------ compute effects
+
+    async def _start(self, view: JobView, attempt: int) -> Command:
+        job_input = await self.store.job_input(view.job_key)
+        if job_input is None:
+            return lambda job: job.record_failed("start", None, "the job's input is not in the store")
+        remaining_ms = int((view.deadline - self.clock()).total_seconds() * 1000)
+        if remaining_ms < 5000:
+            return lambda job: job.record_failed(
+                "start", None, "less than 5 s left before the job's deadline"
+            )
+        try:
+            async with self._compute_slots:
+                run_id = await self.compute.submit(
+                    view.endpoint_id,
+                    job_input,
+                    execution_timeout_ms=remaining_ms,
+                    ttl_ms=max(remaining_ms + 60_000, 10_000),
+                )
+        except (Rejected, Unauthorized, Forbidden, NotFound) as error:
+            reason = f"RunPod refused the job: {type(error).__name__}: {error}"
+            return lambda job: job.record_failed("start", None, reason)
+        except OutcomeUnknown as error:
+            raise Unavailable(f"submit outcome unknown ({error}); submitting again") from error
+        log.info("runpod.started", **self._ids(view), runpod_job_id=run_id, attempt=attempt)
+        return lambda job: job.record_started(run_id)
+
+    async def _confirm_redo(self, view: JobView) -> Command | None:
+        """Compute may run twice: an unconfirmed start or cancel is simply done again."""
+        return None
+
+    async def _watch(self, view: JobView) -> JobView:
+        """Wait for a running job to end, then record whether it really succeeded."""
+        assert view.runpod_job_id is not None
+        remaining = (view.deadline - self.clock()).total_seconds()
+        if remaining <= 0:
+            return await self._past_deadline(view)
+        wait = asyncio.ensure_future(
+            self.compute.wait(view.endpoint_id, view.runpod_job_id, timeout_s=remaining)
+        )
+        self._waits[view.job_id] = wait
+        try:
+            outcome = await wait
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            return await self.store.view(view.job_id)  # interrupted by a cancel request
+        except (Unavailable, RateLimited, BadResponse) as error:
+            log.warning("runpod.status_unavailable", **self._ids(view), error=str(error))
+            await self.sleep(self._jitter(self.config.retry_base_s * 10))
+            return await self.store.view(view.job_id)
+        except NotFound:
+            return await self._record(
+                view,
+                lambda job: job.record_failed(
+                    "run", None, "RunPod no longer knows the job (404: its ttl expired or it was lost)"
+                ),
+            )
+        finally:
+            self._waits.pop(view.job_id, None)
+        if not outcome.succeeded and outcome.reason == "deadline passed":
+            return await self._past_deadline(view)
+        return await self._record(view, self._outcome_command(view, outcome))
+
+    async def _past_deadline(self, view: JobView) -> JobView:
+        assert view.runpod_job_id is not None
+        try:
+            await self.compute.cancel(view.endpoint_id, view.runpod_job_id)
+        except GatewayError as error:  # best effort: the job is failed and refunded either way
+            log.warning("runpod.cancel_failed", **self._ids(view), error=str(error))
+        return await self._record(
+            view,
+            lambda job: job.record_failed(
+                "deadline", RunStatus.TIMED_OUT.value, "the job did not finish before its deadline"
+            ),
+        )
+
+    def _outcome_command(self, view: JobView, outcome: RunOutcome) -> Command:
+        state = outcome.state
+        if not outcome.succeeded:
+            stage = "cancel" if state.status == RunStatus.CANCELLED else "run"
+            status, reason = state.status.value, outcome.reason
+            return lambda job: job.record_failed(stage, status, reason)
+        check = evaluate(view.acceptance, state.output, self.checks)
+        if not check.passed:
+            reason = f"acceptance check failed: {check.reason}"
+            return lambda job: job.record_failed("acceptance", RunStatus.COMPLETED.value, reason)
+        self.outputs.by_job[view.job_id] = state.output
+        output_digest = digest(state.output)
+        execution_ms, delay_ms, worker_id, metrics = (
+            state.execution_ms,
+            state.delay_ms,
+            state.worker_id,
+            check.metrics,
+        )
+        return lambda job: job.record_completed(output_digest, execution_ms, delay_ms, worker_id, metrics)
+
+    async def _cancel(self, view: JobView, attempt: int) -> Command:
+        assert view.runpod_job_id is not None
+        reason = view.cancel_reason or "cancelled"
+        async with self._compute_slots:
+            state = await self.compute.cancel(view.endpoint_id, view.runpod_job_id)
+        if state.status == RunStatus.COMPLETED and state.has_output:
+            # It finished before the cancel arrived: judge it like any finished run.
+            outcome = RunOutcome(state=state, succeeded=True, reason="completed")
+            return self._outcome_command(view, outcome)
+        status = state.status.value
+        return lambda job: job.record_failed("cancel", status, reason)
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _key(view: JobView) -> str:
+        assert view.intent is not None
+        return view.intent.key
+
+    @staticmethod
+    def _create_amount(view: JobView, step: Step) -> Decimal:
+        return view.budget if step == Step.FUND else (view.bonus_amount or Decimal(0))
+
+    @staticmethod
+    def _attention_command(step: Step, reason: str, known: Mapping[str, str]) -> Command:
+        details = {str(k): str(v) for k, v in known.items()}
+        return lambda job: job.raise_attention(step, reason, details)
+
+    @staticmethod
+    def _ids(view: JobView) -> dict[str, Any]:
+        ids: dict[str, Any] = {"job_id": str(view.job_id), "job_key": view.job_key}
+        if view.escrow_id:
+            ids["escrow_id"] = view.escrow_id
+        if view.runpod_job_id:
+            ids["runpod_job_id"] = view.runpod_job_id
+        return ids
+
+    def _jitter(self, seconds: float) -> float:
+        return seconds * (0.5 + self._random.random())

@@ -1,0 +1,702 @@
+"""`Engine`: the async facade an agent runtime embeds.
+
+    async with Engine.from_env() as engine:
+        result = await engine.run_paid_job("endpoint-id", {"prompt": "..."}, budget="0.50", payee="ag_worker")
+
+The engine opens jobs in the event store, carries out their intents through the processor, follows
+the event log for intents written by other processes (tracking its position), and on start recovers
+every job that an earlier engine left unfinished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from eventsourcing.persistence import IntegrityError, Tracking
+from eventsourcing.utils import get_topic
+
+from podsettle.adapters.ports import ComputeGateway, EscrowGateway
+from podsettle.adapters.processors import Processor, ProcessorConfig
+from podsettle.application import JobSpec, Settlements
+from podsettle.domain import EscrowJob, State
+from podsettle.domain import acceptance as checks
+from podsettle.domain.digests import digest
+from podsettle.domain.errors import InvalidInput
+from podsettle.domain.escrow_job import JobView, check_id
+from podsettle.domain.money import ZERO, fmt, to_money
+from podsettle.domain.rules import BONUS_THRESHOLD, to_metric
+from podsettle.logs import get_logger
+from podsettle.settings import Settings
+from podsettle.writer import JobWriter
+
+log = get_logger("podsettle.engine")
+FOLLOWER = "podsettle-intents"
+# Events after which a job has something to do; the follower drives the jobs they belong to.
+INTENT_TOPICS = [
+    get_topic(cls)
+    for cls in (
+        EscrowJob.FundingRequested,
+        EscrowJob.StartRequested,
+        EscrowJob.CancelRequested,
+        EscrowJob.ReleaseRequested,
+        EscrowJob.RefundRequested,
+        EscrowJob.BonusRequested,
+        EscrowJob.BonusFunded,
+        EscrowJob.Resolved,
+        EscrowJob.Started,
+    )
+]
+# After these, a job rests (until an operator or a new command acts).
+RESTING_TOPICS = frozenset(
+    get_topic(cls)
+    for cls in (
+        EscrowJob.Released,
+        EscrowJob.Refunded,
+        EscrowJob.FundingRejected,
+        EscrowJob.BonusAwarded,
+        EscrowJob.AttentionRaised,
+    )
+)
+JOB_TOPIC_PREFIX = get_topic(EscrowJob) + "."
+
+
+def _status(view: JobView) -> str:
+    """What a caller needs to know: paid, refunded, rejected, attention, refunding, or in_flight."""
+    return {
+        State.RELEASED: "paid",
+        State.REFUNDED: "refunded",
+        State.REJECTED: "rejected",
+        State.ATTENTION: "attention",
+        State.REFUNDING: "refunding",
+    }.get(view.state, "in_flight")
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: uuid.UUID
+    job_key: str
+    batch_id: str | None
+    status: str
+    state: str
+    endpoint_id: str
+    payee: str
+    budget: Decimal
+    escrow_id: str | None
+    runpod_job_id: str | None
+    output: Any
+    fee: Decimal
+    to_payee: Decimal
+    refunded: Decimal
+    reason: str | None
+    attention: dict[str, str] | None
+
+    @property
+    def paid(self) -> bool:
+        return self.status == "paid"
+
+    @classmethod
+    def of(cls, view: JobView, output: Any = None) -> JobResult:
+        released = view.released
+        refunded = view.refunded
+        fee = released[1] if released else refunded[1] if refunded else ZERO
+        reason = view.failure[2] if view.failure else view.rejection
+        if view.attention:
+            reason = view.attention.get("reason", reason)
+        return cls(
+            job_id=view.job_id,
+            job_key=view.job_key,
+            batch_id=view.batch_id,
+            status=_status(view),
+            state=str(view.state),
+            endpoint_id=view.endpoint_id,
+            payee=view.payee,
+            budget=view.budget,
+            escrow_id=view.escrow_id,
+            runpod_job_id=view.runpod_job_id,
+            output=output,
+            fee=fee,
+            to_payee=released[0] if released else ZERO,
+            refunded=refunded[0] if refunded else ZERO,
+            reason=reason,
+            attention=view.attention,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON data; amounts as strings."""
+        return {
+            "job_id": str(self.job_id),
+            "job_key": self.job_key,
+            "batch_id": self.batch_id,
+            "status": self.status,
+            "state": self.state,
+            "endpoint_id": self.endpoint_id,
+            "payee": self.payee,
+            "budget": fmt(self.budget),
+            "escrow_id": self.escrow_id,
+            "runpod_job_id": self.runpod_job_id,
+            "fee": fmt(self.fee),
+            "to_payee": fmt(self.to_payee),
+            "refunded": fmt(self.refunded),
+            "reason": self.reason,
+            "attention": self.attention,
+            "output": self.output,
+        }
+
+
+@dataclass(frozen=True)
+class BatchTotals:
+    jobs: int
+    paid: int
+    refunded: int
+    rejected: int
+    attention: int
+    in_flight: int
+    funded: Decimal
+    to_workers: Decimal
+    fees: Decimal
+    returned: Decimal
+
+    @property
+    def settled(self) -> Decimal:
+        """What the paid jobs cost the payer: released to workers plus the service's fees on them."""
+        return self.to_workers + self.fees
+
+    @classmethod
+    def of(cls, results: Iterable[JobResult]) -> BatchTotals:
+        items = list(results)
+        count = {
+            s: sum(1 for r in items if r.status == s) for s in ("paid", "refunded", "rejected", "attention")
+        }
+        return cls(
+            jobs=len(items),
+            paid=count["paid"],
+            refunded=count["refunded"],
+            rejected=count["rejected"],
+            attention=count["attention"],
+            in_flight=len(items) - sum(count.values()),
+            funded=sum((r.budget for r in items if r.escrow_id), ZERO),
+            to_workers=sum((r.to_payee for r in items), ZERO),
+            fees=sum((r.fee for r in items if r.paid), ZERO),
+            returned=sum((r.refunded for r in items), ZERO),
+        )
+
+    def line(self) -> str:
+        return (
+            f"Batch: {self.paid} paid, {self.refunded} refunded"
+            + (f", {self.rejected} rejected" if self.rejected else "")
+            + (f", {self.attention} need attention" if self.attention else "")
+            + (f", {self.in_flight} in flight" if self.in_flight else "")
+            + f". Total settled: {fmt(self.settled)} USDC"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "jobs": self.jobs,
+            "paid": self.paid,
+            "refunded": self.refunded,
+            "rejected": self.rejected,
+            "attention": self.attention,
+            "in_flight": self.in_flight,
+            "funded": fmt(self.funded),
+            "to_workers": fmt(self.to_workers),
+            "fees": fmt(self.fees),
+            "returned": fmt(self.returned),
+            "settled": fmt(self.settled),
+        }
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    batch_id: str
+    results: list[JobResult]
+    totals: BatchTotals
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": self.batch_id,
+            "totals": self.totals.to_json(),
+            "jobs": [r.to_json() for r in self.results],
+        }
+
+
+@dataclass(frozen=True)
+class BonusResult:
+    job_id: uuid.UUID
+    amount: Decimal
+    reason: str
+    status: str  # "awarded", "none" (below threshold), "attention", "in_flight"
+    escrow_id: str | None = None
+    to_payee: Decimal = ZERO
+    fee: Decimal = ZERO
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": str(self.job_id),
+            "bonus": fmt(self.amount),
+            "reason": self.reason,
+            "status": self.status,
+            "escrow_id": self.escrow_id,
+            "to_payee": fmt(self.to_payee),
+            "fee": fmt(self.fee),
+        }
+
+
+@dataclass
+class EngineStats:
+    longest_stall_s: float = 0.0
+    recovered: int = 0
+
+
+@dataclass
+class _Closers:
+    callbacks: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        settlements: Settlements,
+        escrow: EscrowGateway,
+        compute: ComputeGateway,
+        *,
+        payer: str,
+        settings: Settings | None = None,
+        processor: ProcessorConfig | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        follow_interval_s: float = 0.25,
+        recover_on_start: bool = True,
+    ) -> None:
+        self.app = settlements
+        self.escrow = escrow
+        self.compute = compute
+        self.payer = check_id(payer, "payer") or payer
+        self.settings = settings or Settings()
+        self.clock = clock
+        self.follow_interval_s = follow_interval_s
+        self.recover_on_start = recover_on_start
+        self.stats = EngineStats()
+        self.writer = JobWriter(settlements)
+        self._checks: dict[str, checks.CustomCheck] = {}
+        self.processor = Processor(
+            self.writer,
+            escrow,
+            compute,
+            config=processor or ProcessorConfig(processor_id=f"engine-{uuid.uuid4().hex[:8]}"),
+            checks=self._checks,
+            clock=clock,
+        )
+        self._driving: dict[uuid.UUID, asyncio.Task[JobView]] = {}
+        self._background: list[asyncio.Task[Any]] = []
+        self._closers = _Closers()
+        self._started = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_env(cls, settings: Settings | None = None, **overrides: Any) -> Engine:
+        """The engine wired to Purple Flea and RunPod from the environment (flags as overrides)."""
+        from podsettle.bootstrap import engine_from_settings
+
+        return engine_from_settings(settings or Settings.from_env(**overrides))
+
+    @classmethod
+    def sandbox(cls, store: str = "sqlite:///podsettle-sandbox.db", **options: Any) -> Engine:
+        """The same engine wired over real loopback HTTP to an in-process sandbox of both services."""
+        from podsettle.bootstrap import sandbox_engine
+
+        return sandbox_engine(store, **options)
+
+    @classmethod
+    def in_process(cls, store: str = "memory", **options: Any) -> Engine:
+        """The engine on in-process gateways (a local ledger and handlers run directly): no HTTP."""
+        from podsettle.bootstrap import in_process_engine
+
+        return in_process_engine(store, **options)
+
+    def on_close(self, callback: Callable[[], Awaitable[None] | None]) -> None:
+        self._closers.callbacks.append(callback)
+
+    def register_check(self, name: str, check: checks.CustomCheck) -> None:
+        """Make a custom acceptance check available to jobs by name (`acceptance=checks.custom(name)`)."""
+        self._checks[name] = check
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.writer.start()
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._measure_stalls(), name="podsettle-stalls"))
+        position = 0
+        if self.recover_on_start:
+            position = await self._recover()
+        self._background.append(loop.create_task(self._follow(position), name="podsettle-follower"))
+        self._background.append(loop.create_task(self._watch_pending_refunds(), name="podsettle-refunds"))
+
+    async def aclose(self) -> None:
+        """Stop: jobs still in flight are left for the next engine's recovery; queued writes are saved."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [*self._background, *self._driving.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.writer.aclose()
+        for callback in reversed(self._closers.callbacks):
+            result = callback()
+            if result is not None:
+                await result
+
+    def abandon(self) -> None:
+        """A simulated crash: stop at once without saving anything queued or closing connections."""
+        self._closed = True
+        for task in [*self._background, *self._driving.values()]:
+            task.cancel()
+        self.writer.abandon()
+
+    # ------------------------------------------------------------------ jobs
+
+    def _spec(
+        self,
+        endpoint_id: str,
+        job_input: Mapping[str, Any],
+        budget: object,
+        *,
+        job_key: str,
+        payee: str | None,
+        referral: str | None,
+        acceptance: Mapping[str, Any] | None,
+        bonus_pool: object,
+        batch_id: str | None,
+        timeout_s: float | None,
+    ) -> JobSpec:
+        if not isinstance(job_input, Mapping):
+            raise InvalidInput("job_input", f"must be a JSON object, not {type(job_input).__name__}")
+        payload = dict(job_input)
+        timeout = self.settings.job_timeout_s if timeout_s is None else timeout_s
+        if not 5 <= timeout <= 7 * 24 * 3600:
+            raise InvalidInput("timeout_s", f"must be between 5 s and 7 days, got {timeout}")
+        return JobSpec(
+            job_key=job_key,
+            endpoint_id=endpoint_id,
+            input_digest=digest(payload),
+            payer=self.payer,
+            payee=self.settings.payee_for(endpoint_id, payee),
+            budget=budget,
+            deadline=self.clock() + timedelta(seconds=timeout),
+            batch_id=batch_id,
+            referral=referral,
+            acceptance=checks.validate(acceptance) if acceptance is not None else None,
+            bonus_pool=bonus_pool,
+            job_input=payload,
+        )
+
+    async def submit(
+        self,
+        endpoint_id: str,
+        job_input: Mapping[str, Any],
+        budget: object = "0.50",
+        *,
+        payee: str | None = None,
+        referral: str | None = None,
+        acceptance: Mapping[str, Any] | None = None,
+        bonus_pool: object = None,
+        job_key: str | None = None,
+        timeout_s: float | None = None,
+    ) -> uuid.UUID:
+        """Open a job and start settling it in the background; returns its id."""
+        spec = self._spec(
+            endpoint_id,
+            job_input,
+            budget,
+            job_key=job_key or f"job-{uuid.uuid4().hex}",
+            payee=payee,
+            referral=referral,
+            acceptance=acceptance,
+            bonus_pool=bonus_pool,
+            batch_id=None,
+            timeout_s=timeout_s,
+        )
+        await self.start()
+        (job_id,) = await self.writer.open([spec])
+        self._drive(job_id)
+        return job_id
+
+    async def run_paid_job(
+        self,
+        endpoint_id: str,
+        job_input: Mapping[str, Any],
+        budget: object = "0.50",
+        *,
+        payee: str | None = None,
+        referral: str | None = None,
+        acceptance: Mapping[str, Any] | None = None,
+        bonus_pool: object = None,
+        job_key: str | None = None,
+        timeout_s: float | None = None,
+    ) -> JobResult:
+        """Fund an escrow, run the job on RunPod, and release on success or refund on failure.
+
+        Returns when the job rests: paid, refunded, rejected (nothing funded), attention (an operator
+        must look), or refunding (the escrow service returns the money on its own schedule).
+        Passing the same `job_key` again returns the same job instead of paying twice.
+        """
+        job_id = await self.submit(
+            endpoint_id,
+            job_input,
+            budget,
+            payee=payee,
+            referral=referral,
+            acceptance=acceptance,
+            bonus_pool=bonus_pool,
+            job_key=job_key,
+            timeout_s=timeout_s,
+        )
+        return await self.wait(job_id)
+
+    async def run_batch(
+        self,
+        endpoint_id: str,
+        jobs: Sequence[Mapping[str, Any]],
+        per_job_budget: object = "0.25",
+        *,
+        payee: str | None = None,
+        referral: str | None = None,
+        acceptance: Mapping[str, Any] | None = None,
+        bonus_pool: object = None,
+        concurrency: int | None = None,
+        batch_id: str | None = None,
+        timeout_s: float | None = None,
+        on_result: Callable[[JobResult], None] | None = None,
+    ) -> BatchResult:
+        """Run a fleet of jobs in parallel and settle each; individual failures do not raise.
+
+        All jobs are opened in one atomic save (a batch is recorded whole or not at all), then at
+        most `concurrency` are in flight at once. Re-running with the same `batch_id` resumes it.
+        """
+        limit = concurrency or self.settings.concurrency
+        if limit < 1:
+            raise InvalidInput("concurrency", f"must be at least 1, got {limit}")
+        batch = batch_id or f"batch-{uuid.uuid4().hex[:12]}"
+        check_id(batch, "batch_id")
+        specs = [
+            self._spec(
+                endpoint_id,
+                job_input,
+                per_job_budget,
+                job_key=f"{batch}-{index:06d}",
+                payee=payee,
+                referral=referral,
+                acceptance=acceptance,
+                bonus_pool=bonus_pool,
+                batch_id=batch,
+                timeout_s=timeout_s,
+            )
+            for index, job_input in enumerate(jobs)
+        ]
+        await self.start()
+        ids = await self.writer.open(specs)
+        slots = asyncio.Semaphore(limit)
+
+        async def one(job_id: uuid.UUID) -> JobResult:
+            async with slots:
+                result = await self.wait(job_id)
+            if on_result is not None:
+                on_result(result)
+            return result
+
+        results = list(await asyncio.gather(*(one(job_id) for job_id in ids)))
+        totals = BatchTotals.of(results)
+        log.info("batch.settled", batch_id=batch, **totals.to_json())
+        return BatchResult(batch, results, totals)
+
+    async def wait(self, job_id: uuid.UUID | str) -> JobResult:
+        """Drive the job (unless this engine already is) until it rests; its result."""
+        uid = Settlements._uuid(job_id)
+        await self.start()
+        view = await self._drive(uid)
+        return JobResult.of(view, self.processor.outputs.by_job.pop(uid, None))
+
+    async def job(self, job_id: uuid.UUID | str) -> JobResult:
+        """The job as the log has it now (no waiting)."""
+        view = await self.writer.view(Settlements._uuid(job_id))
+        return JobResult.of(view, self.processor.outputs.by_job.get(view.job_id))
+
+    async def cancel(self, job_id: uuid.UUID | str, reason: str = "cancelled by the caller") -> JobResult:
+        """Cancel a running job on RunPod, then refund its escrow."""
+        uid = Settlements._uuid(job_id)
+        await self.start()
+        await self.writer.execute(uid, lambda job: job.request_cancel(reason))
+        self.processor.interrupt_wait(uid)
+        return await self.wait(uid)
+
+    async def award_bonus(
+        self,
+        job_id: uuid.UUID | str,
+        base_metric: object,
+        achieved_metric: object,
+        pool: object = "5",
+        *,
+        threshold: object = BONUS_THRESHOLD,
+    ) -> BonusResult:
+        """The product page's performance bonus on a paid job: only when achieved >= 1.10 x baseline;
+        min(pool x (achieved - baseline) / baseline, pool), funded and released once."""
+        uid = Settlements._uuid(job_id)
+        base = to_metric(_metric_text(base_metric), "base_metric")
+        achieved = to_metric(_metric_text(achieved_metric), "achieved_metric")
+        limit = to_metric(_metric_text(threshold), "threshold")
+        pool_ = to_money(pool, "pool")
+        await self.start()
+        decision, _ = await self.writer.execute(
+            uid, lambda job: job.request_bonus(base, achieved, pool_, limit)
+        )
+        if not decision.granted:
+            return BonusResult(uid, ZERO, decision.reason, "none")
+        view = await self._drive(uid)
+        if view.bonus_awarded is not None:
+            amount, to_payee, fee, _ = view.bonus_awarded
+            return BonusResult(uid, amount, decision.reason, "awarded", view.bonus_escrow_id, to_payee, fee)
+        status = "attention" if view.state == State.ATTENTION else "in_flight"
+        return BonusResult(uid, decision.amount, decision.reason, status, view.bonus_escrow_id)
+
+    async def resume(self) -> list[JobResult]:
+        """Finish every job that is not resting (the CLI's `resume`); their results."""
+        await self.start()
+        ids = await self.writer.call(self._unfinished_jobs)
+        return [await self.wait(job_id) for job_id in ids[0]]
+
+    # ------------------------------------------------------------------ driving
+
+    def _drive(self, job_id: uuid.UUID) -> asyncio.Task[JobView]:
+        task = self._driving.get(job_id)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self.processor.drive(job_id), name=f"job-{job_id}")
+            self._driving[job_id] = task
+            task.add_done_callback(lambda t, j=job_id: self._drive_done(j, t))  # type: ignore[misc]
+        return task
+
+    def _drive_done(self, job_id: uuid.UUID, task: asyncio.Task[JobView]) -> None:
+        if self._driving.get(job_id) is task:
+            del self._driving[job_id]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job.drive_failed", job_id=str(job_id), error=repr(task.exception()))
+
+    def _unfinished_jobs(self) -> tuple[list[uuid.UUID], int]:
+        """Every job whose last event leaves it with something to do, and the log's last position.
+
+        Reads topics and ids only (no decoding), in pages, keeping just the unfinished set."""
+        recorder = self.app.recorder
+        last = recorder.max_notification_id() or 0
+        unfinished: dict[uuid.UUID, None] = {}
+        start = 1
+        while start <= last:
+            page = recorder.select_notifications(start, 5000, stop=last)
+            if not page:
+                break
+            for notification in page:
+                if not notification.topic.startswith(JOB_TOPIC_PREFIX):
+                    continue
+                originator = notification.originator_id
+                job_id = originator if isinstance(originator, uuid.UUID) else uuid.UUID(str(originator))
+                if notification.topic in RESTING_TOPICS:
+                    unfinished.pop(job_id, None)
+                else:
+                    unfinished[job_id] = None
+            start = page[-1].id + 1
+        return list(unfinished), last
+
+    async def _recover(self) -> int:
+        """Drive every job an earlier engine left unfinished (in the background)."""
+        ids, last = await self.writer.call(self._unfinished_jobs)
+        self.stats.recovered = len(ids)
+        if ids:
+            log.info("engine.recovering", jobs=len(ids))
+            slots = asyncio.Semaphore(self.settings.concurrency)
+
+            async def one(job_id: uuid.UUID) -> None:
+                async with slots:
+                    await self._drive(job_id)
+
+            for job_id in ids:
+                self._background.append(asyncio.get_running_loop().create_task(one(job_id)))
+        return last
+
+    async def _follow(self, position: int) -> None:
+        """Follow the log for intents written by other processes (an operator's resolution, another
+        engine's jobs), recording how far it has read."""
+        tracking = await self.writer.call(self.app.factory.tracking_recorder)
+        tracked = await self.writer.call(lambda: tracking.max_tracking_id(FOLLOWER)) or 0
+        position = max(position, tracked)
+        while True:
+            try:
+                page, last = await self.writer.call(lambda p=position: self._intents_after(p))  # type: ignore[misc]
+                for notification in page:
+                    originator = notification.originator_id
+                    job_id = originator if isinstance(originator, uuid.UUID) else uuid.UUID(str(originator))
+                    if job_id not in self._driving and not self._knows(
+                        job_id, notification.originator_version
+                    ):
+                        self._drive(job_id)
+                if last > position:
+                    position = last
+                    with contextlib.suppress(IntegrityError):  # another engine recorded it already
+                        await self.writer.call(
+                            lambda p=position: tracking.insert_tracking(Tracking(FOLLOWER, p))
+                        )  # type: ignore[misc]
+            except RuntimeError:
+                return  # the writer closed
+            await asyncio.sleep(self.follow_interval_s)
+
+    def _intents_after(self, position: int) -> tuple[list[Any], int]:
+        last = self.app.recorder.max_notification_id() or 0
+        if last <= position:
+            return [], position
+        page = self.app.recorder.select_notifications(position + 1, 1000, stop=last, topics=INTENT_TOPICS)
+        if len(page) == 1000:
+            last = page[-1].id
+        return page, last
+
+    def _knows(self, job_id: uuid.UUID, version: int) -> bool:
+        return self.writer.known_version(job_id) >= version
+
+    async def _watch_pending_refunds(self) -> None:
+        """Refunds the escrow service makes on its own schedule (v1): look at them now and then."""
+        while True:
+            await asyncio.sleep(self.processor.config.pending_refund_poll_s)
+            for job_id in list(self.processor.pending_refunds):
+                if job_id not in self._driving:
+                    self._drive(job_id)
+
+    async def _measure_stalls(self, interval: float = 0.005) -> None:
+        """The longest time the event loop was blocked (store calls must not stall it)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(interval)
+            stall = loop.time() - before - interval
+            self.stats.longest_stall_s = max(self.stats.longest_stall_s, stall)
+
+
+def _metric_text(value: object) -> object:
+    """Metrics often arrive as Python floats (0.92): read them by their shortest decimal text."""
+    if isinstance(value, float):
+        return repr(value)
+    return value

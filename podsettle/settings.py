@@ -1,0 +1,113 @@
+"""Configuration from the environment (and flags, which override it), validated with pydantic.
+
+Keys are `SecretStr`: they print as '**********' in reprs, logs and error messages.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from podsettle.adapters.persistence import DEFAULT_STORE
+from podsettle.domain.escrow_job import check_id
+
+ENVIRONMENT = {
+    "store": "PODSETTLE_STORE",
+    "escrow_url": "PODSETTLE_ESCROW_URL",
+    "escrow_dialect": "PODSETTLE_ESCROW_DIALECT",
+    "refund_method": "PODSETTLE_REFUND_METHOD",
+    "pf_api_key": "PF_API_KEY",
+    "pf_worker_key": "PF_WORKER_KEY",
+    "runpod_api_key": "RUNPOD_API_KEY",
+    "runpod_base_url": "RUNPOD_ENDPOINT_BASE_URL",
+    "payer": "PODSETTLE_PAYER",
+    "payee": "PODSETTLE_PAYEE",
+    "payees": "PODSETTLE_PAYEES",
+    "job_timeout_s": "PODSETTLE_JOB_TIMEOUT_S",
+    "concurrency": "PODSETTLE_CONCURRENCY",
+}
+
+
+class ConfigError(ValueError):
+    """The configuration is incomplete or wrong; the message names the setting (never its secret)."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store: str = DEFAULT_STORE
+    escrow_url: str = "https://escrow.purpleflea.com"
+    escrow_dialect: Literal["v1", "seed"] = "v1"
+    refund_method: Literal["dispute", "timeout"] = "dispute"
+    pf_api_key: SecretStr | None = None
+    pf_worker_key: SecretStr | None = None
+    runpod_api_key: SecretStr | None = None
+    runpod_base_url: str = "https://api.runpod.ai/v2"
+    payer: str | None = None
+    payee: str | None = None
+    payees: dict[str, str] = Field(default_factory=dict)
+    job_timeout_s: int = Field(default=600, ge=5, le=7 * 24 * 3600)
+    concurrency: int = Field(default=32, ge=1, le=10_000)
+
+    @field_validator("payees", mode="before")
+    @classmethod
+    def _parse_payees(cls, value: Any) -> Any:
+        """`endpoint=ag_worker,other=ag_other` in the environment; a mapping from Python."""
+        if isinstance(value, str):
+            pairs = [item.strip() for item in value.split(",") if item.strip()]
+            parsed: dict[str, str] = {}
+            for pair in pairs:
+                endpoint, sep, payee = pair.partition("=")
+                if not sep or not endpoint.strip() or not payee.strip():
+                    raise ValueError(f"{pair!r} is not endpoint=payee")
+                parsed[endpoint.strip()] = payee.strip()
+            return parsed
+        return value
+
+    @field_validator("payer", "payee")
+    @classmethod
+    def _agent_id(cls, value: str | None) -> str | None:
+        return check_id(value, "agent id", optional=True)
+
+    @field_validator("escrow_url", "runpod_base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment; keyword overrides (flags) win; None overrides are ignored."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {
+            name: env[var] for name, var in ENVIRONMENT.items() if env.get(var, "").strip() != ""
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as error:
+            raise ConfigError(describe(error)) from None
+
+    def payee_for(self, endpoint_id: str, override: str | None = None) -> str:
+        payee = override or self.payees.get(endpoint_id) or self.payee
+        if not payee:
+            raise ConfigError(
+                f"no payee for endpoint {endpoint_id!r}: pass payee=..., or set PODSETTLE_PAYEE "
+                "or PODSETTLE_PAYEES=endpoint=ag_worker"
+            )
+        return payee
+
+
+def describe(error: ValidationError) -> str:
+    """One line per problem, naming the setting (and its environment variable), never the value of a key."""
+    lines = []
+    for problem in error.errors():
+        name = ".".join(str(part) for part in problem["loc"]) or "settings"
+        var = ENVIRONMENT.get(str(problem["loc"][0])) if problem["loc"] else None
+        where = f"{name} ({var})" if var else name
+        lines.append(f"{where}: {problem['msg']}")
+    return "; ".join(lines)

@@ -1,0 +1,294 @@
+"""The job writer: commands from many concurrent tasks, saved in groups.
+
+Commits dominate the cost of writing events, so the writer applies every command queued while the
+previous save was running to cached copies of the jobs and saves them all in one atomic
+`Application.save(...)`: one commit for many jobs' events. All store access happens on one worker
+thread, so the event loop never waits on SQLite or PostgreSQL.
+
+A group save that loses a race with another engine (`IntegrityError`) is undone and its commands
+are replayed one by one on fresh copies: outcome commands are idempotent and converge, a claim that
+lost its race raises `ClaimLost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import IntegrityError
+
+from podsettle.application import JobSpec, Settlements
+from podsettle.domain import EscrowJob, Step
+from podsettle.domain.errors import ClaimLost, DomainError
+from podsettle.domain.escrow_job import JobView
+from podsettle.logs import get_logger
+
+log = get_logger("podsettle.writer")
+Command = Callable[[EscrowJob], Any]
+MAX_RACE_RETRIES = 20
+
+
+@dataclass
+class _Request:
+    kind: str  # "command" | "claim" | "open" | "view" | "input"
+    future: asyncio.Future[Any]
+    job_id: UUID | None = None
+    command: Command | None = None
+    specs: Sequence[JobSpec] = ()
+    job_key: str = ""
+    step: Step | None = None
+
+
+@dataclass
+class WriterStats:
+    saves: int = 0
+    commands: int = 0
+    fallbacks: int = 0
+    longest_save_s: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class JobWriter:
+    def __init__(self, app: Settlements, *, max_batch: int = 1000, cache_size: int = 20_000) -> None:
+        self.app = app
+        self.max_batch = max_batch
+        self.cache_size = cache_size
+        self.stats = WriterStats()
+        self._cache: OrderedDict[UUID, EscrowJob] = OrderedDict()
+        self._versions: OrderedDict[UUID, int] = OrderedDict()
+        self._queue: list[_Request] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="podsettle-store")
+        self._closed = False
+
+    # ------------------------------------------------------------------ the async API
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="podsettle-writer")
+
+    async def execute(self, job_id: UUID, command: Command) -> tuple[Any, JobView]:
+        """Apply `command` to the job and save it; returns the command's result and the job after it."""
+        result: tuple[Any, JobView] = await self._submit(_Request("command", self._future(), job_id, command))
+        return result
+
+    async def claim(self, job_id: UUID, step: Step, processor: str) -> tuple[int, JobView]:
+        """Record the attempt for the job's current intent (the claim); `ClaimLost` if another won."""
+        request = _Request("claim", self._future(), job_id, lambda job: job.record_attempt(step, processor))
+        request.step = step
+        result: tuple[int, JobView] = await self._submit(request)
+        return result
+
+    async def open(self, specs: Sequence[JobSpec]) -> list[UUID]:
+        """Open jobs (idempotent by key) in one atomic save."""
+        ids: list[UUID] = await self._submit(_Request("open", self._future(), specs=list(specs)))
+        return ids
+
+    async def view(self, job_id: UUID) -> JobView:
+        view: JobView = await self._submit(_Request("view", self._future(), job_id))
+        return view
+
+    async def job_input(self, job_key: str) -> dict[str, Any] | None:
+        payload: dict[str, Any] | None = await self._submit(
+            _Request("input", self._future(), job_key=job_key)
+        )
+        return payload
+
+    async def call(self, function: Callable[[], Any]) -> Any:
+        """Run a read-only store function on the store thread (never concurrently with a save)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+
+    def known_version(self, job_id: UUID) -> int:
+        """The newest version of the job this writer has seen (0 if none): lets a log follower skip
+        events it caused itself."""
+        return self._versions.get(job_id, 0)
+
+    async def aclose(self) -> None:
+        """Save what is queued, then stop."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Stop at once, dropping what is queued (a simulated crash: unsaved commands are lost)."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+        for request in self._queue:
+            request.future.cancel()
+        self._queue.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, request: _Request) -> Any:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        self.start()
+        self._queue.append(request)
+        self._wakeup.set()
+        return await request.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            batch = [request for request in batch if not request.future.done()]
+            outcomes = await loop.run_in_executor(self._executor, self._process, batch)
+            for request, outcome in outcomes:
+                if request.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    request.future.set_exception(outcome)
+                else:
+                    request.future.set_result(outcome)
+
+    # ------------------------------------------------------------------ on the store thread
+
+    def _load(self, job_id: UUID) -> EscrowJob:
+        job = self._cache.get(job_id)
+        if job is None:
+            job = self.app.get_job(job_id)
+            self._remember(job)
+        else:
+            self._cache.move_to_end(job_id)
+        return job
+
+    def _note_version(self, job: EscrowJob) -> None:
+        self._versions[job.id] = job.version
+        self._versions.move_to_end(job.id)
+        while len(self._versions) > 10 * self.cache_size:
+            self._versions.popitem(last=False)
+
+    def _remember(self, job: EscrowJob) -> None:
+        self._note_version(job)
+        self._cache[job.id] = job
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _process(self, batch: list[_Request]) -> list[tuple[_Request, Any]]:
+        outcomes: list[tuple[_Request, Any]] = []
+        touched: dict[UUID, EscrowJob] = {}
+        new: list[Any] = []
+        broken: set[UUID] = set()
+        for request in batch:
+            try:
+                outcomes.append((request, self._apply(request, touched, new, broken)))
+            except Exception as error:  # handed to the caller, who decides
+                outcomes.append((request, error))
+        aggregates = list({id(a): a for a in (*new, *touched.values())}.values())
+        if broken:
+            # A command raised after recording events (it must not: commands record all or nothing).
+            # Nothing of this batch is saved; every request is replayed alone on fresh copies.
+            log.error("writer.partial_command", jobs=[str(j) for j in broken])
+            return self._fallback(batch)
+        if aggregates:
+            started = time.perf_counter()
+            try:
+                self.app.save(*aggregates)
+            except IntegrityError:
+                return self._fallback(batch)
+            except Exception:
+                self._evict(aggregates)
+                raise
+            finally:
+                elapsed = time.perf_counter() - started
+                self.stats.longest_save_s = max(self.stats.longest_save_s, elapsed)
+            self.stats.saves += 1
+            self.stats.batch_sizes.append(len(batch))
+        self.stats.commands += len(batch)
+        for job in touched.values():
+            self._note_version(job)
+            if job.view().rests:
+                self._cache.pop(job.id, None)
+        return outcomes
+
+    def _apply(
+        self, request: _Request, touched: dict[UUID, EscrowJob], new: list[Any], broken: set[UUID]
+    ) -> Any:
+        if request.kind == "open":
+            ids = []
+            for spec in request.specs:
+                job, extra = self.app.build(spec)
+                if job.id in touched or job.id in self._cache or self.app.matches_existing(job):
+                    existing = self._load(job.id)
+                    if existing.input_digest != job.input_digest or existing.budget != job.budget:
+                        self.app.matches_existing(job)  # raises the conflict with its message
+                else:
+                    new.extend([job, *extra])
+                    self._remember(job)
+                    touched[job.id] = job
+                ids.append(job.id)
+            return ids
+        if request.kind == "input":
+            return self.app.job_input(request.job_key)
+        assert request.job_id is not None
+        job = self._load(request.job_id)
+        if request.kind == "view":
+            return job.view()
+        assert request.command is not None
+        version = job.version
+        try:
+            result = request.command(job)
+        except DomainError:
+            if job.version != version:
+                broken.add(job.id)
+            raise
+        if job.version != version:
+            touched[job.id] = job
+        return result, job.view()
+
+    def _evict(self, aggregates: Sequence[Any]) -> None:
+        for aggregate in aggregates:
+            self._cache.pop(aggregate.id, None)
+
+    def _fallback(self, batch: list[_Request]) -> list[tuple[_Request, Any]]:
+        """Replay each request alone, on fresh copies, saving each on its own."""
+        self.stats.fallbacks += 1
+        self._cache.clear()
+        outcomes: list[tuple[_Request, Any]] = []
+        for request in batch:
+            try:
+                outcomes.append((request, self._alone(request)))
+            except Exception as error:
+                outcomes.append((request, error))
+        return outcomes
+
+    def _alone(self, request: _Request) -> Any:
+        if request.kind == "open":
+            return self.app.open_jobs(request.specs)
+        if request.kind == "input":
+            return self.app.job_input(request.job_key)
+        assert request.job_id is not None
+        if request.kind == "view":
+            return self.app.get_job(request.job_id).view()
+        assert request.command is not None
+        for _ in range(MAX_RACE_RETRIES):
+            job = self.app.get_job(request.job_id)
+            result = request.command(job)
+            try:
+                self.app.save(job)
+            except IntegrityError:
+                if request.kind == "claim":
+                    raise ClaimLost(request.job_id, request.step) from None
+                continue
+            return result, job.view()
+        raise RuntimeError(f"job {request.job_id}: gave up after {MAX_RACE_RETRIES} concurrent updates")
