@@ -1059,8 +1059,10 @@ class SandboxMiddleware:
             error = ApiError(429, "rate_limited", "Too many requests (injected).", retry_after=1)
             await _send(send, error.response({"Retry-After": "1"}))
         elif fault.mode == "delay":
+            # Read the request first: the work must still happen when the client gives up meanwhile.
+            replay = await _buffered(receive)
             await asyncio.sleep(fault.delay_s)
-            await self.app(scope, receive, send)
+            await self.app(scope, replay, send)
         else:  # drop_after: do the work, lose the answer
 
             async def swallow(message: Message) -> None:
@@ -1077,6 +1079,25 @@ class SandboxMiddleware:
             await _send(
                 send, ApiError(500, "internal_error", "Injected fault after the work was done").response()
             )
+
+
+async def _buffered(receive: Receive) -> Receive:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    pending: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replay
 
 
 async def _send(send: Send, response: Response) -> None:
