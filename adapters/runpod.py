@@ -1,0 +1,512 @@
+"""RunPod serverless over httpx: the `ComputeGateway` for the hosted contract (runpod-serverless.md).
+
+What the engine can rely on:
+- every response is validated (pydantic, unknown fields ignored); a body that does not match the
+  contract (not JSON, no id, an unknown status) raises `BadResponse` with a clear message;
+- reads that fail in a way worth retrying (timeouts, dropped connections, 5xx) raise `Unavailable`;
+  compute moves no money, so the engine may retry them and may re-submit a job (it may run twice);
+- 429 is answered with backoff (Retry-After when given) and retried; a client-side limiter per
+  endpoint and route keeps under the documented limits in the first place;
+- `wait()` polls with capped exponential backoff and jitter, bounded by its timeout, and classifies
+  the terminal state: only COMPLETED with output is a success;
+- the API key never appears in a repr, a log line or an exception message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from podsettle.adapters.limits import RateLimiter
+from podsettle.adapters.ports import (
+    BadResponse,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    Rejected,
+    RunOutcome,
+    RunState,
+    RunStatus,
+    Unauthorized,
+    Unavailable,
+)
+from podsettle.logs import get_logger
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_CLIENT_LIMITS",
+    "MAX_INPUT_BYTES",
+    "ClientLimit",
+    "PollPolicy",
+    "RunPodCompute",
+    "classify_run",
+]
+
+log = get_logger(__name__)
+
+DEFAULT_BASE_URL = "https://api.runpod.ai/v2"
+MAX_INPUT_BYTES = 10 * 1024 * 1024  # /run's documented body limit
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+@dataclass(frozen=True)
+class PollPolicy:
+    """How `wait()` polls: the first read after `initial_s`, then `factor` times longer each time up
+    to `max_s`; each delay is spread by +/- `jitter` (a fraction) so many waiters do not poll in step."""
+
+    initial_s: float = 0.2
+    factor: float = 2.0
+    max_s: float = 5.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.initial_s <= 0 or self.factor < 1 or self.max_s < self.initial_s or not 0 <= self.jitter < 1:
+            raise ValueError(
+                "PollPolicy needs initial_s > 0, factor >= 1, max_s >= initial_s, 0 <= jitter < 1"
+            )
+
+
+@dataclass(frozen=True)
+class ClientLimit:
+    """Client-side: at most `per_window` calls per `window_s` and `concurrent` in flight."""
+
+    per_window: int
+    concurrent: int
+    window_s: float = 10.0
+
+
+# 90 % of the documented per-endpoint limits (status and stream share theirs).
+DEFAULT_CLIENT_LIMITS: dict[str, ClientLimit] = {
+    "run": ClientLimit(900, 180),
+    "runsync": ClientLimit(1800, 360),
+    "status": ClientLimit(1800, 360),
+    "cancel": ClientLimit(90, 18),
+    "purge-queue": ClientLimit(2, 1),
+}
+_ROUTE_GROUP = {"run": "run", "status": "status", "cancel": "cancel", "purge-queue": "purge-queue"}
+
+
+# ---------------------------------------------------------------------------------------- payloads
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Submitted(_Body):
+    id: str = Field(min_length=1)
+    status: str | None = None
+
+
+class _StatusObject(_Body):
+    id: str = Field(min_length=1)
+    status: str
+    delayTime: float | None = None
+    executionTime: float | None = None
+    output: Any = None
+    error: Any = None
+    workerId: str | None = None
+
+
+class _HealthJobs(_Body):
+    completed: int = 0
+    failed: int = 0
+    inProgress: int = 0
+    inQueue: int = 0
+    retried: int = 0
+
+
+class _HealthWorkers(_Body):
+    idle: int = 0
+    running: int = 0
+
+
+class _Health(_Body):
+    jobs: _HealthJobs
+    workers: _HealthWorkers
+
+
+class _Purged(_Body):
+    removed: int
+    status: str | None = None
+
+
+_M = TypeVar("_M", bound=_Body)
+
+
+# ---------------------------------------------------------------------------------------- outcome
+
+
+def _error_summary(error: str) -> str:
+    """A RunPod worker reports a handler exception as a JSON string; the message is what matters."""
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(error)
+        if isinstance(parsed, dict) and parsed.get("error_message"):
+            kind = str(parsed.get("error_type", "")).removeprefix("<class '").removesuffix("'>")
+            return f"{kind}: {parsed['error_message']}" if kind else str(parsed["error_message"])
+    return error[:500]
+
+
+def classify_run(state: RunState) -> RunOutcome:
+    """A terminal state classified for the engine: only COMPLETED with output succeeds."""
+    details = {"status": state.status.value}
+    if state.error is not None:
+        details["error"] = state.error
+    if state.worker_id is not None:
+        details["worker_id"] = state.worker_id
+    status = state.status
+    if status is RunStatus.COMPLETED and state.has_output:
+        return RunOutcome(state, True, "completed", details)
+    if status is RunStatus.COMPLETED:
+        reason = "completed without output"
+        if state.error:
+            reason += f": {_error_summary(state.error)}"
+    elif status is RunStatus.FAILED:
+        reason = f"failed: {_error_summary(state.error)}" if state.error else "failed without an error text"
+    elif status is RunStatus.CANCELLED:
+        reason = "cancelled" + (f": {state.error}" if state.error else "")
+    elif status is RunStatus.TIMED_OUT:
+        reason = "timed out: " + (_error_summary(state.error) if state.error else "executionTimeout exceeded")
+    else:
+        raise ValueError(f"{status.value} is not a terminal status")
+    return RunOutcome(state, False, reason, details)
+
+
+def not_found_outcome(run_id: str, last: RunState | None) -> RunOutcome:
+    state = last or RunState(run_id=run_id, status=RunStatus.IN_QUEUE)
+    return RunOutcome(
+        state,
+        False,
+        "not found (404): the job's ttl expired or its result retention passed",
+        {"status": "NOT_FOUND", "last_status": state.status.value},
+    )
+
+
+def deadline_outcome(run_id: str, last: RunState | None, timeout_s: float) -> RunOutcome:
+    state = last or RunState(run_id=run_id, status=RunStatus.IN_QUEUE)
+    return RunOutcome(
+        state,
+        False,
+        "deadline passed",
+        {"status": state.status.value, "timeout_s": f"{timeout_s:g}", "seen": str(last is not None).lower()},
+    )
+
+
+# ---------------------------------------------------------------------------------------- client
+
+
+class RunPodCompute:
+    """`ComputeGateway` over RunPod's serverless HTTP API (or the sandbox's emulator of it)."""
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: httpx.Timeout | None = None,
+        poll: PollPolicy | None = None,
+        limits: Mapping[str, ClientLimit] | None = None,
+        max_rate_limit_retries: int = 5,
+        max_connections: int = 100,
+        max_input_bytes: int = MAX_INPUT_BYTES,
+        transport: httpx.AsyncBaseTransport | None = None,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not api_key or not api_key.strip():
+            raise Unauthorized("no RunPod API key given (set RUNPOD_API_KEY)")
+        self.base_url = base_url.rstrip("/")
+        self.poll = poll or PollPolicy()
+        self.limits = dict(DEFAULT_CLIENT_LIMITS if limits is None else limits)
+        self.max_rate_limit_retries = max_rate_limit_retries
+        self.max_input_bytes = max_input_bytes
+        self.requests_sent = 0  # every HTTP request made, for polling-efficiency figures
+        self._key = api_key
+        self._clock = clock
+        self._rng = random.Random(seed)
+        self._limiters: dict[tuple[str, str], tuple[RateLimiter, asyncio.Semaphore]] = {}
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
+            timeout=timeout or httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
+        )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> RunPodCompute:
+        """From `RUNPOD_API_KEY` and `RUNPOD_ENDPOINT_BASE_URL` (default the hosted API), the SDK's names."""
+        source = os.environ if env is None else env
+        key = source.get("RUNPOD_API_KEY", "")
+        base_url = source.get("RUNPOD_ENDPOINT_BASE_URL") or DEFAULT_BASE_URL
+        return cls(key, base_url=base_url, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"RunPodCompute(base_url={self.base_url!r})"
+
+    async def __aenter__(self) -> RunPodCompute:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # ------------------------------------------------------------------ the port
+
+    async def submit(
+        self,
+        endpoint_id: str,
+        job_input: dict[str, Any],
+        *,
+        execution_timeout_ms: int | None = None,
+        ttl_ms: int | None = None,
+        webhook: str | None = None,
+        low_priority: bool = False,
+    ) -> str:
+        _check_id(endpoint_id, "endpoint_id")
+        if not isinstance(job_input, dict):
+            raise Rejected("input must be a JSON object (a dict)", code="invalid_input")
+        try:
+            input_bytes = json.dumps(
+                job_input, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            ).encode()
+        except (TypeError, ValueError) as exc:
+            raise Rejected(f"input is not JSON serializable: {exc}", code="invalid_input") from None
+        if len(input_bytes) > self.max_input_bytes:
+            raise Rejected(
+                f"input is {len(input_bytes)} bytes, over the {self.max_input_bytes}-byte limit of /run; "
+                "nothing was sent",
+                code="input_too_large",
+            )
+        rest: dict[str, Any] = {}
+        policy: dict[str, Any] = {}
+        for name, value in (("executionTimeout", execution_timeout_ms), ("ttl", ttl_ms)):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise Rejected(
+                        f"policy.{name} must be a positive integer of milliseconds", code="invalid_policy"
+                    )
+                policy[name] = value
+        if low_priority:
+            policy["lowPriority"] = True
+        if policy:
+            rest["policy"] = policy
+        if webhook is not None:
+            if not webhook.startswith(("http://", "https://")):
+                raise Rejected("webhook must be an http(s) URL", code="invalid_webhook")
+            rest["webhook"] = webhook
+        body = b'{"input":' + input_bytes
+        body += b"," + json.dumps(rest, separators=(",", ":")).encode()[1:] if rest else b"}"
+        what = f"POST /{endpoint_id}/run"
+        data = await self._request("POST", endpoint_id, "run", f"/{endpoint_id}/run", what, body=body)
+        submitted = self._parse(_Submitted, data, what)
+        return submitted.id
+
+    async def status(self, endpoint_id: str, run_id: str) -> RunState:
+        _check_id(endpoint_id, "endpoint_id")
+        _check_id(run_id, "run_id")
+        what = f"GET /{endpoint_id}/status/{run_id}"
+        data = await self._request("GET", endpoint_id, "status", f"/{endpoint_id}/status/{run_id}", what)
+        return self._state(data, run_id, what)
+
+    async def wait(self, endpoint_id: str, run_id: str, *, timeout_s: float) -> RunOutcome:
+        deadline = self._clock() + timeout_s
+        delay = self.poll.initial_s
+        last: RunState | None = None
+        while True:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return deadline_outcome(run_id, last, timeout_s)
+            pause = min(delay * (1 + self._rng.uniform(-self.poll.jitter, self.poll.jitter)), remaining)
+            await asyncio.sleep(pause)
+            delay = min(delay * self.poll.factor, self.poll.max_s)
+            try:
+                state = await self.status(endpoint_id, run_id)
+            except NotFound:
+                return not_found_outcome(run_id, last)
+            except (Unavailable, RateLimited) as exc:
+                log.warning(
+                    "runpod.status_unavailable", endpoint_id=endpoint_id, run_id=run_id, error=str(exc)
+                )
+                continue
+            last = state
+            if state.status.terminal:
+                return classify_run(state)
+
+    async def cancel(self, endpoint_id: str, run_id: str) -> RunState:
+        _check_id(endpoint_id, "endpoint_id")
+        _check_id(run_id, "run_id")
+        what = f"POST /{endpoint_id}/cancel/{run_id}"
+        data = await self._request("POST", endpoint_id, "cancel", f"/{endpoint_id}/cancel/{run_id}", what)
+        return self._state(data, run_id, what)
+
+    async def retry(self, endpoint_id: str, run_id: str) -> RunState:
+        _check_id(endpoint_id, "endpoint_id")
+        _check_id(run_id, "run_id")
+        what = f"POST /{endpoint_id}/retry/{run_id}"
+        data = await self._request("POST", endpoint_id, "retry", f"/{endpoint_id}/retry/{run_id}", what)
+        return self._state(data, run_id, what)
+
+    async def health(self, endpoint_id: str) -> dict[str, Any]:
+        _check_id(endpoint_id, "endpoint_id")
+        what = f"GET /{endpoint_id}/health"
+        data = await self._request("GET", endpoint_id, "health", f"/{endpoint_id}/health", what)
+        return self._parse(_Health, data, what).model_dump()
+
+    async def purge_queue(self, endpoint_id: str) -> int:
+        _check_id(endpoint_id, "endpoint_id")
+        what = f"POST /{endpoint_id}/purge-queue"
+        data = await self._request("POST", endpoint_id, "purge-queue", f"/{endpoint_id}/purge-queue", what)
+        return self._parse(_Purged, data, what).removed
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _limiter(self, endpoint_id: str, route: str) -> tuple[RateLimiter, asyncio.Semaphore] | None:
+        group = _ROUTE_GROUP.get(route)
+        limit = self.limits.get(group) if group else None
+        if group is None or limit is None:
+            return None
+        key = (endpoint_id, group)
+        pair = self._limiters.get(key)
+        if pair is None:
+            pair = self._limiters[key] = (
+                RateLimiter(limit.per_window, limit.window_s),
+                asyncio.Semaphore(limit.concurrent),
+            )
+        return pair
+
+    async def _request(
+        self, method: str, endpoint_id: str, route: str, path: str, what: str, *, body: bytes | None = None
+    ) -> Any:
+        limiter = self._limiter(endpoint_id, route)
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        attempt = 0
+        while True:
+            if limiter is not None:
+                await limiter[0].acquire()
+            async with limiter[1] if limiter is not None else contextlib.nullcontext():
+                self.requests_sent += 1
+                try:
+                    response = await self._client.request(method, path, content=body, headers=headers)
+                except httpx.TimeoutException as exc:
+                    raise Unavailable(f"{what}: timed out ({type(exc).__name__}){_may_have(route)}") from exc
+                except httpx.HTTPError as exc:
+                    raise Unavailable(
+                        f"{what}: connection failed or response dropped "
+                        f"({type(exc).__name__}){_may_have(route)}"
+                    ) from exc
+            if response.status_code != 429:
+                return self._decode(response, what)
+            retry_after = self._retry_after(response, attempt)
+            if attempt >= self.max_rate_limit_retries:
+                raise RateLimited(
+                    f"{what}: 429 Too Many Requests after {attempt + 1} attempts", retry_after=retry_after
+                )
+            log.warning(
+                "runpod.rate_limited", request=what, retry_after=round(retry_after, 3), attempt=attempt
+            )
+            attempt += 1
+            if limiter is not None:
+                limiter[0].penalize(retry_after)
+            else:
+                await asyncio.sleep(retry_after)
+
+    def _retry_after(self, response: httpx.Response, attempt: int) -> float:
+        header = response.headers.get("retry-after")
+        if header is not None:
+            with contextlib.suppress(ValueError):
+                return min(max(float(header), 0.0), 60.0)
+        base = min(self.poll.initial_s * (2.0**attempt), self.poll.max_s)
+        return base * (1 + self._rng.uniform(0, self.poll.jitter))
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "[redacted]") if self._key else text
+
+    def _server_says(self, response: httpx.Response) -> str:
+        text = response.text
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(text)
+            if isinstance(parsed, dict) and "error" in parsed:
+                text = str(parsed["error"])
+        text = " ".join(self._redact(text).split())
+        return f": {text[:300]}" if text else ""
+
+    def _decode(self, response: httpx.Response, what: str) -> Any:
+        code = response.status_code
+        if 200 <= code < 300:
+            try:
+                return response.json()
+            except ValueError:
+                kind = response.headers.get("content-type", "no content-type")
+                snippet = self._redact(response.text[:80])
+                raise BadResponse(
+                    f"{what}: HTTP {code} with a body that is not JSON "
+                    f"({kind}, {len(response.content)} bytes): {snippet!r}"
+                ) from None
+        says = self._server_says(response)
+        if code == 401:
+            raise Unauthorized(f"{what}: 401 Unauthorized: the RunPod API key was refused")
+        if code == 403:
+            raise Forbidden(f"{what}: 403 Forbidden{says}")
+        if code == 404:
+            raise NotFound(f"{what}: 404 not found{says}")
+        if code in (400, 413, 422):
+            raise Rejected(f"{what}: {code} rejected{says}", status_code=code)
+        if code >= 500:
+            raise Unavailable(f"{what}: server error {code}{says}")
+        raise BadResponse(f"{what}: unexpected HTTP status {code}{says}")
+
+    def _parse(self, model: type[_M], data: Any, what: str) -> _M:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+            )
+            raise BadResponse(f"{what}: the response does not match the contract ({problems})") from None
+
+    def _state(self, data: Any, run_id: str, what: str) -> RunState:
+        body = self._parse(_StatusObject, data, what)
+        if body.id != run_id:
+            raise BadResponse(f"{what}: the response is about job {body.id!r}, not {run_id!r}")
+        try:
+            status = RunStatus(body.status)
+        except ValueError:
+            raise BadResponse(f"{what}: unknown job status {body.status!r}") from None
+        error = body.error
+        if error is not None and not isinstance(error, str):
+            error = json.dumps(error)
+        return RunState(
+            run_id=body.id,
+            status=status,
+            output=body.output,
+            has_output="output" in body.model_fields_set and body.output is not None,
+            error=error,
+            delay_ms=None if body.delayTime is None else round(body.delayTime),
+            execution_ms=None if body.executionTime is None else round(body.executionTime),
+            worker_id=body.workerId,
+        )
+
+
+def _check_id(value: str, name: str) -> None:
+    if not isinstance(value, str) or not _ID.match(value):
+        raise Rejected(
+            f"{name} must be 1-200 letters, digits, '.', '_' or '-', got {value!r}", code=f"invalid_{name}"
+        )
+
+
+def _may_have(route: str) -> str:
+    return "; the job may have been queued" if route == "run" else ""
