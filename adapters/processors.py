@@ -107,7 +107,7 @@ class Processor:
         compute: ComputeGateway,
         *,
         config: ProcessorConfig | None = None,
-        checks: Mapping[str, CustomCheck] | None = None,
+        checks: dict[str, CustomCheck] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -115,7 +115,7 @@ class Processor:
         self.escrow = escrow
         self.compute = compute
         self.config = config or ProcessorConfig()
-        self.checks = dict(checks or {})
+        self.checks = checks if checks is not None else {}  # shared: checks registered later count
         self.clock = clock
         self.sleep = sleep
         self.outputs = Outputs()

@@ -32,7 +32,7 @@ from podsettle.domain.errors import InvalidInput
 from podsettle.domain.escrow_job import JobView, check_id
 from podsettle.domain.money import ZERO, fmt, to_money
 from podsettle.domain.rules import BONUS_THRESHOLD, to_metric
-from podsettle.logs import get_logger
+from podsettle.logs import configure_logging, get_logger
 from podsettle.settings import Settings
 from podsettle.writer import JobWriter
 
@@ -341,6 +341,7 @@ class Engine:
         if self._started:
             return
         self._started = True
+        configure_logging()
         self.writer.start()
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self._measure_stalls(), name="podsettle-stalls"))
@@ -391,6 +392,11 @@ class Engine:
         if not isinstance(job_input, Mapping):
             raise InvalidInput("job_input", f"must be a JSON object, not {type(job_input).__name__}")
         payload = dict(job_input)
+        rule = checks.validate(acceptance) if acceptance is not None else None
+        if rule is not None and rule["kind"] == "custom" and rule["name"] not in self._checks:
+            raise InvalidInput(
+                "acceptance.name", f"no check named {rule['name']!r} is registered with the engine"
+            )
         timeout = self.settings.job_timeout_s if timeout_s is None else timeout_s
         if not 5 <= timeout <= 7 * 24 * 3600:
             raise InvalidInput("timeout_s", f"must be between 5 s and 7 days, got {timeout}")
@@ -404,7 +410,7 @@ class Engine:
             deadline=self.clock() + timedelta(seconds=timeout),
             batch_id=batch_id,
             referral=referral,
-            acceptance=checks.validate(acceptance) if acceptance is not None else None,
+            acceptance=rule,
             bonus_pool=bonus_pool,
             job_input=payload,
         )
