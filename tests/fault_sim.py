@@ -9,6 +9,7 @@ compute side, jobs executed twice and COMPLETED without output. The same seed re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -84,10 +85,10 @@ class FaultPlan:
             raise OutcomeUnknown(f"500 on {call}") if money else Unavailable(f"503 on {call}")
         result = await action()
         if fault == "duplicate":
-            try:
-                result = await action()  # the request delivered twice; the answer of the second
-            except Exception:  # the second delivery was refused (e.g. 409): the first stands
-                pass
+            # The request delivered twice; the answer of the second, unless it was refused (e.g.
+            # 409): then the first stands.
+            with contextlib.suppress(Exception):
+                result = await action()
         if fault == "crash_after":
             raise SimulatedCrash(f"crash after {call}")
         if fault == "lost":

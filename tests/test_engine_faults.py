@@ -29,7 +29,7 @@ def check(result: SimResult) -> None:
     assert conservation.held == 0, f"{where}: money is still held in escrow: {conservation}"
     rows = ledger._conn.execute("SELECT key, status, meta FROM ledger_holds").fetchall()
     escrows_per_job: dict[str, list[str]] = {}
-    for key, status, meta in rows:
+    for _key, status, meta in rows:
         job = json.loads(meta).get("job_id")
         kind = "bonus" if json.loads(meta).get("bonus") else "job"
         escrows_per_job.setdefault(f"{job}:{kind}", []).append(status)

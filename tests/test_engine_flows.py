@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from podsettle.domain import InvalidInput, State
+from podsettle.domain import IllegalTransition, InvalidInput, State
 from podsettle.domain import acceptance as checks
 from podsettle.engine import Engine
 
@@ -140,7 +140,7 @@ async def test_bonus_is_capped_at_the_pool(engine: Engine) -> None:
 
 async def test_no_bonus_on_an_unpaid_job(engine: Engine) -> None:
     job = await engine.run_paid_job("fail", {}, budget="1")
-    with pytest.raises(Exception, match="bonus is paid only on a released job"):
+    with pytest.raises(IllegalTransition, match="a bonus is paid only on a released job"):
         await engine.award_bonus(job.job_id, 0.5, 2.0, pool="3")
 
 
