@@ -97,7 +97,7 @@ async def test_bad_input_is_refused_before_anything_is_recorded(engine: Engine) 
         await engine.run_paid_job("echo", {"x": 1}, budget=0.5)
     with pytest.raises(InvalidInput, match="job_input"):
         await engine.run_paid_job("echo", ["not", "an", "object"], budget="1")  # type: ignore[arg-type]
-    with pytest.raises(InvalidInput, match="acceptance.kind"):
+    with pytest.raises(InvalidInput, match=r"acceptance\.kind"):
         await engine.run_paid_job("echo", {"x": 1}, acceptance={"kind": "vibes"})
     assert engine.app.list_jobs() == []
 
