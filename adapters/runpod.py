@@ -206,6 +206,20 @@ def deadline_outcome(run_id: str, last: RunState | None, timeout_s: float) -> Ru
 # ---------------------------------------------------------------------------------------- client
 
 
+class _Secret:
+    """Holds the API key; shows as [redacted] wherever it is printed."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "[redacted]"
+
+    __str__ = __repr__
+
+
 class RunPodCompute:
     """`ComputeGateway` over RunPod's serverless HTTP API (or the sandbox's emulator of it)."""
 
@@ -232,7 +246,7 @@ class RunPodCompute:
         self.max_rate_limit_retries = max_rate_limit_retries
         self.max_input_bytes = max_input_bytes
         self.requests_sent = 0  # every HTTP request made, for polling-efficiency figures
-        self._key = api_key
+        self._key = _Secret(api_key)
         self._clock = clock
         self._rng = random.Random(seed)
         self._limiters: dict[tuple[str, str], tuple[RateLimiter, asyncio.Semaphore]] = {}
@@ -433,7 +447,7 @@ class RunPodCompute:
         return base * (1 + self._rng.uniform(0, self.poll.jitter))
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._key, "[redacted]") if self._key else text
+        return text.replace(self._key.value, "[redacted]")
 
     def _server_says(self, response: httpx.Response) -> str:
         text = response.text

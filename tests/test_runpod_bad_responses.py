@@ -1,0 +1,371 @@
+"""Responses that break the contract become clear, typed errors; the API key never shows."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+
+from podsettle.adapters.ports import (
+    BadResponse,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    RateLimited,
+    Rejected,
+    RunState,
+    RunStatus,
+    Unauthorized,
+    Unavailable,
+)
+from podsettle.adapters.runpod import DEFAULT_BASE_URL, PollPolicy, RunPodCompute, classify_run
+
+KEY = "rpa_SECRET_KEY_0123456789"
+RUN_ID = "job-1-u1"
+FAST = PollPolicy(initial_s=0.001, factor=2.0, max_s=0.004, jitter=0.1)
+
+Reply = Callable[[httpx.Request], httpx.Response]
+
+
+def client(reply: Reply, **options: Any) -> RunPodCompute:
+    return RunPodCompute(
+        KEY, base_url="https://runpod.test/v2", transport=httpx.MockTransport(reply), poll=FAST, **options
+    )
+
+
+def json_reply(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Reply:
+    def reply(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status_code, json=body, headers=headers)
+
+    return reply
+
+
+def assert_no_key(error: BaseException) -> None:
+    assert KEY not in str(error) and KEY not in repr(error)
+
+
+@pytest.fixture
+def sequence() -> Iterator[Callable[[list[httpx.Response]], Reply]]:
+    def make(responses: list[httpx.Response]) -> Reply:
+        remaining = list(responses)
+
+        def reply(request: httpx.Request) -> httpx.Response:
+            return remaining.pop(0) if len(remaining) > 1 else remaining[0]
+
+        return reply
+
+    yield make
+
+
+# ------------------------------------------------------------------------------------- bodies
+
+
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        (httpx.Response(200, text="<html>gateway</html>", headers={"content-type": "text/html"}), "not JSON"),
+        (httpx.Response(200, content=b'{"id": "job-1-u1", "stat'), "not JSON"),
+        (httpx.Response(200, content=b""), "not JSON"),
+        (httpx.Response(200, json={"id": RUN_ID, "status": "WARMING_UP"}), "unknown job status 'WARMING_UP'"),
+        (httpx.Response(200, json={"status": "COMPLETED", "output": 1}), r"id: Field required"),
+        (httpx.Response(200, json={"id": "", "status": "COMPLETED"}), r"id: String should have at least 1"),
+        (httpx.Response(200, json={"id": 7, "status": "COMPLETED"}), r"id: Input should be a valid string"),
+        (httpx.Response(200, json={"id": RUN_ID}), r"status: Field required"),
+        (httpx.Response(200, json={"id": "someone-else", "status": "COMPLETED"}), "not 'job-1-u1'"),
+        (httpx.Response(200, json=[1, 2]), "does not match the contract"),
+        (httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "delayTime": "soon"}), "delayTime"),
+    ],
+)
+async def test_bad_status_bodies_are_bad_responses(response: httpx.Response, message: str) -> None:
+    async with client(lambda request: response) as compute:
+        with pytest.raises(BadResponse, match=message) as caught:
+            await compute.status("echo", RUN_ID)
+    assert str(caught.value).startswith(f"GET /echo/status/{RUN_ID}: ")
+    assert_no_key(caught.value)
+
+
+@pytest.mark.parametrize("body", [{"status": "IN_QUEUE"}, {"id": None}, {"id": ""}, "job-1"])
+async def test_a_submit_answer_without_an_id_is_a_bad_response(body: Any) -> None:
+    async with client(json_reply(body)) as compute:
+        with pytest.raises(BadResponse, match=r"POST /echo/run: the response does not match the contract"):
+            await compute.submit("echo", {"prompt": "x"})
+
+
+async def test_unknown_fields_are_ignored_and_every_status_field_is_read() -> None:
+    body = {
+        "id": RUN_ID,
+        "status": "COMPLETED",
+        "delayTime": 120,
+        "executionTime": 3456.0,
+        "output": {"images": ["a.png"]},
+        "workerId": "w-9",
+        "retries": 0,
+        "newField": {"x": 1},
+    }
+    async with client(json_reply(body)) as compute:
+        state = await compute.status("echo", RUN_ID)
+    assert state == RunState(RUN_ID, RunStatus.COMPLETED, {"images": ["a.png"]}, True, None, 120, 3456, "w-9")
+
+
+async def test_a_non_string_error_is_kept_as_json_text() -> None:
+    body = {"id": RUN_ID, "status": "FAILED", "error": {"code": 3, "message": "oom"}}
+    async with client(json_reply(body)) as compute:
+        state = await compute.status("echo", RUN_ID)
+    assert state.error == '{"code": 3, "message": "oom"}'
+    assert classify_run(state).reason == 'failed: {"code": 3, "message": "oom"}'
+
+
+async def test_health_and_purge_bodies_are_validated() -> None:
+    async with client(json_reply({"jobs": "lots"})) as compute:
+        with pytest.raises(BadResponse, match=r"GET /echo/health: .*jobs"):
+            await compute.health("echo")
+        with pytest.raises(BadResponse, match=r"removed: Field required"):
+            await compute.purge_queue("echo")
+
+
+# ------------------------------------------------------------------------------------- statuses
+
+
+@pytest.mark.parametrize(
+    ("status_code", "error", "retryable"),
+    [
+        (400, Rejected, False),
+        (413, Rejected, False),
+        (401, Unauthorized, False),
+        (403, Forbidden, False),
+        (404, NotFound, False),
+        (500, Unavailable, True),
+        (502, Unavailable, True),
+        (503, Unavailable, True),
+        (418, BadResponse, False),
+    ],
+)
+async def test_http_statuses_map_to_typed_errors(
+    status_code: int, error: type[GatewayError], retryable: bool
+) -> None:
+    reply = json_reply({"error": f"server says {KEY} is wrong"}, status_code)
+    async with client(reply) as compute:
+        with pytest.raises(error) as caught:
+            await compute.submit("echo", {"prompt": "x"})
+    assert caught.value.retryable is retryable
+    assert str(caught.value).startswith("POST /echo/run: ")
+    assert_no_key(caught.value)
+    if isinstance(caught.value, Rejected):
+        assert caught.value.status_code == status_code
+
+
+async def test_429_is_retried_with_backoff_then_raised(
+    sequence: Callable[[list[httpx.Response]], Reply],
+) -> None:
+    throttled = httpx.Response(429, json={"error": "slow down"}, headers={"Retry-After": "0.001"})
+    ok = httpx.Response(200, json={"id": RUN_ID, "status": "IN_QUEUE"})
+    async with client(sequence([throttled, throttled, ok])) as compute:
+        assert await compute.submit("echo", {"a": 1}) == RUN_ID
+        assert compute.requests_sent == 3
+    async with client(lambda request: throttled, max_rate_limit_retries=1) as compute:
+        with pytest.raises(RateLimited, match="429 Too Many Requests after 2 attempts") as caught:
+            await compute.status("echo", RUN_ID)
+    assert caught.value.retry_after == pytest.approx(0.001)
+
+
+async def test_429_without_retry_after_backs_off_exponentially() -> None:
+    throttled = httpx.Response(429, text="too many")
+    async with client(lambda request: throttled, max_rate_limit_retries=3) as compute:
+        delays = [compute._retry_after(throttled, attempt) for attempt in range(4)]
+    assert FAST.initial_s <= delays[0] < delays[1] < delays[2]
+    assert all(delay <= FAST.max_s * (1 + FAST.jitter) for delay in delays)
+
+
+# ------------------------------------------------------------------------------------- transport
+
+
+def raising(exc: Exception) -> Reply:
+    def reply(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    return reply
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.ConnectError("connection refused"),
+        httpx.ReadTimeout("timed out"),
+        httpx.RemoteProtocolError("peer closed connection"),
+    ],
+)
+async def test_transport_failures_are_unavailable(exc: Exception) -> None:
+    async with client(raising(exc)) as compute:
+        with pytest.raises(Unavailable) as on_submit:
+            await compute.submit("echo", {"a": 1})
+        with pytest.raises(Unavailable) as on_status:
+            await compute.status("echo", RUN_ID)
+    assert "the job may have been queued" in str(on_submit.value)
+    assert "may have been queued" not in str(on_status.value)
+    assert_no_key(on_submit.value)
+
+
+# ------------------------------------------------------------------------------------- wait
+
+
+async def test_wait_polls_until_terminal_and_survives_transient_errors(
+    sequence: Callable[[list[httpx.Response]], Reply],
+) -> None:
+    replies = sequence(
+        [
+            httpx.Response(200, json={"id": RUN_ID, "status": "IN_QUEUE"}),
+            httpx.Response(503, text="<html>busy</html>"),
+            httpx.Response(200, json={"id": RUN_ID, "status": "IN_PROGRESS", "workerId": "w"}),
+            httpx.Response(429, headers={"Retry-After": "0"}),
+            httpx.Response(
+                200, json={"id": RUN_ID, "status": "COMPLETED", "output": "done", "workerId": "w"}
+            ),
+        ]
+    )
+    async with client(replies) as compute:
+        outcome = await compute.wait("echo", RUN_ID, timeout_s=5)
+        assert outcome.succeeded and outcome.state.output == "done"
+        assert compute.requests_sent == 5
+
+
+async def test_wait_reports_404_as_not_found_with_the_last_state(
+    sequence: Callable[[list[httpx.Response]], Reply],
+) -> None:
+    replies = sequence(
+        [
+            httpx.Response(200, json={"id": RUN_ID, "status": "IN_PROGRESS"}),
+            httpx.Response(404, json={"error": "request does not exist"}),
+        ]
+    )
+    async with client(replies) as compute:
+        outcome = await compute.wait("echo", RUN_ID, timeout_s=5)
+    assert not outcome.succeeded and outcome.reason.startswith("not found (404)")
+    assert outcome.state.status is RunStatus.IN_PROGRESS and outcome.details["last_status"] == "IN_PROGRESS"
+
+
+async def test_wait_gives_up_at_the_deadline() -> None:
+    async with client(json_reply({"id": RUN_ID, "status": "IN_QUEUE"})) as compute:
+        outcome = await compute.wait("echo", RUN_ID, timeout_s=0.05)
+        polls = compute.requests_sent
+    assert outcome.reason == "deadline passed" and outcome.state.status is RunStatus.IN_QUEUE
+    assert 1 <= polls <= 60  # bounded by the backoff, not a busy loop
+
+
+async def test_wait_raises_on_a_bad_response_and_a_refused_key() -> None:
+    async with client(json_reply({"id": RUN_ID, "status": "BROKEN"})) as compute:
+        with pytest.raises(BadResponse, match="unknown job status"):
+            await compute.wait("echo", RUN_ID, timeout_s=5)
+    async with client(json_reply({"error": "no"}, 401)) as compute:
+        with pytest.raises(Unauthorized):
+            await compute.wait("echo", RUN_ID, timeout_s=5)
+
+
+@pytest.mark.parametrize(
+    ("body", "succeeded", "reason"),
+    [
+        ({"status": "COMPLETED", "output": {"a": 1}}, True, "completed"),
+        ({"status": "COMPLETED", "output": 0}, True, "completed"),
+        ({"status": "COMPLETED"}, False, "completed without output"),
+        ({"status": "COMPLETED", "output": None}, False, "completed without output"),
+        ({"status": "FAILED"}, False, "failed without an error text"),
+        ({"status": "FAILED", "error": "disk full"}, False, "failed: disk full"),
+        ({"status": "CANCELLED"}, False, "cancelled"),
+        ({"status": "TIMED_OUT"}, False, "timed out: executionTimeout exceeded"),
+    ],
+)
+async def test_terminal_states_are_classified(body: dict[str, Any], succeeded: bool, reason: str) -> None:
+    async with client(json_reply({"id": RUN_ID, **body})) as compute:
+        outcome = await compute.wait("echo", RUN_ID, timeout_s=5)
+    assert (outcome.succeeded, outcome.reason) == (succeeded, reason)
+    assert outcome.details["status"] == body["status"]
+
+
+# ------------------------------------------------------------------------------------- requests
+
+
+async def test_submit_sends_input_policy_and_webhook() -> None:
+    seen: list[httpx.Request] = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"id": RUN_ID, "status": "IN_QUEUE"})
+
+    async with client(reply) as compute:
+        await compute.submit(
+            "my-endpoint",
+            {"prompt": "é"},
+            execution_timeout_ms=60_000,
+            ttl_ms=3_600_000,
+            webhook="https://hooks.test/done",
+            low_priority=True,
+        )
+        await compute.submit("my-endpoint", {"prompt": "plain"})
+    first, second = seen
+    assert first.method == "POST" and first.url == "https://runpod.test/v2/my-endpoint/run"
+    assert first.headers["authorization"] == f"Bearer {KEY}"
+    assert json.loads(first.content) == {
+        "input": {"prompt": "é"},
+        "policy": {"executionTimeout": 60_000, "ttl": 3_600_000, "lowPriority": True},
+        "webhook": "https://hooks.test/done",
+    }
+    assert json.loads(second.content) == {"input": {"prompt": "plain"}}
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ({"endpoint_id": "../admin", "job_input": {}}, "endpoint_id must be"),
+        ({"endpoint_id": "echo", "job_input": ["x"]}, "input must be a JSON object"),
+        ({"endpoint_id": "echo", "job_input": {"x": {1, 2}}}, "input is not JSON serializable"),
+        ({"endpoint_id": "echo", "job_input": {"x": float("nan")}}, "input is not JSON serializable"),
+        ({"endpoint_id": "echo", "job_input": {}, "ttl_ms": 0}, "policy.ttl must be a positive integer"),
+        ({"endpoint_id": "echo", "job_input": {}, "execution_timeout_ms": 1.5}, "policy.executionTimeout"),
+        ({"endpoint_id": "echo", "job_input": {}, "webhook": "ftp://x"}, "webhook must be an http"),
+    ],
+)
+async def test_bad_submissions_are_rejected_before_sending(call: dict[str, Any], message: str) -> None:
+    async with client(json_reply({"id": RUN_ID, "status": "IN_QUEUE"})) as compute:
+        with pytest.raises(Rejected, match=message):
+            await compute.submit(**call)
+        assert compute.requests_sent == 0
+
+
+async def test_a_bad_run_id_is_rejected_before_sending() -> None:
+    async with client(json_reply({})) as compute:
+        with pytest.raises(Rejected, match="run_id must be"):
+            await compute.status("echo", "a/../../b")
+        assert compute.requests_sent == 0
+
+
+# ------------------------------------------------------------------------------------- the key
+
+
+def test_configuration_from_the_environment_and_a_repr_without_the_key() -> None:
+    compute = RunPodCompute.from_env(
+        {"RUNPOD_API_KEY": KEY, "RUNPOD_ENDPOINT_BASE_URL": "http://127.0.0.1:9/v2/"}
+    )
+    assert compute.base_url == "http://127.0.0.1:9/v2"
+    assert repr(compute) == "RunPodCompute(base_url='http://127.0.0.1:9/v2')" and KEY not in str(
+        vars(compute)
+    )
+    assert RunPodCompute.from_env({"RUNPOD_API_KEY": KEY}).base_url == DEFAULT_BASE_URL
+    with pytest.raises(Unauthorized, match="RUNPOD_API_KEY"):
+        RunPodCompute.from_env({})
+
+
+async def test_the_key_never_reaches_a_log_line() -> None:
+    throttled = httpx.Response(429, json={"error": f"key {KEY} throttled"}, headers={"Retry-After": "0"})
+    replies = [throttled, httpx.Response(503, text=f"down for {KEY}"), httpx.Response(404, json={})]
+    remaining = list(replies)
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        return remaining.pop(0)
+
+    with structlog.testing.capture_logs() as logs:
+        async with client(reply) as compute:
+            await compute.wait("echo", RUN_ID, timeout_s=5)
+    assert logs and KEY not in repr(logs)
