@@ -317,8 +317,8 @@ class PurpleFleaEscrow:
                 reported=reported,
             )
         if created.status is not EscrowStatus.FUNDED:
-            raise OutcomeUnknown(
-                f"escrow {created.escrow_id} was created with status {created.status.value!r}"
+            self._untrusted(
+                f"escrow {created.escrow_id} was created with status {created.status.value!r}", True
             )
         log.info("escrow.created", key=key, escrow_id=created.escrow_id, amount=fmt(value), dialect="v1")
         return EscrowReceipt(created.escrow_id, expected.amount, expected.fee, expected.net)
