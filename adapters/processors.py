@@ -364,7 +364,7 @@ class Processor:
         if escrow.status in (EscrowStatus.FUNDED, EscrowStatus.COMPLETED):
             return None
         if escrow.status == EscrowStatus.REFUNDED:
-            returned, kept = escrow.net, escrow.fee
+            returned, kept = self._refund_amounts(view, escrow)
             return lambda job: job.record_refunded_by_service(
                 returned, kept, "the escrow service refunded the escrow (timeout) before it was released"
             )

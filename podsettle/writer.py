@@ -126,7 +126,10 @@ class JobWriter:
         for request in self._queue:
             request.future.cancel()
         self._queue.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        # A save already running finishes (SQLite commits are atomic: finishing it is the same as a
+        # crash just after it); nothing queued runs. Waiting also keeps the store's connections open
+        # until the store thread is done with them.
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ the loop
 
