@@ -339,7 +339,7 @@ class EscrowSandbox:
             tx.open_account(agent_id)
             if amount > 0:
                 tx.mint(agent_id, amount, key=f"sandbox:agent:{agent_id}")
-        log.info("sandbox.agent_created", agent_id=agent_id, balance=fmt(amount))
+        log.debug("sandbox.agent_created", agent_id=agent_id, balance=fmt(amount))
         return agent_id, api_key
 
     def agent_for_key(self, api_key: str) -> str | None:
@@ -458,7 +458,7 @@ class EscrowSandbox:
                 f'Escrow created: ${amount.normalize():f} for "{description}"',
             )
             row = self._row(tx, escrow_id)
-        log.info("sandbox.escrow_created", escrow_id=escrow_id, amount=fmt(amount), dialect=dialect)
+        log.debug("sandbox.escrow_created", escrow_id=escrow_id, amount=fmt(amount), dialect=dialect)
         return row
 
     def _referrer(self, tx: LedgerTx, creator: str, referral_code: Any) -> str | None:
@@ -546,7 +546,7 @@ class EscrowSandbox:
         self._event(
             tx, row["escrow_id"], "released", actor, f"Released ${_dollars(amount - fee)} to counterparty"
         )
-        log.info("sandbox.escrow_released", escrow_id=row["escrow_id"])
+        log.debug("sandbox.escrow_released", escrow_id=row["escrow_id"])
         return {
             "escrow_id": row["escrow_id"],
             "status": "released",

@@ -637,7 +637,7 @@ class Ledger:
     def mint(self, account_id: str, amount: object, *, key: str) -> Money:
         with self.transaction() as tx:
             minted = tx.mint(account_id, amount, key=key)
-        log.info("ledger.mint", account=account_id, amount=fmt(minted))
+        log.debug("ledger.mint", account=account_id, amount=fmt(minted))
         return minted
 
     def transfer(self, source: str, target: str, amount: object, *, key: str) -> Money:
