@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.persistence import IntegrityError
 from eventsourcing.utils import get_topic
 
@@ -144,6 +144,16 @@ class Settlements(Application[UUID]):
                 job.id, existing.state, "open", f"key {job.job_key!r} opened a different job"
             )
         return True
+
+    def save_all(self, aggregates: Sequence[Any]) -> None:
+        """`save(*aggregates)` without the library's per-object protocol checks, which cost more
+        than encoding the events when a writer saves hundreds of jobs at once (eventsourcing 9.5)."""
+        processing = ProcessingEvent[UUID]()
+        for aggregate in aggregates:
+            processing.events.extend(aggregate.collect_events())
+            processing.aggregates[aggregate.id] = aggregate
+        recordings = self._record(processing)
+        self._notify(recordings)
 
     # ------------------------------------------------------------------ queries
 

@@ -87,13 +87,87 @@ def engine_from_settings(settings: Settings) -> Engine:
         raise ConfigError("PODSETTLE_PAYER: the payer's agent id (ag_...) is required")
     escrow = PurpleFleaEscrow(
         settings.escrow_url,
-        api_key=settings.pf_api_key.get_secret_value(),
+        payer_key=settings.pf_api_key.get_secret_value(),
         worker_key=settings.pf_worker_key.get_secret_value() if settings.pf_worker_key else None,
         dialect=settings.escrow_dialect,
+        payer_id=settings.payer,
         refund_method=settings.refund_method,
     )
-    compute = RunPodCompute(settings.runpod_base_url, api_key=settings.runpod_api_key.get_secret_value())
+    compute = RunPodCompute(settings.runpod_api_key.get_secret_value(), base_url=settings.runpod_base_url)
     engine = Engine(Settlements(settings.store), escrow, compute, payer=settings.payer, settings=settings)
     engine.on_close(escrow.aclose)
     engine.on_close(compute.aclose)
     return engine
+
+
+def sandbox_engine(
+    store: str = "sqlite:///podsettle-sandbox.db",
+    *,
+    dialect: str = "v1",
+    balance: str = "1000",
+    endpoints: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    concurrency: int = 32,
+    job_timeout_s: int = 600,
+    sandbox_options: Mapping[str, Any] | None = None,
+    processor: ProcessorConfig | None = None,
+) -> Engine:
+    """The engine over real loopback HTTP to a sandbox served in this process: the same adapters as
+    production, a funded payer agent and a worker agent created through the admin routes."""
+    from podsettle.adapters.purpleflea import PurpleFleaEscrow
+    from podsettle.adapters.runpod import RunPodCompute
+    from podsettle.adapters.sandbox import Sandbox
+
+    configure_logging()
+    options = dict(sandbox_options or {})
+    options.setdefault("escrow_options", {"rate_limits": SANDBOX_RATE_LIMITS})
+    sandbox = Sandbox(endpoints=endpoints, seed=seed, **options).start()
+    try:
+        payer = sandbox.create_agent(balance)
+        worker = sandbox.create_agent("0")
+        escrow = PurpleFleaEscrow(
+            sandbox.url,
+            payer_key=payer.api_key,
+            worker_key=worker.api_key,
+            dialect=dialect,  # type: ignore[arg-type]
+            payer_id=payer.agent_id,
+            rate_limits=SANDBOX_RATE_LIMITS,
+        )
+        compute = RunPodCompute("sandbox-key", base_url=sandbox.runpod_url, seed=seed)
+    except BaseException:
+        sandbox.stop()
+        raise
+    settings = Settings(
+        store=store,
+        payer=payer.agent_id,
+        payee=worker.agent_id,
+        escrow_url=sandbox.url,
+        escrow_dialect=dialect,  # type: ignore[arg-type]
+        runpod_base_url=sandbox.runpod_url,
+        concurrency=concurrency,
+        job_timeout_s=job_timeout_s,
+    )
+    engine = Engine(
+        Settlements(store),
+        escrow,
+        compute,
+        payer=payer.agent_id,
+        settings=settings,
+        processor=processor or ProcessorConfig(pending_refund_poll_s=0.2),
+    )
+    engine.sandbox = sandbox
+    engine.on_close(sandbox.stop)
+    engine.on_close(compute.aclose)
+    engine.on_close(escrow.aclose)
+    return engine
+
+
+# The sandbox serves one local engine: its rate limits are far above the hosted service's, and the
+# adapter's client-side limiter is told the same.
+SANDBOX_RATE_LIMITS = {
+    "create": 100_000,
+    "complete": 100_000,
+    "release": 100_000,
+    "dispute": 100_000,
+    "cancel": 100_000,
+}

@@ -295,6 +295,7 @@ class Engine:
         self._driving: dict[uuid.UUID, asyncio.Task[JobView]] = {}
         self._background: list[asyncio.Task[Any]] = []
         self._closers = _Closers()
+        self.sandbox: Any = None  # the in-process sandbox, when `Engine.sandbox` made this engine
         self._started = False
         self._closed = False
 
@@ -503,21 +504,26 @@ class Engine:
             raise InvalidInput("concurrency", f"must be at least 1, got {limit}")
         batch = batch_id or f"batch-{uuid.uuid4().hex[:12]}"
         check_id(batch, "batch_id")
-        specs = [
-            self._spec(
-                endpoint_id,
-                job_input,
-                per_job_budget,
-                job_key=f"{batch}-{index:06d}",
-                payee=payee,
-                referral=referral,
-                acceptance=acceptance,
-                bonus_pool=bonus_pool,
-                batch_id=batch,
-                timeout_s=timeout_s,
-            )
-            for index, job_input in enumerate(jobs)
-        ]
+
+        def build() -> list[JobSpec]:
+            return [
+                self._spec(
+                    endpoint_id,
+                    job_input,
+                    per_job_budget,
+                    job_key=f"{batch}-{index:06d}",
+                    payee=payee,
+                    referral=referral,
+                    acceptance=acceptance,
+                    bonus_pool=bonus_pool,
+                    batch_id=batch,
+                    timeout_s=timeout_s,
+                )
+                for index, job_input in enumerate(jobs)
+            ]
+
+        # Validating and hashing thousands of inputs is CPU work: off the event loop.
+        specs = await asyncio.to_thread(build) if len(jobs) > 100 else build()
         await self.start()
         ids = await self.writer.open(specs)
         slots = asyncio.Semaphore(limit)

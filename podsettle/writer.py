@@ -62,6 +62,8 @@ class JobWriter:
         self.stats = WriterStats()
         self._cache: OrderedDict[UUID, EscrowJob] = OrderedDict()
         self._versions: OrderedDict[UUID, int] = OrderedDict()
+        # Inputs of jobs opened here, until they are submitted: saves reading them back.
+        self._inputs: dict[str, dict[str, Any]] = {}
         self._queue: list[_Request] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -206,7 +208,7 @@ class JobWriter:
         if aggregates:
             started = time.perf_counter()
             try:
-                self.app.save(*aggregates)
+                self.app.save_all(aggregates)
             except IntegrityError:
                 return self._fallback(batch)
             except Exception:
@@ -239,10 +241,13 @@ class JobWriter:
                     new.extend([job, *extra])
                     self._remember(job)
                     touched[job.id] = job
+                    if spec.job_input is not None and len(self._inputs) < self.cache_size:
+                        self._inputs[spec.job_key] = dict(spec.job_input)
                 ids.append(job.id)
             return ids
         if request.kind == "input":
-            return self.app.job_input(request.job_key)
+            cached = self._inputs.pop(request.job_key, None)
+            return cached if cached is not None else self.app.job_input(request.job_key)
         assert request.job_id is not None
         job = self._load(request.job_id)
         if request.kind == "view":
@@ -267,6 +272,7 @@ class JobWriter:
         """Replay each request alone, on fresh copies, saving each on its own."""
         self.stats.fallbacks += 1
         self._cache.clear()
+        self._inputs.clear()
         outcomes: list[tuple[_Request, Any]] = []
         for request in batch:
             try:
