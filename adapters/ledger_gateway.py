@@ -5,19 +5,21 @@ key, and a refund returns the money at once. The engine's benchmarks and fast fa
 it; the ledger calls are short SQLite transactions, made synchronously inside the async methods.
 
 Choices, so that the engine can rely on them:
-- an escrow is a ledger hold (its id is the escrow id) whose meta records payee and referrer;
+- an escrow is a ledger hold (its id is the escrow id) whose meta records payee and referrer; the
+  payee must have an account (else `Rejected`, 404), a referral code becomes the referrer's account;
 - release posts `expected.net` to the payee and `expected.fee` as the fee; when `expected.amount`
   is less than the escrow, the rest goes back to the payer (a partial release); the referral share
   is 15% of the fee when the escrow has a referrer, else zero (whatever `expected.referral_fee` says);
 - refund voids the hold: the whole amount back to the payer, no fee kept;
 - a hold past its expiry (`timeout_hours`) is refunded the same way by `sweep()`; until then it
-  still reads as funded and can still be refunded, but no longer released (`Conflict`).
+  still reads as funded and can still be refunded; a release then sweeps first and is refused with
+  `Conflict(status="refunded")`, as the v1 service's release after its timeout sweep is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from podsettle.adapters.ledger import (
     FEES_ACCOUNT,
@@ -72,7 +74,7 @@ class LedgerEscrow:
         self.ledger = ledger
         self.payer = payer
         self.fee_account = fee_account
-        self._clock = clock or (lambda: datetime.now(UTC))
+        self._clock = clock or ledger.now
 
     def __repr__(self) -> str:
         return f"LedgerEscrow(payer={self.payer!r}, ledger={self.ledger!r})"
@@ -107,10 +109,8 @@ class LedgerEscrow:
                 raise Rejected(
                     f"payee {payee!r} has no account", status_code=404, code="counterparty_not_found"
                 )
-            if referral and not tx.has_account(referral):
-                raise Rejected(
-                    f"referral {referral!r} has no account", status_code=404, code="referrer_not_found"
-                )
+            if referral:
+                tx.open_account(referral)  # a referral code is the referrer's account here
             try:
                 hold = tx.hold(
                     key=key,
@@ -137,6 +137,7 @@ class LedgerEscrow:
                 f"escrow {escrow_id}: expected fee {fmt(fee)} + net {fmt(net)} != amount {fmt(amount)}",
                 reported={"escrow_id": escrow_id, "amount": fmt(amount), "fee": fmt(fee), "net": fmt(net)},
             )
+        expired = False
         with self.ledger.transaction() as tx:
             try:
                 hold = tx.get_hold(escrow_id)
@@ -160,7 +161,7 @@ class LedgerEscrow:
                     referral_fee=referral_fee(fee) if referrer else ZERO,
                 )
             except HoldExpired:
-                raise Conflict(f"escrow {escrow_id} is past its expiry", status="funded") from None
+                expired = True
             except HoldNotOpen as e:
                 previous = tx.settlement(escrow_id)
                 if previous is not None and previous.status == "posted":
@@ -170,8 +171,13 @@ class LedgerEscrow:
                 raise Conflict(str(e), status=_STATUS[hold.status].value) from None
             except (InvalidPosting, UnknownAccount) as e:
                 raise Rejected(str(e), status_code=400, code="invalid_release") from None
-        log.debug("ledger_escrow.released", escrow_id=escrow_id, net=fmt(posting.net))
-        return _settlement(posting)
+            if not expired:
+                log.debug("ledger_escrow.released", escrow_id=escrow_id, net=fmt(posting.net))
+                return _settlement(posting)
+        # Past its expiry the hold belongs to the sweep, as a v1 escrow past auto_release_at does:
+        # the money goes back, and the release is refused like the service's 409.
+        self.sweep()
+        raise Conflict(f"escrow {escrow_id} expired before the release and was refunded", status="refunded")
 
     async def refund(self, escrow_id: str, *, key: str, reason: str) -> Settlement:
         with self.ledger.transaction() as tx:
