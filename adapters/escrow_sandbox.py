@@ -273,11 +273,15 @@ class EscrowSandbox:
         self.ledger = Ledger(ledger_path, clock=self.now)
         self.faults: dict[str, deque[Fault]] = {}
         self._windows = SlidingWindow()
-        self._last_sweep = self.now()
         with self.ledger.transaction() as tx:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     tx.execute(statement)
+            # The clock's offset survives a restart, so escrows past due stay past due.
+            row = tx.execute("SELECT value FROM sandbox_counters WHERE name = 'clock_offset_us'").fetchone()
+            if row is not None:
+                self._offset = timedelta(microseconds=row[0])
+        self._last_sweep = self.now()
 
     def __repr__(self) -> str:
         return f"EscrowSandbox(ledger={self.ledger!r})"
@@ -288,7 +292,15 @@ class EscrowSandbox:
         return self._base_clock() + self._offset
 
     def advance(self, seconds: float) -> datetime:
+        """Move the sandbox's clock forward (for the timeout sweep); kept in the database."""
         self._offset += timedelta(seconds=seconds)
+        offset_us = int(self._offset / timedelta(microseconds=1))
+        with self.ledger.transaction() as tx:
+            tx.execute(
+                "INSERT INTO sandbox_counters (name, value) VALUES ('clock_offset_us', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (offset_us,),
+            )
         return self.now()
 
     def _next_id(self, tx: LedgerTx, kind: str, prefix: str, hex_chars: int) -> str:

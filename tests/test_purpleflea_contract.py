@@ -406,14 +406,17 @@ async def test_state_survives_a_restart(tmp_path: Path) -> None:
         worker, _ = first.agent("0")
         async with first.adapter(payer_key) as pf:
             receipt = await _create(pf, worker)
+            due = await _create(pf, worker, timeout_hours=1)
+        first.http.post("/sandbox/clock", json={"advance_s": 3700})
     with running_sandbox(ledger_path=path) as second:
+        assert second.http.post("/sandbox/sweep").json() == {"refunded": [due.escrow_id]}
         async with second.adapter(payer_key) as pf:
             assert (await pf.get(receipt.escrow_id)).status is EscrowStatus.FUNDED
             settlement = await pf.release(receipt.escrow_id, key="r", expected=split(HALF))
             assert settlement.to_payee == Decimal("0.495")
             other = await _create(pf, worker)
             assert other.escrow_id != receipt.escrow_id
-        assert second.balance(payer) == "4.000000"
+        assert second.balance(payer) == "3.995000"  # 5 - 0.5 - 0.5 - 0.5 + (0.5 - 0.005)
         _conserved(second)
 
 
