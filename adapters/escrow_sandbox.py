@@ -80,6 +80,7 @@ MIN_AMOUNT = Decimal("0.10")
 FAUCET_AMOUNT = Decimal("1.00")
 FAULT_ROUTES = frozenset({"create", "complete", "release", "cancel", "dispute", "get"})
 FAULT_MODES = frozenset({"error_before", "drop_after", "rate_limit", "delay"})
+STATE_KEY = "podsettle.escrow_sandbox"
 UNAUTHORIZED_MESSAGE = "Bearer {casino_api_key} required. Register at casino.purpleflea.com."
 
 _SCHEMA = """
@@ -761,7 +762,8 @@ async def _json(request: Request, *, optional: bool = False) -> dict[str, Any]:
 
 
 def _state(request: Request) -> EscrowSandbox:
-    state: EscrowSandbox = request.app.state.escrow
+    # Set by SandboxMiddleware, so the routes work even when an outer app routes to this one.
+    state: EscrowSandbox = request.scope[STATE_KEY]
     return state
 
 
@@ -1058,6 +1060,7 @@ class SandboxMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope[STATE_KEY] = self.state
         self.state.maybe_sweep()
         route = _fault_route(scope["method"], scope["path"])
         fault = self.state.take_fault(route) if route else None

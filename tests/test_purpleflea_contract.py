@@ -32,6 +32,7 @@ from podsettle.adapters.ports import (
     Unauthorized,
     Unavailable,
 )
+from podsettle.adapters.purpleflea import PurpleFleaEscrow
 from podsettle.domain.money import to_money
 from podsettle.domain.rules import split
 from tests.escrow_sandbox_helpers import Sandbox, running_sandbox
@@ -676,3 +677,19 @@ def test_health_and_every_route_is_under_the_agreed_prefixes() -> None:
         health = httpx.get(server.url + "/health")
         assert health.status_code == 200 and health.json()["status"] == "ok"
     app.state.escrow.ledger.close()
+
+
+async def test_the_sandbox_works_when_an_outer_app_routes_to_it() -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    inner = create_escrow_app(rate_limits={"create": 100})
+    outer = Starlette(routes=[Mount("/", app=inner)])
+    with BackgroundServer(outer) as server:
+        async with httpx.AsyncClient(base_url=server.url) as admin:
+            agents = [(await admin.post("/sandbox/agents", json={"balance": "1"})).json() for _ in range(2)]
+            async with PurpleFleaEscrow(server.url, payer_key=agents[0]["api_key"]) as pf:
+                receipt = await _create(pf, agents[1]["agent_id"])
+                assert (await pf.get(receipt.escrow_id)).status is EscrowStatus.FUNDED
+            assert (await admin.get("/sandbox/ledger")).json()["held"] == "0.500000"
+    inner.state.escrow.ledger.close()
