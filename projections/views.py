@@ -1,0 +1,409 @@
+"""The read models' SQLite tables, and the projector that keeps them up to date.
+
+Each flush writes the changed job rows, the changed tallies, the tracking position and the log
+checkpoints in one SQLite transaction: after a crash the views and their position agree, and the
+next catch-up resumes exactly after the last event they include.
+
+The projector also keeps a running hash of the notification log as it reads it (the log digest),
+with a checkpoint every `CHECKPOINT_EVERY` events. The audit recomputes it: an event changed,
+removed, inserted or moved in the store after the read model saw it no longer gives the same digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from podsettle.domain import EscrowJob, fmt
+from podsettle.projections.rows import AMOUNTS, COUNTS, JobRow, Tally, funded_at_after, row_of
+
+CHECKPOINT_EVERY = 1_000
+GENESIS_DIGEST = bytes(32)
+VIEWS = ("all", "batch", "payee", "endpoint")
+
+_ROW_COLUMNS = (
+    "job_id",
+    "job_key",
+    "batch_id",
+    "endpoint_id",
+    "payer",
+    "payee",
+    "state",
+    "escrow_id",
+    "budget",
+    "funded",
+    "fee",
+    "to_payee",
+    "referral_fee",
+    "returned",
+    "fee_kept",
+    "bonus",
+    "bonus_fee",
+    "execution_ms",
+    "delay_ms",
+    "worker_id",
+    "intent",
+    "in_flight",
+    "opened_at",
+    "funded_at",
+    "version",
+    "position",
+)
+_ROW_MONEY = frozenset(
+    ("budget", "funded", "fee", "to_payee", "referral_fee", "returned", "fee_kept", "bonus", "bonus_fee")
+)
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY, job_key TEXT NOT NULL, batch_id TEXT, endpoint_id TEXT NOT NULL,
+    payer TEXT NOT NULL, payee TEXT NOT NULL, state TEXT NOT NULL, escrow_id TEXT,
+    budget TEXT NOT NULL, funded TEXT NOT NULL, fee TEXT NOT NULL, to_payee TEXT NOT NULL,
+    referral_fee TEXT NOT NULL, returned TEXT NOT NULL, fee_kept TEXT NOT NULL, bonus TEXT NOT NULL,
+    bonus_fee TEXT NOT NULL, execution_ms INTEGER, delay_ms INTEGER, worker_id TEXT, intent TEXT,
+    in_flight INTEGER NOT NULL, opened_at TEXT NOT NULL, funded_at TEXT, funding_us INTEGER,
+    version INTEGER NOT NULL, position INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch_id);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS tallies (
+    view TEXT NOT NULL, key TEXT NOT NULL,
+    {", ".join(f"{name} INTEGER NOT NULL" for name in COUNTS)},
+    {", ".join(f"{name} TEXT NOT NULL" for name in AMOUNTS)},
+    PRIMARY KEY (view, key)
+);
+CREATE TABLE IF NOT EXISTS tracking (
+    name TEXT PRIMARY KEY, position INTEGER NOT NULL, events INTEGER NOT NULL, log_digest TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log_checkpoints (
+    position INTEGER PRIMARY KEY, events INTEGER NOT NULL, log_digest TEXT NOT NULL
+);
+"""
+TABLES = ("jobs", "tallies", "tracking", "log_checkpoints")
+
+
+def log_step(
+    digest: bytes, position: int, originator_id: UUID | str, version: int, topic: str, state: bytes
+) -> bytes:
+    """The log digest after one more notification: sha256(previous digest, position, the stored event).
+
+    A UUID originator id counts as its 32 hex digits (as the SQLite recorder stores it)."""
+    text = originator_id.hex if isinstance(originator_id, UUID) else originator_id
+    h = hashlib.sha256(digest)
+    h.update(f"{position}\n{text}\n{version}\n{topic}\n".encode())
+    h.update(state)
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    position: int
+    events: int
+    log_digest: str
+
+
+@dataclass(frozen=True)
+class Tracking:
+    position: int
+    events: int
+    log_digest: str
+
+
+def _row_values(row: JobRow) -> tuple[Any, ...]:
+    values: list[Any] = []
+    for name in _ROW_COLUMNS:
+        value = getattr(row, name)
+        if name in _ROW_MONEY:
+            value = fmt(value)
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, bool):
+            value = int(value)
+        values.append(value)
+    values.insert(_ROW_COLUMNS.index("funded_at") + 1, row.funding_us)
+    return tuple(values)
+
+
+def _row_from(record: sqlite3.Row | tuple[Any, ...]) -> JobRow:
+    data = dict(zip((*_ROW_COLUMNS[:24], "funding_us", *_ROW_COLUMNS[24:]), record, strict=True))
+    data.pop("funding_us")
+    for name in _ROW_MONEY:
+        data[name] = Decimal(data[name])
+    data["in_flight"] = bool(data["in_flight"])
+    data["opened_at"] = datetime.fromisoformat(data["opened_at"])
+    if data["funded_at"] is not None:
+        data["funded_at"] = datetime.fromisoformat(data["funded_at"])
+    return JobRow(**data)
+
+
+def _tally_from(record: Iterable[Any]) -> Tally:
+    values = list(record)
+    tally = Tally()
+    for name, value in zip(COUNTS, values[: len(COUNTS)], strict=True):
+        setattr(tally, name, int(value))
+    for name, value in zip(AMOUNTS, values[len(COUNTS) :], strict=True):
+        setattr(tally, name, Decimal(value))
+    return tally
+
+
+def _tally_values(tally: Tally) -> tuple[Any, ...]:
+    return tuple(getattr(tally, n) for n in COUNTS) + tuple(fmt(getattr(tally, n)) for n in AMOUNTS)
+
+
+class ViewStore:
+    """The SQLite file (or in-memory database) that holds one set of read-model tables."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path or ":memory:"
+        self.lock = threading.RLock()
+        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if self.path != ":memory:":
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.create()
+
+    def create(self) -> None:
+        with self.lock:
+            self.conn.executescript(SCHEMA)
+
+    def drop(self) -> None:
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            for table in TABLES:
+                self.conn.execute(f"DROP TABLE IF EXISTS {table}")
+            self.conn.execute("COMMIT")
+            self.create()
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    # ------------------------------------------------------------------ reading
+
+    def tracking(self, name: str) -> Tracking:
+        with self.lock:
+            found = self.conn.execute(
+                "SELECT position, events, log_digest FROM tracking WHERE name = ?", (name,)
+            ).fetchone()
+        if found is None:
+            return Tracking(0, 0, GENESIS_DIGEST.hex())
+        return Tracking(*found)
+
+    def row(self, job_id: str) -> JobRow | None:
+        with self.lock:
+            found = self.conn.execute(
+                f"SELECT {', '.join(_ROW_COLUMNS[:24])}, funding_us, {', '.join(_ROW_COLUMNS[24:])} "
+                "FROM jobs WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+        return None if found is None else _row_from(found)
+
+    def rows(self, *, state: str | None = None, batch_id: str | None = None) -> list[JobRow]:
+        where, params = [], []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if batch_id is not None:
+            where.append("batch_id = ?")
+            params.append(batch_id)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        columns = f"{', '.join(_ROW_COLUMNS[:24])}, funding_us, {', '.join(_ROW_COLUMNS[24:])}"
+        with self.lock:
+            found = self.conn.execute(
+                f"SELECT {columns} FROM jobs {clause}ORDER BY position, job_id", params
+            ).fetchall()
+        return [_row_from(record) for record in found]
+
+    def iter_rows(self) -> Iterator[JobRow]:
+        """Every row in job id order, a page at a time (constant memory)."""
+        columns = f"{', '.join(_ROW_COLUMNS[:24])}, funding_us, {', '.join(_ROW_COLUMNS[24:])}"
+        after = ""
+        while True:
+            with self.lock:
+                page = self.conn.execute(
+                    f"SELECT {columns} FROM jobs WHERE job_id > ? ORDER BY job_id LIMIT 1000", (after,)
+                ).fetchall()
+            if not page:
+                return
+            for record in page:
+                yield _row_from(record)
+            after = page[-1][0]
+
+    def tally(self, view: str, key: str) -> Tally | None:
+        with self.lock:
+            found = self.conn.execute(
+                f"SELECT {', '.join((*COUNTS, *AMOUNTS))} FROM tallies WHERE view = ? AND key = ?",
+                (view, key),
+            ).fetchone()
+        return None if found is None else _tally_from(found)
+
+    def tallies(self, view: str) -> dict[str, Tally]:
+        with self.lock:
+            found = self.conn.execute(
+                f"SELECT key, {', '.join((*COUNTS, *AMOUNTS))} FROM tallies WHERE view = ? ORDER BY key",
+                (view,),
+            ).fetchall()
+        return {record[0]: _tally_from(record[1:]) for record in found}
+
+    def column(self, name: str, *, batch_id: str | None = None) -> list[int]:
+        """The non-null values of an integer column, sorted (for percentiles)."""
+        assert name in ("execution_ms", "delay_ms", "funding_us")
+        clause = " AND batch_id = ?" if batch_id is not None else ""
+        params = (batch_id,) if batch_id is not None else ()
+        with self.lock:
+            found = self.conn.execute(
+                f"SELECT {name} FROM jobs WHERE {name} IS NOT NULL{clause} ORDER BY {name}", params
+            ).fetchall()
+        return [record[0] for record in found]
+
+    def checkpoints(self) -> dict[int, Checkpoint]:
+        with self.lock:
+            found = self.conn.execute(
+                "SELECT position, events, log_digest FROM log_checkpoints ORDER BY position"
+            ).fetchall()
+        return {record[0]: Checkpoint(*record) for record in found}
+
+    def dump(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every table's content in a stable order: for comparing two sets of views."""
+        with self.lock:
+            return {
+                table: sorted(self.conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+                for table in TABLES
+            }
+
+    # ------------------------------------------------------------------ writing
+
+    def write(
+        self,
+        name: str,
+        rows: Iterable[JobRow],
+        tallies: Iterable[tuple[str, str, Tally]],
+        tracking: Tracking,
+        checkpoints: Iterable[Checkpoint],
+    ) -> None:
+        """One transaction: the changed rows and tallies with the position they reflect."""
+        placeholders = ", ".join("?" * (len(_ROW_COLUMNS) + 1))
+        tally_columns = ", ".join(("view", "key", *COUNTS, *AMOUNTS))
+        tally_marks = ", ".join("?" * (2 + len(COUNTS) + len(AMOUNTS)))
+        with self.lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO jobs ({', '.join(_ROW_COLUMNS[:24])}, funding_us, "
+                    f"{', '.join(_ROW_COLUMNS[24:])}) VALUES ({placeholders})",
+                    [_row_values(row) for row in rows],
+                )
+                conn.executemany(
+                    f"INSERT OR REPLACE INTO tallies ({tally_columns}) VALUES ({tally_marks})",
+                    [(view, key, *_tally_values(tally)) for view, key, tally in tallies],
+                )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO log_checkpoints (position, events, log_digest) VALUES (?, ?, ?)",
+                    [(c.position, c.events, c.log_digest) for c in checkpoints],
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO tracking (name, position, events, log_digest) "
+                    "VALUES (?, ?, ?, ?)",
+                    (name, tracking.position, tracking.events, tracking.log_digest),
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+
+def _keys(row: JobRow) -> tuple[tuple[str, str], ...]:
+    return (("all", ""), ("batch", row.batch_id or ""), ("payee", row.payee), ("endpoint", row.endpoint_id))
+
+
+class Projector:
+    """Turns (job after its event, event, position) into rows and tallies, and flushes them.
+
+    Memory is bounded: a cache of recent rows (a miss reads the row back from the store) and the
+    tallies (one per batch, payee and endpoint, not per job).
+    """
+
+    def __init__(self, store: ViewStore, name: str = "podsettle", *, cache_size: int = 4096) -> None:
+        self.store = store
+        self.name = name
+        self.cache_size = cache_size
+        self._rows: dict[str, JobRow] = {}
+        self._pending: dict[str, JobRow] = {}
+        self._tallies: dict[tuple[str, str], Tally] = {}
+        self._dirty: set[tuple[str, str]] = set()
+        self._checkpoints: list[Checkpoint] = []
+        tracking = store.tracking(name)
+        self.position = tracking.position
+        self.events = tracking.events
+        self.digest = bytes.fromhex(tracking.log_digest)
+
+    def observe(
+        self, position: int, originator_id: UUID | str, version: int, topic: str, state: bytes
+    ) -> None:
+        """Every notification, whatever its aggregate, moves the position and the log digest."""
+        self.digest = log_step(self.digest, position, originator_id, version, topic, state)
+        self.position = position
+        self.events += 1
+        if self.events % CHECKPOINT_EVERY == 0:
+            self._checkpoints.append(Checkpoint(position, self.events, self.digest.hex()))
+
+    def apply(self, job: EscrowJob, event: object, position: int) -> JobRow:
+        """The job right after `event` (already applied to it), at log `position`."""
+        old = self._old(str(job.id))
+        return self._put(
+            old, row_of(job, position, funded_at_after(event, old.funded_at if old is not None else None))
+        )
+
+    def put(self, job: EscrowJob, position: int, funded_at: datetime | None) -> JobRow:
+        """The job as it is after its event at `position` (for a replay that projects each job once)."""
+        return self._put(self._old(str(job.id)), row_of(job, position, funded_at))
+
+    def _old(self, job_id: str) -> JobRow | None:
+        old = self._pending.get(job_id) or self._rows.get(job_id)
+        return old if old is not None else self.store.row(job_id)
+
+    def _put(self, old: JobRow | None, new: JobRow) -> JobRow:
+        job_id = new.job_id
+        if old is not None:
+            for key in _keys(old):
+                self._tally(key).add(old, -1)
+        for key in _keys(new):
+            self._tally(key).add(new, 1)
+        rows = self._rows
+        rows.pop(job_id, None)
+        rows[job_id] = new
+        if len(rows) > self.cache_size:
+            del rows[next(iter(rows))]
+        self._pending[job_id] = new
+        return new
+
+    def _tally(self, key: tuple[str, str]) -> Tally:
+        tally = self._tallies.get(key)
+        if tally is None:
+            tally = self.store.tally(*key) or Tally()
+            self._tallies[key] = tally
+        self._dirty.add(key)
+        return tally
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> None:
+        self.store.write(
+            self.name,
+            self._pending.values(),
+            [(view, key, self._tallies[(view, key)]) for view, key in sorted(self._dirty)],
+            Tracking(self.position, self.events, self.digest.hex()),
+            self._checkpoints,
+        )
+        self._pending.clear()
+        self._dirty.clear()
+        self._checkpoints.clear()
