@@ -247,6 +247,7 @@ class EndpointRuntime:
         self._seq = 0
         self._queue: asyncio.PriorityQueue[tuple[int, int, str, int]] | None = None
         self._workers: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ faults
@@ -432,14 +433,16 @@ class EndpointRuntime:
         return job.id in self.jobs and job.status.terminal
 
     async def aclose(self) -> None:
-        for task in self._workers:
-            task.cancel()
-        for job in self.jobs.values():
-            if job.task is not None and not job.task.done():
-                job.task.cancel()
-        if self._workers:
-            await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._loop is asyncio.get_running_loop():  # tasks of a closed loop are gone with it
+            for task in self._workers:
+                task.cancel()
+            for job in self.jobs.values():
+                if job.task is not None and not job.task.done():
+                    job.task.cancel()
+            if self._workers:
+                await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
+        self._queue = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -447,13 +450,30 @@ class EndpointRuntime:
     # ------------------------------------------------------------------ internals
 
     def _enqueue(self, job: JobRecord) -> None:
-        if self._queue is None:
-            self._queue = asyncio.PriorityQueue()
-        if not self._workers:
-            self._start_workers()
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._loop is not loop:
+            self._restart_on(loop)
+        assert self._queue is not None
         job.queued = True
         self._seq += 1
         self._queue.put_nowait((1 if job.low_priority else 0, self._seq, job.id, job.attempt))
+
+    def _restart_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Workers live on the loop that queued the first job; when a caller comes from another loop
+        (the first one closed: a test per loop), the queue and workers start again there."""
+        stale = self._queue is not None
+        self._loop = loop
+        self._queue = asyncio.PriorityQueue()
+        self._workers = []
+        self.running_workers = 0
+        self._start_workers()
+        if stale:
+            for waiting in sorted(self.jobs.values(), key=lambda j: j.submitted_at):
+                if waiting.queued:
+                    self._seq += 1
+                    self._queue.put_nowait(
+                        (1 if waiting.low_priority else 0, self._seq, waiting.id, waiting.attempt)
+                    )
 
     def _start_workers(self) -> None:
         for n in range(self.config.workers):

@@ -194,3 +194,15 @@ async def test_thousands_of_concurrent_jobs_all_complete() -> None:
         outcomes = await asyncio.gather(*(compute.wait("fast", r, timeout_s=30) for r in run_ids))
         assert len(set(run_ids)) == 3000 and all(o.succeeded for o in outcomes)
         assert (await compute.health("fast"))["jobs"]["completed"] == 3000
+
+
+def test_one_gateway_serves_callers_on_successive_event_loops() -> None:
+    compute = InProcessCompute(seed=3)
+
+    async def one(n: int) -> bool:
+        run_id = await compute.submit("echo", {"n": n})
+        return (await compute.wait("echo", run_id, timeout_s=5)).succeeded
+
+    assert asyncio.run(one(1))
+    assert asyncio.run(one(2))  # the first loop is closed; workers start again on this one
+    asyncio.run(compute.aclose())
