@@ -21,7 +21,7 @@ from eventsourcing.utils import resolve_topic
 from podsettle.domain import EscrowJob, State, fmt
 from podsettle.domain.money import QUANTUM
 from podsettle.projections.rows import JobRow, Tally
-from podsettle.projections.views import Checkpoint, Projector, Tracking, ViewStore
+from podsettle.projections.views import CHECKPOINT_EVERY, Checkpoint, Projector, Tracking, ViewStore
 
 DEFAULT_PAGE_SIZE = 1_000
 _job_topics: dict[str, bool] = {}
@@ -159,6 +159,7 @@ class ReadModel:
         gpu_second_price: Decimal | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
         cache_size: int = 2048,
+        checkpoint_every: int = CHECKPOINT_EVERY,
     ) -> None:
         if gpu_second_price is not None and (
             not isinstance(gpu_second_price, Decimal) or gpu_second_price < 0
@@ -168,8 +169,9 @@ class ReadModel:
         self.gpu_second_price = gpu_second_price
         self.page_size = page_size
         self.cache_size = cache_size
+        self.checkpoint_every = checkpoint_every
         self.views = ViewStore(path)
-        self.projector = Projector(self.views, app.name, cache_size=cache_size)
+        self.projector = self._projector()
         self._jobs: dict[UUID | str, EscrowJob] = {}
         self._lock = threading.RLock()
 
@@ -218,9 +220,14 @@ class ReadModel:
                 break
         return done
 
+    def _projector(self) -> Projector:
+        return Projector(
+            self.views, self.app.name, cache_size=self.cache_size, checkpoint_every=self.checkpoint_every
+        )
+
     def _reload(self) -> None:
         self._jobs.clear()
-        self.projector = Projector(self.views, self.app.name, cache_size=self.cache_size)
+        self.projector = self._projector()
 
     def _job_before(self, job_id: UUID | str, version: int) -> EscrowJob | None:
         if version == 1:

@@ -330,8 +330,16 @@ class Projector:
     tallies (one per batch, payee and endpoint, not per job).
     """
 
-    def __init__(self, store: ViewStore, name: str = "podsettle", *, cache_size: int = 4096) -> None:
+    def __init__(
+        self,
+        store: ViewStore,
+        name: str = "podsettle",
+        *,
+        cache_size: int = 4096,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+    ) -> None:
         self.store = store
+        self.checkpoint_every = checkpoint_every
         self.name = name
         self.cache_size = cache_size
         self._rows: dict[str, JobRow] = {}
@@ -351,7 +359,7 @@ class Projector:
         self.digest = log_step(self.digest, position, originator_id, version, topic, state)
         self.position = position
         self.events += 1
-        if self.events % CHECKPOINT_EVERY == 0:
+        if self.events % self.checkpoint_every == 0:
             self._checkpoints.append(Checkpoint(position, self.events, self.digest.hex()))
 
     def apply(self, job: EscrowJob, event: object, position: int) -> JobRow:
