@@ -127,7 +127,8 @@ class AuditReport:
         tampered = [f for f in self.findings if f.kind in ("tamper", "export")]
         located = [f for f in tampered or self.findings if f.line is not None or f.position is not None]
         if not located:
-            return (tampered or self.findings or [None])[0]
+            candidates = tampered or self.findings
+            return candidates[0] if candidates else None
         return min(located, key=lambda f: (f.line is None, f.line or 0, f.position or 0))
 
     def to_json(self) -> dict[str, Any]:
