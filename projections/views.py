@@ -344,6 +344,7 @@ class Projector:
         self.cache_size = cache_size
         self._rows: dict[str, JobRow] = {}
         self._pending: dict[str, JobRow] = {}
+        self._touched: dict[str, tuple[EscrowJob, int, datetime | None]] = {}
         self._tallies: dict[tuple[str, str], Tally] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._checkpoints: list[Checkpoint] = []
@@ -362,12 +363,18 @@ class Projector:
         if self.events % self.checkpoint_every == 0:
             self._checkpoints.append(Checkpoint(position, self.events, self.digest.hex()))
 
-    def apply(self, job: EscrowJob, event: object, position: int) -> JobRow:
-        """The job right after `event` (already applied to it), at log `position`."""
-        old = self._old(str(job.id))
-        return self._put(
-            old, row_of(job, position, funded_at_after(event, old.funded_at if old is not None else None))
-        )
+    def apply(self, job: EscrowJob, event: object, position: int) -> None:
+        """The job right after `event` (already applied to it), at log `position`.
+
+        Rows are computed at the flush, once per job and page however many of its events the page
+        holds: the job object is the live aggregate, so it is then as it is after the page.
+        """
+        job_id = str(job.id)
+        touched = self._touched.get(job_id)
+        if touched is None:
+            self._touched[job_id] = (job, position, funded_at_after(event, None))
+        else:
+            self._touched[job_id] = (job, position, touched[2] or funded_at_after(event, None))
 
     def put(self, job: EscrowJob, position: int, funded_at: datetime | None) -> JobRow:
         """The job as it is after its event at `position` (for a replay that projects each job once)."""
@@ -402,9 +409,15 @@ class Projector:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._touched)
 
     def flush(self) -> None:
+        for job_id, (job, position, funded_at) in self._touched.items():
+            old = self._old(job_id)
+            if old is not None and old.funded_at is not None:
+                funded_at = old.funded_at
+            self._put(old, row_of(job, position, funded_at))
+        self._touched.clear()
         self.store.write(
             self.name,
             self._pending.values(),
