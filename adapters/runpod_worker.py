@@ -16,6 +16,7 @@ import asyncio
 import heapq
 import inspect
 import json
+import math
 import random
 import time
 import traceback
@@ -304,7 +305,12 @@ class EndpointRuntime:
     def _policy_ms(self, value: Any, name: str, default: int, low: int, high: int) -> int:
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value != int(value)
+        ):
             raise PolicyError(f"policy.{name} must be an integer number of milliseconds")
         if not low <= value <= high:
             raise PolicyError(f"policy.{name} must be between {low} and {high} ms, got {int(value)}")

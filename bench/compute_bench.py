@@ -42,9 +42,13 @@ async def _bounded(concurrency: int, count: int, one: Any) -> None:
     await asyncio.gather(*(guarded(n) for n in range(count)))
 
 
-async def adapter_run(base_url: str, jobs: int, concurrency: int, initial_poll: float) -> tuple[float, float]:
+async def adapter_run(
+    base_url: str, jobs: int, concurrency: int, initial_poll: float, connections: int
+) -> tuple[float, float]:
     poll = PollPolicy(initial_s=initial_poll, max_s=max(initial_poll, 1.0))
-    async with RunPodCompute("bench-key", base_url=base_url, limits={}, poll=poll, seed=0) as compute:
+    async with RunPodCompute(
+        "bench-key", base_url=base_url, limits={}, poll=poll, seed=0, max_connections=connections
+    ) as compute:
         failures = 0
 
         async def one(n: int) -> None:
@@ -61,8 +65,8 @@ async def adapter_run(base_url: str, jobs: int, concurrency: int, initial_poll: 
         return jobs / elapsed, compute.requests_sent / jobs
 
 
-async def baseline_run(base_url: str, requests: int, concurrency: int) -> float:
-    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+async def baseline_run(base_url: str, requests: int, concurrency: int, connections: int) -> float:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(
         base_url=base_url, headers={"Authorization": "Bearer bench-key"}, limits=limits, timeout=30
     ) as client:
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--initial-poll", type=float, default=PollPolicy().initial_s, help="seconds")
     parser.add_argument("--workers", type=int, default=8, help="emulator workers on the endpoint")
+    parser.add_argument("--connections", type=int, default=16, help="httpx connection pool size")
     args = parser.parse_args(argv)
 
     context = multiprocessing.get_context("spawn")
@@ -113,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base_url = f"http://127.0.0.1:{ports.get(timeout=60)}/v2"
         asyncio.run(
-            adapter_run(base_url, min(200, args.jobs), args.concurrency, args.initial_poll)
+            adapter_run(base_url, min(200, args.jobs), args.concurrency, args.initial_poll, args.connections)
         )  # warm-up
         jobs_per_s, requests_per_job = asyncio.run(
-            adapter_run(base_url, args.jobs, args.concurrency, args.initial_poll)
+            adapter_run(base_url, args.jobs, args.concurrency, args.initial_poll, args.connections)
         )
-        baseline = asyncio.run(baseline_run(base_url, args.jobs * 2, args.concurrency))
+        baseline = asyncio.run(baseline_run(base_url, args.jobs * 2, args.concurrency, args.connections))
     finally:
         stop.set()
         emulator.join(10)
