@@ -38,7 +38,8 @@ def sdk(emulator: BackgroundServer, monkeypatch: pytest.MonkeyPatch) -> ModuleTy
 
     monkeypatch.setattr(runpod, "endpoint_url_base", f"{emulator.url}/v2")
     monkeypatch.setattr(runpod, "api_key", "sdk-test-key")
-    return runpod
+    module: ModuleType = runpod
+    return module
 
 
 def settle(job: Any) -> str:
