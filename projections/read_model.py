@@ -149,6 +149,8 @@ class ReadModel:
 
     `path` is the read model's own SQLite file (None: an in-memory database, for tests).
     `gpu_second_price` (USDC per GPU-second) turns execution time into a compute-cost lower bound.
+    `checkpoint_every` events, the running digest of the log is kept, for the audit to compare with
+    the log as it is later (a smaller interval places a moved event more closely).
     """
 
     def __init__(
