@@ -183,7 +183,7 @@ def _error_text(err: BaseException) -> str:
 def _json_safe(result: _Result) -> _Result:
     if result.has_output:
         try:
-            json.dumps(result.output)
+            json.dumps(result.output, allow_nan=False)
         except (TypeError, ValueError) as exc:
             return _Result(RunStatus.FAILED, error=f"the handler's output is not JSON serializable: {exc}")
     return result

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -206,3 +208,21 @@ def test_one_gateway_serves_callers_on_successive_event_loops() -> None:
     assert asyncio.run(one(1))
     assert asyncio.run(one(2))  # the first loop is closed; workers start again on this one
     asyncio.run(compute.aclose())
+
+
+def test_importing_the_compute_adapters_stays_light() -> None:
+    code = (
+        "import sys, podsettle.adapters.inprocess_compute, podsettle.adapters.runpod;"
+        "print(','.join(m for m in ('runpod', 'starlette', 'uvicorn', 'aiohttp') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+async def test_an_output_that_json_cannot_carry_fails_the_job() -> None:
+    def nan(job: dict[str, Any]) -> dict[str, float]:
+        return {"loss": float("nan")}
+
+    async with InProcessCompute({"nan": EndpointConfig(handler=nan)}) as compute:
+        outcome = await compute.wait("nan", await compute.submit("nan", {"a": 1}), timeout_s=5)
+    assert outcome.state.status is RunStatus.FAILED and "not JSON serializable" in outcome.reason
