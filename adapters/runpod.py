@@ -397,7 +397,7 @@ class RunPodCompute:
         pair = self._limiters.get(key)
         if pair is None:
             pair = self._limiters[key] = (
-                RateLimiter(limit.per_window, limit.window_s),
+                RateLimiter(limit.per_window, limit.window_s, clock=self._clock),
                 asyncio.Semaphore(limit.concurrent),
             )
         return pair

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from podsettle.adapters.http_server import BackgroundServer
 from podsettle.adapters.ports import ComputeGateway, NotFound, RateLimited, Rejected, RunStatus, Unavailable
-from podsettle.adapters.runpod import ClientLimit, PollPolicy, RunPodCompute
+from podsettle.adapters.runpod import PollPolicy, RunPodCompute
 from podsettle.adapters.runpod_emulator import (
     EmulatorState,
     EndpointConfig,
@@ -403,7 +403,7 @@ async def test_too_many_429s_raise_rate_limited(emulator: BackgroundServer) -> N
 
 
 async def test_the_documented_rate_limits_answer_429_and_the_adapter_waits() -> None:
-    app = create_runpod_app(rate_limits={"run": RouteLimit(3, 10)}, rate_limit_window_s=0.2)
+    app = create_runpod_app(rate_limits={"run": RouteLimit(3, 10)}, rate_limit_window_s=1.0)
     with BackgroundServer(app) as server:
         async with httpx.AsyncClient(
             base_url=f"{server.url}/v2", headers={"Authorization": "Bearer k"}
@@ -416,14 +416,6 @@ async def test_the_documented_rate_limits_answer_429_and_the_adapter_waits() -> 
             run_ids = [await compute.submit("echo", {"n": n}) for n in range(5)]
         assert len(set(run_ids)) == 5
         assert compute.requests_sent > 5  # some were answered 429 and sent again after waiting
-
-
-async def test_the_client_side_limiter_spaces_calls(emulator: BackgroundServer) -> None:
-    limits = {"run": ClientLimit(2, 1, window_s=0.1)}
-    async with RunPodCompute(KEY, base_url=f"{emulator.url}/v2", limits=limits) as compute:
-        await asyncio.gather(*(compute.submit("echo", {"n": n}) for n in range(5)))
-        limiter = compute._limiters[("echo", "run")][0]
-        assert limiter.max_calls == 2 and len(limiter._calls) >= 1
 
 
 async def test_5xx_on_reads_is_unavailable_and_wait_rides_it_out(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +23,14 @@ from podsettle.adapters.ports import (
     Unauthorized,
     Unavailable,
 )
-from podsettle.adapters.runpod import DEFAULT_BASE_URL, PollPolicy, RunPodCompute, classify_run
+from podsettle.adapters.runpod import (
+    DEFAULT_BASE_URL,
+    DEFAULT_CLIENT_LIMITS,
+    ClientLimit,
+    PollPolicy,
+    RunPodCompute,
+    classify_run,
+)
 
 KEY = "rpa_SECRET_KEY_0123456789"
 RUN_ID = "job-1-u1"
@@ -369,3 +377,63 @@ async def test_the_key_never_reaches_a_log_line() -> None:
         async with client(reply) as compute:
             await compute.wait("echo", RUN_ID, timeout_s=5)
     assert logs and KEY not in repr(logs)
+
+
+# ------------------------------------------------------------------------------------- client-side limits
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_client_side_limiter_keeps_each_window_under_its_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(seconds: float) -> None:
+        clock.now += seconds
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    sent_at: list[float] = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        sent_at.append(clock.now)
+        return httpx.Response(200, json={"id": RUN_ID, "status": "IN_QUEUE"})
+
+    limits = {"run": ClientLimit(per_window=2, concurrent=10, window_s=10.0)}
+    async with client(reply, limits=limits, clock=clock) as compute:
+        await asyncio.gather(*(compute.submit("echo", {"n": n}) for n in range(5)))
+    assert sent_at == [0.0, 0.0, 10.0, 10.0, 20.0]
+
+
+async def test_the_client_side_limiter_bounds_calls_in_flight() -> None:
+    in_flight = 0
+    most = 0
+
+    async def reply(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        return httpx.Response(200, json={"id": RUN_ID, "status": "IN_PROGRESS"})
+
+    limits = {"status": ClientLimit(per_window=1000, concurrent=3)}
+    async with RunPodCompute(
+        KEY, base_url="https://runpod.test/v2", transport=httpx.MockTransport(reply), limits=limits
+    ) as compute:
+        await asyncio.gather(*(compute.status("echo", RUN_ID) for _ in range(12)))
+    assert most == 3
+
+
+def test_the_documented_limits_are_the_default() -> None:
+    compute = RunPodCompute(KEY)
+    assert compute.limits == DEFAULT_CLIENT_LIMITS
+    assert compute.limits["run"].per_window < 1000 and compute.limits["status"].per_window < 2000
