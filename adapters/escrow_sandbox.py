@@ -262,7 +262,13 @@ class EscrowSandbox:
         rate_limits: dict[str, int] | None = None,
         sweep_interval_s: float | None = None,
         seed: int = 0,
+        dispute_review: str | None = None,
     ) -> None:
+        if dispute_review not in (None, "refund", "release"):
+            raise ValueError(f"dispute_review must be None, 'refund' or 'release', got {dispute_review!r}")
+        # Stands in for Purple Flea's manual review of disputes: None leaves them locked until
+        # POST /sandbox/disputes/{id}/resolve; "refund" or "release" decides each at once.
+        self.dispute_review = dispute_review
         self._base_clock = clock or (lambda: datetime.now(UTC))
         self._offset = timedelta(0)
         self.seed = seed
@@ -600,6 +606,8 @@ class EscrowSandbox:
                 (tx.now.isoformat(), escrow_id),
             )
             self._event(tx, escrow_id, "disputed", actor, f"Dispute: {text}")
+        if self.dispute_review is not None:
+            self.resolve_dispute(escrow_id, self.dispute_review)
         return {
             "escrow_id": escrow_id,
             "status": "disputed",
@@ -1141,12 +1149,15 @@ def create_escrow_app(
     rate_limits: dict[str, int] | None = None,
     sweep_interval_s: float | None = None,
     seed: int = 0,
+    dispute_review: str | None = None,
 ) -> Starlette:
     """The sandbox escrow server; its state is `app.state.escrow` (an `EscrowSandbox`).
 
     `ledger_path` None keeps everything in memory; a file path survives a restart. `rate_limits`
     overrides the per-minute limits per route (`create`, `complete`, `release`, `dispute`, `cancel`)
     and the faucet's claims per IP per 24 h (`faucet`). `seed` makes agent and escrow ids reproducible.
+    `dispute_review` ("refund" or "release") decides every dispute at once, as Purple Flea's review
+    would; None leaves disputes locked until the admin route resolves them.
     """
     state = EscrowSandbox(
         ledger_path=ledger_path,
@@ -1154,6 +1165,7 @@ def create_escrow_app(
         rate_limits=rate_limits,
         sweep_interval_s=sweep_interval_s,
         seed=seed,
+        dispute_review=dispute_review,
     )
     routes = [
         Route("/health", health, methods=["GET"]),

@@ -179,7 +179,9 @@ class LedgerEscrow:
         self.sweep()
         raise Conflict(f"escrow {escrow_id} expired before the release and was refunded", status="refunded")
 
-    async def refund(self, escrow_id: str, *, key: str, reason: str) -> Settlement:
+    async def refund(
+        self, escrow_id: str, *, key: str, reason: str, expected: FeeSplit | None = None
+    ) -> Settlement:
         with self.ledger.transaction() as tx:
             try:
                 posting = tx.void(escrow_id, key=key)

@@ -173,8 +173,11 @@ class EscrowGateway(Protocol):
 
     async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement: ...
 
-    async def refund(self, escrow_id: str, *, key: str, reason: str) -> Settlement:
-        """Return the money to the payer; raises `EscrowPending` while the service has not yet."""
+    async def refund(
+        self, escrow_id: str, *, key: str, reason: str, expected: FeeSplit | None = None
+    ) -> Settlement:
+        """Return the money to the payer; raises `EscrowPending` while the service has not yet.
+        `expected` is the escrow's split as the engine recorded it, for services that report no amounts."""
         ...
 
     async def get(self, escrow_id: str) -> EscrowView: ...

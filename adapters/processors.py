@@ -82,6 +82,9 @@ class ProcessorConfig:
     retry_base_s: float = 0.05
     retry_cap_s: float = 5.0
     pending_refund_poll_s: float = 30.0
+    # How long `drive` waits for a refund the service makes on its own (v1: dispute review, timeout
+    # sweep) before it returns the job as "refunding" and leaves it to the background watcher.
+    refund_wait_s: float = 0.0
     description: str = "RunPod job {endpoint_id} ({job_key})"
     seed: int | None = None
 
@@ -148,6 +151,7 @@ class Processor:
     async def drive(self, job_id: UUID) -> JobView:
         """Carry out the job's intents until it rests (settled, rejected, or waiting for an operator)."""
         view = await self.store.view(job_id)
+        waited_s = 0.0
         while not view.rests:
             intent = view.intent
             try:
@@ -160,8 +164,12 @@ class Processor:
                 else:
                     view = await self._recover(view, intent)
             except RefundPending:
-                self.pending_refunds.add(job_id)
-                return await self.store.view(job_id)
+                view = await self.store.view(job_id)
+                if waited_s >= self.config.refund_wait_s:
+                    self.pending_refunds.add(job_id)  # the engine looks again now and then
+                    return view
+                await self.sleep(self.config.pending_refund_poll_s)
+                waited_s += self.config.pending_refund_poll_s
         self.pending_refunds.discard(job_id)
         return view
 
@@ -375,7 +383,12 @@ class Processor:
         reason = view.failure[2] if view.failure else "job failed"
         try:
             async with self._escrow_slots:
-                settlement = await self.escrow.refund(view.escrow_id, key=self._key(view), reason=reason)
+                settlement = await self.escrow.refund(
+                    view.escrow_id,
+                    key=self._key(view),
+                    reason=reason,
+                    expected=split(view.funded_amount) if view.funded_amount is not None else None,  # type: ignore[arg-type]
+                )
         except EscrowPending as pending:
             log.info("escrow.refund_pending", **self._ids(view), status=pending.status)
             raise RefundPending(view.escrow_id) from pending

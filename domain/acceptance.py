@@ -140,7 +140,7 @@ def _schema_validator(schema: Mapping[str, Any]) -> Any:
 
     try:
         cls = jsonschema.validators.validator_for(schema)
-        cls.check_schema(schema)
+        cls.check_schema(dict(schema))
     except jsonschema.SchemaError as error:
         raise InvalidInput("acceptance.schema", f"is not a valid JSON schema: {error.message}") from None
     return cls(schema)

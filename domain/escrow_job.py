@@ -72,7 +72,7 @@ class Intent:
     attempts: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobView:
     """A consistent, immutable snapshot of a job, for code that must not hold the aggregate itself
     (it may be changed by another thread while it is read)."""
@@ -888,7 +888,7 @@ class EscrowJob(Aggregate):
             payee=self.payee,
             budget=self.budget,
             referral=self.referral,
-            acceptance=dict(self.acceptance),
+            acceptance=self.acceptance,  # never changed in place: shared, not copied
             deadline=self.deadline,
             state=self.state,
             intent=self.intent,
@@ -902,13 +902,13 @@ class EscrowJob(Aggregate):
             released=self.released,
             refunded=self.refunded,
             cancel_reason=self.cancel_reason,
-            attention=None if self.attention is None else dict(self.attention),
+            attention=self.attention,
             state_before_attention=self.state_before_attention,
             output_digest=self.output_digest,
             execution_ms=self.execution_ms,
             delay_ms=self.delay_ms,
             worker_id=self.worker_id,
-            metrics=dict(self.metrics),
+            metrics=self.metrics,
             bonus_amount=self.bonus_amount,
             bonus_escrow_id=self.bonus_escrow_id,
             bonus_funded=self.bonus_funded,

@@ -92,6 +92,7 @@ def engine_from_settings(settings: Settings) -> Engine:
         dialect=settings.escrow_dialect,
         payer_id=settings.payer,
         refund_method=settings.refund_method,
+        rate_limits=settings.escrow_rate_limits or None,
     )
     compute = RunPodCompute(settings.runpod_api_key.get_secret_value(), base_url=settings.runpod_base_url)
     engine = Engine(Settlements(settings.store), escrow, compute, payer=settings.payer, settings=settings)
@@ -120,8 +121,9 @@ def sandbox_engine(
 
     configure_logging()
     options = dict(sandbox_options or {})
-    options.setdefault("escrow_options", {"rate_limits": SANDBOX_RATE_LIMITS})
-    sandbox = Sandbox(endpoints=endpoints, seed=seed, **options).start()
+    escrow_options = {"rate_limits": SANDBOX_RATE_LIMITS, "dispute_review": "refund"}
+    escrow_options.update(options.pop("escrow_options", {}))
+    sandbox = Sandbox(endpoints=endpoints, seed=seed, escrow_options=escrow_options, **options).start()
     try:
         payer = sandbox.create_agent(balance)
         worker = sandbox.create_agent("0")
@@ -153,9 +155,10 @@ def sandbox_engine(
         compute,
         payer=payer.agent_id,
         settings=settings,
-        processor=processor or ProcessorConfig(pending_refund_poll_s=0.2),
+        # The sandbox reviews disputes at once: wait for those refunds rather than report them pending.
+        processor=processor or ProcessorConfig(pending_refund_poll_s=0.05, refund_wait_s=30.0),
     )
-    engine.sandbox = sandbox
+    engine.sandbox_server = sandbox
     engine.on_close(sandbox.stop)
     engine.on_close(compute.aclose)
     engine.on_close(escrow.aclose)

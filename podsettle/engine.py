@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from eventsourcing.persistence import IntegrityError, Tracking
@@ -295,7 +296,7 @@ class Engine:
         self._driving: dict[uuid.UUID, asyncio.Task[JobView]] = {}
         self._background: list[asyncio.Task[Any]] = []
         self._closers = _Closers()
-        self.sandbox: Any = None  # the in-process sandbox, when `Engine.sandbox` made this engine
+        self.sandbox_server: Any = None  # the in-process sandbox, when `Engine.sandbox` made this engine
         self._started = False
         self._closed = False
 
@@ -637,7 +638,8 @@ class Engine:
 
     async def _recover(self) -> int:
         """Drive every job an earlier engine left unfinished (in the background)."""
-        ids, last = await self.writer.call(self._unfinished_jobs)
+        found: tuple[list[uuid.UUID], int] = await self.writer.call(self._unfinished_jobs)
+        ids, last = found
         self.stats.recovered = len(ids)
         if ids:
             log.info("engine.recovering", jobs=len(ids))
@@ -655,11 +657,11 @@ class Engine:
         """Follow the log for intents written by other processes (an operator's resolution, another
         engine's jobs), recording how far it has read."""
         tracking = await self.writer.call(self.app.factory.tracking_recorder)
-        tracked = await self.writer.call(lambda: tracking.max_tracking_id(FOLLOWER)) or 0
+        tracked: int = await self.writer.call(lambda: tracking.max_tracking_id(FOLLOWER)) or 0
         position = max(position, tracked)
         while True:
             try:
-                page, last = await self.writer.call(lambda p=position: self._intents_after(p))  # type: ignore[misc]
+                page, last = await self.writer.call(partial(self._intents_after, position))
                 for notification in page:
                     originator = notification.originator_id
                     job_id = originator if isinstance(originator, uuid.UUID) else uuid.UUID(str(originator))
@@ -671,13 +673,13 @@ class Engine:
                     position = last
                     with contextlib.suppress(IntegrityError):  # another engine recorded it already
                         await self.writer.call(
-                            lambda p=position: tracking.insert_tracking(Tracking(FOLLOWER, p))
-                        )  # type: ignore[misc]
+                            partial(tracking.insert_tracking, Tracking(FOLLOWER, position))
+                        )
             except RuntimeError:
                 return  # the writer closed
             await asyncio.sleep(self.follow_interval_s)
 
-    def _intents_after(self, position: int) -> tuple[list[Any], int]:
+    def _intents_after(self, position: int) -> tuple[Sequence[Any], int]:
         last = self.app.recorder.max_notification_id() or 0
         if last <= position:
             return [], position

@@ -28,6 +28,7 @@ ENVIRONMENT = {
     "payees": "PODSETTLE_PAYEES",
     "job_timeout_s": "PODSETTLE_JOB_TIMEOUT_S",
     "concurrency": "PODSETTLE_CONCURRENCY",
+    "escrow_rate_limits": "PODSETTLE_ESCROW_RATE_LIMITS",
 }
 
 
@@ -51,6 +52,22 @@ class Settings(BaseModel):
     payees: dict[str, str] = Field(default_factory=dict)
     job_timeout_s: int = Field(default=600, ge=5, le=7 * 24 * 3600)
     concurrency: int = Field(default=32, ge=1, le=10_000)
+    # Client-side limits per route and minute; the documented ones (create 20/min, ...) by default.
+    escrow_rate_limits: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("escrow_rate_limits", mode="before")
+    @classmethod
+    def _parse_limits(cls, value: Any) -> Any:
+        """`create=100,release=100` in the environment."""
+        if isinstance(value, str):
+            limits: dict[str, Any] = {}
+            for pair in (item.strip() for item in value.split(",") if item.strip()):
+                route, sep, number = pair.partition("=")
+                if not sep or not number.strip().isdigit() or int(number) < 1:
+                    raise ValueError(f"{pair!r} is not route=calls_per_minute")
+                limits[route.strip()] = int(number)
+            return limits
+        return value
 
     @field_validator("payees", mode="before")
     @classmethod

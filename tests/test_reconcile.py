@@ -51,7 +51,7 @@ class FakeEscrow:
     async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement:
         raise NotImplementedError("reconciliation never releases escrows")
 
-    async def refund(self, escrow_id: str, *, key: str, reason: str) -> Settlement:
+    async def refund(self, escrow_id: str, *, key: str, reason: str, expected: object = None) -> Settlement:
         raise NotImplementedError("reconciliation never refunds escrows")
 
     async def get(self, escrow_id: str) -> EscrowView:

@@ -1,0 +1,529 @@
+"""The `podsettle` command line.
+
+Start-up stays quick: each command imports what it needs when it runs. A user error (a bad flag,
+amount, JSON line or configuration, an unreachable service, a missing key) prints one line naming
+what is wrong and exits 2 (usage or configuration) or 1 (failure), without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="podsettle",
+    help="Escrow settlement for RunPod jobs: fund on start, pay on success, refund on failure.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON (amounts as strings), no progress bar.")]
+StoreOption = Annotated[
+    str | None,
+    typer.Option("--store", help="Event store URL (default: $PODSETTLE_STORE or sqlite:///podsettle.db)."),
+]
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+
+
+class UserError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    raise UserError(message, code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can cause into one clear line and an exit code."""
+    from pydantic import ValidationError
+
+    from podsettle.adapters.persistence import StoreConfigError
+    from podsettle.adapters.ports import GatewayError, Unauthorized
+    from podsettle.domain.errors import DomainError, InvalidInput, JobNotFound
+    from podsettle.settings import ConfigError, describe
+
+    try:
+        yield
+    except UserError as error:
+        _die(str(error), error.code)
+    except (ConfigError, StoreConfigError) as error:
+        _die(str(error), EXIT_USAGE)
+    except ValidationError as error:
+        _die(describe(error), EXIT_USAGE)
+    except (InvalidInput, JobNotFound) as error:
+        _die(str(error), EXIT_USAGE)
+    except Unauthorized as error:
+        _die(f"unauthorized: {error} (check the API keys)", EXIT_USAGE)
+    except GatewayError as error:
+        _die(f"{type(error).__name__}: {error}", EXIT_FAILURE)
+    except DomainError as error:
+        _die(str(error), EXIT_FAILURE)
+    except OSError as error:
+        _die(f"{error.strerror or error}: {getattr(error, 'filename', '') or ''}".rstrip(": "), EXIT_FAILURE)
+
+
+def _die(message: str, code: int) -> NoReturn:
+    typer.echo(f"podsettle: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    with user_errors():
+        return asyncio.run(coroutine)
+
+
+def emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def show_progress(json_output: bool) -> bool:
+    return not json_output and sys.stderr.isatty()
+
+
+def _store(store: str | None) -> str:
+    from podsettle.adapters.persistence import DEFAULT_STORE, store_from_url
+
+    url = store or os.environ.get("PODSETTLE_STORE") or DEFAULT_STORE
+    store_from_url(url)  # validates, with a message naming PODSETTLE_STORE
+    return url
+
+
+def _parse_json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        fail(f"{what}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})")
+    if not isinstance(value, dict):
+        fail(f"{what}: must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _engine(**overrides: Any) -> Any:
+    from podsettle.engine import Engine
+    from podsettle.settings import Settings
+
+    return Engine.from_env(Settings.from_env(**overrides))
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    jobs: Annotated[int, typer.Option("--jobs", min=1, max=500, help="How many jobs in the batch.")] = 24,
+    json_output: JsonFlag = False,
+    store: Annotated[
+        str, typer.Option("--store", help="SQLite file for the demo's event log.")
+    ] = "podsettle-demo.db",
+    seed: Annotated[int, typer.Option(help="Seed of the simulated failures.")] = 7,
+) -> None:
+    """Run a batch on the embedded sandbox (no network, no keys): fund, run, pay or refund, a bonus,
+    the totals and the audit."""
+    from podsettle.demo import run_demo
+
+    path = Path(store)
+    with user_errors():
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        outcome = asyncio.run(run_demo(path, jobs=jobs, seed=seed, json_output=json_output))
+    raise typer.Exit(0 if outcome else EXIT_FAILURE)
+
+
+# ---------------------------------------------------------------------------------------- sandbox
+
+
+@app.command()
+def sandbox(
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port for both APIs.")] = 8787,
+    ledger: Annotated[
+        str | None, typer.Option(help="SQLite file for the escrow ledger (default: memory).")
+    ] = None,
+) -> None:
+    """Serve the RunPod-compatible and Purple Flea-compatible sandbox APIs on one port."""
+    with user_errors():
+        import uvicorn
+
+        from podsettle.adapters.sandbox import SandboxApp
+
+        sandbox_app = SandboxApp(ledger_path=ledger)
+        base = f"http://{host}:{port}"
+        typer.echo(f"RunPod serverless API:  {base}/v2   (RUNPOD_ENDPOINT_BASE_URL; any non-empty key)")
+        typer.echo(f"Purple Flea escrow API: {base}       (PODSETTLE_ESCROW_URL; dialects v1 and seed)")
+        typer.echo(f'Admin: POST {base}/sandbox/agents {{"balance": "100.00"}} ; GET {base}/sandbox/ledger')
+        sys.stdout.flush()
+        uvicorn.run(sandbox_app, host=host, port=port, log_level="warning", lifespan="off")
+
+
+# ---------------------------------------------------------------------------------------- jobs
+
+
+@app.command("run")
+def run_job(
+    endpoint: Annotated[str, typer.Option("--endpoint", help="RunPod endpoint id.")],
+    input_json: Annotated[str, typer.Option("--input", help="The job input, a JSON object.")],
+    budget: Annotated[str, typer.Option("--budget", help="USDC to escrow, e.g. 0.50.")],
+    payee: Annotated[
+        str | None, typer.Option(help="Worker agent to pay (default: $PODSETTLE_PAYEE).")
+    ] = None,
+    referral: Annotated[str | None, typer.Option(help="Referral code.")] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", help="Idempotency key: the same key never pays twice.")
+    ] = None,
+    store: StoreOption = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Fund an escrow, run one job, and pay the worker (exit 0) or refund (exit 1)."""
+    from podsettle.domain.money import to_money
+
+    job_input = _parse_json_object(input_json, "--input")
+    with user_errors():
+        to_money(budget, "--budget", allow_zero=False)
+
+    async def go() -> Any:
+        async with _engine(store=_store(store)) as engine:
+            return await engine.run_paid_job(
+                endpoint, job_input, budget, payee=payee, referral=referral, job_key=key
+            )
+
+    result = run(go())
+    if json_output:
+        emit_json(result.to_json())
+    else:
+        from podsettle.console import print_job
+
+        print_job(result)
+    raise typer.Exit(0 if result.paid else EXIT_FAILURE)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        fail(f"{path}: no such file")
+    except UnicodeDecodeError:
+        fail(f"{path}: not UTF-8 text")
+    jobs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        jobs.append(_parse_json_object(line, f"{path} line {number}"))
+    if not jobs:
+        fail(f"{path}: holds no jobs (one JSON object per line)")
+    return jobs
+
+
+@app.command()
+def batch(
+    file: Annotated[Path, typer.Argument(help="JSON Lines: one job input (a JSON object) per line.")],
+    endpoint: Annotated[str, typer.Option("--endpoint", help="RunPod endpoint id.")],
+    budget: Annotated[str, typer.Option("--budget", help="USDC to escrow per job.")],
+    concurrency: Annotated[int, typer.Option(min=1, max=10_000, help="Jobs in flight at once.")] = 32,
+    payee: Annotated[
+        str | None, typer.Option(help="Worker agent to pay (default: $PODSETTLE_PAYEE).")
+    ] = None,
+    batch_id: Annotated[str | None, typer.Option("--batch-id", help="Re-use to resume a batch.")] = None,
+    store: StoreOption = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Run a batch of jobs and settle each; prints the totals. Exit 1 when any job was not paid."""
+    from podsettle.domain.money import to_money
+
+    jobs = _read_jsonl(file)
+    with user_errors():
+        to_money(budget, "--budget", allow_zero=False)
+
+    async def go() -> Any:
+        from podsettle.console import progress
+
+        async with _engine(store=_store(store)) as engine:
+            with progress(len(jobs), "settling", enabled=show_progress(json_output)) as advance:
+                return await engine.run_batch(
+                    endpoint,
+                    jobs,
+                    budget,
+                    payee=payee,
+                    concurrency=concurrency,
+                    batch_id=batch_id,
+                    on_result=lambda _: advance(),
+                )
+
+    result = run(go())
+    if json_output:
+        emit_json(result.to_json())
+    else:
+        from podsettle.console import print_totals
+
+        print_totals(result.totals, title=f"batch {result.batch_id}")
+    raise typer.Exit(0 if result.totals.paid == result.totals.jobs else EXIT_FAILURE)
+
+
+@app.command()
+def bonus(
+    job_id: Annotated[str, typer.Argument(help="A paid job's id.")],
+    baseline: Annotated[str, typer.Option(help="The baseline metric, e.g. 0.80.")],
+    achieved: Annotated[str, typer.Option(help="The metric the worker achieved, e.g. 0.92.")],
+    pool: Annotated[str, typer.Option(help="The bonus pool in USDC (the most it can be).")] = "5",
+    threshold: Annotated[str, typer.Option(help="Bonus only at achieved >= threshold x baseline.")] = "1.10",
+    store: StoreOption = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Pay the performance bonus on a paid job (once)."""
+
+    async def go() -> Any:
+        async with _engine(store=_store(store)) as engine:
+            return await engine.award_bonus(job_id, baseline, achieved, pool, threshold=threshold)
+
+    result = run(go())
+    if json_output:
+        emit_json(result.to_json())
+    else:
+        typer.echo(f"bonus {result.amount:f} USDC ({result.reason}): {result.status}")
+    raise typer.Exit(0 if result.status in ("awarded", "none") else EXIT_FAILURE)
+
+
+@app.command()
+def resume(store: StoreOption = None, json_output: JsonFlag = False) -> None:
+    """Finish every job an engine left unfinished (after a crash or a stop)."""
+
+    async def go() -> Any:
+        async with _engine(store=_store(store)) as engine:
+            return await engine.resume()
+
+    results = run(go())
+    if json_output:
+        emit_json([r.to_json() for r in results])
+    else:
+        typer.echo(f"resumed {len(results)} job(s)")
+        for result in results:
+            typer.echo(f"  {result.job_id}  {result.status}")
+    raise typer.Exit(
+        0 if all(r.status in ("paid", "refunded", "rejected") for r in results) else EXIT_FAILURE
+    )
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def _settlements(store: str | None) -> Any:
+    from podsettle.application import Settlements
+
+    with user_errors():
+        url = _store(store)
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).expanduser().exists():
+            fail(f"PODSETTLE_STORE: {url} does not exist yet (run a job first, or point --store at a store)")
+        return Settlements(url)
+
+
+def _read_model(store: str | None) -> Any:
+    from podsettle.console import read_model
+
+    return read_model(_settlements(store), store)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="The job id (a UUID).")],
+    store: StoreOption = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """One job as the log has it."""
+    settlements = _settlements(store)
+    with user_errors():
+        job = settlements.get_job(job_id)
+    summary = job.summary()
+    if json_output:
+        emit_json(summary)
+    else:
+        from podsettle.console import print_mapping
+
+        print_mapping(summary, title=f"job {job.id}")
+
+
+@app.command()
+def jobs(
+    batch: Annotated[str | None, typer.Option("--batch", help="Only this batch.")] = None,
+    state: Annotated[
+        str | None, typer.Option("--state", help="Only jobs in this state (e.g. attention).")
+    ] = None,
+    store: StoreOption = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """List jobs, by batch and state."""
+    from podsettle.domain import State
+
+    if state is not None and state.upper() not in State.__members__:
+        fail(f"--state: {state!r} is not one of {', '.join(s.lower() for s in State.__members__)}")
+    model = _read_model(store)
+    rows = model.jobs(state=state.upper() if state else None, batch_id=batch)
+    if json_output:
+        emit_json([row.to_json() for row in rows])
+    else:
+        from podsettle.console import print_jobs
+
+        print_jobs(rows)
+
+
+@app.command()
+def totals(
+    batch: Annotated[str | None, typer.Option("--batch", help="Only this batch.")] = None,
+    store: StoreOption = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Batch totals: jobs paid, refunded, rejected; money funded, released, fees, refunded, bonuses."""
+    model = _read_model(store)
+    tally = model.batch_totals(batch)
+    if json_output:
+        emit_json(tally.to_json())
+    else:
+        from podsettle.console import print_mapping
+
+        print_mapping(tally.to_json(), title=f"totals{' of ' + batch if batch else ''}")
+
+
+@app.command()
+def earnings(store: StoreOption = None, json_output: JsonFlag = False) -> None:
+    """What each worker earned (released escrows and bonuses)."""
+    model = _read_model(store)
+    rows = model.earnings()
+    if json_output:
+        emit_json([row.to_json() for row in rows])
+    else:
+        from podsettle.console import print_earnings
+
+        print_earnings(rows)
+
+
+# ---------------------------------------------------------------------------------------- audit
+
+
+@app.command()
+def replay(
+    log: Annotated[
+        Path | None, typer.Option("--log", help="Audit an exported JSON Lines file instead of the store.")
+    ] = None,
+    store: StoreOption = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Audit the whole history: re-apply every event, check every invariant and the hash chains,
+    rebuild the read models and compare. Exit 1 on any violation."""
+    from podsettle.console import audit_report
+
+    with user_errors():
+        if log is not None:
+            from podsettle.replay import audit_export
+
+            if not log.exists():
+                fail(f"--log: {log} does not exist")
+            report = audit_export(log)
+        else:
+            from podsettle.replay import audit
+
+            settlements = _settlements(store)
+            report = audit(settlements)
+    if json_output:
+        emit_json(report.to_json())
+    else:
+        typer.echo(audit_report(report))
+    raise typer.Exit(0 if report.ok else EXIT_FAILURE)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", help="The JSON Lines file to write.")],
+    store: StoreOption = None,
+) -> None:
+    """Export every event, hash-chained with checkpoints, for an audit without the database."""
+    from podsettle.replay import export as export_log
+
+    settlements = _settlements(store)
+    with user_errors():
+        summary = export_log(settlements, out)
+    typer.echo(f"exported to {out}: {summary}")
+
+
+@app.command()
+def reconcile(
+    resolve: Annotated[str | None, typer.Option("--resolve", help="Resolve this ATTENTION job.")] = None,
+    finding: Annotated[
+        str | None, typer.Option(help="What the operator found (required with --resolve).")
+    ] = None,
+    outcome: Annotated[
+        str | None,
+        typer.Option(help="funded:ESCROW_ID | not-funded | released | refunded | retry (with --resolve)."),
+    ] = None,
+    operator: Annotated[str, typer.Option(help="Who resolves it.")] = os.environ.get("USER", "operator")
+    or "operator",
+    check_escrow: Annotated[
+        bool, typer.Option("--check-escrow", help="Also compare with the escrow service.")
+    ] = False,
+    store: StoreOption = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """List ATTENTION jobs (and, with --check-escrow, every difference with the escrow service), or
+    resolve one with an operator's finding."""
+    from podsettle.reconcile_cli import list_attention, resolve_job
+
+    settlements = _settlements(store)
+    with user_errors():
+        if resolve is not None:
+            if not finding or not outcome:
+                fail("--resolve needs --finding and --outcome")
+            summary = resolve_job(settlements, resolve, finding, outcome, operator)
+            if json_output:
+                emit_json(summary)
+            else:
+                typer.echo(f"job {resolve}: resolved, now {summary['state']}")
+            return
+        listing = run(list_attention(settlements, check_escrow=check_escrow, engine_factory=_engine))
+    if json_output:
+        emit_json(listing)
+    else:
+        from podsettle.console import print_attention
+
+        print_attention(listing)
+    raise typer.Exit(0 if not listing["attention"] and not listing["differences"] else EXIT_FAILURE)
+
+
+@app.command()
+def onboard(
+    casino_url: Annotated[
+        str, typer.Option(envvar="PODSETTLE_CASINO_URL", help="Agent registration service.")
+    ] = "https://casino.purpleflea.com",
+    faucet_url: Annotated[
+        str, typer.Option(envvar="PODSETTLE_FAUCET_URL", help="Faucet service.")
+    ] = "https://faucet.purpleflea.com",
+    json_output: JsonFlag = False,
+) -> None:
+    """Register a new agent and claim the faucet's free USDC; prints the agent id and key once."""
+    from podsettle.onboarding import onboard as do_onboard
+
+    result = run(do_onboard(casino_url, faucet_url))
+    if json_output:
+        emit_json(result)
+    else:
+        typer.echo(f"agent:  {result['agent_id']}")
+        typer.echo(f"key:    {result['api_key']}   (shown once: keep it as PF_API_KEY)")
+        typer.echo(f"faucet: {result['faucet']}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""What the command line shows a person: rich tables and progress bars (stderr for progress, so
+that stdout stays clean)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+def _money(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return f"{value:.6f}"
+    return "" if value is None else str(value)
+
+
+@contextmanager
+def progress(total: int, label: str, *, enabled: bool) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr while long work runs; a no-op for --json and non-terminals."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
+def print_job(result: Any) -> None:
+    table = Table(title=f"job {result.job_id}", show_header=False)
+    for name, value in result.to_json().items():
+        if name == "output":
+            continue
+        table.add_row(name, "" if value is None else str(value))
+    out.print(table)
+
+
+def print_totals(totals: Any, *, title: str) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    for name, value in totals.to_json().items():
+        table.add_row(name.replace("_", " "), str(value))
+    out.print(table)
+    out.print(totals.line())
+
+
+def print_mapping(data: Mapping[str, Any], *, title: str) -> None:
+    table = Table(title=title, show_header=False)
+    for name, value in data.items():
+        table.add_row(str(name), _money(value) if not isinstance(value, dict) else str(value))
+    out.print(table)
+
+
+def print_jobs(rows: Iterable[Any]) -> None:
+    table = Table()
+    items = list(rows)
+    if not items:
+        out.print("no jobs")
+        return
+    keys = ["job_id", "batch_id", "endpoint_id", "state", "budget", "to_payee", "refunded", "escrow_id"]
+    for key in keys:
+        table.add_column(key)
+    for row in items:
+        data = row.to_json()
+        table.add_row(*(str(data.get(key) or "") for key in keys))
+    out.print(table)
+
+
+def print_earnings(rows: Iterable[Any]) -> None:
+    items = list(rows)
+    if not items:
+        out.print("no earnings yet")
+        return
+    table = Table(title="worker earnings")
+    data = [row.to_json() for row in items]
+    keys = list(data[0])
+    for key in keys:
+        table.add_column(key, justify="right" if key != "payee" else "left")
+    for item in data:
+        table.add_row(*(str(item.get(key, "")) for key in keys))
+    out.print(table)
+
+
+def print_attention(listing: Mapping[str, Any]) -> None:
+    if not listing["attention"] and not listing["differences"]:
+        out.print("nothing needs attention")
+        return
+    if listing["attention"]:
+        table = Table(title="jobs waiting for an operator")
+        for column in ("job_id", "step", "reason", "known"):
+            table.add_column(column)
+        for item in listing["attention"]:
+            known = {k: v for k, v in (item.get("attention") or {}).items() if k not in ("step", "reason")}
+            table.add_row(
+                item["job_id"], item["step"], item["reason"], ", ".join(f"{k}={v}" for k, v in known.items())
+            )
+        out.print(table)
+    for difference in listing["differences"]:
+        out.print(f"difference: {difference}")
+
+
+def audit_report(report: Any) -> str:
+    rendered: str = report.render()
+    return rendered
+
+
+def views_path(store_url: str) -> str:
+    """Where the read models live: next to a SQLite store, else in $PODSETTLE_VIEWS or the cwd."""
+    explicit = os.environ.get("PODSETTLE_VIEWS")
+    if explicit:
+        return explicit
+    if store_url.startswith("sqlite:///"):
+        return f"{Path(store_url[len('sqlite:///') :]).expanduser()}.views"
+    return "podsettle-views.db"
+
+
+def read_model(settlements: Any, store: str | None) -> Any:
+    """The read model of a store, caught up with its log."""
+    from podsettle.projections import ReadModel
+
+    url = store or os.environ.get("PODSETTLE_STORE") or "sqlite:///podsettle.db"
+    model = ReadModel(settlements, views_path(url))
+    model.catch_up()
+    return model
