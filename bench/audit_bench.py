@@ -11,7 +11,8 @@ that peak RSS belongs to that measurement alone:
 - library+chain: select_notifications + the application's own mapper (decodes and checks seals)
 - audit:         podsettle.replay.audit (seals, chains, versions, every invariant through the
                  aggregate's own code), no read model
-- audit+views:   the same with a read model, rebuilt into scratch views and compared
+- catch-up:      the live read model built from nothing (ReadModel.catch_up), for reference
+- audit+views:   the audit with that read model, rebuilt into scratch views and compared
 One line per figure, with ratios against the library in the same run.
 """
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = ("library", "library+chain", "audit", "audit+views")
+CASES = ("library", "library+chain", "audit", "catch-up", "audit+views")
 
 
 def generate(path: Path, events: int) -> int:
@@ -80,13 +81,12 @@ def measure(case: str, path: Path) -> dict[str, Any]:
     app = Settlements(f"sqlite:///{path}")
     total = app.recorder.max_notification_id()
     model = None
-    if case == "audit+views":
-        views = path.with_suffix(".views.db")
-        model = ReadModel(app, str(views))
-        if model.position < total:
-            model.catch_up()
+    if case in ("catch-up", "audit+views"):
+        model = ReadModel(app, str(path.with_suffix(".views.db")))
     started = time.perf_counter()
-    if case.startswith("library"):
+    if case == "catch-up":  # the live read model from nothing (measured apart: the audit starts caught up)
+        ok = model is not None and model.catch_up() == total
+    elif case.startswith("library"):
         mapper = app.mapper if case == "library+chain" else Mapper(transcoder=app.mapper.transcoder)
         start, count = 1, 0
         while True:
@@ -160,6 +160,7 @@ def main() -> None:
                     f"{'ok' if r['ok'] else 'NOT OK'}\n"
                 )
             path.unlink()
+            path.with_suffix(".views.db").unlink(missing_ok=True)
     if len(args.sizes) > 1:
         for case in CASES:
             first, last = peaks[case][0], peaks[case][-1]

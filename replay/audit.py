@@ -27,7 +27,7 @@ from uuid import UUID
 from eventsourcing.application import Application
 from eventsourcing.persistence import JSONTranscoder
 
-from podsettle.domain import TERMINAL, EscrowJob
+from podsettle.domain import TERMINAL, EscrowJob, State
 from podsettle.logs import get_logger
 from podsettle.projections import Checkpoint, JobRow, Projector, ReadModel, ViewStore, is_job_topic
 from podsettle.projections.views import VIEWS
@@ -43,8 +43,8 @@ from podsettle.replay.source import (
 
 log = get_logger(__name__)
 ROW_FIELDS = tuple(f.name for f in fields(JobRow))
-DEFAULT_MAX_OPEN = 10_000
-DEFAULT_RECENT = 4_096
+DEFAULT_MAX_OPEN = 5_000
+DEFAULT_RECENT = 2_048
 DEFAULT_MAX_FINDINGS = 1_000
 # Events after which an invariant can newly break (besides any order violation the apply recorded).
 _CHECK_AFTER: frozenset[type] = frozenset(
@@ -438,11 +438,16 @@ class Auditor:
                 return
             if type(event) in _CHECK_AFTER or len(job.order_violations) != before:
                 self._check(stream, originator_id, position)
-        if job is not None and job.state in TERMINAL and job.intent is None and not quiet:
+        if (
+            job is not None
+            and not quiet
+            and (job.state == State.ATTENTION or (job.state in TERMINAL and job.intent is None))
+        ):
             self._rest(originator_id, stream)
 
     def _rest(self, originator_id: str, stream: _Stream) -> None:
-        """A finished job (or another aggregate) moves to the bounded set of recent ones."""
+        """A job at rest (finished, or parked for an operator: no rule of a quiescent log can still
+        flag it), or another aggregate, moves to the bounded set of recent ones."""
         self.open.pop(originator_id, None)
         recent = self.recent
         recent[originator_id] = stream
