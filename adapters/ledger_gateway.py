@@ -204,6 +204,9 @@ class LedgerEscrow:
             raise NotFound(f"escrow {escrow_id} does not exist") from None
         return _view(hold.hold_id, hold.status, hold.amount, hold.payer, hold.meta, hold.expires_at)
 
+    async def health(self) -> None:
+        """The ledger is in this process: always reachable."""
+
     async def find_by_key(self, key: str) -> EscrowView | None:
         hold = self.ledger.find_hold(key)
         if hold is None:

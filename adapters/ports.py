@@ -182,6 +182,10 @@ class EscrowGateway(Protocol):
 
     async def get(self, escrow_id: str) -> EscrowView: ...
 
+    async def health(self) -> None:
+        """Raises `Unavailable` when the service cannot be reached."""
+        ...
+
     async def find_by_key(self, key: str) -> EscrowView | None:
         """Only when `capabilities.lookup_by_key`; otherwise raises NotImplementedError."""
         ...

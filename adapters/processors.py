@@ -196,9 +196,8 @@ class Processor:
             except RateLimited as error:
                 await self.sleep(max(error.retry_after, delay))
             except Unavailable as error:
-                if intent.step.moves_money:
-                    # A read failed while confirming a money call: the outcome stays unknown for now.
-                    return await self._recover(view, intent)
+                # Nothing was sent (the service could not be reached), or a read failed: both safe
+                # to try again. (A call whose outcome is unknown raises OutcomeUnknown instead.)
                 log.warning("effect.retry", **self._ids(view), step=str(intent.step), error=str(error))
                 await self.sleep(self._jitter(delay))
             except (OutcomeUnknown, BadResponse) as error:
@@ -217,6 +216,14 @@ class Processor:
                     view,
                     lambda job: job.record_failed(
                         "start", None, "RunPod could not be reached before the job's deadline"
+                    ),
+                )
+            if view.deadline <= self.clock() and intent.step == Step.FUND and view.intent.attempts > 0:
+                # Every attempt so far certainly did nothing (429, unreachable): give up, nothing funded.
+                return await self._record(
+                    view,
+                    lambda job: job.record_funding_rejected(
+                        "the escrow service could not be reached before the deadline"
                     ),
                 )
 

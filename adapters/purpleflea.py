@@ -450,6 +450,12 @@ class PurpleFleaEscrow:
     async def find_by_key(self, key: str) -> EscrowView | None:
         raise NotImplementedError("Purple Flea escrows can only be found by id, not by key")
 
+    async def health(self) -> None:
+        """`GET /health`: raises `Unavailable` when the service cannot be reached or is not well."""
+        response = await self._call("health", "GET", "/health", money=False)
+        if response.status_code != 200:
+            raise Unavailable(f"health: {self.base_url} answered {response.status_code}")
+
     # ------------------------------------------------------------------ beyond the port
 
     async def complete(self, escrow_id: str) -> EscrowStatus:

@@ -1,13 +1,49 @@
 """podsettle: escrow settlement for RunPod serverless jobs, event-sourced.
 
-Importing this package is cheap: the RunPod SDK, servers and other heavy modules are imported only
-where they are used.
+    from podsettle import Engine
+
+Importing this package is cheap: the names below load on first use, and the RunPod SDK, the
+servers and the event store are imported only where they are used.
 """
 
 from __future__ import annotations
 
-from podsettle.application import JobSpec, Settlements
-from podsettle.domain.errors import ClaimLost, JobNotFound
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ClaimLost", "JobNotFound", "JobSpec", "Settlements"]
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Engine": "podsettle.engine",
+    "JobResult": "podsettle.engine",
+    "BatchResult": "podsettle.engine",
+    "BatchTotals": "podsettle.engine",
+    "BonusResult": "podsettle.engine",
+    "Settlements": "podsettle.application",
+    "JobSpec": "podsettle.application",
+    "Settings": "podsettle.settings",
+    "ClaimLost": "podsettle.domain.errors",
+    "JobNotFound": "podsettle.domain.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # the names, for type checkers and editors; at run time __getattr__ loads them
+    from podsettle.application import JobSpec as JobSpec
+    from podsettle.application import Settlements as Settlements
+    from podsettle.domain.errors import ClaimLost as ClaimLost
+    from podsettle.domain.errors import JobNotFound as JobNotFound
+    from podsettle.engine import BatchResult as BatchResult
+    from podsettle.engine import BatchTotals as BatchTotals
+    from podsettle.engine import BonusResult as BonusResult
+    from podsettle.engine import Engine as Engine
+    from podsettle.engine import JobResult as JobResult
+    from podsettle.settings import Settings as Settings
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'podsettle' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value

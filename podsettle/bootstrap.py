@@ -6,6 +6,7 @@ podsettle stays light.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -95,7 +96,18 @@ def engine_from_settings(settings: Settings) -> Engine:
         rate_limits=settings.escrow_rate_limits or None,
     )
     compute = RunPodCompute(settings.runpod_api_key.get_secret_value(), base_url=settings.runpod_base_url)
-    engine = Engine(Settlements(settings.store), escrow, compute, payer=settings.payer, settings=settings)
+    engine = Engine(
+        Settlements(settings.store),
+        escrow,
+        compute,
+        payer=settings.payer,
+        settings=settings,
+        processor=ProcessorConfig(
+            processor_id=f"engine-{os.getpid()}",
+            refund_wait_s=settings.refund_wait_s,
+            pending_refund_poll_s=settings.refund_poll_s,
+        ),
+    )
     engine.on_close(escrow.aclose)
     engine.on_close(compute.aclose)
     return engine

@@ -17,10 +17,21 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 T = TypeVar("T")
 
+
+class _Commands(TyperGroup):
+    """Every command runs inside `user_errors()`: a user's mistake is one line, never a traceback."""
+
+    def invoke(self, ctx: Any) -> Any:
+        with user_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="podsettle",
     help="Escrow settlement for RunPod jobs: fund on start, pay on success, refund on failure.",
     no_args_is_help=True,
@@ -196,6 +207,7 @@ def run_job(
 
     async def go() -> Any:
         async with _engine(store=_store(store)) as engine:
+            await engine.check_services(endpoint)
             return await engine.run_paid_job(
                 endpoint, job_input, budget, payee=payee, referral=referral, job_key=key
             )
@@ -251,6 +263,7 @@ def batch(
         from podsettle.console import progress
 
         async with _engine(store=_store(store)) as engine:
+            await engine.check_services(endpoint)
             with progress(len(jobs), "settling", enabled=show_progress(json_output)) as advance:
                 return await engine.run_batch(
                     endpoint,

@@ -590,6 +590,12 @@ class Engine:
         status = "attention" if view.state == State.ATTENTION else "in_flight"
         return BonusResult(uid, decision.amount, decision.reason, status, view.bonus_escrow_id)
 
+    async def check_services(self, endpoint_id: str) -> None:
+        """Fail fast, before anything is opened, when the escrow service or the endpoint cannot be
+        reached (raises the gateway's error, e.g. `Unavailable`, `Unauthorized`, `NotFound`)."""
+        await self.escrow.health()
+        await self.compute.health(endpoint_id)
+
     async def resume(self) -> list[JobResult]:
         """Finish every job that is not resting (the CLI's `resume`); their results."""
         await self.start()

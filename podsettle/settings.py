@@ -29,6 +29,8 @@ ENVIRONMENT = {
     "job_timeout_s": "PODSETTLE_JOB_TIMEOUT_S",
     "concurrency": "PODSETTLE_CONCURRENCY",
     "escrow_rate_limits": "PODSETTLE_ESCROW_RATE_LIMITS",
+    "refund_wait_s": "PODSETTLE_REFUND_WAIT_S",
+    "refund_poll_s": "PODSETTLE_REFUND_POLL_S",
 }
 
 
@@ -54,6 +56,10 @@ class Settings(BaseModel):
     concurrency: int = Field(default=32, ge=1, le=10_000)
     # Client-side limits per route and minute; the documented ones (create 20/min, ...) by default.
     escrow_rate_limits: dict[str, int] = Field(default_factory=dict)
+    # v1 refunds happen on the service's schedule: how long a call waits for one before it reports
+    # the job as "refunding" (the engine keeps looking every refund_poll_s while it runs).
+    refund_wait_s: float = Field(default=0.0, ge=0, le=24 * 3600)
+    refund_poll_s: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("escrow_rate_limits", mode="before")
     @classmethod

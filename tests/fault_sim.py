@@ -114,6 +114,9 @@ class FaultyEscrow:
     async def get(self, escrow_id: str) -> Any:
         return await self.plan.around("get", False, lambda: self.inner.get(escrow_id))
 
+    async def health(self) -> None:
+        await self.inner.health()
+
     async def find_by_key(self, key: str) -> Any:
         if not self.capabilities.lookup_by_key:
             raise NotImplementedError("this escrow service has no lookup by key")

@@ -81,7 +81,10 @@ def test_a_non_editable_install_puts_only_podsettle_into_site_packages(tmp_path:
         capture_output=True,
     )
     (site / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    top_level = sorted(p.name for p in site.iterdir() if not p.name.endswith((".dist-info", ".pth")))
+    # `bin` holds the `podsettle` console script that --target installs beside the packages.
+    top_level = sorted(
+        p.name for p in site.iterdir() if not p.name.endswith((".dist-info", ".pth")) and p.name != "bin"
+    )
     assert top_level == ["podsettle"], top_level
     check = (
         "import importlib, podsettle, podsettle.domain, sys;"

@@ -1,0 +1,335 @@
+"""Every command of the `podsettle` command line, with good and bad input, against a sandbox served
+over loopback HTTP (the same adapters as production, configured through the environment)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from podsettle.adapters.sandbox import Sandbox
+from podsettle.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(escrow_options={"dispute_review": "refund"}) as served:
+        yield served
+
+
+@pytest.fixture
+def env(sandbox: Sandbox, tmp_path: Path) -> dict[str, str]:
+    payer = sandbox.create_agent("50")
+    worker = sandbox.create_agent("0")
+    return {
+        "PODSETTLE_STORE": f"sqlite:///{tmp_path / 'store.db'}",
+        "PODSETTLE_ESCROW_URL": sandbox.url,
+        "PF_API_KEY": payer.api_key,
+        "PODSETTLE_PAYER": payer.agent_id,
+        "PODSETTLE_PAYEE": worker.agent_id,
+        "RUNPOD_API_KEY": "sandbox-key",
+        "RUNPOD_ENDPOINT_BASE_URL": sandbox.runpod_url,
+        "PODSETTLE_ESCROW_RATE_LIMITS": "create=10000,release=10000,dispute=10000",
+        "PODSETTLE_LOG_LEVEL": "ERROR",
+        "PODSETTLE_JOB_TIMEOUT_S": "60",
+        "PODSETTLE_REFUND_WAIT_S": "10",
+        "PODSETTLE_REFUND_POLL_S": "0.05",
+    }
+
+
+def invoke(env: dict[str, str], *args: str) -> Any:
+    return runner.invoke(app, list(args), env=env, catch_exceptions=False)
+
+
+def one_error_line(result: Any, words: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("podsettle: error: "), result.stderr
+    assert words in lines[-1], lines[-1]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+
+
+def test_help_answers_quickly_without_heavy_imports() -> None:
+    heavy = "('runpod', 'uvicorn', 'eventsourcing', 'starlette')"
+    code = f"import sys; from podsettle.cli import app; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    result = subprocess.run([sys.executable, "-m", "podsettle.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "demo" in result.stdout and "replay" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "demo",
+        "sandbox",
+        "run",
+        "batch",
+        "status",
+        "jobs",
+        "totals",
+        "earnings",
+        "bonus",
+        "replay",
+        "export",
+        "reconcile",
+        "resume",
+        "onboard",
+    ],
+)
+def test_every_command_has_help(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_run_pays_a_successful_job(env: dict[str, str]) -> None:
+    result = invoke(
+        env, "run", "--endpoint", "echo", "--input", '{"prompt": "hi"}', "--budget", "0.50", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["status"] == "paid" and data["to_payee"] == "0.495000" and data["fee"] == "0.005000"
+    status = invoke(env, "status", data["job_id"], "--json")
+    assert status.exit_code == 0 and json.loads(status.stdout)["state"] == "RELEASED"
+    human = invoke(env, "status", data["job_id"])
+    assert "RELEASED" in human.stdout
+
+
+def test_run_exits_1_when_the_job_is_refunded(env: dict[str, str]) -> None:
+    result = invoke(env, "run", "--endpoint", "fail", "--input", "{}", "--budget", "0.50", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["status"] == "refunded"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--input", "{not json", "--budget", "0.50"], "--input: not valid JSON"),
+        (["--input", "[1, 2]", "--budget", "0.50"], "--input: must be a JSON object"),
+        (["--input", "{}", "--budget", "abc"], "--budget: 'abc' is not a number"),
+        (["--input", "{}", "--budget", "-1"], "--budget: '-1' is negative"),
+        (["--input", "{}", "--budget", "0.1234567"], "more than 6 decimal places"),
+    ],
+)
+def test_run_refuses_bad_input_with_one_line(env: dict[str, str], args: list[str], words: str) -> None:
+    result = invoke(env, "run", "--endpoint", "echo", *args)
+    assert result.exit_code == 2
+    one_error_line(result, words)
+
+
+def test_run_without_a_key_is_a_configuration_error(env: dict[str, str]) -> None:
+    del env["PF_API_KEY"]
+    result = invoke(env, "run", "--endpoint", "echo", "--input", '{"x": 1}', "--budget", "0.50")
+    assert result.exit_code == 2
+    one_error_line(result, "PF_API_KEY")
+
+
+def test_run_against_an_unreachable_service_fails_fast(env: dict[str, str]) -> None:
+    env["PODSETTLE_ESCROW_URL"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    result = invoke(env, "run", "--endpoint", "echo", "--input", '{"x": 1}', "--budget", "0.50")
+    assert result.exit_code == 1
+    one_error_line(result, "could not reach")
+    assert env["PF_API_KEY"] not in result.stderr
+
+
+def test_bad_configuration_names_the_variable(env: dict[str, str]) -> None:
+    env["PODSETTLE_ESCROW_DIALECT"] = "v9"
+    result = invoke(env, "run", "--endpoint", "echo", "--input", '{"x": 1}', "--budget", "0.50")
+    assert result.exit_code == 2
+    one_error_line(result, "PODSETTLE_ESCROW_DIALECT")
+    env["PODSETTLE_ESCROW_DIALECT"] = "v1"
+    env["PODSETTLE_STORE"] = "mysql://nope"
+    result = invoke(env, "totals")
+    assert result.exit_code == 2
+    one_error_line(result, "PODSETTLE_STORE")
+
+
+def test_batch_from_json_lines_then_the_read_side(env: dict[str, str], tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps({"frame": 1, "tile": n}) for n in range(6)) + "\n\n")
+    result = invoke(
+        env, "batch", str(jobs), "--endpoint", "render", "--budget", "0.25", "--batch-id", "b1", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["totals"]["paid"] == 6 and data["totals"]["settled"] == "1.500000"
+
+    totals = json.loads(invoke(env, "totals", "--batch", "b1", "--json").stdout)
+    assert totals["paid"] == 6
+    listed = json.loads(invoke(env, "jobs", "--batch", "b1", "--state", "released", "--json").stdout)
+    assert len(listed) == 6
+    earned = json.loads(invoke(env, "earnings", "--json").stdout)
+    assert [e["payee"] for e in earned] == [env["PODSETTLE_PAYEE"]]
+    assert any(value == "1.485000" for value in earned[0].values())
+    assert invoke(env, "totals").exit_code == 0 and invoke(env, "earnings").exit_code == 0
+
+    bad = invoke(env, "jobs", "--state", "sideways")
+    assert bad.exit_code == 2
+    one_error_line(bad, "--state")
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ('{"frame": 1}\n{oops\n', "line 2: not valid JSON"),
+        ('{"frame": 1}\n"text"\n', "line 2: must be a JSON object"),
+        ("\n\n", "holds no jobs"),
+    ],
+)
+def test_batch_refuses_a_bad_file(env: dict[str, str], tmp_path: Path, content: str, words: str) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(content)
+    result = invoke(env, "batch", str(jobs), "--endpoint", "render", "--budget", "0.25")
+    assert result.exit_code == 2
+    one_error_line(result, words)
+    missing = invoke(env, "batch", str(tmp_path / "nope.jsonl"), "--endpoint", "render", "--budget", "0.25")
+    assert missing.exit_code == 2
+    one_error_line(missing, "no such file")
+
+
+def test_bonus_on_a_paid_job(env: dict[str, str]) -> None:
+    paid = json.loads(
+        invoke(env, "run", "--endpoint", "echo", "--input", '{"x": 1}', "--budget", "1", "--json").stdout
+    )
+    result = invoke(
+        env, "bonus", paid["job_id"], "--baseline", "0.80", "--achieved", "0.92", "--pool", "5", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["bonus"] == "0.750000"
+    below = invoke(env, "bonus", paid["job_id"], "--baseline", "0.80", "--achieved", "0.81", "--pool", "5")
+    assert below.exit_code == 1  # a different request for the same job's one bonus is a conflict
+    one_error_line(below, "already granted")
+    bad = invoke(env, "bonus", paid["job_id"], "--baseline", "zero", "--achieved", "1")
+    assert bad.exit_code == 2
+    one_error_line(bad, "base_metric")
+    unknown = invoke(env, "bonus", "not-a-uuid", "--baseline", "1", "--achieved", "2")
+    assert unknown.exit_code == 2
+    one_error_line(unknown, "job_id")
+
+
+def test_status_of_a_missing_job_and_a_missing_store(env: dict[str, str], tmp_path: Path) -> None:
+    invoke(env, "run", "--endpoint", "echo", "--input", '{"x": 1}', "--budget", "0.50")
+    result = invoke(env, "status", "00000000-0000-0000-0000-000000000000")
+    assert result.exit_code == 2
+    one_error_line(result, "not found")
+    env["PODSETTLE_STORE"] = f"sqlite:///{tmp_path / 'never.db'}"
+    result = invoke(env, "totals")
+    assert result.exit_code == 2
+    one_error_line(result, "does not exist yet")
+
+
+def test_replay_export_and_audit_of_the_export(env: dict[str, str], tmp_path: Path) -> None:
+    invoke(env, "run", "--endpoint", "echo", "--input", '{"x": 1}', "--budget", "0.50")
+    invoke(env, "run", "--endpoint", "fail", "--input", "{}", "--budget", "0.50")
+    audit = invoke(env, "replay", "--json")
+    assert audit.exit_code == 0, audit.stdout
+    assert json.loads(audit.stdout)["ok"] is True
+    out = tmp_path / "log.jsonl"
+    exported = invoke(env, "export", "--out", str(out))
+    assert exported.exit_code == 0 and out.exists()
+    assert invoke(env, "replay", "--log", str(out)).exit_code == 0
+    lines = out.read_text().splitlines()
+    tampered = tmp_path / "tampered.jsonl"
+    tampered.write_text("\n".join(lines[:3] + lines[4:]) + "\n")  # one event deleted
+    result = invoke(env, "replay", "--log", str(tampered), "--json")
+    assert result.exit_code == 1 and json.loads(result.stdout)["ok"] is False
+    missing = invoke(env, "replay", "--log", str(tmp_path / "nope.jsonl"))
+    assert missing.exit_code == 2
+    one_error_line(missing, "does not exist")
+
+
+def test_reconcile_lists_and_resolves_attention(env: dict[str, str], sandbox: Sandbox) -> None:
+    # Lose the answer to the next create: v1 has no lookup, so the job waits for an operator.
+    import httpx
+
+    httpx.post(f"{sandbox.url}/sandbox/faults", json={"route": "create", "mode": "drop_after", "count": 1})
+    result = invoke(env, "run", "--endpoint", "echo", "--input", '{"x": 1}', "--budget", "0.50", "--json")
+    assert result.exit_code == 1
+    job = json.loads(result.stdout)
+    assert job["status"] == "attention" and job["attention"]["step"] == "fund"
+    listing = invoke(env, "reconcile", "--json")
+    assert listing.exit_code == 1
+    assert [item["job_id"] for item in json.loads(listing.stdout)["attention"]] == [job["job_id"]]
+    no_finding = invoke(env, "reconcile", "--resolve", job["job_id"], "--outcome", "retry")
+    assert no_finding.exit_code == 2
+    one_error_line(no_finding, "--finding")
+    wrong = invoke(env, "reconcile", "--resolve", job["job_id"], "--finding", "x", "--outcome", "released")
+    assert wrong.exit_code == 2
+    one_error_line(wrong, "does not fit a job stopped at fund")
+    # The operator finds the escrow in the sandbox (the dashboard) and records it.
+    state = sandbox.app.escrow.state.escrow
+    with state.ledger.transaction() as tx:
+        (escrow_id,) = tx.execute(
+            "SELECT escrow_id FROM sandbox_escrows ORDER BY created_at DESC LIMIT 1"
+        ).fetchone()
+    resolved = invoke(
+        env,
+        "reconcile",
+        "--resolve",
+        job["job_id"],
+        "--finding",
+        f"{escrow_id} is funded",
+        "--outcome",
+        f"funded:{escrow_id}",
+        "--json",
+    )
+    assert resolved.exit_code == 0, resolved.stderr
+    assert json.loads(resolved.stdout)["state"] == "FUNDED"
+    resumed = invoke(env, "resume", "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert [r["status"] for r in json.loads(resumed.stdout)] == ["paid"]
+    assert json.loads(invoke(env, "reconcile", "--json").stdout)["attention"] == []
+
+
+def test_onboard_against_the_sandbox(sandbox: Sandbox) -> None:
+    env = {
+        "PODSETTLE_CASINO_URL": sandbox.url,
+        "PODSETTLE_FAUCET_URL": sandbox.url,
+        "PODSETTLE_LOG_LEVEL": "ERROR",
+    }
+    result = runner.invoke(app, ["onboard", "--json"], env=env)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["agent_id"].startswith("ag_") and data["api_key"]
+    unreachable = runner.invoke(app, ["onboard", "--casino-url", "http://127.0.0.1:9"], env=env)
+    assert unreachable.exit_code == 1
+    one_error_line(unreachable, "cannot reach")
+
+
+@pytest.mark.slow
+def test_demo_as_a_new_user_runs_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PODSETTLE_", "PF_", "RUNPOD_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "podsettle.cli", "demo", "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    totals = data["batch"]["totals"]
+    assert totals["jobs"] == 24 and totals["paid"] > 0 and totals["refunded"] > 0 and totals["in_flight"] == 0
+    assert data["bonus"]["status"] == "awarded"
+    assert data["ledger_conserved"] is True and data["audit"]["ok"] is True
+    assert all(isinstance(v, str) for v in (totals["settled"], totals["fees"], data["bonus"]["bonus"]))
+    assert (tmp_path / "podsettle-demo.db").exists()
+    human = subprocess.run(
+        [sys.executable, "-m", "podsettle.cli", "demo", "--jobs", "6"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert human.returncode == 0, human.stderr
+    assert "Batch:" in human.stdout and "OK" in human.stdout
