@@ -208,3 +208,11 @@ async def test_the_audit_passes_on_logs_of_the_engine_fault_simulation(seed: int
     assert report.views_compared and report.jobs >= len(result.jobs)
     export(app, tmp_path / "sim.jsonl")
     assert audit_export(tmp_path / "sim.jsonl", seals=SEALS).ok
+    # And the log agrees with the ledger the escrows were really held in.
+    from podsettle.adapters.ledger_gateway import LedgerEscrow
+    from podsettle.replay import reconcile
+
+    reconciled = await reconcile(app, LedgerEscrow(result.ledger, payer="ag_payer"))
+    assert reconciled.ok, reconciled.render()
+    escrows = sum((job.escrow_id is not None) + (job.bonus_escrow_id is not None) for job in result.jobs)
+    assert reconciled.escrows_checked == escrows
