@@ -47,7 +47,7 @@ def configure_logging(*, json: bool | None = None, level: str | None = None, for
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
     _configured = True
 

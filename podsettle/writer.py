@@ -24,7 +24,7 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError
 
 from podsettle.application import JobSpec, Settlements
-from podsettle.domain import EscrowJob, Step
+from podsettle.domain import TERMINAL, EscrowJob, State, Step
 from podsettle.domain.errors import ClaimLost, DomainError
 from podsettle.domain.escrow_job import JobView
 from podsettle.logs import get_logger
@@ -222,7 +222,7 @@ class JobWriter:
         self.stats.commands += len(batch)
         for job in touched.values():
             self._note_version(job)
-            if job.view().rests:
+            if job.state == State.ATTENTION or (job.state in TERMINAL and job.intent is None):
                 self._cache.pop(job.id, None)
         return outcomes
 
