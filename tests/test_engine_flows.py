@@ -1,5 +1,6 @@
-"""The product page's three flows on the engine with in-process gateways (the ledger and handlers
-run directly): per-job escrow, batch settlement with totals, and the performance bonus."""
+"""The product page's three flows: per-job escrow, batch settlement with totals, and the performance
+bonus. Each runs on the engine with in-process gateways (the ledger and handlers run directly) and
+against the sandbox over real HTTP in both escrow dialects (the production adapters)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,30 @@ from podsettle.engine import Engine
 D = Decimal
 
 
-@pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
-    async with Engine.in_process(f"sqlite:///{tmp_path / 'store.db'}", balance="100") as engine:
+@pytest.fixture(params=["in-process", "http-v1", "http-seed"])
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Engine]:
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    if request.param == "in-process":
+        made = Engine.in_process(store, balance="100")
+    else:
+        made = Engine.sandbox(store, dialect=request.param.removeprefix("http-"), balance="100")
+    async with made as engine:
         yield engine
 
 
 def balances(engine: Engine) -> dict[str, Decimal]:
-    ledger = engine.escrow.ledger  # type: ignore[attr-defined]
-    return {a.account_id: a.balance for a in ledger.conservation().accounts}
+    """The payer's and the worker's balances as the escrow service has them."""
+    if engine.sandbox_server is not None:
+        accounts = {a["account"]: D(a["balance"]) for a in engine.sandbox_server.ledger()["accounts"]}
+    else:
+        ledger = engine.escrow.ledger  # type: ignore[attr-defined]
+        accounts = {a.account_id: a.balance for a in ledger.conservation().accounts}
+    return {"payer": accounts[engine.payer], "worker": accounts[engine.settings.payee or ""]}
+
+
+def kept_on_refund(engine: Engine, budget: Decimal) -> Decimal:
+    """v1 has no cancel: its refunds (dispute review, timeout sweep) keep the 1% commission."""
+    return D(0) if engine.escrow.capabilities.cancel else (budget / 100).quantize(D("0.000001"))
 
 
 async def test_a_successful_job_pays_the_worker(engine: Engine) -> None:
@@ -34,8 +50,8 @@ async def test_a_successful_job_pays_the_worker(engine: Engine) -> None:
     assert result.output == {"prompt": "hello"}
     assert (result.to_payee, result.fee) == (D("0.495"), D("0.005"))
     assert result.escrow_id and result.runpod_job_id
-    assert balances(engine)["ag_worker"] == D("0.495")
-    assert balances(engine)["ag_payer"] == D("99.5")
+    assert balances(engine)["worker"] == D("0.495")
+    assert balances(engine)["payer"] == D("99.5")
     assert result.to_json()["to_payee"] == "0.495000"
 
 
@@ -52,9 +68,10 @@ async def test_a_failed_job_refunds_the_payer(
     result = await engine.run_paid_job(endpoint, job_input, budget="0.50")
     assert result.status == "refunded"
     assert reason in (result.reason or "")
-    assert result.refunded == D("0.5") and result.to_payee == 0
-    assert balances(engine)["ag_worker"] == 0
-    assert balances(engine)["ag_payer"] == D("100")
+    kept = kept_on_refund(engine, D("0.5"))
+    assert result.refunded == D("0.5") - kept and result.to_payee == 0
+    assert balances(engine)["worker"] == 0
+    assert balances(engine)["payer"] == D("100") - kept
 
 
 async def test_acceptance_checks_gate_the_release(engine: Engine) -> None:
@@ -80,14 +97,14 @@ async def test_a_budget_above_the_balance_is_rejected_and_moves_nothing(engine: 
     result = await engine.run_paid_job("echo", {"x": 1}, budget="500")
     assert result.status == "rejected"
     assert "insufficient" in (result.reason or "") or "holds" in (result.reason or "")
-    assert result.escrow_id is None and balances(engine)["ag_payer"] == D("100")
+    assert result.escrow_id is None and balances(engine)["payer"] == D("100")
 
 
 async def test_the_same_job_key_never_pays_twice(engine: Engine) -> None:
     first = await engine.run_paid_job("echo", {"n": 1}, budget="1", job_key="order-17")
     again = await engine.run_paid_job("echo", {"n": 1}, budget="1", job_key="order-17")
     assert first.job_id == again.job_id and again.status == "paid"
-    assert balances(engine)["ag_worker"] == D("0.99")
+    assert balances(engine)["worker"] == D("0.99")
 
 
 async def test_bad_input_is_refused_before_anything_is_recorded(engine: Engine) -> None:
@@ -114,7 +131,7 @@ async def test_batch_settlement_with_totals(engine: Engine) -> None:
     assert totals.to_workers == D("0.2475") * totals.paid
     assert totals.settled == D("0.25") * totals.paid
     assert f"{totals.paid} paid, {totals.refunded} refunded" in totals.line()
-    assert balances(engine)["ag_worker"] == totals.to_workers
+    assert balances(engine)["worker"] == totals.to_workers
     assert {r.batch_id for r in batch.results} == {batch.batch_id}
     assert [j.id for j in engine.app.list_jobs(batch_id=batch.batch_id)] == [r.job_id for r in batch.results]
     assert batch.to_json()["totals"]["settled"] == f"{totals.settled:.6f}"
@@ -129,7 +146,7 @@ async def test_performance_bonus(engine: Engine) -> None:
     assert bonus.to_payee == D("0.7425")
     again = await engine.award_bonus(job.job_id, 0.80, 0.92, pool="5")
     assert again.amount == bonus.amount and again.escrow_id == bonus.escrow_id
-    assert balances(engine)["ag_worker"] == D("0.99") + D("0.7425")  # paid once
+    assert balances(engine)["worker"] == D("0.99") + D("0.7425")  # paid once
 
 
 async def test_bonus_is_capped_at_the_pool(engine: Engine) -> None:
@@ -152,7 +169,7 @@ async def test_cancelling_a_running_job_refunds(engine: Engine) -> None:
         await asyncio.sleep(0.01)
     result = await engine.cancel(job_id, "changed my mind")
     assert result.status == "refunded" and result.reason == "changed my mind"
-    assert balances(engine)["ag_payer"] == D("100")
+    assert balances(engine)["payer"] == D("100") - kept_on_refund(engine, D("1"))
 
 
 async def test_a_job_past_its_deadline_is_cancelled_and_refunded(engine: Engine) -> None:
