@@ -67,7 +67,9 @@ class JobStore(Protocol):
 
     async def execute(self, job_id: UUID, command: Command) -> tuple[Any, JobView]: ...
 
-    async def claim(self, job_id: UUID, step: Step, processor: str) -> tuple[int, JobView]: ...
+    async def claim(
+        self, job_id: UUID, step: Step, processor: str, after: int, at: datetime
+    ) -> tuple[int, JobView]: ...
 
     async def view(self, job_id: UUID) -> JobView: ...
 
@@ -82,6 +84,9 @@ class ProcessorConfig:
     retry_base_s: float = 0.05
     retry_cap_s: float = 5.0
     pending_refund_poll_s: float = 30.0
+    # An attempt made by another processor is its to finish for this long (it may be alive and
+    # waiting for an answer); after that it counts as abandoned and is confirmed or redone here.
+    claim_lease_s: float = 30.0
     # How long `drive` waits for a refund the service makes on its own (v1: dispute review, timeout
     # sweep) before it returns the job as "refunding" and leaves it to the background watcher.
     refund_wait_s: float = 0.0
@@ -161,6 +166,9 @@ class Processor:
                     view = await self._watch(view)
                 elif intent.attempts == 0:
                     view = await self._execute(view, intent)
+                elif self._held_by_another(intent):
+                    await self.sleep(self._jitter(min(1.0, self.config.claim_lease_s / 4)))
+                    view = await self.store.view(job_id)
                 else:
                     view = await self._recover(view, intent)
             except RefundPending:
@@ -172,6 +180,12 @@ class Processor:
                 waited_s += self.config.pending_refund_poll_s
         self.pending_refunds.discard(job_id)
         return view
+
+    def _held_by_another(self, intent: Intent) -> bool:
+        """Another processor's attempt that is still within its lease: that processor may be alive."""
+        if intent.claimed_by in (None, self.config.processor_id) or intent.claimed_at is None:
+            return False
+        return (self.clock() - intent.claimed_at).total_seconds() < self.config.claim_lease_s
 
     def interrupt_wait(self, job_id: UUID) -> None:
         """Stop waiting for the job's run (a cancel was requested): the drive loop re-reads the job."""
@@ -185,7 +199,10 @@ class Processor:
         delay = self.config.retry_base_s
         while True:
             try:
-                attempt, view = await self.store.claim(view.job_id, intent.step, self.config.processor_id)
+                seen = view.intent.attempts if view.intent is not None else 0
+                attempt, view = await self.store.claim(
+                    view.job_id, intent.step, self.config.processor_id, seen, self.clock()
+                )
             except ClaimLost:
                 return await self._wait_for_other(view)
             except DomainError:

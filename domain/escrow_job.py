@@ -22,7 +22,7 @@ from typing import Any
 from eventsourcing.domain import Aggregate, event
 
 from podsettle.domain import rules
-from podsettle.domain.errors import ConflictingOutcome, IllegalTransition, InvalidInput
+from podsettle.domain.errors import ClaimLost, ConflictingOutcome, IllegalTransition, InvalidInput
 from podsettle.domain.money import ZERO, fmt, to_money
 
 JOB_NAMESPACE = uuid.UUID("6f1c1d5e-8a4b-4f0e-9a57-2f6f3c1e7b11")
@@ -70,6 +70,8 @@ class Intent:
     step: Step
     key: str
     attempts: int = 0
+    claimed_by: str | None = None  # the processor that made the last attempt, and when
+    claimed_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +165,7 @@ class EscrowJob(Aggregate):
         step: str
         attempt: int
         processor: str
+        at: datetime | None
 
     class Funded(Event):
         escrow_id: str
@@ -392,20 +395,28 @@ class EscrowJob(Aggregate):
 
     # ------------------------------------------------------------------ attempts
 
-    def record_attempt(self, step: Step, processor: str) -> int:
-        """A processor claims the current intent and is about to make its call. Returns the attempt."""
+    def record_attempt(
+        self, step: Step, processor: str, *, after: int | None = None, at: datetime | None = None
+    ) -> int:
+        """A processor claims the current intent and is about to make its call. Returns the attempt.
+
+        `after` is the number of attempts the processor saw when it decided to make this one: if
+        another processor has made one since, the claim is lost (`ClaimLost`) rather than taken as
+        the next attempt, so that two processors never both make the call."""
         if self.intent is None or self.intent.step != step:
             raise IllegalTransition(self.id, self.state, f"attempt {step}", "no such intent is open")
         if self.state == State.ATTENTION:
             raise IllegalTransition(self.id, self.state, f"attempt {step}", "the job waits for an operator")
+        if after is not None and self.intent.attempts != after:
+            raise ClaimLost(self.id, step)
         attempt = self.intent.attempts + 1
-        self._attempted(step=str(step), attempt=attempt, processor=processor)
+        self._attempted(step=str(step), attempt=attempt, processor=processor, at=at)
         return attempt
 
     @event(Attempted)
-    def _attempted(self, step: str, attempt: int, processor: str) -> None:
+    def _attempted(self, step: str, attempt: int, processor: str, at: datetime | None) -> None:
         if self.intent is not None and self.intent.step == step:
-            self.intent = Intent(self.intent.step, self.intent.key, attempt)
+            self.intent = Intent(self.intent.step, self.intent.key, attempt, processor, at)
         else:
             self.order_violations.append(f"{step} attempted without an open intent")
         if step == Step.START:

@@ -7,6 +7,7 @@ podsettle stays light.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,7 +104,8 @@ def engine_from_settings(settings: Settings) -> Engine:
         payer=settings.payer,
         settings=settings,
         processor=ProcessorConfig(
-            processor_id=f"engine-{os.getpid()}",
+            processor_id=f"{socket.gethostname()}:{os.getpid()}",
+            claim_lease_s=settings.claim_lease_s,
             refund_wait_s=settings.refund_wait_s,
             pending_refund_poll_s=settings.refund_poll_s,
         ),

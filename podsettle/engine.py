@@ -662,7 +662,7 @@ class Engine:
     async def _follow(self, position: int) -> None:
         """Follow the log for intents written by other processes (an operator's resolution, another
         engine's jobs), recording how far it has read."""
-        tracking = await self.writer.call(self.app.factory.tracking_recorder)
+        tracking = await self.writer.call(self._tracking_recorder)
         tracked: int = await self.writer.call(lambda: tracking.max_tracking_id(FOLLOWER)) or 0
         position = max(position, tracked)
         while True:
@@ -683,7 +683,23 @@ class Engine:
                         )
             except RuntimeError:
                 return  # the writer closed
+            except (
+                Exception
+            ) as error:  # keep following: a stopped follower would strand other writers' intents
+                log.error("engine.follow_failed", error=repr(error))
+                await asyncio.sleep(max(1.0, self.follow_interval_s))
             await asyncio.sleep(self.follow_interval_s)
+
+    def _tracking_recorder(self) -> Any:
+        """The follower's tracking table. Two engines starting together on a new store may both try
+        to create it (the library then raises IntegrityError for the second): the table exists then."""
+        for attempt in range(3):
+            try:
+                return self.app.factory.tracking_recorder()
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _intents_after(self, position: int) -> tuple[Sequence[Any], int]:
         last = self.app.recorder.max_notification_id() or 0

@@ -47,7 +47,7 @@ def configure_logging(*, json: bool | None = None, level: str | None = None, for
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # a runtime that configures structlog later still gets our lines
     )
     _configured = True
 

@@ -31,6 +31,7 @@ ENVIRONMENT = {
     "escrow_rate_limits": "PODSETTLE_ESCROW_RATE_LIMITS",
     "refund_wait_s": "PODSETTLE_REFUND_WAIT_S",
     "refund_poll_s": "PODSETTLE_REFUND_POLL_S",
+    "claim_lease_s": "PODSETTLE_CLAIM_LEASE_S",
 }
 
 
@@ -60,6 +61,9 @@ class Settings(BaseModel):
     # the job as "refunding" (the engine keeps looking every refund_poll_s while it runs).
     refund_wait_s: float = Field(default=0.0, ge=0, le=24 * 3600)
     refund_poll_s: float = Field(default=30.0, gt=0, le=3600)
+    # How long another engine's unanswered attempt is left to it before this one confirms or redoes
+    # it (several engines on one store); also how long a restarted engine waits for a dead one's.
+    claim_lease_s: float = Field(default=30.0, ge=0, le=3600)
 
     @field_validator("escrow_rate_limits", mode="before")
     @classmethod

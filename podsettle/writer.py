@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -81,9 +82,17 @@ class JobWriter:
         result: tuple[Any, JobView] = await self._submit(_Request("command", self._future(), job_id, command))
         return result
 
-    async def claim(self, job_id: UUID, step: Step, processor: str) -> tuple[int, JobView]:
-        """Record the attempt for the job's current intent (the claim); `ClaimLost` if another won."""
-        request = _Request("claim", self._future(), job_id, lambda job: job.record_attempt(step, processor))
+    async def claim(
+        self, job_id: UUID, step: Step, processor: str, after: int, at: datetime
+    ) -> tuple[int, JobView]:
+        """Record the attempt for the job's current intent (the claim), made after `after` attempts;
+        `ClaimLost` if another processor claimed it first."""
+        request = _Request(
+            "claim",
+            self._future(),
+            job_id,
+            lambda job: job.record_attempt(step, processor, after=after, at=at),
+        )
         request.step = step
         result: tuple[int, JobView] = await self._submit(request)
         return result

@@ -196,7 +196,10 @@ async def simulate(seed: int, tmp: Path, *, jobs: int = 6, v1_like: bool | None 
     plan = FaultPlan(rng)
     store = f"sqlite:///{tmp / f'sim-{seed}.db'}"
     settings = Settings(store=store, payer=PAYER, payee=PAYEE, job_timeout_s=60)
-    config = ProcessorConfig(retry_base_s=0.0005, retry_cap_s=0.002, pending_refund_poll_s=0.01, seed=seed)
+    # One engine at a time (a restart follows a crash): no lease to wait out for the dead engine's attempts.
+    config = ProcessorConfig(
+        retry_base_s=0.0005, retry_cap_s=0.002, pending_refund_poll_s=0.01, seed=seed, claim_lease_s=0
+    )
     inputs = [{"value": rng.randrange(1000)} for _ in range(jobs)]
     budgets = [rng.choice(["0.10", "0.50", "1.234567", "2", "2", "5000"]) for _ in range(jobs)]
     batch_id = f"sim-{seed}"

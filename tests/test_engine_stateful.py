@@ -94,7 +94,10 @@ class EngineMachine(RuleBasedStateMachine):
             payer=PAYER,
             settings=Settings(store=self.store, payer=PAYER, payee=PAYEE, job_timeout_s=600),
             processor=ProcessorConfig(
-                processor_id=f"machine-{self.crashes}", retry_base_s=0.0005, retry_cap_s=0.002
+                processor_id=f"machine-{self.crashes}",
+                retry_base_s=0.0005,
+                retry_cap_s=0.002,
+                claim_lease_s=0,
             ),
             clock=self.clock,
             follow_interval_s=0.005,

@@ -51,6 +51,9 @@ class FakeEscrow:
     async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement:
         raise NotImplementedError("reconciliation never releases escrows")
 
+    async def health(self) -> None:
+        return None
+
     async def refund(self, escrow_id: str, *, key: str, reason: str, expected: object = None) -> Settlement:
         raise NotImplementedError("reconciliation never refunds escrows")
 
