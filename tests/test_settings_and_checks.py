@@ -1,0 +1,113 @@
+"""Configuration (environment and flags) and the acceptance checks that gate a release."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from podsettle.adapters.processors import escrow_timeout_hours
+from podsettle.domain import InvalidInput
+from podsettle.domain import acceptance as checks
+from podsettle.settings import ConfigError, Settings
+
+
+def test_settings_from_the_environment_with_flags_overriding() -> None:
+    env = {
+        "PODSETTLE_STORE": "sqlite:///x.db",
+        "PF_API_KEY": "pf_live_secret_value_123",
+        "PODSETTLE_PAYEE": "ag_default",
+        "PODSETTLE_PAYEES": "render=ag_render, train=ag_train",
+        "PODSETTLE_ESCROW_RATE_LIMITS": "create=100,release=50",
+        "PODSETTLE_JOB_TIMEOUT_S": "120",
+    }
+    settings = Settings.from_env(env, job_timeout_s=300, payee=None)
+    assert settings.job_timeout_s == 300  # the flag wins; a None flag is ignored
+    assert settings.payee_for("render") == "ag_render"
+    assert settings.payee_for("echo") == "ag_default"
+    assert settings.payee_for("render", "ag_override") == "ag_override"
+    assert settings.escrow_rate_limits == {"create": 100, "release": 50}
+    assert "pf_live_secret_value_123" not in repr(settings) and "pf_live_secret_value_123" not in str(
+        settings
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"PODSETTLE_ESCROW_DIALECT": "v2"}, "PODSETTLE_ESCROW_DIALECT"),
+        ({"PODSETTLE_JOB_TIMEOUT_S": "1"}, "PODSETTLE_JOB_TIMEOUT_S"),
+        ({"PODSETTLE_PAYEES": "render"}, "PODSETTLE_PAYEES"),
+        ({"PODSETTLE_ESCROW_URL": "ftp://x"}, "PODSETTLE_ESCROW_URL"),
+        ({"PODSETTLE_ESCROW_RATE_LIMITS": "create=fast"}, "PODSETTLE_ESCROW_RATE_LIMITS"),
+        ({"PODSETTLE_PAYER": "has spaces"}, "PODSETTLE_PAYER"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        Settings.from_env(env)
+
+
+def test_a_missing_payee_is_explained() -> None:
+    with pytest.raises(ConfigError, match="PODSETTLE_PAYEE"):
+        Settings.from_env({}).payee_for("echo")
+
+
+def test_the_escrow_outlives_the_job_by_the_release_margin() -> None:
+    now = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    assert escrow_timeout_hours(now + timedelta(minutes=10), now) == 2  # 10 min + 1 h margin -> 2 h
+    assert escrow_timeout_hours(now + timedelta(hours=5), now) == 6
+    assert escrow_timeout_hours(now, now) == 1
+
+
+@pytest.mark.parametrize(
+    ("rule", "output", "passed", "words"),
+    [
+        (checks.non_empty(), {"x": 1}, True, "not empty"),
+        (checks.non_empty(), {}, False, "no output"),
+        (checks.non_empty(), None, False, "no output"),
+        (checks.json_schema({"type": "object", "required": ["url"]}), {"url": "s3://a"}, True, "matches"),
+        (
+            checks.json_schema({"type": "object", "required": ["url"]}),
+            {"path": "a"},
+            False,
+            "'url' is a required",
+        ),
+        (checks.metric_at_least("accuracy", "0.9"), {"accuracy": 0.93}, True, "meets"),
+        (checks.metric_at_least("accuracy", "0.9"), {"accuracy": 0.85}, False, "below the required"),
+        (checks.metric_at_least("accuracy", "0.9"), {"loss": 0.1}, False, "no numeric metric"),
+        (checks.metric_at_least("accuracy", "0.9"), {"accuracy": True}, False, "no numeric metric"),
+    ],
+)
+def test_builtin_checks(rule: dict, output: object, passed: bool, words: str) -> None:  # type: ignore[type-arg]
+    result = checks.evaluate(rule, output)
+    assert result.passed is passed and words in result.reason
+
+
+def test_metrics_are_kept_exactly_and_custom_checks_run() -> None:
+    result = checks.evaluate(checks.non_empty(), {"accuracy": 0.1, "epochs": 3, "name": "x"})
+    assert result.metrics == {"accuracy": "0.1", "epochs": "3"}
+
+    def crashes(output: object) -> bool:
+        raise KeyError("score")
+
+    verdict = checks.evaluate(checks.custom("strict"), {"x": 1}, {"strict": crashes})
+    assert not verdict.passed and "raised KeyError" in verdict.reason
+    unknown = checks.evaluate(checks.custom("missing"), {"x": 1}, {})
+    assert not unknown.passed and "no acceptance check named" in unknown.reason
+
+
+@pytest.mark.parametrize(
+    ("rule", "field"),
+    [
+        ({"kind": "telepathy"}, "acceptance.kind"),
+        ({"kind": "json_schema", "schema": "not a schema"}, "acceptance.schema"),
+        ({"kind": "json_schema", "schema": {"type": 12}}, "acceptance.schema"),
+        ({"kind": "metric", "metric": "accuracy", "min": "high"}, "acceptance.min"),
+        ({"kind": "metric", "min": "0.5"}, "acceptance.metric"),
+    ],
+)
+def test_bad_rules_name_the_field(rule: dict, field: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(InvalidInput) as caught:
+        checks.validate(rule)
+    assert caught.value.field == field
