@@ -1,0 +1,161 @@
+"""Helpers shared by the bench scripts: timing, medians, the machine, and the one-line figures.
+
+Every figure is printed as one parseable line, so that `bench/run_all.py` can collect it:
+
+    figure: <name> = <value> <unit> (ratio <r> vs <baseline>)
+
+The ratio part is optional. Names are short identifiers (letters, digits, `_`, `-`, `.`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_ENV = "PODSETTLE_BENCH_QUICK"
+RUNS_ENV = "PODSETTLE_BENCH_RUNS"
+FIGURE = re.compile(
+    r"^figure:\s*(?P<name>[\w.\-]+)\s*=\s*(?P<value>[-+0-9.eE]+|nan|inf)\s*(?P<unit>[^(]*?)\s*"
+    r"(?:\(ratio\s+(?P<ratio>[-+0-9.eE]+|nan|inf)\s+vs\s+(?P<baseline>[^)]*)\))?\s*$"
+)
+
+
+def quick() -> bool:
+    """True in quick mode (one short run of everything): `PODSETTLE_BENCH_QUICK=1`."""
+    return os.environ.get(QUICK_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pick(full: int, short: int) -> int:
+    """A size: `short` in quick mode, else `full`."""
+    return short if quick() else full
+
+
+def quiet_logging() -> None:
+    """Only warnings and errors from podsettle's structured logs (the benchmarks print figures)."""
+    from podsettle.logs import configure_logging
+
+    configure_logging(level="WARNING", force=True)
+
+
+@contextmanager
+def stopwatch() -> Iterator[Callable[[], float]]:
+    """`with stopwatch() as elapsed: ...; elapsed()` (seconds, perf_counter; frozen on exit)."""
+    started = time.perf_counter()
+    stopped: list[float] = []
+    yield lambda: (stopped[0] if stopped else time.perf_counter()) - started
+    stopped.append(time.perf_counter())
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation between the closest ranks."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def ratio(value: float, baseline: float) -> float:
+    return value / baseline if baseline else math.nan
+
+
+def _number(value: float) -> str:
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.4g}"
+
+
+def figure(
+    name: str,
+    value: float,
+    unit: str,
+    *,
+    ratio_to: float | None = None,
+    baseline: str | None = None,
+    note: str | None = None,
+) -> str:
+    """Print (and return) one figure line; `note` goes to a separate `#` line that parsers skip."""
+    line = f"figure: {name} = {_number(value)} {unit}".rstrip()
+    if ratio_to is not None:
+        line += f" (ratio {_number(ratio_to)} vs {baseline or 'baseline'})"
+    print(line, flush=True)
+    if note:
+        print(f"# {name}: {note}", flush=True)
+    return line
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    value: float
+    unit: str
+    ratio: float | None = None
+    baseline: str | None = None
+
+
+def parse_figure(line: str) -> Figure | None:
+    match = FIGURE.match(line.strip())
+    if match is None:
+        return None
+    ratio_text = match["ratio"]
+    return Figure(
+        name=match["name"],
+        value=float(match["value"]),
+        unit=match["unit"].strip(),
+        ratio=float(ratio_text) if ratio_text is not None else None,
+        baseline=match["baseline"].strip() if match["baseline"] else None,
+    )
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    memory_gb = math.nan
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        page_size = os.sysconf("SC_PAGE_SIZE")
+        memory_gb = pages * page_size / 1024**3
+    except (ValueError, OSError, AttributeError):
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import sqlite3
+
+    return {
+        "cores": os.cpu_count() or 0,
+        "cpu": cpu,
+        "memory_gb": round(memory_gb, 1),
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+        "sqlite": sqlite3.sqlite_version,
+        "os": f"{platform.system()} {platform.release()}",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }

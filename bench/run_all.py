@@ -1,0 +1,362 @@
+"""Run every benchmark under bench/ several times, report the median of each figure, and write
+BENCHMARKS.md at the repository root.
+
+    .venv/bin/python bench/run_all.py                      # 3 runs of each script (make bench)
+    PODSETTLE_BENCH_QUICK=1 .venv/bin/python bench/run_all.py   # one short run of each
+    PODSETTLE_BENCH_RUNS=5 .venv/bin/python bench/run_all.py    # more runs
+    .venv/bin/python bench/run_all.py --only lifecycle peer     # some scripts; --out FILE elsewhere
+
+Each script runs as its own process (a fresh interpreter per run) and prints one line per figure,
+`figure: <name> = <value> <unit> (ratio <r> vs <baseline>)`. The older scripts (escrow, compute,
+audit) print prose lines: their figures are read with the patterns below, and anything else they
+print is kept verbatim in the report. These machines are shared and noisy: every figure that has a
+baseline is a ratio against it measured in the same run, and the median over the runs is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import QUICK_ENV, ROOT, RUNS_ENV, Figure, machine, median, parse_figure, quick
+
+BENCH = Path(__file__).resolve().parent
+DEFAULT_RUNS = 3
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    path: str
+    args: tuple[str, ...] = ()
+    quick_args: tuple[str, ...] = ()
+    runs: int | None = None  # None: the suite's number of runs
+    timeout_s: float = 900.0
+
+
+# The figure scripts, in the order they run; any other *_bench.py found under bench/ runs after them.
+SCRIPTS = [
+    Script("lifecycle", "bench/lifecycle_bench.py"),
+    Script("latency", "bench/latency_bench.py"),
+    Script("peer", "bench/peer_bench.py"),
+    Script("escrow", "bench/escrow_bench.py", ("--pairs", "500"), ("--pairs", "150", "--ledger-ops", "1000")),
+    Script("compute", "bench/compute_bench.py", ("--jobs", "1000"), ("--jobs", "300")),
+    # The audit's memory figures are what matter at 1M events; one run of the large size is enough,
+    # its rates are ratios against the library measured in the same run.
+    Script("audit", "bench/audit_bench.py", ("--sizes", "100000", "1000000"), ("--sizes", "20000"), runs=1),
+]
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+Parser = Callable[[re.Match[str]], list[Figure]]
+NUM = r"([-+0-9.,eE]+)"
+# Patterns for the scripts that print prose instead of `figure:` lines.
+PROSE: dict[str, list[tuple[re.Pattern[str], Parser]]] = {
+    "escrow": [
+        (
+            re.compile(
+                rf"^adapter over HTTP: {NUM} create\+release pairs/s.*GET /health: {NUM} req/s; ratio {NUM}"
+            ),
+            lambda m: [
+                Figure(
+                    "escrow.http_pairs", _number(m[1]), "pairs/s", _number(m[3]), "raw GET /health (requests)"
+                ),
+                Figure("escrow.http_health_baseline", _number(m[2]), "req/s"),
+            ],
+        ),
+        (
+            re.compile(rf"^ledger in process: {NUM} ops/s.*one-insert transactions: {NUM} tx/s; ratio {NUM}"),
+            lambda m: [
+                Figure(
+                    "escrow.ledger_ops", _number(m[1]), "ops/s", _number(m[3]), "raw sqlite3 transactions"
+                ),
+                Figure("escrow.raw_sqlite3_tx", _number(m[2]), "tx/s"),
+            ],
+        ),
+        (
+            re.compile(
+                rf"^LedgerEscrow in process: {NUM} create\+release pairs/s; ratio to the HTTP adapter {NUM}x"
+            ),
+            lambda m: [
+                Figure("escrow.ledger_gateway_pairs", _number(m[1]), "pairs/s", _number(m[2]), "HTTP adapter")
+            ],
+        ),
+    ],
+    "compute": [
+        (
+            re.compile(rf"^adapter\+emulator: {NUM} jobs/s"),
+            lambda m: [Figure("compute.http_jobs", _number(m[1]), "jobs/s")],
+        ),
+        (
+            re.compile(rf"^http requests per job: {NUM}"),
+            lambda m: [Figure("compute.requests_per_job", _number(m[1]), "requests")],
+        ),
+        (
+            re.compile(rf"^baseline raw GET /health: {NUM} req/s; .* = {NUM} of the raw request rate"),
+            lambda m: [
+                Figure("compute.http_health_baseline", _number(m[1]), "req/s"),
+                Figure("compute.request_rate_share", _number(m[2]), "", _number(m[2]), "raw GET /health"),
+            ],
+        ),
+        (
+            re.compile(rf"^inprocess compute: {NUM} jobs/s"),
+            lambda m: [Figure("compute.inprocess_jobs", _number(m[1]), "jobs/s")],
+        ),
+    ],
+    "audit": [
+        (
+            re.compile(
+                rf"^\[\s*{NUM} events\] (\S+)\s+{NUM} events/s\s+\(\s*{NUM}x library\)\s+peak RSS\s+{NUM} MB"
+            ),
+            lambda m: [
+                Figure(f"audit.{_size(m[1])}.{m[2]}", _number(m[3]), "events/s", _number(m[4]), "library"),
+                Figure(f"audit.{_size(m[1])}.{m[2]}.peak_rss", _number(m[5]), "MB"),
+            ],
+        ),
+    ],
+}
+
+
+def _size(text: str) -> str:
+    value = int(_number(text))
+    return f"{round(value / 1000)}k" if value < 1_000_000 else f"{round(value / 1_000_000, 1):g}M"
+
+
+@dataclass
+class Outcome:
+    script: Script
+    runs: list[dict[str, Figure]] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)  # lines no pattern read (from the last run)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def read_figures(script: Script, output: str) -> tuple[dict[str, Figure], list[str]]:
+    figures: dict[str, Figure] = {}
+    other: list[str] = []
+    for line in output.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        parsed = parse_figure(line)
+        if parsed is not None:
+            figures[parsed.name] = parsed
+            continue
+        for pattern, build in PROSE.get(script.name, []):
+            match = pattern.search(line.strip())
+            if match is not None:
+                for item in build(match):
+                    figures[item.name] = item
+                break
+        else:
+            other.append(line.rstrip())
+    return figures, other
+
+
+def run_script(script: Script, runs: int, is_quick: bool) -> Outcome:
+    outcome = Outcome(script)
+    args = script.quick_args if is_quick else script.args
+    command = [sys.executable, script.path, *args]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    count = 1 if is_quick else (script.runs or runs)
+    started = time.perf_counter()
+    for run in range(count):
+        print(f"[{script.name} {run + 1}/{count}] {shlex.join(['python', script.path, *args])}", flush=True)
+        try:
+            done = subprocess.run(
+                command,
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=script.timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            outcome.failures.append(f"run {run + 1}: timed out after {script.timeout_s:.0f} s")
+            continue
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            outcome.failures.append(f"run {run + 1}: exit {done.returncode}: " + " | ".join(tail))
+            continue
+        figures, other = read_figures(script, done.stdout)
+        for item in figures.values():
+            print(f"    {item.name} = {item.value:g} {item.unit}", flush=True)
+        outcome.runs.append(figures)
+        outcome.other = other
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return ""
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:,.0f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def summary(outcome: Outcome) -> list[tuple[str, float, str, float | None, str, list[float]]]:
+    """Per figure: name, median value, unit, median ratio, baseline, every run's value."""
+    names: list[str] = []
+    for figures in outcome.runs:
+        names.extend(name for name in figures if name not in names)
+    rows = []
+    for name in names:
+        items = [figures[name] for figures in outcome.runs if name in figures]
+        ratios = [item.ratio for item in items if item.ratio is not None]
+        rows.append(
+            (
+                name,
+                median([item.value for item in items]),
+                items[-1].unit,
+                median(ratios) if ratios else None,
+                items[-1].baseline or "",
+                [item.value for item in items],
+            )
+        )
+    return rows
+
+
+def aims(medians: dict[str, tuple[float, float | None]]) -> list[str]:
+    """The issues' aims, against the medians."""
+    lines = []
+
+    def check(label: str, value: float | None, ok: bool | None, aim: str) -> None:
+        state = "n/a" if ok is None else ("met" if ok else "**missed**")
+        lines.append(f"| {label} | {_fmt(value)} | {aim} | {state} |")
+
+    def get(name: str, use_ratio: bool = False) -> float | None:
+        if name not in medians:
+            return None
+        value, ratio_value = medians[name]
+        return ratio_value if use_ratio else value
+
+    rate = get("lifecycle.engine")
+    share = get("lifecycle.engine", True)
+    speedup = get("peer.speedup")
+    bound = get("peer.podsettle", True)
+    check("lifecycle jobs/s (SQLite file)", rate, None if rate is None else rate >= 1000, ">= 1,000 jobs/s")
+    check("lifecycle / raw sqlite3 rate", share, None if share is None else share >= 0.5, ">= 0.5")
+    check(
+        "podsettle speed-up over the seed pattern",
+        speedup,
+        None if speedup is None else speedup >= 10,
+        ">= 10x",
+    )
+    check("podsettle time / latency bound", bound, None if bound is None else bound <= 2, "<= 2")
+    return lines
+
+
+def write_report(path: Path, outcomes: list[Outcome], runs: int, is_quick: bool, seconds: float) -> None:
+    info = machine()
+    medians: dict[str, tuple[float, float | None]] = {}
+    out = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`bench/run_all.py`); do not edit by hand. Every figure is the median "
+        f"of {'one quick run' if is_quick else f'{runs} runs (the audit: one)'}; where a figure has a "
+        "baseline, the ratio is against that baseline measured in the same run (these machines are shared "
+        "and noisy: compare ratios rather than absolute rates).",
+        "",
+        "## Machine",
+        "",
+        f"- date: {info['date']}",
+        f"- cores: {info['cores']} ({info['cpu']})",
+        f"- memory: {info['memory_gb']} GB",
+        f"- Python: {info['python']} ({info['implementation']}), SQLite {info['sqlite']}",
+        f"- OS: {info['os']}",
+        f"- suite time: {seconds:.0f} s{' (quick mode)' if is_quick else ''}",
+        "",
+    ]
+    table: list[str] = []
+    for outcome in outcomes:
+        table += [f"### {outcome.script.name} (`{outcome.script.path}`)", ""]
+        rows = summary(outcome)
+        if rows:
+            table += [
+                "| figure | median | unit | ratio (median) | vs | runs |",
+                "|---|---:|---|---:|---|---|",
+            ]
+            for name, value, unit, ratio_value, baseline, values in rows:
+                medians[name] = (value, ratio_value)
+                every = ", ".join(_fmt(v) for v in values)
+                table.append(
+                    f"| {name} | {_fmt(value)} | {unit} | {_fmt(ratio_value)} | {baseline} | {every} |"
+                )
+            table.append("")
+        if outcome.other:
+            table += ["Other output (last run):", "", "```", *outcome.other, "```", ""]
+        for failure in outcome.failures:
+            table.append(f"- failed: {failure}")
+        if outcome.failures:
+            table.append("")
+    out += [
+        "## Aims (issues 5 and 8)",
+        "",
+        "| aim | median | target | state |",
+        "|---|---:|---|---|",
+        *aims(medians),
+        "",
+        "## Figures",
+        "",
+        *table,
+        "## Reproduce",
+        "",
+        "```",
+        "make bench                                      # every script, 3 runs each, writes BENCHMARKS.md",
+        "PODSETTLE_BENCH_QUICK=1 .venv/bin/python bench/run_all.py   # one short run of each",
+        *(f".venv/bin/python {o.script.path} {shlex.join(o.script.args)}".rstrip() for o in outcomes),
+        "```",
+        "",
+    ]
+    path.write_text("\n".join(out), encoding="utf-8")
+
+
+def discover(only: list[str] | None) -> list[Script]:
+    scripts = [s for s in SCRIPTS if (ROOT / s.path).exists()]
+    known = {s.path for s in SCRIPTS}
+    for extra in sorted(BENCH.glob("*_bench.py")):
+        relative = f"bench/{extra.name}"
+        if relative not in known:
+            scripts.append(Script(extra.stem.removesuffix("_bench"), relative))
+    if only:
+        scripts = [s for s in scripts if s.name in only]
+    return scripts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=int(os.environ.get(RUNS_ENV) or DEFAULT_RUNS))
+    parser.add_argument("--only", nargs="*", help="script names (lifecycle, latency, peer, escrow, ...)")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    is_quick = quick()
+    if is_quick:
+        os.environ[QUICK_ENV] = "1"
+    started = time.perf_counter()
+    outcomes = [run_script(script, max(args.runs, 1), is_quick) for script in discover(args.only)]
+    seconds = time.perf_counter() - started
+    write_report(args.out, outcomes, max(args.runs, 1), is_quick, seconds)
+    print(f"wrote {args.out.name} ({seconds:.0f} s)")
+    return 1 if any(o.failures for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
