@@ -120,8 +120,9 @@ def run_case(case: str, path: Path) -> dict[str, Any]:
         capture_output=True,
         text=True,
         env=env,
-        check=True,
     )
+    if done.returncode != 0:
+        raise SystemExit(f"{case} failed:\n{done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
