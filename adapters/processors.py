@@ -265,8 +265,9 @@ class Processor:
         return self._attention_command(step, "the escrow service cannot be asked what happened", {})
 
     async def _unknown(self, view: JobView, intent: Intent, error: GatewayError) -> JobView:
+        """The call may or may not have moved money: the drive loop confirms it next (`_recover`)."""
         log.warning("effect.outcome_unknown", **self._ids(view), step=str(intent.step), error=str(error))
-        return await self._recover(view, intent)
+        return await self.store.view(view.job_id)
 
     async def _record(self, view: JobView, command: Command) -> JobView:
         try:
@@ -278,10 +279,9 @@ class Processor:
             # Nobody else wrote, and the log refuses what the gateway reported: park it for an
             # operator with what is known, rather than guess (and rather than loop).
             log.error("effect.outcome_refused", **self._ids(view), error=str(error))
-            step = current.intent.step if current.intent is not None else Step.START
             if current.intent is None:
                 return current
-            return await self._park(current, step, f"outcome refused by the log: {error}", {})
+            return await self._park(current, current.intent.step, f"outcome refused by the log: {error}", {})
         log.info("effect.recorded", **self._ids(after), state=str(after.state))
         return after
 
