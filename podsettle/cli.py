@@ -26,6 +26,9 @@ class _Commands(TyperGroup):
     """Every command runs inside `user_errors()`: a user's mistake is one line, never a traceback."""
 
     def invoke(self, ctx: Any) -> Any:
+        from podsettle.logs import configure_logging
+
+        configure_logging()  # stderr, level from PODSETTLE_LOG_LEVEL: stdout stays for results
         with user_errors():
             return super().invoke(ctx)
 
@@ -148,7 +151,7 @@ def demo(
 
     path = Path(store)
     with user_errors():
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", ".views", ".views-wal", ".views-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         outcome = asyncio.run(run_demo(path, jobs=jobs, seed=seed, json_output=json_output))
     raise typer.Exit(0 if outcome else EXIT_FAILURE)
@@ -434,6 +437,7 @@ def replay(
 ) -> None:
     """Audit the whole history: re-apply every event, check every invariant and the hash chains,
     rebuild the read models and compare. Exit 1 on any violation."""
+    from podsettle.adapters.chain import SEALS
     from podsettle.console import audit_report
 
     with user_errors():
@@ -442,12 +446,15 @@ def replay(
 
             if not log.exists():
                 fail(f"--log: {log} does not exist")
-            report = audit_export(log)
+            report = audit_export(log, seals=SEALS)
         else:
+            from podsettle.console import views_path
+            from podsettle.projections import ReadModel
             from podsettle.replay import audit
 
             settlements = _settlements(store)
-            report = audit(settlements)
+            url = _store(store)
+            report = audit(settlements, read_model=ReadModel(settlements, views_path(url)), seals=SEALS)
     if json_output:
         emit_json(report.to_json())
     else:
@@ -461,12 +468,15 @@ def export(
     store: StoreOption = None,
 ) -> None:
     """Export every event, hash-chained with checkpoints, for an audit without the database."""
+    from podsettle.adapters.chain import SEALS
     from podsettle.replay import export as export_log
 
     settlements = _settlements(store)
     with user_errors():
-        summary = export_log(settlements, out)
-    typer.echo(f"exported to {out}: {summary}")
+        summary = export_log(settlements, out, seals=SEALS)
+    data = summary.to_json()
+    typer.echo(f"exported {data.get('events')} events to {out}")
+    typer.echo(f"running hash: {data.get('running_hash')}  (note it elsewhere: it anchors this export)")
 
 
 @app.command()

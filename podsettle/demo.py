@@ -26,6 +26,7 @@ def sweep(jobs: int, seed: int) -> list[dict[str, Any]]:
 
 
 async def run_demo(path: Path, *, jobs: int, seed: int, json_output: bool) -> bool:
+    from podsettle.adapters.chain import SEALS
     from podsettle.adapters.runpod_worker import EndpointConfig, Faults
     from podsettle.console import err, out, print_earnings, print_totals, progress
     from podsettle.domain import acceptance
@@ -69,7 +70,7 @@ async def run_demo(path: Path, *, jobs: int, seed: int, json_output: bool) -> bo
     model = ReadModel(app, f"{path}.views")
     model.catch_up()
     earnings = model.earnings()
-    report = audit(app)
+    report = audit(app, read_model=model, seals=SEALS)
     if json_output:
         print(
             json.dumps(
