@@ -199,7 +199,7 @@ async def peer_run(sandbox: dict[str, Any], jobs: list[dict[str, Any]]) -> float
 
 async def engine_run(
     sandbox: dict[str, Any], store: Path, jobs: list[dict[str, Any]], concurrency: int
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     from podsettle import Engine
     from podsettle.settings import Settings
 
@@ -220,13 +220,15 @@ async def engine_run(
         warm = await engine.run_batch(ENDPOINT, [{"warm": n} for n in range(3)], "0.25")
         if warm.totals.paid != 3:
             raise SystemExit(f"podsettle warm-up: {warm.totals.line()}")
+        requests = getattr(engine.compute, "requests_sent", 0)
         with stopwatch() as elapsed:
             batch = await engine.run_batch(ENDPOINT, jobs, "0.25", concurrency=concurrency)
         seconds = elapsed()
+        requests = getattr(engine.compute, "requests_sent", 0) - requests
         stall = engine.stats.longest_stall_s
     if batch.totals.paid != len(jobs):
         raise SystemExit(f"podsettle: {batch.totals.line()}")
-    return seconds, stall
+    return seconds, stall, requests / len(jobs)
 
 
 def audit_log(store: Path) -> tuple[int, bool]:
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         sandbox = queue.get(timeout=60)
         with tempfile.TemporaryDirectory(prefix="podsettle-peer-bench-") as tmp:
             store = Path(tmp) / "events.db"
-            engine_s, stall = asyncio.run(engine_run(sandbox, store, jobs, args.concurrency))
+            engine_s, stall, runpod_requests = asyncio.run(engine_run(sandbox, store, jobs, args.concurrency))
             events, audited = audit_log(store)
         peer_s = asyncio.run(peer_run(sandbox, jobs))
         ledger = httpx.get(f"{sandbox['url']}/sandbox/ledger", timeout=10).json()
@@ -291,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         events,
         "events",
         note=f"podsettle's SQLite event log, audit {'ok' if audited else 'NOT OK'}; the peer keeps none",
+    )
+    figure(
+        "peer.runpod_requests_per_job",
+        runpod_requests,
+        "requests",
+        note="podsettle's RunPod requests per job (submit and status polls)",
     )
     figure("peer.longest_stall", stall * 1000, "ms", note="podsettle's event loop")
     if not audited:
