@@ -71,7 +71,7 @@ class JobStore(Protocol):
         self, job_id: UUID, step: Step, processor: str, after: int, at: datetime
     ) -> tuple[int, JobView]: ...
 
-    async def view(self, job_id: UUID) -> JobView: ...
+    async def view(self, job_id: UUID, *, fresh: bool = False) -> JobView: ...
 
     async def job_input(self, job_key: str) -> dict[str, Any] | None: ...
 
@@ -153,9 +153,10 @@ class Processor:
 
     # ------------------------------------------------------------------ driving a job
 
-    async def drive(self, job_id: UUID) -> JobView:
-        """Carry out the job's intents until it rests (settled, rejected, or waiting for an operator)."""
-        view = await self.store.view(job_id)
+    async def drive(self, job_id: UUID, *, fresh: bool = False) -> JobView:
+        """Carry out the job's intents until it rests (settled, rejected, or waiting for an operator).
+        `fresh`: start from the store, not this engine's cache (another process wrote the job)."""
+        view = await self.store.view(job_id, fresh=fresh)
         waited_s = 0.0
         while not view.rests:
             intent = view.intent
@@ -167,8 +168,8 @@ class Processor:
                 elif intent.attempts == 0:
                     view = await self._execute(view, intent)
                 elif self._held_by_another(intent):
-                    await self.sleep(self._jitter(min(1.0, self.config.claim_lease_s / 4)))
-                    view = await self.store.view(job_id)
+                    await self.sleep(self._jitter(min(0.2, self.config.claim_lease_s / 4)))
+                    view = await self.store.view(job_id, fresh=True)  # the other engine writes it
                 else:
                     view = await self._recover(view, intent)
             except RefundPending:
@@ -294,9 +295,10 @@ class Processor:
         return after
 
     async def _wait_for_other(self, view: JobView) -> JobView:
-        """Another processor holds the claim: give it time, then look again."""
+        """Another processor holds the claim: give it time, then look again (in the store: the
+        other processor's writes are not in this engine's cache)."""
         await self.sleep(self._jitter(self.config.retry_base_s * 4))
-        return await self.store.view(view.job_id)
+        return await self.store.view(view.job_id, fresh=True)
 
     # ------------------------------------------------------------------ escrow effects
 

@@ -604,10 +604,11 @@ class Engine:
 
     # ------------------------------------------------------------------ driving
 
-    def _drive(self, job_id: uuid.UUID) -> asyncio.Task[JobView]:
+    def _drive(self, job_id: uuid.UUID, *, fresh: bool = False) -> asyncio.Task[JobView]:
         task = self._driving.get(job_id)
         if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self.processor.drive(job_id), name=f"job-{job_id}")
+            drive = self.processor.drive(job_id, fresh=fresh)
+            task = asyncio.get_running_loop().create_task(drive, name=f"job-{job_id}")
             self._driving[job_id] = task
             task.add_done_callback(lambda t, j=job_id: self._drive_done(j, t))  # type: ignore[misc]
         return task
@@ -674,7 +675,7 @@ class Engine:
                     if job_id not in self._driving and not self._knows(
                         job_id, notification.originator_version
                     ):
-                        self._drive(job_id)
+                        self._drive(job_id, fresh=True)  # written by another process
                 if last > position:
                     position = last
                     with contextlib.suppress(IntegrityError):  # another engine recorded it already

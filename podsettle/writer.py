@@ -37,7 +37,7 @@ MAX_RACE_RETRIES = 20
 
 @dataclass
 class _Request:
-    kind: str  # "command" | "claim" | "open" | "view" | "input"
+    kind: str  # "command" | "claim" | "open" | "view" | "fresh" | "input"
     future: asyncio.Future[Any]
     job_id: UUID | None = None
     command: Command | None = None
@@ -102,8 +102,9 @@ class JobWriter:
         ids: list[UUID] = await self._submit(_Request("open", self._future(), specs=list(specs)))
         return ids
 
-    async def view(self, job_id: UUID) -> JobView:
-        view: JobView = await self._submit(_Request("view", self._future(), job_id))
+    async def view(self, job_id: UUID, *, fresh: bool = False) -> JobView:
+        """The job now; `fresh` reads it from the store, for when another engine may have written."""
+        view: JobView = await self._submit(_Request("fresh" if fresh else "view", self._future(), job_id))
         return view
 
     async def job_input(self, job_key: str) -> dict[str, Any] | None:
@@ -258,8 +259,10 @@ class JobWriter:
             cached = self._inputs.pop(request.job_key, None)
             return cached if cached is not None else self.app.job_input(request.job_key)
         assert request.job_id is not None
+        if request.kind == "fresh" and request.job_id not in touched:
+            self._cache.pop(request.job_id, None)
         job = self._load(request.job_id)
-        if request.kind == "view":
+        if request.kind in ("view", "fresh"):
             return job.view()
         assert request.command is not None
         version = job.version
@@ -296,7 +299,7 @@ class JobWriter:
         if request.kind == "input":
             return self.app.job_input(request.job_key)
         assert request.job_id is not None
-        if request.kind == "view":
+        if request.kind in ("view", "fresh"):
             return self.app.get_job(request.job_id).view()
         assert request.command is not None
         for _ in range(MAX_RACE_RETRIES):
