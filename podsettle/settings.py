@@ -32,6 +32,7 @@ ENVIRONMENT = {
     "refund_wait_s": "PODSETTLE_REFUND_WAIT_S",
     "refund_poll_s": "PODSETTLE_REFUND_POLL_S",
     "claim_lease_s": "PODSETTLE_CLAIM_LEASE_S",
+    "runpod_poll_s": "PODSETTLE_RUNPOD_POLL_S",
 }
 
 
@@ -64,6 +65,9 @@ class Settings(BaseModel):
     # How long another engine's unanswered attempt is left to it before this one confirms or redoes
     # it (several engines on one store); also how long a restarted engine waits for a dead one's.
     claim_lease_s: float = Field(default=30.0, ge=0, le=3600)
+    # The first status read after a submit; later reads back off (x1.5, at most 5 s) and the
+    # client-side limiter keeps them under RunPod's /status limit.
+    runpod_poll_s: float = Field(default=0.05, gt=0, le=60)
 
     @field_validator("escrow_rate_limits", mode="before")
     @classmethod
