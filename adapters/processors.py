@@ -132,6 +132,9 @@ class Processor:
         self._random = random.Random(self.config.seed)
         self._waits: dict[UUID, asyncio.Future[RunOutcome]] = {}
         self.pending_refunds: set[UUID] = set()
+        self.claims_lost = 0  # races for an intent that another processor won
+        # Attempts this processor claimed together with the outcome before them, not yet carried out.
+        self._fresh_claims: dict[UUID, int] = {}
         self._effects: dict[Step, Callable[[JobView, int], Awaitable[Command]]] = {
             Step.FUND: self._fund,
             Step.START: self._start,
@@ -167,6 +170,10 @@ class Processor:
                     view = await self._watch(view)
                 elif intent.attempts == 0:
                     view = await self._execute(view, intent)
+                elif self._fresh_claims.pop(job_id, None) == intent.attempts and (
+                    intent.claimed_by == self.config.processor_id
+                ):
+                    view = await self._execute(view, intent, claimed=intent.attempts)
                 elif self._held_by_another(intent):
                     await self.sleep(self._jitter(min(0.2, self.config.claim_lease_s / 4)))
                     view = await self.store.view(job_id, fresh=True)  # the other engine writes it
@@ -194,20 +201,24 @@ class Processor:
         if task is not None:
             task.cancel()
 
-    async def _execute(self, view: JobView, intent: Intent) -> JobView:
-        """Claim the intent, make the call, record the outcome. Calls that certainly had no effect
-        (429, an unavailable compute service) are tried again as new attempts."""
+    async def _execute(self, view: JobView, intent: Intent, *, claimed: int | None = None) -> JobView:
+        """Claim the intent (unless `claimed` already), make the call, record the outcome. Calls that
+        certainly had no effect (429, an unavailable compute service) are tried again as new attempts."""
         delay = self.config.retry_base_s
         while True:
-            try:
-                seen = view.intent.attempts if view.intent is not None else 0
-                attempt, view = await self.store.claim(
-                    view.job_id, intent.step, self.config.processor_id, seen, self.clock()
-                )
-            except ClaimLost:
-                return await self._wait_for_other(view)
-            except DomainError:
-                return await self.store.view(view.job_id)  # the intent changed meanwhile: re-read
+            if claimed is not None:
+                attempt, claimed = claimed, None
+            else:
+                try:
+                    seen = view.intent.attempts if view.intent is not None else 0
+                    attempt, view = await self.store.claim(
+                        view.job_id, intent.step, self.config.processor_id, seen, self.clock()
+                    )
+                except ClaimLost:
+                    self.claims_lost += 1
+                    return await self._wait_for_other(view)
+                except DomainError:
+                    return await self.store.view(view.job_id)  # the intent changed meanwhile: re-read
             log.info("effect.attempt", **self._ids(view), step=str(intent.step), attempt=attempt)
             try:
                 command = await self._effects[intent.step](view, attempt)
@@ -271,8 +282,21 @@ class Processor:
         return await self.store.view(view.job_id)
 
     async def _record(self, view: JobView, command: Command) -> JobView:
+        """Record an outcome. When it opens the next intent (start after funding, release or refund
+        after the run, the bonus release after its funding), claim that intent in the same save:
+        the attempt is still recorded before its call, with one commit fewer. Creates are never
+        claimed this way (their intents come from opening a job or granting a bonus)."""
+        processor, now = self.config.processor_id, self.clock()
+
+        def outcome_then_claim(job: EscrowJob) -> int | None:
+            command(job)
+            following = job.intent
+            if following is None or following.attempts or job.state == State.ATTENTION:
+                return None
+            return job.record_attempt(following.step, processor, after=0, at=now)
+
         try:
-            _, after = await self.store.execute(view.job_id, command)
+            claimed, after = await self.store.execute(view.job_id, outcome_then_claim)
         except DomainError as error:
             current = await self.store.view(view.job_id)
             if current.version != view.version or current.rests:
@@ -284,6 +308,8 @@ class Processor:
                 return current
             return await self._park(current, current.intent.step, f"outcome refused by the log: {error}", {})
         log.info("effect.recorded", **self._ids(after), state=str(after.state))
+        if claimed is not None:
+            self._fresh_claims[view.job_id] = claimed
         return after
 
     async def _park(self, view: JobView, step: Step, reason: str, known: dict[str, str]) -> JobView:

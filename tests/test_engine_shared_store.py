@@ -80,8 +80,6 @@ async def test_two_engines_never_execute_one_intent_twice(store: tuple[str, dict
         )
 
     first, second = engine("engine-a"), engine("engine-b")
-    await first.start()
-    await second.start()
     specs = [
         first._spec(
             "flaky",
@@ -97,8 +95,10 @@ async def test_two_engines_never_execute_one_intent_twice(store: tuple[str, dict
         )
         for n in range(40)
     ]
-    await first.writer.open(specs)
-    # Both engines drive every job of the batch at the same moment.
+    # The batch is opened by a third party (a CLI, another service); then both engines start, and
+    # each one's recovery drives every open job at the same moment.
+    Settlements(url, env={**env, "CREATE_TABLE": "y"}).open_jobs(specs)
+    await asyncio.gather(first.start(), second.start())
     results_a, results_b = await asyncio.wait_for(asyncio.gather(first.resume(), second.resume()), 60)
     results = results_a or results_b
     await first.aclose()
@@ -108,14 +108,13 @@ async def test_two_engines_never_execute_one_intent_twice(store: tuple[str, dict
     app = Settlements(url, env=env)
     final = app.list_jobs(batch_id="shared")
     assert len(final) == 40 and {r.status for r in results} <= {"paid", "refunded"}
-    # Both engines really competed: each made claims.
+    # Both engines really competed for the same intents: claims were lost, and nothing ran twice.
+    assert first.processor.claims_lost + second.processor.claims_lost > 0
     attempted = get_topic(EscrowJob.Attempted)
     attempts = [
         app.mapper.to_domain_event(n)
         for n in app.recorder.select_notifications(1, 10_000, topics=[attempted])
     ]
-    processors = Counter(a.processor for a in attempts)
-    assert set(processors) == {"engine-a", "engine-b"}, processors
     # Each intent was claimed once: the loser of a race records nothing and makes no call.
     per_intent = Counter((a.originator_id, a.step) for a in attempts)
     assert set(per_intent.values()) == {1}, [k for k, v in per_intent.items() if v > 1]
