@@ -243,7 +243,10 @@ class JobWriter:
             ids = []
             for spec in request.specs:
                 job, extra = self.app.build(spec)
-                if job.id in touched or job.id in self._cache or self.app.matches_existing(job):
+                # A job this writer does not know is taken as new without reading the store: if it
+                # exists after all (a batch run again), the save fails and `_fallback` opens the
+                # batch through `open_jobs`, which compares it with the stored one.
+                if job.id in touched or job.id in self._cache:
                     existing = self._load(job.id)
                     if existing.input_digest != job.input_digest or existing.budget != job.budget:
                         self.app.matches_existing(job)  # raises the conflict with its message
