@@ -131,7 +131,13 @@ PROSE: dict[str, list[tuple[re.Pattern[str], Parser]]] = {
                 rf"^\[\s*{NUM} events\] (\S+)\s+{NUM} events/s\s+\(\s*{NUM}x library\)\s+peak RSS\s+{NUM} MB"
             ),
             lambda m: [
-                Figure(f"audit.{_size(m[1])}.{m[2]}", _number(m[3]), "events/s", _number(m[4]), "library"),
+                Figure(
+                    f"audit.{_size(m[1])}.{m[2].replace('library', 'eventsourcing')}",
+                    _number(m[3]),
+                    "events/s",
+                    _number(m[4]),
+                    "eventsourcing alone",
+                ),
                 Figure(f"audit.{_size(m[1])}.{m[2]}.peak_rss", _number(m[5]), "MB"),
             ],
         ),
