@@ -1,8 +1,8 @@
 """Money: USDC amounts as `Decimal` quantized to 6 places.
 
 Every amount that enters the engine goes through `to_money`, which names the field it was reading
-when it refuses a value. Floats are refused: a binary float cannot hold 0.10 exactly, and money that
-was a float once may already be wrong.
+when it refuses a value. Binary floating-point values are refused: they cannot hold 0.10 exactly,
+and money that once passed through binary floating point may already be wrong.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ MAX_AMOUNT = Money(Decimal("1000000000").quantize(QUANTUM))
 def to_money(value: object, field: str = "amount", *, allow_zero: bool = True) -> Money:
     """Parse a str, int or Decimal into Money, or raise `InvalidAmount` naming `field`."""
     if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
-        kind = "a float" if isinstance(value, float) else type(value).__name__
+        kind = "a float" if isinstance(value, float) else type(value).__name__  # float-ok: refusing it
         raise InvalidAmount(field, value, f"must be a string, an integer or a Decimal, not {kind}")
     if isinstance(value, str):
         text = value.strip()
