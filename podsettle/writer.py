@@ -234,6 +234,7 @@ class JobWriter:
             self._note_version(job)
             if job.state == State.ATTENTION or (job.state in TERMINAL and job.intent is None):
                 self._cache.pop(job.id, None)
+                self._inputs.pop(job.job_key, None)  # e.g. rejected before it was ever submitted
         return outcomes
 
     def _apply(
