@@ -133,6 +133,7 @@ class Processor:
         self._waits: dict[UUID, asyncio.Future[RunOutcome]] = {}
         self.pending_refunds: set[UUID] = set()
         self.claims_lost = 0  # races for an intent that another processor won
+        self.deferred = 0  # times this processor left an intent to the processor holding its claim
         # Attempts this processor claimed together with the outcome before them, not yet carried out.
         self._fresh_claims: dict[UUID, int] = {}
         self._effects: dict[Step, Callable[[JobView, int], Awaitable[Command]]] = {
@@ -175,6 +176,7 @@ class Processor:
                 ):
                     view = await self._execute(view, intent, claimed=intent.attempts)
                 elif self._held_by_another(intent):
+                    self.deferred += 1
                     await self.sleep(self._jitter(min(0.2, self.config.claim_lease_s / 4)))
                     view = await self.store.view(job_id, fresh=True)  # the other engine writes it
                 else:
