@@ -329,17 +329,7 @@ class PurpleFleaEscrow:
         amounts: the settlement is `expected`'s."""
         _check_id(escrow_id)
         if self.dialect == "seed":
-            response = await self._call(
-                "release", "POST", "/api/escrow/release", body={"escrow_id": escrow_id}, money=True
-            )
-            if response.status_code == 409:
-                status = self._seed_conflict_status(response)
-                if status == EscrowStatus.RELEASED.value:
-                    return _released(escrow_id, expected)
-                raise Conflict(f"escrow {escrow_id} cannot be released: it is {status}", status=status)
-            self._expect_status(response, "release", (200,), money=True, escrow_id=escrow_id)
-            settled = self._parse(response, SeedSettled, "release", money=True)
-            self._check_echo(settled.escrow_id, escrow_id, "release")
+            await self._settle_seed("release", escrow_id, EscrowStatus.RELEASED, "released")
             log.info("escrow.released", key=key, escrow_id=escrow_id, dialect="seed")
             return _released(escrow_id, expected)
 
@@ -511,19 +501,24 @@ class PurpleFleaEscrow:
                 f"escrow {escrow_id}: its amount is unknown to this adapter (seed responses carry none); "
                 "call expect(escrow_id, amount) first. Nothing was sent."
             )
+        await self._settle_seed("cancel", escrow_id, EscrowStatus.REFUNDED, "cancelled")
+        log.info("escrow.refunded", key=key, escrow_id=escrow_id, dialect="seed")
+        return _cancelled(escrow_id, amount)
+
+    async def _settle_seed(self, route: str, escrow_id: str, wanted: EscrowStatus, verb: str) -> None:
+        """`POST /api/escrow/{route}`; returns once the escrow is in `wanted` (a 409 saying it already
+        is counts), else raises. The seed dialect's answers carry no amounts."""
         response = await self._call(
-            "cancel", "POST", "/api/escrow/cancel", body={"escrow_id": escrow_id}, money=True
+            route, "POST", f"/api/escrow/{route}", body={"escrow_id": escrow_id}, money=True
         )
         if response.status_code == 409:
             status = self._seed_conflict_status(response)
-            if status == EscrowStatus.REFUNDED.value:
-                return _cancelled(escrow_id, amount)
-            raise Conflict(f"escrow {escrow_id} cannot be cancelled: it is {status}", status=status)
-        self._expect_status(response, "cancel", (200,), money=True, escrow_id=escrow_id)
-        settled = self._parse(response, SeedSettled, "cancel", money=True)
-        self._check_echo(settled.escrow_id, escrow_id, "cancel")
-        log.info("escrow.refunded", key=key, escrow_id=escrow_id, dialect="seed")
-        return _cancelled(escrow_id, amount)
+            if status == wanted.value:
+                return
+            raise Conflict(f"escrow {escrow_id} cannot be {verb}: it is {status}", status=status)
+        self._expect_status(response, route, (200,), money=True, escrow_id=escrow_id)
+        settled = self._parse(response, SeedSettled, route, money=True)
+        self._check_echo(settled.escrow_id, escrow_id, route)
 
     def _refunded(self, view: EscrowView, key: str) -> Settlement:
         self._check_view(view, view.amount)

@@ -14,10 +14,9 @@ from typing import Any
 from podsettle.adapters.processors import ProcessorConfig
 from podsettle.application import Settlements
 from podsettle.engine import Engine
-from podsettle.logs import configure_logging, get_logger
+from podsettle.logs import configure_logging
 from podsettle.settings import ConfigError, Settings
 
-log = get_logger("podsettle.bootstrap")
 # httpx's pool scans every connection on each request: a small pool kept busy is cheaper than a
 # large one (measured in bench/peer_bench.py: 8-16 connections beat 64-100 at 32 jobs in flight).
 HTTP_CONNECTIONS = 16

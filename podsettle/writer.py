@@ -26,7 +26,7 @@ from eventsourcing.persistence import IntegrityError
 
 from podsettle.application import JobSpec, Settlements
 from podsettle.domain import TERMINAL, EscrowJob, State, Step
-from podsettle.domain.errors import ClaimLost, DomainError
+from podsettle.domain.errors import ClaimLost, ConflictingOutcome, DomainError
 from podsettle.domain.escrow_job import JobView
 from podsettle.logs import get_logger
 
@@ -250,7 +250,9 @@ class JobWriter:
                 if job.id in touched or job.id in self._cache:
                     existing = self._load(job.id)
                     if existing.input_digest != job.input_digest or existing.budget != job.budget:
-                        self.app.matches_existing(job)  # raises the conflict with its message
+                        raise ConflictingOutcome(
+                            job.id, existing.state, "open", f"key {job.job_key!r} opened a different job"
+                        )
                 else:
                     new.extend([job, *extra])
                     self._remember(job)

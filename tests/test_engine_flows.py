@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from podsettle.domain import IllegalTransition, InvalidInput, State
+from podsettle.domain import ConflictingOutcome, IllegalTransition, InvalidInput, State
 from podsettle.domain import acceptance as checks
 from podsettle.engine import Engine
 
@@ -104,6 +104,13 @@ async def test_the_same_job_key_never_pays_twice(engine: Engine) -> None:
     first = await engine.run_paid_job("echo", {"n": 1}, budget="1", job_key="order-17")
     again = await engine.run_paid_job("echo", {"n": 1}, budget="1", job_key="order-17")
     assert first.job_id == again.job_id and again.status == "paid"
+    assert balances(engine)["worker"] == D("0.99")
+
+
+async def test_a_key_reused_for_a_different_job_is_refused(engine: Engine) -> None:
+    await engine.run_paid_job("echo", {"n": 1}, budget="1", job_key="order-18")
+    with pytest.raises(ConflictingOutcome, match="opened a different job"):
+        await engine.run_paid_job("echo", {"n": 1}, budget="2", job_key="order-18")
     assert balances(engine)["worker"] == D("0.99")
 
 
