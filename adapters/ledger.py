@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from podsettle.domain.money import ZERO, Money, fmt, to_money
 from podsettle.logs import get_logger
 
@@ -210,7 +212,8 @@ def _iso(moment: datetime) -> str:
 
 
 def _canonical(params: dict[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+    """Compact JSON with sorted keys (an operation's params and result are plain JSON values)."""
+    return orjson.dumps(params, option=orjson.OPT_SORT_KEYS).decode()
 
 
 # ---------------------------------------------------------------------------------------- ledger
@@ -223,6 +226,7 @@ class LedgerTx:
     def __init__(self, conn: sqlite3.Connection, now: datetime) -> None:
         self._conn = conn
         self.now = now
+        self._holds: dict[str, Hold] = {}  # read in this transaction and not changed since
 
     def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Cursor:
         return self._conn.execute(sql, params)
@@ -263,6 +267,20 @@ class LedgerTx:
             (key, account_id, delta, memo),
         )
 
+    def _withdraw(self, key: str, account_id: str, value: Money, memo: str) -> None:
+        """Take `value` from the account's balance, or raise (unknown account, insufficient funds)."""
+        micro = _micro(value)
+        cursor = self._conn.execute(
+            "UPDATE ledger_accounts SET balance = balance - ? WHERE account_id = ? AND balance >= ?",
+            (micro, account_id, micro),
+        )
+        if cursor.rowcount != 1:
+            raise InsufficientFunds(account_id, self.balance(account_id), value)  # or UnknownAccount
+        self._conn.execute(
+            "INSERT INTO ledger_entries (op_key, account_id, delta, memo) VALUES (?, ?, ?, ?)",
+            (key, account_id, -micro, memo),
+        )
+
     # ------------------------------------------------------------------ accounts
 
     def open_account(self, account_id: str) -> bool:
@@ -274,6 +292,20 @@ class LedgerTx:
             (account_id, _iso(self.now)),
         )
         return cursor.rowcount == 1
+
+    def _require_accounts(self, *account_ids: str) -> None:
+        """Raise `UnknownAccount` for the first of `account_ids` that does not exist (one query)."""
+        wanted = dict.fromkeys(account_ids)
+        marks = ", ".join("?" * len(wanted))
+        found = {
+            row[0]
+            for row in self._conn.execute(
+                f"SELECT account_id FROM ledger_accounts WHERE account_id IN ({marks})", tuple(wanted)
+            )
+        }
+        for account_id in wanted:
+            if account_id not in found:
+                raise UnknownAccount(account_id)
 
     def has_account(self, account_id: str) -> bool:
         row = self._conn.execute("SELECT 1 FROM ledger_accounts WHERE account_id = ?", (account_id,))
@@ -344,11 +376,8 @@ class LedgerTx:
         recalled = self._recall(key, "hold", params)
         if recalled is not None:
             return _hold_from(recalled)
-        available = self.balance(payer)
-        if available < value:
-            raise InsufficientFunds(payer, available, value)
         new_id = hold_id or f"hold_{uuid.uuid4().hex}"
-        self._move(key, payer, -_micro(value), f"hold {new_id}")
+        self._withdraw(key, payer, value, f"hold {new_id}")
         self._conn.execute(
             "INSERT INTO ledger_holds (hold_id, key, payer, amount, status, expires_at, meta, created_at)"
             " VALUES (?, ?, ?, ?, 'held', ?, ?, ?)",
@@ -359,6 +388,9 @@ class LedgerTx:
         return _hold_from(result)
 
     def get_hold(self, hold_id: str) -> Hold:
+        known = self._holds.get(hold_id)
+        if known is not None:
+            return known
         row = self._conn.execute(
             "SELECT hold_id, key, payer, amount, status, expires_at, meta FROM ledger_holds "
             "WHERE hold_id = ?",
@@ -366,7 +398,8 @@ class LedgerTx:
         ).fetchone()
         if row is None:
             raise UnknownHold(hold_id)
-        return _hold_row(row)
+        hold = self._holds[hold_id] = _hold_row(row)
+        return hold
 
     def find_hold(self, key: str) -> Hold | None:
         row = self._conn.execute(
@@ -429,9 +462,7 @@ class LedgerTx:
             raise InvalidPosting("referral_fee", f"{fmt(referral_v)} exceeds the fee {fmt(fee_v)}")
         if referral_v > 0 and not referrer:
             raise InvalidPosting("referrer", "a referral fee needs a referrer")
-        for account in (payee, fee_account, *([referrer] if referrer and referral_v > 0 else [])):
-            if not self.has_account(account):
-                raise UnknownAccount(account)
+        self._require_accounts(payee, fee_account, *([referrer] if referrer and referral_v > 0 else []))
         returned = Money(hold.amount - net_v - fee_v)
         self._move(key, payee, _micro(net_v), f"post {hold_id}: net")
         self._move(key, fee_account, _micro(Money(fee_v - referral_v)), f"post {hold_id}: fee")
@@ -509,6 +540,7 @@ class LedgerTx:
         return hold
 
     def _close(self, hold_id: str, status: str, key: str) -> None:
+        self._holds.pop(hold_id, None)
         self._conn.execute(
             "UPDATE ledger_holds SET status = ?, settled_at = ?, settled_by = ? "
             "WHERE hold_id = ? AND status = 'held'",

@@ -24,19 +24,28 @@ MAX_AMOUNT = Money(Decimal("1000000000").quantize(QUANTUM))
 
 def to_money(value: object, field: str = "amount", *, allow_zero: bool = True) -> Money:
     """Parse a str, int or Decimal into Money, or raise `InvalidAmount` naming `field`."""
-    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
-        kind = "a float" if isinstance(value, float) else type(value).__name__  # float-ok: refusing it
-        raise InvalidAmount(field, value, f"must be a string, an integer or a Decimal, not {kind}")
-    if isinstance(value, str):
-        text = value.strip()
+    kind = type(value)
+    if kind is Decimal:
+        amount = value
+    elif kind is str or (isinstance(value, str) and not isinstance(value, bool)):
+        text = str(value).strip()
         if not text:
             raise InvalidAmount(field, value, "is empty")
         try:
             amount = Decimal(text)
         except InvalidOperation:
             raise InvalidAmount(field, value, "is not a number") from None
+    elif isinstance(value, bool) or not isinstance(value, int | Decimal):
+        kind_name = "a float" if isinstance(value, float) else kind.__name__  # float-ok: refusing it
+        raise InvalidAmount(field, value, f"must be a string, an integer or a Decimal, not {kind_name}")
     else:
         amount = Decimal(value)
+    assert isinstance(amount, Decimal)
+    if amount.is_finite() and 0 < amount <= MAX_AMOUNT:
+        # The common case: a positive amount in range; it only has to have at most 6 places.
+        quantized = amount.quantize(QUANTUM)
+        if quantized == amount:
+            return Money(quantized)
     if amount.is_nan():
         raise InvalidAmount(field, value, "is not a number")
     if amount.is_infinite():

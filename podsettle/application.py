@@ -15,11 +15,12 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, Transcoder
 from eventsourcing.utils import get_topic
 
 from podsettle.adapters.chain import ChainMapper
 from podsettle.adapters.persistence import Store, store_from_url
+from podsettle.adapters.transcoder import FastJSONTranscoder
 from podsettle.domain import EscrowJob, State, Step
 from podsettle.domain.digests import digest
 from podsettle.domain.errors import ClaimLost, ConflictingOutcome, InvalidInput, JobNotFound
@@ -71,6 +72,15 @@ class Settlements(Application[UUID]):
             cipher=self.factory.cipher(),
             recorder=lambda: getattr(self, "recorder", None),
         )
+
+    def construct_transcoder(self) -> Transcoder:
+        """The library's JSON format, written and read with orjson (adapters/transcoder.py), unless
+        `TRANSCODER_TOPIC` names another transcoder."""
+        if self.env.get(self.factory.TRANSCODER_TOPIC):
+            return super().construct_transcoder()
+        transcoder = FastJSONTranscoder()
+        self.register_transcodings(transcoder)
+        return transcoder
 
     # ------------------------------------------------------------------ opening
 
