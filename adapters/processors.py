@@ -10,6 +10,7 @@ parked in ATTENTION with what is known. Compute may run twice; money moves at mo
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,6 +20,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 from uuid import UUID
 
+from podsettle import logs
 from podsettle.adapters.ports import (
     AmountMismatch,
     BadResponse,
@@ -221,7 +223,7 @@ class Processor:
                     return await self._wait_for_other(view)
                 except DomainError:
                     return await self.store.view(view.job_id)  # the intent changed meanwhile: re-read
-            log.info("effect.attempt", **self._ids(view), step=str(intent.step), attempt=attempt)
+            self._info("effect.attempt", view, step=str(intent.step), attempt=attempt)
             try:
                 command = await self._effects[intent.step](view, attempt)
             except RateLimited as error:
@@ -309,7 +311,7 @@ class Processor:
             if current.intent is None:
                 return current
             return await self._park(current, current.intent.step, f"outcome refused by the log: {error}", {})
-        log.info("effect.recorded", **self._ids(after), state=str(after.state))
+        self._info("effect.recorded", after, state=str(after.state))
         if claimed is not None:
             self._fresh_claims[view.job_id] = claimed
         return after
@@ -356,7 +358,7 @@ class Processor:
                 Step.FUND, f"escrow reported other amounts: {error}", error.reported
             )
         escrow_id, amount, fee, net = receipt.escrow_id, receipt.amount, receipt.fee, receipt.net
-        log.info("escrow.funded", **self._ids(view), escrow_id=escrow_id, amount=fmt(amount))
+        self._info("escrow.funded", view, escrow_id=escrow_id, amount=fmt(amount))
         return lambda job: job.record_funded(escrow_id, amount, fee, net)
 
     async def _confirm_fund(self, view: JobView) -> Command | None:
@@ -409,7 +411,7 @@ class Processor:
             return self._attention_command(
                 Step.RELEASE, f"release refused: {type(error).__name__}: {error}", {}
             )
-        log.info("escrow.released", **self._ids(view), to_payee=fmt(settlement.to_payee))
+        self._info("escrow.released", view, to_payee=fmt(settlement.to_payee))
         return self._settled_command(settlement)
 
     async def _confirm_release(self, view: JobView) -> Command | None:
@@ -444,7 +446,7 @@ class Processor:
                     expected=split(view.funded_amount) if view.funded_amount is not None else None,  # type: ignore[arg-type]
                 )
         except EscrowPending as pending:
-            log.info("escrow.refund_pending", **self._ids(view), status=pending.status)
+            self._info("escrow.refund_pending", view, status=pending.status)
             raise RefundPending(view.escrow_id) from pending
         except Conflict:
             command = await self._confirm_refund(view)
@@ -461,7 +463,7 @@ class Processor:
             return self._attention_command(
                 Step.REFUND, f"refund refused: {type(error).__name__}: {error}", {}
             )
-        log.info("escrow.refunded", **self._ids(view), returned=fmt(settlement.returned))
+        self._info("escrow.refunded", view, returned=fmt(settlement.returned))
         return self._settled_command(settlement)
 
     async def _confirm_refund(self, view: JobView) -> Command | None:
@@ -573,7 +575,7 @@ class Processor:
             return lambda job: job.record_failed("start", None, reason)
         except OutcomeUnknown as error:
             raise Unavailable(f"submit outcome unknown ({error}); submitting again") from error
-        log.info("runpod.started", **self._ids(view), runpod_job_id=run_id, attempt=attempt)
+        self._info("runpod.started", view, runpod_job_id=run_id, attempt=attempt)
         return lambda job: job.record_started(run_id)
 
     async def _confirm_redo(self, view: JobView) -> Command | None:
@@ -674,6 +676,12 @@ class Processor:
     def _attention_command(step: Step, reason: str, known: Mapping[str, str]) -> Command:
         details = {str(k): str(v) for k, v in known.items()}
         return lambda job: job.raise_attention(step, reason, details)
+
+    def _info(self, event: str, view: JobView, **fields: Any) -> None:
+        """An info line about a job; skipped before its fields are built when info is filtered out
+        (the default level is WARNING, and these lines come several times per job)."""
+        if logs.enabled(logging.INFO):
+            log.info(event, **self._ids(view), **fields)
 
     @staticmethod
     def _ids(view: JobView) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from typing import Any
 import structlog
 
 _configured = False
+# The lowest level each filtering logger class that podsettle installed lets through.
+_MIN_LEVELS: dict[type, int] = {}
 SECRET_FIELDS = frozenset({"api_key", "authorization", "key", "token", "password", "secret"})
 
 
@@ -36,6 +38,8 @@ def configure_logging(*, json: bool | None = None, level: str | None = None, for
         return  # configured already, by us or by the runtime that embeds podsettle
     as_json = not sys.stderr.isatty() if json is None else json
     renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    wrapper = structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level])
+    _MIN_LEVELS[wrapper] = logging.getLevelNamesMapping()[level]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -45,11 +49,19 @@ def configure_logging(*, json: bool | None = None, level: str | None = None, for
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
+        wrapper_class=wrapper,
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,  # a runtime that configures structlog later still gets our lines
     )
     _configured = True
+
+
+def enabled(level: int) -> bool:
+    """Whether a line at `level` (`logging.INFO`, ...) would be written: lets a hot path skip building
+    a line that the configured level drops. True whenever structlog is configured by someone else
+    (their filter decides), so it never hides a line that would have been written."""
+    minimum = _MIN_LEVELS.get(structlog.get_config()["wrapper_class"])
+    return minimum is None or level >= minimum
 
 
 def get_logger(name: str) -> Any:

@@ -334,3 +334,20 @@ def test_violations_find_a_broken_history() -> None:
     job3 = funded()
     assert job3.violations() == []
     assert "funded job left in FUNDED" in job3.violations(quiescent=True)
+
+
+@pytest.mark.parametrize("build", [opened, funded, running, releasing, released, refunding, refunded])
+def test_a_view_shows_the_job_as_it_is_and_does_not_follow_it(build) -> None:  # type: ignore[no-untyped-def]
+    job = build()
+    view = job.view()
+    assert view.job_id == job.id
+    for name in type(view)._fields[1:]:
+        assert getattr(view, name) == getattr(job, name), name
+    assert view.rests == (job.state in (State.RELEASED, State.REFUNDED) and job.intent is None)
+    with pytest.raises(AttributeError):
+        view.state = State.ATTENTION  # type: ignore[misc]
+    if job.intent is not None:
+        version = job.version
+        job.record_attempt(job.intent.step, "p-view")
+        assert job.version == version + 1
+        assert view.version == version and view.intent is not None and view.intent.attempts == 0
