@@ -65,6 +65,10 @@ class JobWriter:
         self._versions: OrderedDict[UUID, int] = OrderedDict()
         # Inputs of jobs opened here, until they are submitted: saves reading them back.
         self._inputs: dict[str, dict[str, Any]] = {}
+        # The latest saved view of each cached job, for reads that need no round trip to the store
+        # thread. Views are immutable and set on the store thread only after their save succeeded;
+        # a caller that got a command's result finds that view here, or a later one.
+        self._views: dict[UUID, JobView] = {}
         self._queue: list[_Request] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -104,10 +108,17 @@ class JobWriter:
 
     async def view(self, job_id: UUID, *, fresh: bool = False) -> JobView:
         """The job now; `fresh` reads it from the store, for when another engine may have written."""
+        if not fresh:
+            known = self._views.get(job_id)
+            if known is not None:
+                return known
         view: JobView = await self._submit(_Request("fresh" if fresh else "view", self._future(), job_id))
         return view
 
     async def job_input(self, job_key: str) -> dict[str, Any] | None:
+        cached = self._inputs.pop(job_key, None)  # opened here: no round trip to the store thread
+        if cached is not None:
+            return cached
         payload: dict[str, Any] | None = await self._submit(
             _Request("input", self._future(), job_key=job_key)
         )
@@ -197,7 +208,7 @@ class JobWriter:
         self._note_version(job)
         self._cache[job.id] = job
         while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+            self._views.pop(self._cache.popitem(last=False)[0], None)
 
     def _process(self, batch: list[_Request]) -> list[tuple[_Request, Any]]:
         outcomes: list[tuple[_Request, Any]] = []
@@ -234,7 +245,10 @@ class JobWriter:
             self._note_version(job)
             if job.state == State.ATTENTION or (job.state in TERMINAL and job.intent is None):
                 self._cache.pop(job.id, None)
+                self._views.pop(job.id, None)
                 self._inputs.pop(job.job_key, None)  # e.g. rejected before it was ever submitted
+            else:
+                self._views[job.id] = job.view()
         return outcomes
 
     def _apply(
@@ -267,6 +281,7 @@ class JobWriter:
         assert request.job_id is not None
         if request.kind == "fresh" and request.job_id not in touched:
             self._cache.pop(request.job_id, None)
+            self._views.pop(request.job_id, None)
         job = self._load(request.job_id)
         if request.kind in ("view", "fresh"):
             return job.view()
@@ -285,11 +300,13 @@ class JobWriter:
     def _evict(self, aggregates: Sequence[Any]) -> None:
         for aggregate in aggregates:
             self._cache.pop(aggregate.id, None)
+            self._views.pop(aggregate.id, None)
 
     def _fallback(self, batch: list[_Request]) -> list[tuple[_Request, Any]]:
         """Replay each request alone, on fresh copies, saving each on its own."""
         self.stats.fallbacks += 1
         self._cache.clear()
+        self._views.clear()
         self._inputs.clear()
         outcomes: list[tuple[_Request, Any]] = []
         for request in batch:
