@@ -5,19 +5,22 @@ straight from the recorder's own connection (the library's `select_notifications
 dataclass per row and parses every originator id, which costs more than the audit's own work);
 on other stores they come from `select_notifications`.
 
-Decoding does the transcoder's work in one pass: `json.loads` at C speed, then the registered
-transcodings (Decimal, datetime, UUID, ...) revived where a value is tagged with `_type_`, exactly as
-`JSONTranscoder` does, then the library's upcasting. Nothing is decoded twice.
+Decoding does the transcoder's work in one pass: orjson parses the stored bytes (the stdlib where
+orjson would read them differently, see `Decoder`), then the registered transcodings (Decimal,
+datetime, UUID, ...) are revived where a value is tagged with `_type_`, exactly as `JSONTranscoder`
+does, then the library's upcasting. Nothing is decoded twice.
 """
 
 from __future__ import annotations
 
 import json
-import json.scanner
 from collections.abc import Callable, Iterator
+from datetime import datetime
+from decimal import Decimal
 from typing import Any, Protocol
 from uuid import UUID
 
+import orjson
 from eventsourcing.application import Application
 from eventsourcing.persistence import (
     DatetimeAsISO,
@@ -31,6 +34,8 @@ from eventsourcing.utils import resolve_topic
 Record = tuple[int, str, int, str, bytes]
 CHAIN_KEY = "__chain__"  # the reserved key of a sealed state (written by the chain mapper)
 DEFAULT_PAGE_SIZE = 2_000
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
 
 
 class Seals(Protocol):
@@ -85,8 +90,10 @@ def store_pages(
             statement += " ORDER BY rowid LIMIT ?"
             params.append(page_size)
             with datastore.transaction(commit=False) as cursor:
-                cursor.execute(statement, params)
-                page: list[Record] = [tuple(row) for row in cursor.fetchall()]
+                rows = getattr(cursor, "sqlite_cursor", cursor)  # the sqlite3 cursor under the wrapper
+                rows.row_factory = None  # plain tuples (not sqlite3.Row): the records as they are
+                rows.execute(statement, params)
+                page: list[Record] = rows.fetchall()
         else:
             page = [
                 (n.id, _text(n.originator_id), n.originator_version, n.topic, n.state)
@@ -112,21 +119,32 @@ def store_history(app: Application[Any]) -> Callable[[str, int], list[Record]]:
     return history
 
 
+class _Inexact(Exception):
+    """orjson read a number that may not be what the stdlib reads (see `Decoder.fields`)."""
+
+
 class Decoder:
     """Stored event bytes to domain event objects, decoding the JSON once.
 
-    The reserved chain key of a sealed state is dropped here, so the whole plaintext is decoded
-    without slicing it first.
+    The JSON is parsed by orjson (from the bytes, no text copy), then the registered transcodings
+    are applied where a value is tagged `{"_type_": name, "_data_": data}`, innermost first, exactly
+    as `JSONTranscoder`'s object hook does. Two things orjson reads differently from the stdlib, and
+    both send the state to the stdlib decoder instead, so that any valid JSON reads as the library
+    reads it: a number orjson returns as a float (an integer beyond 64 bits comes back as a float;
+    event states hold none, money is Decimal), and JSON orjson refuses (NaN, Infinity, a lone
+    surrogate escape). The reserved chain key of a sealed state is dropped here, so the whole
+    plaintext is decoded without slicing it first.
     """
 
     def __init__(self, transcoder: JSONTranscoder | None = None) -> None:
         names: dict[str, Transcoding] = (transcoder or standard_transcoder()).names
         self._names = names
+        # The library's own transcodings, called without their method (same results).
+        self._revivers: dict[str, Callable[[Any], Any]] = {
+            name: _direct(transcoding) for name, transcoding in names.items()
+        }
         self._classes: dict[str, tuple[type, int]] = {}
-        scanner = json.scanner.c_make_scanner  # type: ignore[attr-defined]
-        self._scan: Callable[[str, int], tuple[Any, int]] = (
-            scanner(json.JSONDecoder()) if scanner is not None else json.JSONDecoder().raw_decode
-        )
+        self._exact_decode = json.JSONDecoder().decode
 
     def event_class(self, topic: str) -> tuple[type, int]:
         found = self._classes.get(topic)
@@ -137,49 +155,96 @@ class Decoder:
 
     def decode(self, topic: str, originator_id: UUID, version: int, plain: bytes) -> Any:
         cls, class_version = self._classes.get(topic) or self.event_class(topic)
-        try:
-            state = self._scan(plain.decode(), 0)[0]
-        except StopIteration:
-            raise ValueError("the stored state is not JSON") from None
-        if type(state) is not dict:
-            raise ValueError("the stored state is not a JSON object")
-        state.pop(CHAIN_KEY, None)
-        names = self._names
-        for name, value in state.items():
-            kind = type(value)
-            if kind is dict:
-                if len(value) == 2 and "_type_" in value and type(value.get("_data_")) is str:
-                    try:
-                        state[name] = names[value["_type_"]].decode(value["_data_"])
-                    except KeyError:
-                        raise ValueError(f"no transcoding is registered for {value['_type_']!r}") from None
-                else:
-                    state[name] = self._revive(value)
-            elif kind is list:
-                state[name] = self._revive(value)
+        state = self.fields(plain)
         state["originator_id"] = originator_id
         state["originator_version"] = version
-        from_version = state.pop("class_version", 1)
-        while from_version < class_version:
-            getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(state)
-            from_version += 1
+        if class_version > 1 or "class_version" in state:
+            from_version = state.pop("class_version", 1)
+            while from_version < class_version:
+                getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(state)
+                from_version += 1
         event: Any = object.__new__(cls)
         object.__setattr__(event, "__dict__", state)
         return event
 
-    def _revive(self, value: Any) -> Any:
+    def fields(self, plain: bytes) -> dict[str, Any]:
+        """The event's stored fields with their values revived (the chain key left out)."""
+        try:
+            state = _loads(plain)
+        except _JSONDecodeError:
+            return self._fields_exact(plain)
+        if type(state) is not dict:
+            raise ValueError("the stored state is not a JSON object")
+        try:
+            self._revive_fields(state, False)
+        except _Inexact:
+            return self._fields_exact(plain)
+        return state
+
+    def _fields_exact(self, plain: bytes) -> dict[str, Any]:
+        """The stdlib's reading of a state (as `JSONTranscoder.decode` reads it)."""
+        try:
+            state = self._exact_decode(plain.decode("utf8"))
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"the stored state is not JSON: {error}") from None
+        if type(state) is not dict:
+            raise ValueError("the stored state is not a JSON object")
+        self._revive_fields(state, True)
+        return state
+
+    def _revive_fields(self, state: dict[str, Any], exact: bool) -> None:
+        state.pop(CHAIN_KEY, None)
+        revivers = self._revivers
+        for name, value in state.items():
+            kind = type(value)
+            if kind is dict:
+                if len(value) == 2 and "_type_" in value and "_data_" in value:
+                    data = value["_data_"]
+                    if type(data) is not str:
+                        data = self._revive(data, exact)
+                    revive = revivers.get(value["_type_"])
+                    if revive is None:
+                        raise ValueError(f"no transcoding is registered for {value['_type_']!r}")
+                    state[name] = revive(data)
+                else:
+                    state[name] = self._revive(value, exact)
+            elif kind is list:
+                state[name] = self._revive(value, exact)
+            elif kind is float and not exact:
+                raise _Inexact
+
+    @staticmethod
+    def _transcode(revivers: dict[str, Callable[[Any], Any]], name: Any, data: Any) -> Any:
+        try:
+            revive = revivers[name]
+        except KeyError:
+            raise ValueError(f"no transcoding is registered for {name!r}") from None
+        return revive(data)
+
+    def _revive(self, value: Any, exact: bool) -> Any:
         kind = type(value)
         if kind is dict:
             if len(value) == 2 and "_type_" in value and "_data_" in value:
-                try:
-                    transcoding = self._names[value["_type_"]]
-                except KeyError:
-                    raise ValueError(f"no transcoding is registered for {value['_type_']!r}") from None
-                return transcoding.decode(self._revive(value["_data_"]))
+                return self._transcode(self._revivers, value["_type_"], self._revive(value["_data_"], exact))
             for name, item in value.items():
-                if type(item) is dict or type(item) is list:
-                    value[name] = self._revive(item)
+                if type(item) is dict or type(item) is list or type(item) is float:
+                    value[name] = self._revive(item, exact)
             return value
         if kind is list:
-            return [self._revive(item) for item in value]
+            return [self._revive(item, exact) for item in value]
+        if kind is float and not exact:
+            raise _Inexact
         return value
+
+
+def _direct(transcoding: Transcoding) -> Callable[[Any], Any]:
+    """The library's own transcodings as the callables their `decode` comes down to (the same
+    values; data of a wrong type fails either way); any other transcoding as it is."""
+    kind = type(transcoding)
+    if kind is DecimalAsStr:
+        return Decimal
+    if kind is UUIDAsHex:
+        return UUID
+    if kind is DatetimeAsISO:
+        return datetime.fromisoformat
+    return transcoding.decode
