@@ -15,6 +15,7 @@ its own history (`history`); a finished job is projected into the scratch views 
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,7 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import Application
+from eventsourcing.domain import CanMutateAggregate, DecoratedFuncCaller, decorated_funcs
 from eventsourcing.persistence import JSONTranscoder
 
 from podsettle.domain import TERMINAL, EscrowJob, State
@@ -167,6 +169,72 @@ class AuditReport:
         return "\n".join(lines) + "\n"
 
 
+Applier = Callable[[EscrowJob, Any], None]
+_EVENT_KEYS = frozenset({"originator_id", "originator_version", "timestamp", "class_version", "self"})
+
+
+def _decorated(cls: type) -> tuple[Callable[..., None], frozenset[str]] | None:
+    """The `@event` method an event class applies, and its parameter names; None for a class that
+    changes `mutate` or `apply` (or creates the aggregate)."""
+    if not issubclass(cls, DecoratedFuncCaller) or cls not in decorated_funcs:
+        return None
+    mutates = [k for k in cls.__mro__ if "mutate" in vars(k)]
+    applies = [k for k in cls.__mro__ if "apply" in vars(k)]
+    if mutates[:1] != [CanMutateAggregate] or applies != [DecoratedFuncCaller, CanMutateAggregate]:
+        return None
+    func = decorated_funcs[cls]
+    return func, frozenset(inspect.signature(func).parameters)
+
+
+def _applier(cls: type) -> Applier | None:
+    """What `event.mutate(job)` comes down to for an event of an `@event` method, without its checks.
+
+    For such an event the library's `mutate` checks that the event belongs to the job and follows
+    its version (the audit has already placed both), calls the decorated method with the event's
+    fields that the method names, then sets the job's version and modified time. This does the
+    same with the method and its parameter names looked up once per class. Any class that changes
+    `mutate` or `apply` gets None, and the audit calls its `mutate`."""
+    found = _decorated(cls)
+    if found is None:
+        return None
+    func, names = found
+
+    def apply(job: EscrowJob, event: Any) -> None:
+        fields = event.__dict__
+        func(job, **{name: value for name, value in fields.items() if name in names})
+        job.version = fields["originator_version"]
+        job.modified_on = event.timestamp
+
+    return apply
+
+
+class _Fast:
+    """How the audit applies the common event of a topic straight from its decoded fields: when the
+    fields are exactly the parameters of its `@event` method (plus the timestamp), the method is
+    called with them, as `mutate` would call it, and no event object is built."""
+
+    __slots__ = ("check_after", "func", "funded", "params")
+
+    def __init__(self, cls: type, func: Callable[..., None], names: frozenset[str]) -> None:
+        self.func = func
+        self.params = names - {"self"}
+        self.check_after = cls in _CHECK_AFTER
+        self.funded = cls is EscrowJob.Funded
+
+
+def _fast(decoder: Decoder, topic: str) -> _Fast | None:
+    try:
+        cls, class_version = decoder.event_class(topic)
+    except Exception:
+        return None
+    if class_version != 1 or not isinstance(cls, type) or issubclass(cls, EscrowJob.Opened):
+        return None
+    found = _decorated(cls)
+    if found is None or found[1] & (_EVENT_KEYS - {"self"}):
+        return None
+    return _Fast(cls, *found)
+
+
 class _Stream:
     """What the audit keeps of one aggregate while it is in memory."""
 
@@ -225,6 +293,8 @@ class Auditor:
         # Jobs let go of while still open: what their quiescent check would say if nothing follows.
         self.evicted: dict[str, tuple[int, list[str]]] = {}
         self._job_topics: dict[str, bool] = {}
+        self._appliers: dict[type, Applier | None] = {}
+        self._fasts: dict[str, _Fast | None] = {}
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------ findings
@@ -251,8 +321,83 @@ class Auditor:
     # ------------------------------------------------------------------ the log
 
     def feed(self, page: Iterable[Record]) -> None:
-        for record in page:
-            self.record(*record)
+        """Audit a page of records: `record` for each, with the common case taken in one loop.
+
+        The common case is a record that follows the one before it in the log and the previous
+        event of a job the audit holds, with a seal that matches and names that event's seal. Its
+        checks are made first, with no effect; any record that fails one of them, or that starts a
+        job, goes through `record`, which makes the same checks again and reports what fails."""
+        seals = self.seals
+        if seals is None or self.decrypt or self.line is not None:
+            for record in page:
+                self.record(*record)
+            return
+        slow = self.record
+        unseal = seals.unseal
+        open_get = self.open.get
+        report = self.report
+        projector = self.projector
+        checkpoints = self.live_checkpoints
+        job_topics = self._job_topics
+        apply = self._apply
+        fasts = self._fasts
+        decode_fields = self.decoder.fields
+        for position, originator_id, version, topic, state in page:
+            stream = open_get(originator_id)
+            if stream is None or stream.version + 1 != version or position != self.last_position + 1:
+                slow(position, originator_id, version, topic, state)
+                continue
+            unsealed = unseal(originator_id, version, topic, state)
+            if unsealed is None or not unsealed[2] or unsealed[0] != stream.seal:
+                slow(position, originator_id, version, topic, state)
+                continue
+            # What `record` does for such a record, in the same order.
+            report.events += 1
+            self.current = position
+            self.last_position = report.last_position = position
+            if projector is not None:
+                projector.observe(position, originator_id, version, topic, state)
+                checkpoint = checkpoints.get(position)
+                if checkpoint is not None:
+                    self._compare_checkpoint(checkpoint, projector)
+            stream.version = version
+            stream.seal = unsealed[1]
+            stream.position = position
+            job_topic = job_topics.get(topic)
+            if job_topic is None:
+                job_topic = job_topics[topic] = is_job_topic(topic)
+            if not job_topic:
+                self._rest(originator_id, stream)
+                continue
+            job = stream.job
+            try:
+                fast = fasts[topic]
+            except KeyError:
+                fast = fasts[topic] = _fast(self.decoder, topic)
+            if job is None or fast is None:
+                apply(stream, topic, version, state, position, originator_id)
+                continue
+            try:
+                fields = decode_fields(state)
+                timestamp = fields.pop("timestamp")
+            except Exception:
+                apply(stream, topic, version, state, position, originator_id)  # reports what is wrong
+                continue
+            if fields.keys() != fast.params:
+                apply(stream, topic, version, state, position, originator_id)  # the general way
+                continue
+            # `_apply` for this event, with the fields as `mutate` would pass them.
+            before = len(job.order_violations)
+            job.version = version - 1
+            fast.func(job, **fields)
+            job.version = version
+            job.modified_on = timestamp
+            if fast.funded and stream.funded_at is None:
+                stream.funded_at = timestamp
+            if fast.check_after or len(job.order_violations) != before:
+                self._check(stream, originator_id, position)
+            if job.state == State.ATTENTION or (job.state in TERMINAL and job.intent is None):
+                self._rest(originator_id, stream)
 
     def record(self, position: int, originator_id: str, version: int, topic: str, state: bytes) -> None:
         report = self.report
@@ -431,12 +576,20 @@ class Auditor:
                 return
             before = len(job.order_violations)
             job.version = version - 1  # continue past a reported hole, so the rest is still checked
-            event.mutate(job)
-            if stream.funded_at is None and type(event) is EscrowJob.Funded:
+            kind = type(event)
+            try:
+                apply = self._appliers[kind]
+            except KeyError:
+                apply = self._appliers[kind] = _applier(kind)
+            if apply is None:
+                event.mutate(job)
+            else:
+                apply(job, event)
+            if stream.funded_at is None and kind is EscrowJob.Funded:
                 stream.funded_at = event.timestamp
             if quiet:
                 return
-            if type(event) in _CHECK_AFTER or len(job.order_violations) != before:
+            if kind in _CHECK_AFTER or len(job.order_violations) != before:
                 self._check(stream, originator_id, position)
         if (
             job is not None
