@@ -7,7 +7,9 @@ memory at two log sizes.
 For each size a SQLite log is generated (bulk saves of many jobs, their events interleaved as
 concurrent jobs' are), then each figure is measured in a fresh subprocess on the same file, so
 that peak RSS belongs to that measurement alone:
-- library:       select_notifications + a plain eventsourcing Mapper's to_domain_event
+- library:       select_notifications + a plain eventsourcing Mapper's to_domain_event, with the
+                 library's own JSONTranscoder (the application's transcodings registered), whatever
+                 transcoder the application itself uses
 - library+chain: select_notifications + the application's own mapper (decodes and checks seals)
 - audit:         podsettle.replay.audit (seals, chains, versions, every invariant through the
                  aggregate's own code), no read model
@@ -72,7 +74,7 @@ def generate(path: Path, events: int) -> int:
 
 def measure(case: str, path: Path) -> dict[str, Any]:
     """One figure, in this (fresh) process."""
-    from eventsourcing.persistence import Mapper
+    from eventsourcing.persistence import JSONTranscoder, Mapper
 
     from podsettle import Settlements
     from podsettle.projections import ReadModel
@@ -87,7 +89,14 @@ def measure(case: str, path: Path) -> dict[str, Any]:
     if case == "catch-up":  # the live read model from nothing (measured apart: the audit starts caught up)
         ok = model is not None and model.catch_up() == total
     elif case.startswith("library"):
-        mapper = app.mapper if case == "library+chain" else Mapper(transcoder=app.mapper.transcoder)
+        if case == "library+chain":
+            mapper = app.mapper
+        else:  # eventsourcing alone: its Mapper and its JSONTranscoder
+            transcoder = app.mapper.transcoder
+            if type(transcoder) is not JSONTranscoder:
+                transcoder = JSONTranscoder()
+                app.register_transcodings(transcoder)
+            mapper = Mapper(transcoder=transcoder)
         start, count = 1, 0
         while True:
             page = app.recorder.select_notifications(start, 2_000)
