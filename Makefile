@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(if $(BEFORE),--before $(BEFORE))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -6,6 +6,12 @@ BENCHMARKS.md at the repository root.
     PODSETTLE_BENCH_RUNS=5 .venv/bin/python bench/run_all.py    # more runs
     PODSETTLE_BENCH_FULL=1 .venv/bin/python bench/run_all.py    # also the audit of a 1M-event log (~7 min)
     .venv/bin/python bench/run_all.py --only lifecycle peer     # some scripts; --out FILE elsewhere
+    .venv/bin/python bench/run_all.py --before f3df86d          # also an earlier revision, same run
+
+With `--before REV` (`make bench BEFORE=REV`) the suite also runs that revision of the project (its
+own bench scripts and code, extracted with `git archive`), each of its runs right after the matching
+run of the working tree, and the report compares the two figure by figure: a before-and-after
+measured in one run, on one machine, under the same load.
 
 Each script runs as its own process (a fresh interpreter per run) and prints one line per figure,
 `figure: <name> = <value> <unit> (ratio <r> vs <baseline>)`. The older scripts (escrow, compute,
@@ -20,8 +26,10 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -192,44 +200,69 @@ def script_args(script: Script, is_quick: bool) -> tuple[str, ...]:
     return script.args
 
 
-def run_script(script: Script, runs: int, is_quick: bool) -> Outcome:
+def run_once(
+    script: Script, root: Path, args: tuple[str, ...], label: str
+) -> tuple[dict[str, Figure], list[str], str]:
+    """One run of `script` from the project tree at `root`: its figures, other lines, and a failure."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    print(f"[{label}] {shlex.join(['python', script.path, *args])}", flush=True)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(root / script.path), *args],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=script.timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {}, [], f"timed out after {script.timeout_s:.0f} s"
+    failure = ""
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        failure = f"exit {done.returncode}: " + " | ".join(map(_no_paths, tail))
+    figures, other = read_figures(script, done.stdout)  # a failed run keeps what it printed
+    for item in figures.values():
+        print(f"    {item.name} = {item.value:g} {item.unit}", flush=True)
+    return figures, [_no_paths(line) for line in other], failure
+
+
+def run_script(
+    script: Script, runs: int, is_quick: bool, before: Path | None = None
+) -> tuple[Outcome, Outcome | None]:
+    """Every run of `script`; with `before`, each followed by the same run of the earlier tree."""
     outcome = Outcome(script)
+    earlier = Outcome(script) if before is not None and (before / script.path).exists() else None
     args = script_args(script, is_quick)
-    command = [sys.executable, script.path, *args]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
     count = 1 if is_quick else (script.runs or runs)
-    started = time.perf_counter()
     for run in range(count):
-        print(f"[{script.name} {run + 1}/{count}] {shlex.join(['python', script.path, *args])}", flush=True)
-        try:
-            done = subprocess.run(
-                command,
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=script.timeout_s,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            outcome.failures.append(f"run {run + 1}: timed out after {script.timeout_s:.0f} s")
-            continue
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            outcome.failures.append(
-                f"run {run + 1}: exit {done.returncode}: " + " | ".join(map(_no_paths, tail))
-            )
-        figures, other = read_figures(script, done.stdout)  # a failed run keeps what it printed
-        for item in figures.values():
-            print(f"    {item.name} = {item.value:g} {item.unit}", flush=True)
-        if figures:
-            outcome.runs.append(figures)
-        outcome.other = [_no_paths(line) for line in other]
-    outcome.seconds = time.perf_counter() - started
-    return outcome
+        for tree, result, label in ((ROOT, outcome, "now"), (before, earlier, "before")):
+            if tree is None or result is None:
+                continue
+            started = time.perf_counter()
+            figures, other, failure = run_once(script, tree, args, f"{script.name} {run + 1}/{count} {label}")
+            result.seconds += time.perf_counter() - started
+            if failure:
+                result.failures.append(f"run {run + 1}: {failure}")
+            if figures:
+                result.runs.append(figures)
+            result.other = other
+    return outcome, earlier
+
+
+def extract(revision: str) -> Path:
+    """The project at `revision` in a temporary folder, importable as `podsettle` from its root."""
+    folder = Path(tempfile.mkdtemp(prefix="podsettle-bench-before-"))
+    archive = subprocess.run(["git", "archive", revision], cwd=ROOT, capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise SystemExit(f"--before {revision}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    # The installed layout (DESIGN.md): the top-level folders are subpackages of `podsettle`.
+    for name in ("domain", "adapters", "projections", "replay"):
+        if (folder / name).is_dir() and not (folder / "podsettle" / name).exists():
+            (folder / "podsettle" / name).symlink_to(folder / name, target_is_directory=True)
+    return folder
 
 
 PATH = re.compile(r"""(?:[A-Za-z]:)?(?:/[^\s/'"]+)+/([^\s/'"]+)""")
@@ -303,7 +336,44 @@ def aims(medians: dict[str, tuple[float, float | None]]) -> list[str]:
     return lines
 
 
-def write_report(path: Path, outcomes: list[Outcome], runs: int, is_quick: bool, seconds: float) -> None:
+def comparison(pairs: list[tuple[Outcome, Outcome | None]], revision: str) -> list[str]:
+    """Before and after, figure by figure (the figures both revisions print)."""
+    lines = [
+        f"## Before and after (revision {revision} against this one, in the same run)",
+        "",
+        "Each run of a script on this revision was followed by the same run on the earlier one; medians of "
+        "those runs. `after / before` above 1 means more of the figure (better for rates, worse for times "
+        "and stalls).",
+        "",
+        "| figure | before | after | unit | after / before | before: ratio | after: ratio | vs |",
+        "|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for outcome, earlier in pairs:
+        if earlier is None:
+            continue
+        old = {row[0]: row for row in summary(earlier)}
+        for name, value, unit, ratio_value, baseline, _ in summary(outcome):
+            if name not in old:
+                continue
+            _, old_value, _, old_ratio, _, _ = old[name]
+            change = value / old_value if old_value else None
+            lines.append(
+                f"| {name} | {_fmt(old_value)} | {_fmt(value)} | {unit} | {_fmt(change)} | "
+                f"{_fmt(old_ratio)} | {_fmt(ratio_value)} | {baseline} |"
+            )
+        for failure in earlier.failures:
+            lines.append(f"| {outcome.script.name}: before failed: {failure} | | | | | | | |")
+    return [*lines, ""]
+
+
+def write_report(
+    path: Path,
+    outcomes: list[Outcome],
+    runs: int,
+    is_quick: bool,
+    seconds: float,
+    before: tuple[str, list[Outcome | None]] | None = None,
+) -> None:
     info = machine()
     medians: dict[str, tuple[float, float | None]] = {}
     out = [
@@ -353,6 +423,7 @@ def write_report(path: Path, outcomes: list[Outcome], runs: int, is_quick: bool,
         "|---|---:|---|---|",
         *aims(medians),
         "",
+        *(comparison(list(zip(outcomes, before[1], strict=True)), before[0]) if before else []),
         "## Figures",
         "",
         *table,
@@ -360,6 +431,7 @@ def write_report(path: Path, outcomes: list[Outcome], runs: int, is_quick: bool,
         "",
         "```",
         "make bench                                      # every script, 3 runs each, writes BENCHMARKS.md",
+        "make bench BEFORE=<revision>                    # also that revision, run by run, compared",
         "PODSETTLE_BENCH_QUICK=1 .venv/bin/python bench/run_all.py   # one short run of each",
         "PODSETTLE_BENCH_FULL=1 .venv/bin/python bench/run_all.py    # also the audit at 1M events",
         *(
@@ -389,14 +461,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=int(os.environ.get(RUNS_ENV) or DEFAULT_RUNS))
     parser.add_argument("--only", nargs="*", help="script names (lifecycle, latency, peer, escrow, ...)")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--before", metavar="REVISION", help="also run this git revision, run by run")
     args = parser.parse_args(argv)
     is_quick = quick()
     if is_quick:
         os.environ[QUICK_ENV] = "1"
     started = time.perf_counter()
-    outcomes = [run_script(script, max(args.runs, 1), is_quick) for script in discover(args.only)]
+    earlier_tree = extract(args.before) if args.before else None
+    try:
+        pairs = [
+            run_script(script, max(args.runs, 1), is_quick, earlier_tree) for script in discover(args.only)
+        ]
+    finally:
+        if earlier_tree is not None:
+            shutil.rmtree(earlier_tree, ignore_errors=True)
+    outcomes = [outcome for outcome, _ in pairs]
     seconds = time.perf_counter() - started
-    write_report(args.out, outcomes, max(args.runs, 1), is_quick, seconds)
+    before = (args.before, [earlier for _, earlier in pairs]) if args.before else None
+    write_report(args.out, outcomes, max(args.runs, 1), is_quick, seconds, before)
     print(f"wrote {args.out.name} ({seconds:.0f} s)")
     return 1 if any(o.failures for o in outcomes) else 0
 
