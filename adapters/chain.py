@@ -26,8 +26,9 @@ the next read of the job (every command reads the job before it writes) replaces
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable
+from hashlib import sha256
+from typing import Any, cast
 from uuid import UUID
 
 from eventsourcing.persistence import (
@@ -35,9 +36,12 @@ from eventsourcing.persistence import (
     Cipher,
     Compressor,
     Mapper,
+    MapperDeserialisationError,
     StoredEvent,
     Transcoder,
+    find_id_convertor,
 )
+from eventsourcing.utils import resolve_topic
 
 CHAIN_KEY = "__chain__"
 PREFIX = b'{"' + CHAIN_KEY.encode() + b'":"'
@@ -135,22 +139,25 @@ SEALS = SealFormat()
 
 
 class SealCache:
-    """The latest seal seen per job, bounded (oldest entries go first)."""
+    """The latest seal seen per job, bounded (oldest entries go first).
+
+    A UUID is kept under its integer (hashed in C; a UUID hashes and compares in Python code)."""
 
     def __init__(self, maxsize: int = DEFAULT_CACHE_SIZE) -> None:
         self.maxsize = maxsize
-        self._seals: dict[UUID | str, tuple[int, str]] = {}
+        self._seals: dict[int | str, tuple[int, str]] = {}
 
     def get(self, originator_id: UUID | str, version: int) -> str | None:
-        found = self._seals.get(originator_id)
+        found = self._seals.get(originator_id.int if isinstance(originator_id, UUID) else originator_id)
         if found is not None and found[0] == version:
             return found[1]
         return None
 
     def put(self, originator_id: UUID | str, version: int, seal: str) -> None:
         seals = self._seals
-        seals.pop(originator_id, None)
-        seals[originator_id] = (version, seal)
+        key = originator_id.int if isinstance(originator_id, UUID) else originator_id
+        seals.pop(key, None)
+        seals[key] = (version, seal)
         if len(seals) > self.maxsize:
             del seals[next(iter(seals))]
 
@@ -220,27 +227,54 @@ class ChainMapper(Mapper[UUID]):
     # ------------------------------------------------------------------ reading
 
     def to_domain_event(self, stored_event: StoredEvent) -> Any:
-        state = self.plaintext(stored_event.state)
-        if not is_sealed(state):
+        """The domain event of a stored one, its seal and its link to its predecessor checked.
+
+        One pass over the state: the seal is hashed straight from it, and the transcoder's own bytes
+        (the state without the chain key) are decoded as the library's `Mapper` decodes a state."""
+        state = stored_event.state
+        if self.cipher or self.compressor:
+            state = self.plaintext(state)
+        if state[:_PREV_START] != PREFIX or len(state) < _BODY_START:
             return super().to_domain_event(stored_event)
-        prev, seal, body = split_sealed(state)
         originator_id = stored_event.originator_id
         version = stored_event.originator_version
+        topic = stored_event.topic
+        seal = state[_SEAL_START:_SEAL_END].decode("ascii")
         if self.verify:
-            if compute_seal(originator_id, version, stored_event.topic, state) != seal:
+            text = originator_id.hex if isinstance(originator_id, UUID) else originator_id
+            digest = sha256(f"{text}\n{version}\n{topic}\n".encode())
+            digest.update(state[:_SEAL_START])
+            digest.update(state[_SEAL_END:])
+            if digest.hexdigest() != seal:
                 raise ChainError(originator_id, version, "the stored event does not match its seal")
             expected = GENESIS if version == 1 else self.cache.get(originator_id, version - 1)
-            if expected is not None and prev != expected:
+            if expected is not None and state[_PREV_START:_SEAL_START].decode("ascii") != expected:
                 raise ChainError(originator_id, version, "the event does not follow its predecessor")
         self.cache.put(originator_id, version, seal)
-        return super().to_domain_event(
-            StoredEvent(
-                originator_id=originator_id,
-                originator_version=version,
-                topic=stored_event.topic,
-                state=self._wrap(body),
+        return self._decode(originator_id, version, topic, b"{" + state[_BODY_START:])
+
+    def _decode(self, originator_id: UUID | str, version: int, topic: str, body: bytes) -> Any:
+        """What `Mapper.to_domain_event` does with a plaintext state (the same steps and errors)."""
+        cls = resolve_topic(topic)
+        try:
+            event_state: dict[str, Any] = self.transcoder.decode(body)
+        except Exception as e:
+            msg = (
+                f"Failed to deserialise state of stored event with topic '{topic}', "
+                f"originator_id '{originator_id}' and originator_version {version}: {e}"
             )
-        )
+            raise MapperDeserialisationError(msg) from e
+        id_type = cast(Hashable, type(originator_id))  # as the library's Mapper passes it
+        event_state["originator_id"] = find_id_convertor(cls, id_type)(originator_id)
+        event_state["originator_version"] = version
+        class_version = getattr(cls, "class_version", 1)
+        from_version = event_state.pop("class_version", 1)
+        while from_version < class_version:
+            getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(event_state)
+            from_version += 1
+        domain_event = object.__new__(cls)
+        object.__setattr__(domain_event, "__dict__", event_state)
+        return domain_event
 
     # ------------------------------------------------------------------ the audit's view
 
