@@ -20,6 +20,7 @@ from eventsourcing.utils import resolve_topic
 
 from podsettle.domain import EscrowJob, State, fmt
 from podsettle.domain.money import QUANTUM
+from podsettle.projections.apply import Applier, applier
 from podsettle.projections.rows import JobRow, Tally
 from podsettle.projections.views import CHECKPOINT_EVERY, Checkpoint, Projector, Tracking, ViewStore
 
@@ -174,7 +175,8 @@ class ReadModel:
         self.checkpoint_every = checkpoint_every
         self.views = ViewStore(path)
         self.projector = self._projector()
-        self._jobs: dict[UUID | str, EscrowJob] = {}
+        self._jobs: dict[int | str, EscrowJob] = {}
+        self._appliers: dict[type, Applier | None] = {}
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ updating
@@ -201,19 +203,29 @@ class ReadModel:
         recorder = self.app.recorder
         to_domain_event = self.app.mapper.to_domain_event
         projector = self.projector
+        appliers = self._appliers
         done = 0
         while True:
             page = recorder.select_notifications(projector.position + 1, self.page_size, stop=stop)
             if not page:
                 break
             for note in page:
-                projector.observe(
-                    note.id, note.originator_id, note.originator_version, note.topic, note.state
-                )
+                version = note.originator_version
+                projector.observe(note.id, note.originator_id, version, note.topic, note.state)
                 if not is_job_topic(note.topic):
                     continue
                 event: Any = to_domain_event(note)
-                job = event.mutate(self._job_before(note.originator_id, note.originator_version))
+                before = self._job_before(note.originator_id, version)
+                kind = type(event)
+                try:
+                    apply = appliers[kind]
+                except KeyError:
+                    apply = appliers[kind] = applier(kind)
+                if apply is not None and before is not None and before.version + 1 == version:
+                    apply(before, event)  # the job is the event's (found by its id), at the version before
+                    job = before
+                else:
+                    job = event.mutate(before)
                 self._remember(job)
                 projector.apply(job, event, note.id)
             projector.flush()
@@ -234,16 +246,19 @@ class ReadModel:
     def _job_before(self, job_id: UUID | str, version: int) -> EscrowJob | None:
         if version == 1:
             return None
-        job = self._jobs.get(job_id)
+        job = self._jobs.get(job_id.int if isinstance(job_id, UUID) else job_id)
         if job is not None and job.version == version - 1:
             return job
         loaded: EscrowJob = self.app.repository.get(job_id, version=version - 1)
         return loaded
 
     def _remember(self, job: EscrowJob) -> None:
+        """Keep the job for its next event (a UUID is kept under its integer: hashed in C)."""
         jobs = self._jobs
-        jobs.pop(job.id, None)
-        jobs[job.id] = job
+        job_id = job.id
+        key = job_id.int if isinstance(job_id, UUID) else job_id
+        jobs.pop(key, None)
+        jobs[key] = job
         if len(jobs) > self.cache_size:
             del jobs[next(iter(jobs))]
 

@@ -94,9 +94,11 @@ def log_step(
     """The log digest after one more notification: sha256(previous digest, position, the stored event).
 
     A UUID originator id counts as its 32 hex digits (as the SQLite recorder stores it)."""
-    text = originator_id.hex if isinstance(originator_id, UUID) else originator_id
     h = hashlib.sha256(digest)
-    h.update(f"{position}\n{text}\n{version}\n{topic}\n".encode())
+    if isinstance(originator_id, UUID):  # its 32 hex digits, formatted in C (`UUID.hex` is Python code)
+        h.update(f"{position}\n{originator_id.int:032x}\n{version}\n{topic}\n".encode())
+    else:
+        h.update(f"{position}\n{originator_id}\n{version}\n{topic}\n".encode())
     h.update(state)
     return h.digest()
 
@@ -116,18 +118,38 @@ class Tracking:
 
 
 def _row_values(row: JobRow) -> tuple[Any, ...]:
-    values: list[Any] = []
-    for name in _ROW_COLUMNS:
-        value = getattr(row, name)
-        if name in _ROW_MONEY:
-            value = fmt(value)
-        elif isinstance(value, datetime):
-            value = value.isoformat()
-        elif isinstance(value, bool):
-            value = int(value)
-        values.append(value)
-    values.insert(_ROW_COLUMNS.index("funded_at") + 1, row.funding_us)
-    return tuple(values)
+    """A row as the jobs table stores it, in the order of `_ROW_COLUMNS` with `funding_us` after
+    `funded_at`: amounts as their canonical text, times in ISO format, the flag as 0 or 1."""
+    funded_at = row.funded_at
+    return (
+        row.job_id,
+        row.job_key,
+        row.batch_id,
+        row.endpoint_id,
+        row.payer,
+        row.payee,
+        row.state,
+        row.escrow_id,
+        fmt(row.budget),
+        fmt(row.funded),
+        fmt(row.fee),
+        fmt(row.to_payee),
+        fmt(row.referral_fee),
+        fmt(row.returned),
+        fmt(row.fee_kept),
+        fmt(row.bonus),
+        fmt(row.bonus_fee),
+        row.execution_ms,
+        row.delay_ms,
+        row.worker_id,
+        row.intent,
+        int(row.in_flight),
+        row.opened_at.isoformat(),
+        None if funded_at is None else funded_at.isoformat(),
+        row.funding_us,
+        row.version,
+        row.position,
+    )
 
 
 def _row_from(record: sqlite3.Row | tuple[Any, ...]) -> JobRow:
@@ -344,7 +366,7 @@ class Projector:
         self.cache_size = cache_size
         self._rows: dict[str, JobRow] = {}
         self._pending: dict[str, JobRow] = {}
-        self._touched: dict[str, tuple[EscrowJob, int, datetime | None]] = {}
+        self._touched: dict[int | str, tuple[EscrowJob, int, datetime | None]] = {}
         self._tallies: dict[tuple[str, str], Tally] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._checkpoints: list[Checkpoint] = []
@@ -369,12 +391,13 @@ class Projector:
         Rows are computed at the flush, once per job and page however many of its events the page
         holds: the job object is the live aggregate, so it is then as it is after the page.
         """
-        job_id = str(job.id)
-        touched = self._touched.get(job_id)
+        job_id = job.id
+        key = job_id.int if isinstance(job_id, UUID) else job_id  # hashed in C, unlike a UUID
+        touched = self._touched.get(key)
         if touched is None:
-            self._touched[job_id] = (job, position, funded_at_after(event, None))
+            self._touched[key] = (job, position, funded_at_after(event, None))
         else:
-            self._touched[job_id] = (job, position, touched[2] or funded_at_after(event, None))
+            self._touched[key] = (job, position, touched[2] or funded_at_after(event, None))
 
     def put(self, job: EscrowJob, position: int, funded_at: datetime | None) -> JobRow:
         """The job as it is after its event at `position` (for a replay that projects each job once)."""
@@ -412,8 +435,8 @@ class Projector:
         return len(self._pending) + len(self._touched)
 
     def flush(self) -> None:
-        for job_id, (job, position, funded_at) in self._touched.items():
-            old = self._old(job_id)
+        for job, position, funded_at in self._touched.values():
+            old = self._old(str(job.id))
             if old is not None and old.funded_at is not None:
                 funded_at = old.funded_at
             self._put(old, row_of(job, position, funded_at))

@@ -15,7 +15,6 @@ its own history (`history`); a finished job is projected into the scratch views 
 
 from __future__ import annotations
 
-import inspect
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -26,12 +25,12 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import Application
-from eventsourcing.domain import CanMutateAggregate, DecoratedFuncCaller, decorated_funcs
 from eventsourcing.persistence import JSONTranscoder
 
 from podsettle.domain import TERMINAL, EscrowJob, State
 from podsettle.logs import get_logger
 from podsettle.projections import Checkpoint, JobRow, Projector, ReadModel, ViewStore, is_job_topic
+from podsettle.projections.apply import Applier, applier, event_method
 from podsettle.projections.views import VIEWS
 from podsettle.replay.source import (
     DEFAULT_PAGE_SIZE,
@@ -169,43 +168,7 @@ class AuditReport:
         return "\n".join(lines) + "\n"
 
 
-Applier = Callable[[EscrowJob, Any], None]
-_EVENT_KEYS = frozenset({"originator_id", "originator_version", "timestamp", "class_version", "self"})
-
-
-def _decorated(cls: type) -> tuple[Callable[..., None], frozenset[str]] | None:
-    """The `@event` method an event class applies, and its parameter names; None for a class that
-    changes `mutate` or `apply` (or creates the aggregate)."""
-    if not issubclass(cls, DecoratedFuncCaller) or cls not in decorated_funcs:
-        return None
-    mutates = [k for k in cls.__mro__ if "mutate" in vars(k)]
-    applies = [k for k in cls.__mro__ if "apply" in vars(k)]
-    if mutates[:1] != [CanMutateAggregate] or applies != [DecoratedFuncCaller, CanMutateAggregate]:
-        return None
-    func = decorated_funcs[cls]
-    return func, frozenset(inspect.signature(func).parameters)
-
-
-def _applier(cls: type) -> Applier | None:
-    """What `event.mutate(job)` comes down to for an event of an `@event` method, without its checks.
-
-    For such an event the library's `mutate` checks that the event belongs to the job and follows
-    its version (the audit has already placed both), calls the decorated method with the event's
-    fields that the method names, then sets the job's version and modified time. This does the
-    same with the method and its parameter names looked up once per class. Any class that changes
-    `mutate` or `apply` gets None, and the audit calls its `mutate`."""
-    found = _decorated(cls)
-    if found is None:
-        return None
-    func, names = found
-
-    def apply(job: EscrowJob, event: Any) -> None:
-        fields = event.__dict__
-        func(job, **{name: value for name, value in fields.items() if name in names})
-        job.version = fields["originator_version"]
-        job.modified_on = event.timestamp
-
-    return apply
+_EVENT_KEYS = frozenset({"originator_id", "originator_version", "timestamp", "class_version"})
 
 
 class _Fast:
@@ -229,8 +192,8 @@ def _fast(decoder: Decoder, topic: str) -> _Fast | None:
         return None
     if class_version != 1 or not isinstance(cls, type) or issubclass(cls, EscrowJob.Opened):
         return None
-    found = _decorated(cls)
-    if found is None or found[1] & (_EVENT_KEYS - {"self"}):
+    found = event_method(cls)
+    if found is None or found[1] & _EVENT_KEYS:
         return None
     return _Fast(cls, *found)
 
@@ -580,7 +543,7 @@ class Auditor:
             try:
                 apply = self._appliers[kind]
             except KeyError:
-                apply = self._appliers[kind] = _applier(kind)
+                apply = self._appliers[kind] = applier(kind)
             if apply is None:
                 event.mutate(job)
             else:
