@@ -43,6 +43,7 @@ from typing import Annotated, Any, Literal, NoReturn, TypeVar
 import httpx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
+from podsettle.adapters.http_transport import transport_for
 from podsettle.adapters.limits import RateLimiter
 from podsettle.adapters.ports import (
     AmountMismatch,
@@ -237,7 +238,7 @@ class PurpleFleaEscrow:
             timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             headers={"Accept": "application/json", "User-Agent": "podsettle"},
-            transport=transport,
+            transport=transport or transport_for(self.base_url, max_connections=max_connections),
         )
 
     def __repr__(self) -> str:
