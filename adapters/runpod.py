@@ -9,6 +9,12 @@ What the engine can rely on:
   endpoint and route keeps under the documented limits in the first place;
 - `wait()` polls with capped exponential backoff and jitter, bounded by its timeout, and classifies
   the terminal state: only COMPLETED with output is a success;
+- with a `SyncPolicy`, `submit()` uses `/runsync` with a bounded wait: a job that ends inside the
+  wait comes back in the same round trip (and `wait()` returns it without polling), a longer one
+  comes back `IN_QUEUE`/`IN_PROGRESS` with its id and `wait()` polls as usual. The price is that the
+  run's id is known only when the runsync answers (at most the wait later): until then it cannot be
+  cancelled, and an engine that crashes meanwhile submits the job again. So an endpoint whose jobs
+  mostly outlast the wait goes back to `/run` (probing runsync now and then);
 - the API key never appears in a repr, a log line or an exception message.
 """
 
@@ -21,6 +27,7 @@ import os
 import random
 import re
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,6 +35,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from podsettle.adapters.http_transport import transport_for
 from podsettle.adapters.limits import RateLimiter
 from podsettle.adapters.ports import (
     BadResponse,
@@ -50,6 +58,7 @@ __all__ = [
     "ClientLimit",
     "PollPolicy",
     "RunPodCompute",
+    "SyncPolicy",
     "classify_run",
 ]
 
@@ -57,6 +66,9 @@ log = get_logger(__name__)
 
 DEFAULT_BASE_URL = "https://api.runpod.ai/v2"
 MAX_INPUT_BYTES = 10 * 1024 * 1024  # /run's documented body limit
+RUNSYNC_MIN_WAIT_MS = 1000  # the documented bounds of /runsync's ?wait=
+RUNSYNC_MAX_WAIT_MS = 300_000
+FINISHED_KEPT = 10_000  # terminal states from runsync answers not yet taken by wait()
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 
@@ -78,6 +90,38 @@ class PollPolicy:
 
 
 @dataclass(frozen=True)
+class SyncPolicy:
+    """Submitting through `/runsync?wait=wait_ms` (the contract allows 1000..300000 ms).
+
+    Per endpoint, the last `window` runsyncs are remembered; when fewer than `min_share` of them ended
+    inside the wait, jobs there are long: submissions use `/run` (the id at once), and one in
+    `probe_every` tries runsync again in case the jobs got shorter."""
+
+    wait_ms: int = 1000
+    window: int = 20
+    min_share: float = 0.5
+    probe_every: int = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.wait_ms, bool) or not isinstance(self.wait_ms, int):
+            raise ValueError("SyncPolicy.wait_ms must be an integer number of milliseconds")
+        if not RUNSYNC_MIN_WAIT_MS <= self.wait_ms <= RUNSYNC_MAX_WAIT_MS:
+            raise ValueError(
+                f"SyncPolicy.wait_ms must be between {RUNSYNC_MIN_WAIT_MS} and {RUNSYNC_MAX_WAIT_MS} ms"
+            )
+        if self.window < 1 or not 0 <= self.min_share <= 1 or self.probe_every < 1:
+            raise ValueError("SyncPolicy needs window >= 1, 0 <= min_share <= 1 and probe_every >= 1")
+
+
+@dataclass
+class _SyncRecord:
+    """Recent runsync outcomes of one endpoint (True: ended inside the wait)."""
+
+    recent: deque[bool]
+    skipped: int = 0
+
+
+@dataclass(frozen=True)
 class ClientLimit:
     """Client-side: at most `per_window` calls per `window_s` and `concurrent` in flight."""
 
@@ -94,7 +138,13 @@ DEFAULT_CLIENT_LIMITS: dict[str, ClientLimit] = {
     "cancel": ClientLimit(90, 18),
     "purge-queue": ClientLimit(2, 1),
 }
-_ROUTE_GROUP = {"run": "run", "status": "status", "cancel": "cancel", "purge-queue": "purge-queue"}
+_ROUTE_GROUP = {
+    "run": "run",
+    "runsync": "runsync",
+    "status": "status",
+    "cancel": "cancel",
+    "purge-queue": "purge-queue",
+}
 
 
 # ---------------------------------------------------------------------------------------- payloads
@@ -237,6 +287,7 @@ class RunPodCompute:
         transport: httpx.AsyncBaseTransport | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sync: SyncPolicy | None = None,
     ) -> None:
         if not api_key or not api_key.strip():
             raise Unauthorized("no RunPod API key given (set RUNPOD_API_KEY)")
@@ -246,6 +297,11 @@ class RunPodCompute:
         self.max_rate_limit_retries = max_rate_limit_retries
         self.max_input_bytes = max_input_bytes
         self.requests_sent = 0  # every HTTP request made, for polling-efficiency figures
+        self.sync = sync
+        self.runsync_finished = 0  # runsyncs that brought the result back in their own answer
+        self._sync_records: dict[str, _SyncRecord] = {}
+        self._finished: OrderedDict[tuple[str, str], RunState] = OrderedDict()
+        self._read_timeout = (timeout or httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0)).read
         self._key = _Secret(api_key)
         self._clock = clock
         self._rng = random.Random(seed)
@@ -255,7 +311,7 @@ class RunPodCompute:
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
             timeout=timeout or httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
+            transport=transport or transport_for(self.base_url, max_connections=max_connections),
         )
 
     @classmethod
@@ -324,10 +380,43 @@ class RunPodCompute:
             rest["webhook"] = webhook
         body = b'{"input":' + input_bytes
         body += b"," + json.dumps(rest, separators=(",", ":")).encode()[1:] if rest else b"}"
+        if self.sync is not None and self._use_runsync(endpoint_id, self.sync):
+            return await self._runsync(endpoint_id, body, self.sync)
         what = f"POST /{endpoint_id}/run"
         data = await self._request("POST", endpoint_id, "run", f"/{endpoint_id}/run", what, body=body)
         submitted = self._parse(_Submitted, data, what)
         return submitted.id
+
+    def _use_runsync(self, endpoint_id: str, sync: SyncPolicy) -> bool:
+        record = self._sync_records.get(endpoint_id)
+        if record is None or len(record.recent) < min(sync.window, 5):
+            return True
+        if sum(record.recent) >= sync.min_share * len(record.recent):
+            return True
+        record.skipped += 1
+        if record.skipped >= sync.probe_every:
+            record.skipped = 0
+            return True
+        return False
+
+    async def _runsync(self, endpoint_id: str, body: bytes, sync: SyncPolicy) -> str:
+        """`POST /runsync?wait=`: the status object, terminal when the job ended inside the wait."""
+        path = f"/{endpoint_id}/runsync?wait={sync.wait_ms}"
+        what = f"POST /{endpoint_id}/runsync"
+        # The answer may take the whole wait: the read timeout must outlast it.
+        read = None if self._read_timeout is None else max(self._read_timeout, sync.wait_ms / 1000 + 30.0)
+        data = await self._request("POST", endpoint_id, "runsync", path, what, body=body, read_timeout=read)
+        state = self._state(data, None, what)
+        record = self._sync_records.get(endpoint_id)
+        if record is None:
+            record = self._sync_records[endpoint_id] = _SyncRecord(deque(maxlen=sync.window))
+        record.recent.append(state.status.terminal)
+        if state.status.terminal:
+            self.runsync_finished += 1
+            self._finished[(endpoint_id, state.run_id)] = state
+            while len(self._finished) > FINISHED_KEPT:
+                self._finished.popitem(last=False)
+        return state.run_id
 
     async def status(self, endpoint_id: str, run_id: str) -> RunState:
         _check_id(endpoint_id, "endpoint_id")
@@ -337,6 +426,9 @@ class RunPodCompute:
         return self._state(data, run_id, what)
 
     async def wait(self, endpoint_id: str, run_id: str, *, timeout_s: float) -> RunOutcome:
+        finished = self._finished.pop((endpoint_id, run_id), None)
+        if finished is not None:  # the runsync answer brought it: no need to ask again
+            return classify_run(finished)
         deadline = self._clock() + timeout_s
         delay = self.poll.initial_s
         last: RunState | None = None
@@ -363,6 +455,7 @@ class RunPodCompute:
     async def cancel(self, endpoint_id: str, run_id: str) -> RunState:
         _check_id(endpoint_id, "endpoint_id")
         _check_id(run_id, "run_id")
+        self._finished.pop((endpoint_id, run_id), None)
         what = f"POST /{endpoint_id}/cancel/{run_id}"
         data = await self._request("POST", endpoint_id, "cancel", f"/{endpoint_id}/cancel/{run_id}", what)
         return self._state(data, run_id, what)
@@ -403,7 +496,15 @@ class RunPodCompute:
         return pair
 
     async def _request(
-        self, method: str, endpoint_id: str, route: str, path: str, what: str, *, body: bytes | None = None
+        self,
+        method: str,
+        endpoint_id: str,
+        route: str,
+        path: str,
+        what: str,
+        *,
+        body: bytes | None = None,
+        read_timeout: float | None = None,
     ) -> Any:
         limiter = self._limiter(endpoint_id, route)
         headers = {"Content-Type": "application/json"} if body is not None else None
@@ -414,7 +515,22 @@ class RunPodCompute:
             async with limiter[1] if limiter is not None else contextlib.nullcontext():
                 self.requests_sent += 1
                 try:
-                    response = await self._client.request(method, path, content=body, headers=headers)
+                    if read_timeout is None:
+                        response = await self._client.request(method, path, content=body, headers=headers)
+                    else:
+                        timeout = self._client.timeout
+                        response = await self._client.request(
+                            method,
+                            path,
+                            content=body,
+                            headers=headers,
+                            timeout=httpx.Timeout(
+                                connect=timeout.connect,
+                                read=read_timeout,
+                                write=timeout.write,
+                                pool=timeout.pool,
+                            ),
+                        )
                 except httpx.TimeoutException as exc:
                     raise Unavailable(f"{what}: timed out ({type(exc).__name__}){_may_have(route)}") from exc
                 except httpx.HTTPError as exc:
@@ -492,9 +608,10 @@ class RunPodCompute:
             )
             raise BadResponse(f"{what}: the response does not match the contract ({problems})") from None
 
-    def _state(self, data: Any, run_id: str, what: str) -> RunState:
+    def _state(self, data: Any, run_id: str | None, what: str) -> RunState:
+        """A status object; about `run_id` unless None (a runsync answer names a new job)."""
         body = self._parse(_StatusObject, data, what)
-        if body.id != run_id:
+        if run_id is not None and body.id != run_id:
             raise BadResponse(f"{what}: the response is about job {body.id!r}, not {run_id!r}")
         try:
             status = RunStatus(body.status)
@@ -523,4 +640,4 @@ def _check_id(value: str, name: str) -> None:
 
 
 def _may_have(route: str) -> str:
-    return "; the job may have been queued" if route == "run" else ""
+    return "; the job may have been queued" if route in ("run", "runsync") else ""

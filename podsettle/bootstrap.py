@@ -17,9 +17,15 @@ from podsettle.engine import Engine
 from podsettle.logs import configure_logging
 from podsettle.settings import ConfigError, Settings
 
-# httpx's pool scans every connection on each request: a small pool kept busy is cheaper than a
-# large one (measured in bench/peer_bench.py: 8-16 connections beat 64-100 at 32 jobs in flight).
-HTTP_CONNECTIONS = 16
+# Connections per service. The adapters' own HTTP/1.1 transport (adapters/http_transport.py) keeps
+# them alive and costs the same per request however many there are; a runsync holds one for the
+# length of its wait, so there are more than the default 32 jobs in flight.
+HTTP_CONNECTIONS = 64
+# RunPod jobs are submitted through /runsync with this bounded wait: a job that ends inside it comes
+# back in the same round trip (no status polls). Until the answer the run's id is unknown (it cannot
+# be cancelled, and a crashed engine submits it again), so the wait is the contract's minimum, and an
+# endpoint whose jobs mostly outlast it goes back to /run (adapters/runpod.py, SyncPolicy).
+RUNSYNC_WAIT_MS = 1000
 DEFAULT_PAYER = "ag_payer"
 DEFAULT_PAYEE = "ag_worker"
 
@@ -80,7 +86,7 @@ def in_process_engine(
 def engine_from_settings(settings: Settings) -> Engine:
     """The production wiring: Purple Flea escrow and RunPod serverless over HTTP."""
     from podsettle.adapters.purpleflea import PurpleFleaEscrow
-    from podsettle.adapters.runpod import PollPolicy, RunPodCompute
+    from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
 
     configure_logging()
     if settings.pf_api_key is None:
@@ -104,6 +110,7 @@ def engine_from_settings(settings: Settings) -> Engine:
         base_url=settings.runpod_base_url,
         poll=PollPolicy(initial_s=settings.runpod_poll_s, factor=1.5, max_s=max(5.0, settings.runpod_poll_s)),
         max_connections=HTTP_CONNECTIONS,
+        sync=SyncPolicy(wait_ms=RUNSYNC_WAIT_MS),
     )
     engine = Engine(
         Settlements(settings.store),
@@ -138,7 +145,7 @@ def sandbox_engine(
     """The engine over real loopback HTTP to a sandbox served in this process: the same adapters as
     production, a funded payer agent and a worker agent created through the admin routes."""
     from podsettle.adapters.purpleflea import PurpleFleaEscrow
-    from podsettle.adapters.runpod import PollPolicy, RunPodCompute
+    from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
     from podsettle.adapters.sandbox import Sandbox
 
     configure_logging()
@@ -158,7 +165,11 @@ def sandbox_engine(
             rate_limits=SANDBOX_RATE_LIMITS,
         )
         compute = RunPodCompute(
-            "sandbox-key", base_url=sandbox.runpod_url, seed=seed, poll=PollPolicy(initial_s=0.05, factor=1.5)
+            "sandbox-key",
+            base_url=sandbox.runpod_url,
+            seed=seed,
+            poll=PollPolicy(initial_s=0.05, factor=1.5),
+            sync=SyncPolicy(wait_ms=RUNSYNC_WAIT_MS),
         )
     except BaseException:
         sandbox.stop()

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from podsettle.adapters.http_server import BackgroundServer
 from podsettle.adapters.ports import ComputeGateway, NotFound, RateLimited, Rejected, RunStatus, Unavailable
-from podsettle.adapters.runpod import PollPolicy, RunPodCompute
+from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
 from podsettle.adapters.runpod_emulator import (
     EmulatorState,
     EndpointConfig,
@@ -567,6 +567,46 @@ def test_runsync_returns_the_status_object(emulator: BackgroundServer) -> None:
         pending = client.post("/sleep/runsync?wait=1000", json={"input": {"seconds": 5}}).json()
     assert body["status"] == "COMPLETED" and body["output"] == {"q": 1} and body["workerId"]
     assert pending["status"] in ("IN_QUEUE", "IN_PROGRESS")
+
+
+async def test_submit_through_runsync_brings_a_short_job_back_in_one_request(
+    emulator: BackgroundServer,
+) -> None:
+    async with RunPodCompute(
+        KEY, base_url=f"{emulator.url}/v2", poll=FAST_POLL, seed=1, sync=SyncPolicy(wait_ms=2000)
+    ) as compute:
+        before = state_of(emulator).requests["runsync"]
+        run_id = await compute.submit("echo", {"frame": 7}, execution_timeout_ms=60_000)
+        outcome = await compute.wait("echo", run_id, timeout_s=10)
+        assert compute.requests_sent == 1 and compute.runsync_finished == 1
+    assert state_of(emulator).requests["runsync"] == before + 1
+    assert outcome.succeeded and outcome.state.output == {"frame": 7}
+    assert outcome.state.worker_id and outcome.state.execution_ms is not None
+
+
+async def test_a_runsync_that_outlasts_its_wait_is_followed_by_status_polls(
+    emulator: BackgroundServer,
+) -> None:
+    async with RunPodCompute(
+        KEY, base_url=f"{emulator.url}/v2", poll=FAST_POLL, seed=1, sync=SyncPolicy(wait_ms=1000)
+    ) as compute:
+        started = time.monotonic()
+        run_id = await compute.submit("sleep", {"seconds": 1.4})
+        assert 0.9 < time.monotonic() - started < 1.4  # answered at the end of its wait, with the id
+        assert (await compute.status("sleep", run_id)).status is RunStatus.IN_PROGRESS
+        outcome = await compute.wait("sleep", run_id, timeout_s=10)
+        assert compute.runsync_finished == 0 and compute.requests_sent > 2
+    assert outcome.succeeded
+
+
+async def test_a_runsync_job_can_be_cancelled_once_its_id_is_back(emulator: BackgroundServer) -> None:
+    async with RunPodCompute(
+        KEY, base_url=f"{emulator.url}/v2", poll=FAST_POLL, seed=1, sync=SyncPolicy(wait_ms=1000)
+    ) as compute:
+        run_id = await compute.submit("sleep", {"seconds": 30})
+        assert (await compute.cancel("sleep", run_id)).status is RunStatus.CANCELLED
+        outcome = await compute.wait("sleep", run_id, timeout_s=5)
+    assert not outcome.succeeded and outcome.reason == "cancelled"
 
 
 async def test_input_over_10_mb_is_rejected_before_sending(compute: RunPodCompute) -> None:

@@ -29,6 +29,7 @@ from podsettle.adapters.runpod import (
     ClientLimit,
     PollPolicy,
     RunPodCompute,
+    SyncPolicy,
     classify_run,
 )
 
@@ -437,3 +438,147 @@ def test_the_documented_limits_are_the_default() -> None:
     compute = RunPodCompute(KEY)
     assert compute.limits == DEFAULT_CLIENT_LIMITS
     assert compute.limits["run"].per_window < 1000 and compute.limits["status"].per_window < 2000
+
+
+# ------------------------------------------------------------------------------------- runsync
+
+
+def runsync_client(reply: Reply, **options: Any) -> RunPodCompute:
+    return client(reply, sync=SyncPolicy(wait_ms=1500, window=6, min_share=0.5, probe_every=3), **options)
+
+
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        (httpx.Response(200, text="<html>gateway</html>", headers={"content-type": "text/html"}), "not JSON"),
+        (httpx.Response(200, json={"status": "COMPLETED", "output": 1}), r"runsync: .*id: Field required"),
+        (httpx.Response(200, json={"id": RUN_ID}), r"runsync: .*status: Field required"),
+        (httpx.Response(200, json={"id": RUN_ID, "status": "WARMING_UP"}), "unknown job status 'WARMING_UP'"),
+        (
+            httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "executionTime": "x"}),
+            "executionTime",
+        ),
+        (httpx.Response(200, json=["COMPLETED"]), "does not match the contract"),
+    ],
+)
+async def test_a_bad_runsync_answer_is_a_bad_response_naming_the_field(
+    response: httpx.Response, message: str
+) -> None:
+    async with runsync_client(lambda request: response) as compute:
+        with pytest.raises(BadResponse, match=message) as caught:
+            await compute.submit("echo", {"a": 1})
+    assert_no_key(caught.value)
+
+
+async def test_runsync_sends_the_bounded_wait_and_the_whole_body() -> None:
+    seen: list[httpx.Request] = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "output": {"ok": True}})
+
+    async with runsync_client(reply) as compute:
+        run_id = await compute.submit(
+            "echo", {"a": 1}, execution_timeout_ms=60_000, webhook="https://h.test/x"
+        )
+        outcome = await compute.wait("echo", run_id, timeout_s=5)
+    assert run_id == RUN_ID and outcome.succeeded and outcome.state.output == {"ok": True}
+    (request,) = seen  # no status poll: the answer carried the result
+    assert request.url.path == "/v2/echo/runsync" and request.url.params["wait"] == "1500"
+    assert json.loads(request.content) == {
+        "input": {"a": 1},
+        "policy": {"executionTimeout": 60_000},
+        "webhook": "https://h.test/x",
+    }
+    assert request.extensions["timeout"]["read"] >= 31.5  # outlasts the wait
+
+
+async def test_runsync_terminal_failures_are_classified_without_polling() -> None:
+    body = {"id": RUN_ID, "status": "COMPLETED"}  # no output: the worker's upload failed
+    async with runsync_client(json_reply(body)) as compute:
+        outcome = await compute.wait("echo", await compute.submit("echo", {}), timeout_s=5)
+        assert compute.requests_sent == 1
+    assert not outcome.succeeded and outcome.reason == "completed without output"
+
+
+async def test_runsync_still_in_progress_falls_back_to_status_polls() -> None:
+    answers = iter(
+        [
+            {"id": RUN_ID, "status": "IN_PROGRESS"},
+            {"id": RUN_ID, "status": "IN_PROGRESS"},
+            {"id": RUN_ID, "status": "COMPLETED", "output": [1]},
+        ]
+    )
+    paths: list[str] = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return httpx.Response(200, json=next(answers))
+
+    async with runsync_client(reply) as compute:
+        run_id = await compute.submit("echo", {})
+        outcome = await compute.wait("echo", run_id, timeout_s=5)
+    assert outcome.succeeded and outcome.state.output == [1]
+    assert paths == ["/v2/echo/runsync", f"/v2/echo/status/{RUN_ID}", f"/v2/echo/status/{RUN_ID}"]
+
+
+@pytest.mark.parametrize(
+    "exc", [httpx.ReadTimeout("timed out"), httpx.RemoteProtocolError("peer closed connection")]
+)
+async def test_a_runsync_lost_in_transit_may_have_queued_the_job(exc: Exception) -> None:
+    def reply(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    async with runsync_client(reply) as compute:
+        with pytest.raises(Unavailable, match=r"runsync.*the job may have been queued") as caught:
+            await compute.submit("echo", {})
+    assert_no_key(caught.value)
+
+
+async def test_runsync_429_is_retried_like_run() -> None:
+    replies = iter(
+        [
+            httpx.Response(429, json={"error": "slow down"}, headers={"retry-after": "0"}),
+            httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 1}),
+        ]
+    )
+    async with runsync_client(lambda request: next(replies)) as compute:
+        assert await compute.submit("echo", {}) == RUN_ID
+        assert compute.requests_sent == 2
+
+
+async def test_endpoints_whose_jobs_outlast_the_wait_go_back_to_run_and_probe_runsync() -> None:
+    paths: list[str] = []
+    ids = iter(range(1000))
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path.rsplit("/", 1)[-1])
+        return httpx.Response(200, json={"id": f"job-{next(ids)}", "status": "IN_QUEUE"})
+
+    async with runsync_client(reply) as compute:
+        for _ in range(11):
+            await compute.submit("long", {})
+        await compute.submit("short", {})  # another endpoint keeps its own record
+    # 5 runsyncs to learn, then /run with a runsync probe every third submission.
+    assert paths == ["runsync"] * 5 + ["run", "run", "runsync", "run", "run", "runsync"] + ["runsync"]
+
+
+async def test_a_cancel_forgets_a_finished_runsync_answer() -> None:
+    replies = iter(
+        [
+            httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 1}),
+            httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 1}),
+            httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 2}),
+        ]
+    )
+    async with runsync_client(lambda request: next(replies)) as compute:
+        run_id = await compute.submit("echo", {})
+        await compute.cancel("echo", run_id)
+        outcome = await compute.wait("echo", run_id, timeout_s=5)  # asks the service again
+    assert outcome.state.output == 2
+
+
+@pytest.mark.parametrize("wait_ms", [999, 300_001, 1.5, True])
+def test_the_runsync_wait_must_be_within_the_contract(wait_ms: Any) -> None:
+    with pytest.raises(ValueError, match="wait_ms"):
+        SyncPolicy(wait_ms=wait_ms)
