@@ -86,6 +86,7 @@ CREATE TABLE IF NOT EXISTS log_checkpoints (
 );
 """
 TABLES = ("jobs", "tallies", "tracking", "log_checkpoints")
+_SELECT_COLUMNS = f"{', '.join(_ROW_COLUMNS[:24])}, funding_us, {', '.join(_ROW_COLUMNS[24:])}"
 
 
 def log_step(
@@ -150,6 +151,11 @@ def _row_values(row: JobRow) -> tuple[Any, ...]:
         row.version,
         row.position,
     )
+
+
+def row_from_record(record: sqlite3.Row | tuple[Any, ...]) -> JobRow:
+    """A job row from the jobs table's columns (as `ViewStore.iter_records` gives them)."""
+    return _row_from(record)
 
 
 def _row_from(record: sqlite3.Row | tuple[Any, ...]) -> JobRow:
@@ -242,19 +248,38 @@ class ViewStore:
             ).fetchall()
         return [_row_from(record) for record in found]
 
+    def rows_by_id(self, job_ids: Iterable[str]) -> dict[str, JobRow]:
+        """The stored rows of these jobs (those that have one), a few queries for any number."""
+        wanted = list(job_ids)
+        found: dict[str, JobRow] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            with self.lock:
+                records = self.conn.execute(
+                    f"SELECT {_SELECT_COLUMNS} FROM jobs WHERE job_id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            for record in records:
+                found[record[0]] = _row_from(record)
+        return found
+
     def iter_rows(self) -> Iterator[JobRow]:
         """Every row in job id order, a page at a time (constant memory)."""
-        columns = f"{', '.join(_ROW_COLUMNS[:24])}, funding_us, {', '.join(_ROW_COLUMNS[24:])}"
+        for record in self.iter_records():
+            yield _row_from(record)
+
+    def iter_records(self) -> Iterator[tuple[Any, ...]]:
+        """Every row in job id order as the table holds it (`row_from_record` reads one)."""
         after = ""
         while True:
             with self.lock:
                 page = self.conn.execute(
-                    f"SELECT {columns} FROM jobs WHERE job_id > ? ORDER BY job_id LIMIT 1000", (after,)
+                    f"SELECT {_SELECT_COLUMNS} FROM jobs WHERE job_id > ? ORDER BY job_id LIMIT 1000",
+                    (after,),
                 ).fetchall()
             if not page:
                 return
-            for record in page:
-                yield _row_from(record)
+            yield from page
             after = page[-1][0]
 
     def tally(self, view: str, key: str) -> Tally | None:
@@ -366,6 +391,7 @@ class Projector:
         self.cache_size = cache_size
         self._rows: dict[str, JobRow] = {}
         self._pending: dict[str, JobRow] = {}
+        self._deferred: dict[str, JobRow] = {}  # put, their previous row not read yet (see `put`)
         self._touched: dict[int | str, tuple[EscrowJob, int, datetime | None]] = {}
         self._tallies: dict[tuple[str, str], Tally] = {}
         self._dirty: set[tuple[str, str]] = set()
@@ -400,12 +426,20 @@ class Projector:
             self._touched[key] = (job, position, touched[2] or funded_at_after(event, None))
 
     def put(self, job: EscrowJob, position: int, funded_at: datetime | None) -> JobRow:
-        """The job as it is after its event at `position` (for a replay that projects each job once)."""
-        return self._put(self._old(str(job.id)), row_of(job, position, funded_at))
+        """The job as it is after its event at `position` (for a replay that projects each job once).
 
-    def _old(self, job_id: str) -> JobRow | None:
+        When the job's previous row is neither pending nor cached, the new row waits for the next
+        flush, which reads all such previous rows from the store in a few queries."""
+        new = row_of(job, position, funded_at)
+        job_id = new.job_id
+        if job_id in self._deferred:
+            self._deferred[job_id] = new  # its previous row is still the stored one
+            return new
         old = self._pending.get(job_id) or self._rows.get(job_id)
-        return old if old is not None else self.store.row(job_id)
+        if old is None:
+            self._deferred[job_id] = new
+            return new
+        return self._put(old, new)
 
     def _put(self, old: JobRow | None, new: JobRow) -> JobRow:
         job_id = new.job_id
@@ -432,15 +466,31 @@ class Projector:
 
     @property
     def pending(self) -> int:
-        return len(self._pending) + len(self._touched)
+        return len(self._pending) + len(self._touched) + len(self._deferred)
 
     def flush(self) -> None:
-        for job, position, funded_at in self._touched.values():
-            old = self._old(str(job.id))
-            if old is not None and old.funded_at is not None:
-                funded_at = old.funded_at
-            self._put(old, row_of(job, position, funded_at))
-        self._touched.clear()
+        deferred = self._deferred
+        if deferred:
+            stored = self.store.rows_by_id(deferred)
+            for job_id, new in deferred.items():
+                self._put(stored.get(job_id), new)
+            deferred.clear()
+        if self._touched:
+            # Each touched job's previous row: pending, cached, or read from the store (all at once).
+            olds: dict[str, JobRow | None] = {}
+            for job, _, _ in self._touched.values():
+                job_id = str(job.id)
+                olds[job_id] = self._pending.get(job_id) or self._rows.get(job_id)
+            stored = self.store.rows_by_id(job_id for job_id, old in olds.items() if old is None)
+            for (job, position, funded_at), (job_id, old) in zip(
+                self._touched.values(), olds.items(), strict=True
+            ):
+                if old is None:
+                    old = stored.get(job_id)
+                if old is not None and old.funded_at is not None:
+                    funded_at = old.funded_at
+                self._put(old, row_of(job, position, funded_at))
+            self._touched.clear()
         self.store.write(
             self.name,
             self._pending.values(),

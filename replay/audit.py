@@ -31,7 +31,7 @@ from podsettle.domain import TERMINAL, EscrowJob, State
 from podsettle.logs import get_logger
 from podsettle.projections import Checkpoint, JobRow, Projector, ReadModel, ViewStore, is_job_topic
 from podsettle.projections.apply import Applier, applier, event_method
-from podsettle.projections.views import VIEWS
+from podsettle.projections.views import VIEWS, row_from_record
 from podsettle.replay.source import (
     DEFAULT_PAGE_SIZE,
     Decoder,
@@ -739,18 +739,24 @@ def _compare_views(auditor: Auditor, live: ReadModel, scratch: ViewStore, projec
                     f"{view} {key!r}: read model {kept and kept.to_json()}, "
                     f"rebuild {rebuilt and rebuilt.to_json()}",
                 )
-    rebuilt_rows, live_rows = scratch.iter_rows(), live.views.iter_rows()
-    mine_row, their_row = next(rebuilt_rows, None), next(live_rows, None)
-    while mine_row is not None or their_row is not None:
-        if their_row is None or (mine_row is not None and mine_row.job_id < their_row.job_id):
-            assert mine_row is not None
-            job_id, detail = mine_row.job_id, "missing from the read model"
-            mine_row = next(rebuilt_rows, None)
-        elif mine_row is None or their_row.job_id < mine_row.job_id:
-            job_id, detail = their_row.job_id, "in the read model but not in the log"
-            their_row = next(live_rows, None)
+    # Rows are compared as stored (the same text is the same row); rows whose text differs are read
+    # and compared field by field (amounts as Decimals, times as datetimes), as the finding names them.
+    rebuilt_rows, live_rows = scratch.iter_records(), live.views.iter_records()
+    rebuilt_rec, kept_rec = next(rebuilt_rows, None), next(live_rows, None)
+    while rebuilt_rec is not None or kept_rec is not None:
+        if kept_rec is None or (rebuilt_rec is not None and rebuilt_rec[0] < kept_rec[0]):
+            assert rebuilt_rec is not None
+            job_id, detail = rebuilt_rec[0], "missing from the read model"
+            rebuilt_rec = next(rebuilt_rows, None)
+        elif rebuilt_rec is None or kept_rec[0] < rebuilt_rec[0]:
+            job_id, detail = kept_rec[0], "in the read model but not in the log"
+            kept_rec = next(live_rows, None)
         else:
-            job_id = mine_row.job_id
+            job_id = rebuilt_rec[0]
+            if rebuilt_rec == kept_rec:
+                rebuilt_rec, kept_rec = next(rebuilt_rows, None), next(live_rows, None)
+                continue
+            mine_row, their_row = row_from_record(rebuilt_rec), row_from_record(kept_rec)
             changed = [
                 name for name in mine_row.__slots__ if getattr(mine_row, name) != getattr(their_row, name)
             ]
@@ -758,7 +764,7 @@ def _compare_views(auditor: Auditor, live: ReadModel, scratch: ViewStore, projec
                 f"{name}: read model {getattr(their_row, name)!s}, rebuild {getattr(mine_row, name)!s}"
                 for name in changed
             )
-            mine_row, their_row = next(rebuilt_rows, None), next(live_rows, None)
+            rebuilt_rec, kept_rec = next(rebuilt_rows, None), next(live_rows, None)
             if not changed:
                 continue
         auditor.find("projection", "job row differs from a rebuild", detail, job_id=job_id)

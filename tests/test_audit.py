@@ -216,3 +216,25 @@ async def test_the_audit_passes_on_logs_of_the_engine_fault_simulation(seed: int
     assert reconciled.ok, reconciled.render()
     escrows = sum((job.escrow_id is not None) + (job.bonus_escrow_id is not None) for job in result.jobs)
     assert reconciled.escrows_checked == escrows
+
+
+def test_a_read_model_row_edited_or_removed_is_found_and_the_same_values_in_other_text_are_not(
+    tmp_path: Path,
+) -> None:
+    app = Settlements("memory")
+    history(app, 12, seed=5)
+    path = tmp_path / "views.db"
+    model = ReadModel(app, str(path))
+    model.catch_up()
+    assert audit(app, read_model=model).ok
+    with sqlite3.connect(path) as conn:
+        edited, removed, respelled = (r[0] for r in conn.execute("SELECT job_id FROM jobs LIMIT 3"))
+        conn.execute("UPDATE jobs SET escrow_id = 'esc_forged' WHERE job_id = ?", (edited,))
+        conn.execute("DELETE FROM jobs WHERE job_id = ?", (removed,))
+        # the same amount written differently (and the derived funding time): still the same row
+        conn.execute(
+            "UPDATE jobs SET budget = budget || '000', funding_us = -1 WHERE job_id = ?", (respelled,)
+        )
+    report = audit(app, read_model=model)
+    rows = {(f.job_id, f.detail.split(":")[0]) for f in report.findings if f.rule.startswith("job row")}
+    assert rows == {(edited, "escrow_id"), (removed, "missing from the read model")}, report.render()
