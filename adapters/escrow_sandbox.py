@@ -152,8 +152,14 @@ class JSONOut(Response):
         return dumps(content)
 
 
-def _body(content: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None) -> JSONOut:
-    return JSONOut({**content, "_info": INFO}, status_code=status_code, headers=headers)
+_INFO_TAIL = ',"_info":' + _encode(INFO) + "}"
+
+
+def _body(content: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON object answer with the service's `_info` last (written once, not per response)."""
+    text = _encode({k: v for k, v in content.items() if k != "_info"} if "_info" in content else content)
+    body = (text[:-1] + _INFO_TAIL) if text != "{}" else "{" + _INFO_TAIL[1:]
+    return Response(body.encode(), status_code=status_code, headers=headers, media_type="application/json")
 
 
 class ApiError(Exception):
@@ -164,7 +170,7 @@ class ApiError(Exception):
         self.extra = extra
         super().__init__(f"{http_status} {error}: {message}")
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONOut:
+    def response(self, headers: dict[str, str] | None = None) -> Response:
         content: dict[str, Any] = {"error": self.error}
         if self.message is not None:
             content["message"] = self.message
@@ -280,6 +286,9 @@ class EscrowSandbox:
         self.ledger = Ledger(ledger_path, clock=self.now)
         self.faults: dict[str, deque[Fault]] = {}
         self._windows = SlidingWindow()
+        # Agents by key hash, filled on first use: an agent and its key never change once created,
+        # so a request need not open a transaction only to learn who is calling.
+        self._agents_by_key: dict[str, str] = {}
         with self.ledger.transaction() as tx:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -311,12 +320,11 @@ class EscrowSandbox:
         return self.now()
 
     def _next_id(self, tx: LedgerTx, kind: str, prefix: str, hex_chars: int) -> str:
-        tx.execute(
+        n = tx.execute(
             "INSERT INTO sandbox_counters (name, value) VALUES (?, 1) "
-            "ON CONFLICT (name) DO UPDATE SET value = value + 1",
+            "ON CONFLICT (name) DO UPDATE SET value = value + 1 RETURNING value",
             (kind,),
-        )
-        n = tx.execute("SELECT value FROM sandbox_counters WHERE name = ?", (kind,)).fetchone()[0]
+        ).fetchone()[0]
         return prefix + hashlib.sha256(f"{self.seed}:{kind}:{n}".encode()).hexdigest()[:hex_chars]
 
     def admit(self, route: str, ip: str) -> None:
@@ -362,11 +370,16 @@ class EscrowSandbox:
         return agent_id, api_key
 
     def agent_for_key(self, api_key: str) -> str | None:
+        key_hash = _hash_key(api_key)
+        known = self._agents_by_key.get(key_hash)
+        if known is not None:
+            return known
         with self.ledger.transaction() as tx:
-            row = tx.execute(
-                "SELECT agent_id FROM sandbox_agents WHERE key_hash = ?", (_hash_key(api_key),)
-            ).fetchone()
-        return None if row is None else str(row[0])
+            row = tx.execute("SELECT agent_id FROM sandbox_agents WHERE key_hash = ?", (key_hash,)).fetchone()
+        if row is None:
+            return None
+        self._agents_by_key[key_hash] = agent_id = str(row[0])
+        return agent_id
 
     def claim_faucet(self, agent_id: Any, ip: str) -> dict[str, Any]:
         if not isinstance(agent_id, str) or not agent_id.startswith("ag_"):
@@ -449,25 +462,27 @@ class EscrowSandbox:
             now = tx.now
             auto_release_at = now + timedelta(hours=timeout_hours)
             tx.hold(key=f"sandbox:create:{escrow_id}", payer=creator, amount=amount, hold_id=escrow_id)
+            row = {
+                "escrow_id": escrow_id,
+                "dialect": dialect,
+                "creator_id": creator,
+                "counterparty_id": counterparty,
+                "amount": _micro(amount),
+                "commission": _micro(fee),
+                "description": description,
+                "status": "funded",
+                "timeout_hours": timeout_hours,
+                "referrer": referrer,
+                "metadata": json.dumps(metadata if isinstance(metadata, dict) else {}, default=str),
+                "created_at": now.isoformat(),
+                "auto_release_at": auto_release_at.isoformat(),
+                "completed_at": None,
+                "released_at": None,
+                "disputed_at": None,
+            }
             tx.execute(
-                "INSERT INTO sandbox_escrows (escrow_id, dialect, creator_id, counterparty_id, amount,"
-                " commission, description, status, timeout_hours, referrer, metadata, created_at,"
-                " auto_release_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'funded', ?, ?, ?, ?, ?)",
-                (
-                    escrow_id,
-                    dialect,
-                    creator,
-                    counterparty,
-                    _micro(amount),
-                    _micro(fee),
-                    description,
-                    timeout_hours,
-                    referrer,
-                    json.dumps(metadata if isinstance(metadata, dict) else {}, default=str),
-                    now.isoformat(),
-                    auto_release_at.isoformat(),
-                ),
+                f"INSERT INTO sandbox_escrows ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                tuple(row.values()),
             )
             self._event(
                 tx,
@@ -476,7 +491,6 @@ class EscrowSandbox:
                 creator,
                 f'Escrow created: ${amount.normalize():f} for "{description}"',
             )
-            row = self._row(tx, escrow_id)
         log.debug("sandbox.escrow_created", escrow_id=escrow_id, amount=fmt(amount), dialect=dialect)
         return row
 
@@ -754,6 +768,9 @@ class EscrowSandbox:
 # ---------------------------------------------------------------------------------------- HTTP
 
 
+_DECODER = json.JSONDecoder(parse_float=Decimal)  # json.loads(raw, parse_float=...) makes one per call
+
+
 async def _json(request: Request, *, optional: bool = False) -> dict[str, Any]:
     raw = await request.body()
     if not raw.strip():
@@ -761,7 +778,7 @@ async def _json(request: Request, *, optional: bool = False) -> dict[str, Any]:
             return {}
         raise ApiError(400, "invalid_request", "request body must be a JSON object")
     try:
-        data = json.loads(raw, parse_float=Decimal)
+        data = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
     if not isinstance(data, dict):

@@ -30,6 +30,7 @@ class BackgroundServer:
             lifespan="off",
             timeout_keep_alive=30,
             backlog=2048,
+            proxy_headers=False,  # loopback only: no proxy in front to trust
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"http-{self.port}", daemon=True)
