@@ -13,7 +13,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from eventsourcing.domain import CanMutateAggregate, DecoratedFuncCaller, decorated_funcs
+from eventsourcing.domain import CanInitAggregate, CanMutateAggregate, DecoratedFuncCaller, decorated_funcs
+from eventsourcing.utils import resolve_topic
 
 Applier = Callable[[Any, Any], None]
 
@@ -46,3 +47,47 @@ def applier(cls: type) -> Applier | None:
         aggregate.modified_on = event.timestamp
 
     return apply
+
+
+Creator = Callable[[Any], Any]
+_creators: dict[type, tuple[frozenset[str], frozenset[str]] | None] = {}
+
+
+def creator(cls: type) -> Creator | None:
+    """`event.mutate(None)` for created events of `cls` (they construct the aggregate), with the
+    parameter names of the aggregate's `__base_init__` and `__init__` looked up once per aggregate
+    class; None when `cls` must go through its own `mutate`. Like the library: the aggregate class
+    is the event's `originator_topic`, both initialisers get the event's fields that they name, and
+    the event's (empty) `apply` is skipped."""
+    if not isinstance(cls, type) or not issubclass(cls, CanInitAggregate):
+        return None
+    mutates = [k for k in cls.__mro__ if "mutate" in vars(k)]
+    applies = [k for k in cls.__mro__ if "apply" in vars(k)]
+    if mutates[:1] != [CanInitAggregate] or applies != [CanMutateAggregate]:
+        return None
+
+    def create(event: Any) -> Any:
+        fields = event.__dict__
+        aggregate_class = resolve_topic(event.originator_topic)
+        names = _creators.get(aggregate_class, _UNKNOWN)
+        if names is _UNKNOWN:
+            names = _creators[aggregate_class] = _initialiser_names(aggregate_class)
+        if names is None:
+            return event.mutate(None)
+        base_names, init_names = names
+        aggregate = aggregate_class.__new__(aggregate_class)
+        aggregate.__base_init__(**{name: value for name, value in fields.items() if name in base_names})
+        aggregate.__init__(**{name: value for name, value in fields.items() if name in init_names})
+        return aggregate
+
+    return create
+
+
+_UNKNOWN: Any = object()
+
+
+def _initialiser_names(aggregate_class: Any) -> tuple[frozenset[str], frozenset[str]] | None:
+    init_names = frozenset(inspect.signature(aggregate_class.__init__).parameters)
+    if "id" in init_names:  # the library passes the id to such an __init__: left to its mutate
+        return None
+    return frozenset(inspect.signature(aggregate_class.__base_init__).parameters), init_names

@@ -20,7 +20,7 @@ from eventsourcing.utils import resolve_topic
 
 from podsettle.domain import EscrowJob, State, fmt
 from podsettle.domain.money import QUANTUM
-from podsettle.projections.apply import Applier, applier
+from podsettle.projections.apply import Applier, Creator, applier, creator
 from podsettle.projections.rows import JobRow, Tally
 from podsettle.projections.views import CHECKPOINT_EVERY, Checkpoint, Projector, Tracking, ViewStore
 
@@ -177,6 +177,7 @@ class ReadModel:
         self.projector = self._projector()
         self._jobs: dict[int | str, EscrowJob] = {}
         self._appliers: dict[type, Applier | None] = {}
+        self._creators: dict[type, Creator | None] = {}
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ updating
@@ -221,7 +222,13 @@ class ReadModel:
                     apply = appliers[kind]
                 except KeyError:
                     apply = appliers[kind] = applier(kind)
-                if apply is not None and before is not None and before.version + 1 == version:
+                if before is None:
+                    try:
+                        create = self._creators[kind]
+                    except KeyError:
+                        create = self._creators[kind] = creator(kind)
+                    job = event.mutate(None) if create is None else create(event)
+                elif apply is not None and before.version + 1 == version:
                     apply(before, event)  # the job is the event's (found by its id), at the version before
                     job = before
                 else:

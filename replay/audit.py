@@ -30,7 +30,7 @@ from eventsourcing.persistence import JSONTranscoder
 from podsettle.domain import TERMINAL, EscrowJob, State
 from podsettle.logs import get_logger
 from podsettle.projections import Checkpoint, JobRow, Projector, ReadModel, ViewStore, is_job_topic
-from podsettle.projections.apply import Applier, applier, event_method
+from podsettle.projections.apply import Applier, Creator, applier, creator, event_method
 from podsettle.projections.views import VIEWS, row_from_record
 from podsettle.replay.source import (
     DEFAULT_PAGE_SIZE,
@@ -258,6 +258,7 @@ class Auditor:
         self._job_topics: dict[str, bool] = {}
         self._appliers: dict[type, Applier | None] = {}
         self._fasts: dict[str, _Fast | None] = {}
+        self._creators: dict[type, Creator | None] = {}
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------ findings
@@ -305,13 +306,25 @@ class Auditor:
         apply = self._apply
         fasts = self._fasts
         decode_fields = self.decoder.fields
+        genesis = seals.genesis
+        recent = self.recent
         for position, originator_id, version, topic, state in page:
             stream = open_get(originator_id)
-            if stream is None or stream.version + 1 != version or position != self.last_position + 1:
+            if position != self.last_position + 1 or report.first_position is None:
                 slow(position, originator_id, version, topic, state)
                 continue
+            if stream is None:  # a job's first event (a job met again goes through `record`)
+                if version != 1 or originator_id in recent:
+                    slow(position, originator_id, version, topic, state)
+                    continue
+                expected: str | None = genesis
+            elif stream.version + 1 != version:
+                slow(position, originator_id, version, topic, state)
+                continue
+            else:
+                expected = stream.seal
             unsealed = unseal(originator_id, version, topic, state)
-            if unsealed is None or not unsealed[2] or unsealed[0] != stream.seal:
+            if unsealed is None or not unsealed[2] or unsealed[0] != expected:
                 slow(position, originator_id, version, topic, state)
                 continue
             # What `record` does for such a record, in the same order.
@@ -323,6 +336,9 @@ class Auditor:
                 checkpoint = checkpoints.get(position)
                 if checkpoint is not None:
                     self._compare_checkpoint(checkpoint, projector)
+            if stream is None:
+                stream = self.open[originator_id] = _Stream(UUID(originator_id), position)
+                self._bound_open()
             stream.version = version
             stream.seal = unsealed[1]
             stream.position = position
@@ -526,7 +542,12 @@ class Auditor:
                         version=version,
                     )
                 return
-            job = event.mutate(None)
+            kind = type(event)
+            try:
+                create = self._creators[kind]
+            except KeyError:
+                create = self._creators[kind] = creator(kind)
+            job = event.mutate(None) if create is None else create(event)
             stream.job = job
             if not quiet:
                 self.report.jobs += 1
