@@ -26,6 +26,7 @@ the next read of the job (every command reads the job before it writes) replaces
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from hashlib import sha256
 from typing import Any, cast
@@ -145,7 +146,8 @@ class SealCache:
 
     def __init__(self, maxsize: int = DEFAULT_CACHE_SIZE) -> None:
         self.maxsize = maxsize
-        self._seals: dict[int | str, tuple[int, str]] = {}
+        # Least recently seen first (an OrderedDict drops its oldest in O(1); a dict scans its holes).
+        self._seals: OrderedDict[int | str, tuple[int, str]] = OrderedDict()
 
     def get(self, originator_id: UUID | str, version: int) -> str | None:
         found = self._seals.get(originator_id.int if isinstance(originator_id, UUID) else originator_id)
@@ -156,10 +158,13 @@ class SealCache:
     def put(self, originator_id: UUID | str, version: int, seal: str) -> None:
         seals = self._seals
         key = originator_id.int if isinstance(originator_id, UUID) else originator_id
-        seals.pop(key, None)
-        seals[key] = (version, seal)
-        if len(seals) > self.maxsize:
-            del seals[next(iter(seals))]
+        if key in seals:
+            seals[key] = (version, seal)
+            seals.move_to_end(key)
+        else:
+            seals[key] = (version, seal)
+            if len(seals) > self.maxsize:
+                seals.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._seals)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
@@ -175,7 +176,7 @@ class ReadModel:
         self.checkpoint_every = checkpoint_every
         self.views = ViewStore(path)
         self.projector = self._projector()
-        self._jobs: dict[int | str, EscrowJob] = {}
+        self._jobs: OrderedDict[int | str, EscrowJob] = OrderedDict()
         self._appliers: dict[type, Applier | None] = {}
         self._creators: dict[type, Creator | None] = {}
         self._lock = threading.RLock()
@@ -264,10 +265,13 @@ class ReadModel:
         jobs = self._jobs
         job_id = job.id
         key = job_id.int if isinstance(job_id, UUID) else job_id
-        jobs.pop(key, None)
-        jobs[key] = job
-        if len(jobs) > self.cache_size:
-            del jobs[next(iter(jobs))]
+        if key in jobs:
+            jobs[key] = job
+            jobs.move_to_end(key)
+        else:
+            jobs[key] = job
+            if len(jobs) > self.cache_size:
+                jobs.popitem(last=False)  # O(1) in an OrderedDict (a dict would scan its holes)
 
     def rebuild(self) -> int:
         """Drop every view and build it again from the whole log; returns the events read."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -389,7 +390,7 @@ class Projector:
         self.checkpoint_every = checkpoint_every
         self.name = name
         self.cache_size = cache_size
-        self._rows: dict[str, JobRow] = {}
+        self._rows: OrderedDict[str, JobRow] = OrderedDict()
         self._pending: dict[str, JobRow] = {}
         self._deferred: dict[str, JobRow] = {}  # put, their previous row not read yet (see `put`)
         self._touched: dict[int | str, tuple[EscrowJob, int, datetime | None]] = {}
@@ -449,10 +450,13 @@ class Projector:
         for key in _keys(new):
             self._tally(key).add(new, 1)
         rows = self._rows
-        rows.pop(job_id, None)
-        rows[job_id] = new
-        if len(rows) > self.cache_size:
-            del rows[next(iter(rows))]
+        if job_id in rows:
+            rows[job_id] = new
+            rows.move_to_end(job_id)
+        else:
+            rows[job_id] = new
+            if len(rows) > self.cache_size:
+                rows.popitem(last=False)  # O(1) in an OrderedDict (a dict would scan its holes)
         self._pending[job_id] = new
         return new
 

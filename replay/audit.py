@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -252,7 +253,8 @@ class Auditor:
         self.current = 0  # the position of the record being read
         self.line: int | None = None
         self.open: dict[str, _Stream] = {}
-        self.recent: dict[str, _Stream] = {}
+        # Oldest first; an OrderedDict lets the oldest go in O(1) (a dict would scan its deleted slots).
+        self.recent: OrderedDict[str, _Stream] = OrderedDict()
         # Jobs let go of while still open: what their quiescent check would say if nothing follows.
         self.evicted: dict[str, tuple[int, list[str]]] = {}
         self._job_topics: dict[str, bool] = {}
@@ -589,7 +591,7 @@ class Auditor:
         recent = self.recent
         recent[originator_id] = stream
         if len(recent) > self.recent_size:
-            self._project(recent.pop(next(iter(recent))))
+            self._project(recent.popitem(last=False)[1])
 
     def _check(
         self, stream: _Stream, originator_id: str, position: int | None, *, quiescent: bool = False
