@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import httpx
 
-__all__ = ["Http11Transport", "transport_for"]
+__all__ = ["DirectClient", "Http11Transport", "http_client", "transport_for"]
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -52,6 +52,83 @@ def transport_for(
     if (proxies.get(parsed.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(parsed.host):
         return None
     return Http11Transport(max_connections=max_connections, keepalive_expiry=keepalive_expiry)
+
+
+def http_client(
+    base_url: str,
+    *,
+    headers: dict[str, str],
+    timeout: httpx.Timeout,
+    max_connections: int,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> DirectClient | httpx.AsyncClient:
+    """The adapters' client: requests go straight to `transport` (given, or this module's); when the
+    environment names a proxy for `base_url`, an `httpx.AsyncClient` with httpx's own transport."""
+    chosen = transport or transport_for(base_url, max_connections=max_connections)
+    if chosen is None:
+        return httpx.AsyncClient(
+            base_url=base_url,
+            headers=headers,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+    return DirectClient(base_url, chosen, headers=headers, timeout=timeout)
+
+
+class DirectClient:
+    """The part of `httpx.AsyncClient` the adapters use, without its per-request machinery (cookie
+    jar, redirects, auth flows, event hooks): about half the client's CPU per request. JSON APIs
+    with bearer keys need none of it; responses are read whole, and errors are the transport's
+    httpx exceptions, unchanged."""
+
+    DEFAULT_HEADERS = {
+        "Accept": "*/*",
+        "Accept-Encoding": "gzip, deflate",
+        "Connection": "keep-alive",
+        "User-Agent": f"python-httpx/{httpx.__version__}",
+    }
+
+    def __init__(
+        self,
+        base_url: str,
+        transport: httpx.AsyncBaseTransport,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: httpx.Timeout,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.transport = transport
+        self._headers = {**self.DEFAULT_HEADERS, **(headers or {})}
+        self._timeouts = timeout.as_dict()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,  # noqa: ASYNC109 (httpx.AsyncClient.request's name)
+    ) -> httpx.Response:
+        """`path` is relative to the base URL (it starts with '/', it may carry a query)."""
+        request = httpx.Request(
+            method,
+            self.base_url + path,
+            headers={**self._headers, **headers} if headers else self._headers,
+            content=content,
+            extensions={"timeout": self._timeouts if timeout is None else timeout.as_dict()},
+        )
+        response = await self.transport.handle_async_request(request)
+        response.request = request
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
 
 
 def _ssl_context() -> ssl.SSLContext:

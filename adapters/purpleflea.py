@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal, NoReturn, TypeVar
 import httpx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-from podsettle.adapters.http_transport import transport_for
+from podsettle.adapters.http_transport import http_client
 from podsettle.adapters.limits import RateLimiter
 from podsettle.adapters.ports import (
     AmountMismatch,
@@ -233,12 +233,12 @@ class PurpleFleaEscrow:
         limits = {**DEFAULT_RATE_LIMITS, **(rate_limits or {})}
         self._limiters = {route: RateLimiter(n, rate_limit_period_s) for route, n in limits.items()}
         self._seed_amounts: dict[str, Money] = {}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        self._client = http_client(
+            self.base_url,
             headers={"Accept": "application/json", "User-Agent": "podsettle"},
-            transport=transport or transport_for(self.base_url, max_connections=max_connections),
+            timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
+            max_connections=max_connections,
+            transport=transport,
         )
 
     def __repr__(self) -> str:

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from podsettle.adapters.http_transport import transport_for
+from podsettle.adapters.http_transport import http_client
 from podsettle.adapters.limits import RateLimiter
 from podsettle.adapters.ports import (
     BadResponse,
@@ -306,12 +306,12 @@ class RunPodCompute:
         self._clock = clock
         self._rng = random.Random(seed)
         self._limiters: dict[tuple[str, str], tuple[RateLimiter, asyncio.Semaphore]] = {}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
+        self._client = http_client(
+            self.base_url,
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
             timeout=timeout or httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport or transport_for(self.base_url, max_connections=max_connections),
+            max_connections=max_connections,
+            transport=transport,
         )
 
     @classmethod

@@ -352,7 +352,7 @@ def test_adapters_use_it_unless_given_a_transport() -> None:
     from podsettle.adapters.runpod import RunPodCompute
 
     def transport_of(client: Any) -> Any:
-        return client._client._transport
+        return client._client.transport
 
     assert isinstance(transport_of(RunPodCompute("k", base_url="http://127.0.0.1:1/v2")), Http11Transport)
     assert isinstance(transport_of(PurpleFleaEscrow("http://127.0.0.1:1", payer_key="k")), Http11Transport)
