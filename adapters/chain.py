@@ -130,10 +130,8 @@ class SealFormat:
     def plaintext(self, state: bytes) -> bytes:
         return state
 
-    def unseal(
-        self, originator_id: UUID | str, version: int, topic: str, state: bytes
-    ) -> tuple[str, str, bool] | None:
-        return unseal(originator_id, version, topic, state)
+    # (prev, seal, whether it matches) of a state: the module's `unseal` itself, without a call more
+    unseal = staticmethod(unseal)
 
 
 SEALS = SealFormat()
@@ -285,11 +283,8 @@ class ChainMapper(Mapper[UUID]):
 
     genesis = GENESIS
 
-    def unseal(
-        self, originator_id: UUID | str, version: int, topic: str, state: bytes
-    ) -> tuple[str, str, bool] | None:
-        """As `SealFormat.unseal`, for a plaintext state (see `plaintext`)."""
-        return unseal(originator_id, version, topic, state)
+    # As `SealFormat.unseal`, for a plaintext state (see `plaintext`).
+    unseal = staticmethod(unseal)
 
     # ------------------------------------------------------------------ helpers
 

@@ -310,29 +310,41 @@ class Auditor:
         decode_fields = self.decoder.fields
         genesis = seals.genesis
         recent = self.recent
+        # The report's counters and the last position are kept here for the page and written back
+        # before anything else reads them (`record`, and when the page ends).
+        last = self.last_position
+        counted = 0
+        current: int | None = None  # the position of the last record, when it took this loop
         for position, originator_id, version, topic, state in page:
             stream = open_get(originator_id)
-            if position != self.last_position + 1 or report.first_position is None:
+            if position != last + 1 or report.first_position is None:
+                self.last_position = last
                 slow(position, originator_id, version, topic, state)
+                last, current = self.last_position, None
                 continue
             if stream is None:  # a job's first event (a job met again goes through `record`)
                 if version != 1 or originator_id in recent:
+                    self.last_position = last
                     slow(position, originator_id, version, topic, state)
+                    last, current = self.last_position, None
                     continue
                 expected: str | None = genesis
             elif stream.version + 1 != version:
+                self.last_position = last
                 slow(position, originator_id, version, topic, state)
+                last, current = self.last_position, None
                 continue
             else:
                 expected = stream.seal
             unsealed = unseal(originator_id, version, topic, state)
             if unsealed is None or not unsealed[2] or unsealed[0] != expected:
+                self.last_position = last
                 slow(position, originator_id, version, topic, state)
+                last, current = self.last_position, None
                 continue
             # What `record` does for such a record, in the same order.
-            report.events += 1
-            self.current = position
-            self.last_position = report.last_position = position
+            counted += 1
+            last = current = position
             if projector is not None:
                 projector.observe(position, originator_id, version, topic, state)
                 checkpoint = checkpoints.get(position)
@@ -379,6 +391,10 @@ class Auditor:
                 self._check(stream, originator_id, position)
             if job.state == State.ATTENTION or (job.state in TERMINAL and job.intent is None):
                 self._rest(originator_id, stream)
+        report.events += counted
+        self.last_position = report.last_position = last
+        if current is not None:
+            self.current = current
 
     def record(self, position: int, originator_id: str, version: int, topic: str, state: bytes) -> None:
         report = self.report
