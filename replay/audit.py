@@ -15,6 +15,7 @@ its own history (`history`); a finished job is projected into the scratch views 
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 import time
 from collections import OrderedDict
@@ -170,6 +171,7 @@ class AuditReport:
 
 
 _EVENT_KEYS = frozenset({"originator_id", "originator_version", "timestamp", "class_version"})
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 class _Fast:
@@ -177,11 +179,13 @@ class _Fast:
     fields are exactly the parameters of its `@event` method (plus the timestamp), the method is
     called with them, as `mutate` would call it, and no event object is built."""
 
-    __slots__ = ("check_after", "func", "funded", "params")
+    __slots__ = ("check_after", "count", "func", "funded")
 
     def __init__(self, cls: type, func: Callable[..., None], names: frozenset[str]) -> None:
         self.func = func
-        self.params = names - {"self"}
+        # Every parameter is required (see `_fast`): fields as many as the parameters and all named
+        # by them are exactly them, and any other fields make both this call and `mutate` fail.
+        self.count = len(names - {"self"})
         self.check_after = cls in _CHECK_AFTER
         self.funded = cls is EscrowJob.Funded
 
@@ -196,6 +200,9 @@ def _fast(decoder: Decoder, topic: str) -> _Fast | None:
     found = event_method(cls)
     if found is None or found[1] & _EVENT_KEYS:
         return None
+    parameters = list(inspect.signature(found[0]).parameters.values())
+    if any(p.default is not p.empty or p.kind not in _NAMED for p in parameters[1:]):
+        return None  # a default, *args or **kwargs: left to the general way
     return _Fast(cls, *found)
 
 
@@ -376,7 +383,7 @@ class Auditor:
             except Exception:
                 apply(stream, topic, version, state, position, originator_id)  # reports what is wrong
                 continue
-            if fields.keys() != fast.params:
+            if len(fields) != fast.count:
                 apply(stream, topic, version, state, position, originator_id)  # the general way
                 continue
             # `_apply` for this event, with the fields as `mutate` would pass them.
