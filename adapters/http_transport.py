@@ -34,6 +34,7 @@ __all__ = ["DirectClient", "Http11Transport", "http_client", "transport_for"]
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
+URLS_KEPT = 256
 _FORBIDDEN_IN_HEADERS = (b"\r", b"\n", b"\0")
 
 Origin = tuple[str, str, int]
@@ -101,6 +102,9 @@ class DirectClient:
         self.transport = transport
         self._headers = {**self.DEFAULT_HEADERS, **(headers or {})}
         self._timeouts = timeout.as_dict()
+        # Parsed URLs by path: parsing is a good part of a request's cost, and most paths repeat
+        # (create, release, runsync); a URL is immutable, so sharing one is safe.
+        self._urls: dict[str, httpx.URL] = {}
 
     async def request(
         self,
@@ -112,9 +116,15 @@ class DirectClient:
         timeout: httpx.Timeout | None = None,  # noqa: ASYNC109 (httpx.AsyncClient.request's name)
     ) -> httpx.Response:
         """`path` is relative to the base URL (it starts with '/', it may carry a query)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = httpx.URL(self.base_url + path)
+            if len(self._urls) >= URLS_KEPT:
+                self._urls.clear()
+            self._urls[path] = url
         request = httpx.Request(
             method,
-            self.base_url + path,
+            url,
             headers={**self._headers, **headers} if headers else self._headers,
             content=content,
             extensions={"timeout": self._timeouts if timeout is None else timeout.as_dict()},
@@ -536,13 +546,22 @@ class Http11Transport(httpx.AsyncBaseTransport):
             body = request.content
         except httpx.RequestNotRead:
             body = await request.aread()
+        raw = request.headers.raw
+        # One look at all names and values together (a line break in any would inject headers).
+        names = b"\t".join(name for name, _ in raw)
+        values = b"\t".join(value for _, value in raw)
+        if any(bad in names or bad in values for bad in _FORBIDDEN_IN_HEADERS) or b":" in names:
+            bad_name = next(
+                name
+                for name, value in raw
+                if b":" in name or any(bad in name or bad in value for bad in _FORBIDDEN_IN_HEADERS)
+            )
+            raise httpx.LocalProtocolError(f"header {bad_name[:40]!r} has a forbidden character")
+        chunked = b"transfer-encoding" in names.lower() and any(
+            name.lower() == b"transfer-encoding" and b"chunked" in value.lower() for name, value in raw
+        )
         lines = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
-        chunked = False
-        for name, value in request.headers.raw:
-            if any(bad in name or bad in value for bad in _FORBIDDEN_IN_HEADERS) or b":" in name:
-                raise httpx.LocalProtocolError(f"header {name[:40]!r} has a forbidden character")
-            if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
-                chunked = True
+        for name, value in raw:
             lines += (name, b": ", value, b"\r\n")
         lines.append(b"\r\n")
         if chunked:

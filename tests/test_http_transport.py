@@ -358,3 +358,15 @@ def test_adapters_use_it_unless_given_a_transport() -> None:
     assert isinstance(transport_of(PurpleFleaEscrow("http://127.0.0.1:1", payer_key="k")), Http11Transport)
     mock = httpx.MockTransport(lambda request: httpx.Response(200))
     assert transport_of(RunPodCompute("k", transport=mock)) is mock
+
+
+def test_a_transport_used_from_a_second_event_loop_opens_new_connections(server: BackgroundServer) -> None:
+    transport = Http11Transport()
+    client = httpx.AsyncClient(transport=transport, base_url=server.url)
+
+    async def get() -> int:
+        return (await client.get("/echo")).status_code
+
+    assert asyncio.run(get()) == 200
+    assert asyncio.run(get()) == 200  # the first loop's idle connection is gone with its loop
+    assert transport.connections_opened == 2
