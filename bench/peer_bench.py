@@ -17,7 +17,8 @@ same blocking `/runsync` request through the SDK's own client and returns the wh
 blocking, it serialises the batch, exactly as the page's code does.
 
 podsettle is the production wiring (`Engine.from_env` with settings pointing at the sandbox), with a
-SQLite file as its event log. Printed: both times, the speed-up (aim: at least 10x), the latency bound
+SQLite file as its event log: it submits through `/runsync` with a bounded wait (a 50 ms job comes
+back in the same round trip), over the adapters' own keep-alive HTTP/1.1 transport. Printed: both times, the speed-up (aim: at least 10x), the latency bound
 (job time x the waves the concurrency allows: ceil(jobs / min(workers, concurrency))) and podsettle
 against it (aim: within 2x), and the durable log (its events, audited).
 """
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer.runpod_requests_per_job",
         runpod_requests,
         "requests",
-        note="podsettle's RunPod requests per job (submit and status polls)",
+        note="podsettle's RunPod requests per job (runsync or run, and status polls)",
     )
     figure("peer.longest_stall", stall * 1000, "ms", note="podsettle's event loop")
     if not audited:
