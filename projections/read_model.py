@@ -25,7 +25,7 @@ from podsettle.projections.apply import Applier, Creator, applier, creator
 from podsettle.projections.rows import JobRow, Tally
 from podsettle.projections.views import CHECKPOINT_EVERY, Checkpoint, Projector, Tracking, ViewStore
 
-DEFAULT_PAGE_SIZE = 1_000
+DEFAULT_PAGE_SIZE = 5_000  # each page is one flush: a job spread over a page is one row update, not several
 _job_topics: dict[str, bool] = {}
 
 
