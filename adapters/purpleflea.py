@@ -648,7 +648,7 @@ class PurpleFleaEscrow:
 
     def _json(self, response: httpx.Response, route: str, *, money: bool, required: bool = True) -> Any:
         try:
-            return json.loads(response.text, parse_float=Decimal)
+            return _json_body(response.content)
         except (ValueError, UnicodeDecodeError):
             if not required:
                 return None
@@ -690,6 +690,15 @@ class PurpleFleaEscrow:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+_DECODER = json.JSONDecoder(parse_float=Decimal)  # amounts never pass through a float
+
+
+def _json_body(raw: bytes) -> Any:
+    """JSON (RFC 8259: UTF-8, or UTF-16/32 by its first bytes) read from the body's bytes, as
+    `json.loads` does but with one decoder for every call; bytes that are not text raise."""
+    return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
 
 
 def _check_id(escrow_id: str) -> None:

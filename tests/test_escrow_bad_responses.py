@@ -185,6 +185,16 @@ async def test_transport_failures_on_create(error: Exception, kind: type[Excepti
     assert type(error).__name__ in str(caught.value)
 
 
+async def test_a_create_answer_whose_bytes_are_not_text_is_untrusted() -> None:
+    def reply(request: httpx.Request) -> httpx.Response:
+        body = CREATED.encode().replace(b"RunPod", b"Run\xffPod")  # not UTF-8
+        return httpx.Response(201, content=body, headers={"content-type": "application/json"})
+
+    async with adapter(reply) as pf:
+        with pytest.raises(OutcomeUnknown, match="body is not JSON"):
+            await create(pf)
+
+
 async def test_rejections_with_html_bodies_are_still_rejections() -> None:
     async with adapter(answer(400, "<h1>Bad Request</h1>", "text/html")) as pf:
         with pytest.raises(Rejected) as caught:
