@@ -295,7 +295,7 @@ class _ResponseParser:
             name, colon, value = line.partition(b":")
             name = name.strip()
             if not colon or not name or b" " in name or b"\t" in name:
-                raise httpx.RemoteProtocolError(f"malformed header line {line[:40]!r}")
+                raise httpx.RemoteProtocolError("a malformed header line in the response")
             value = value.strip()
             headers.append((name, value))
             lower = name.lower()

@@ -245,7 +245,9 @@ class ComputeGateway(Protocol):
         webhook: str | None = None,
         low_priority: bool = False,
     ) -> str:
-        """Queue a job; returns RunPod's job id."""
+        """Queue a job; returns RunPod's job id. An adapter may submit through `/runsync` with a
+        bounded wait (the id then comes back at most that wait later) and answer the following
+        `wait()` from what that call brought back."""
         ...
 
     async def status(self, endpoint_id: str, run_id: str) -> RunState: ...
