@@ -425,6 +425,12 @@ class RunPodCompute:
         data = await self._request("GET", endpoint_id, "status", f"/{endpoint_id}/status/{run_id}", what)
         return self._state(data, run_id, what)
 
+    def take_finished(self, endpoint_id: str, run_id: str) -> RunOutcome | None:
+        """The outcome a runsync answer already brought for this run (taken: asked once), else None.
+        Lets a caller record the start and the outcome together instead of calling `wait()`."""
+        finished = self._finished.pop((endpoint_id, run_id), None)
+        return None if finished is None else classify_run(finished)
+
     async def wait(self, endpoint_id: str, run_id: str, *, timeout_s: float) -> RunOutcome:
         finished = self._finished.pop((endpoint_id, run_id), None)
         if finished is not None:  # the runsync answer brought it: no need to ask again

@@ -493,6 +493,15 @@ async def test_runsync_sends_the_bounded_wait_and_the_whole_body() -> None:
     assert request.extensions["timeout"]["read"] >= 31.5  # outlasts the wait
 
 
+async def test_a_finished_runsync_outcome_can_be_taken_once() -> None:
+    body = {"id": RUN_ID, "status": "FAILED", "error": "boom"}
+    async with runsync_client(json_reply(body)) as compute:
+        run_id = await compute.submit("echo", {})
+        taken = compute.take_finished("echo", run_id)
+        assert compute.take_finished("echo", run_id) is None
+    assert taken is not None and not taken.succeeded and taken.reason == "failed: boom"
+
+
 async def test_runsync_terminal_failures_are_classified_without_polling() -> None:
     body = {"id": RUN_ID, "status": "COMPLETED"}  # no output: the worker's upload failed
     async with runsync_client(json_reply(body)) as compute:
