@@ -333,7 +333,23 @@ def aims(medians: dict[str, tuple[float, float | None]]) -> list[str]:
         ">= 10x",
     )
     check("podsettle time / latency bound", bound, None if bound is None else bound <= 2, "<= 2")
+    audits = sorted(
+        (name for name in medians if re.fullmatch(r"audit\.[\w.]+\.audit", name)),
+        key=lambda name: medians[f"{name}.peak_rss"][0] if f"{name}.peak_rss" in medians else 0,
+    )
+    for name in audits:
+        size = name.split(".")[1]
+        check(f"audit events/s ({size} events)", get(name), _at_least(get(name), 150_000), ">= 150,000")
+        check(f"audit / eventsourcing alone ({size})", get(name, True), _at_least(get(name, True), 1), ">= 1")
+    peaks = [get(f"{name}.peak_rss") for name in audits]
+    if len(peaks) > 1 and None not in peaks:
+        growth = peaks[-1] / peaks[0]  # type: ignore[operator]
+        check("audit peak memory, largest log / smallest", growth, growth <= 1.1, "<= 1.1 (flat)")
     return lines
+
+
+def _at_least(value: float | None, floor: float) -> bool | None:
+    return None if value is None else value >= floor
 
 
 def comparison(pairs: list[tuple[Outcome, Outcome | None]], revision: str) -> list[str]:
@@ -417,7 +433,7 @@ def write_report(
         if outcome.failures:
             table.append("")
     out += [
-        "## Aims (issues 5 and 8)",
+        "## Aims (issues 5, 6 and 8)",
         "",
         "| aim | median | target | state |",
         "|---|---:|---|---|",
