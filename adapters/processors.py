@@ -56,6 +56,7 @@ Command = Callable[[EscrowJob], Any]
 # The escrow must outlive the job: it may not auto-refund while the job can still succeed, and the
 # engine needs time to release after the job ends.
 ESCROW_MARGIN_S = 3600
+RUNPOD_TIMEOUT_SLACK_MS = 2000  # RunPod's executionTimeout runs this much past the engine's deadline
 MAX_ESCROW_HOURS = 720
 
 
@@ -567,7 +568,10 @@ class Processor:
                 run_id = await self.compute.submit(
                     view.endpoint_id,
                     job_input,
-                    execution_timeout_ms=remaining_ms,
+                    # RunPod's own limit a little after the engine's deadline: at the deadline the
+                    # engine cancels and refunds, and RunPod's limit only stops a job that an engine
+                    # which died can no longer cancel.
+                    execution_timeout_ms=remaining_ms + RUNPOD_TIMEOUT_SLACK_MS,
                     ttl_ms=max(remaining_ms + 60_000, 10_000),
                 )
         except (Rejected, Unauthorized, Forbidden, NotFound) as error:
@@ -576,7 +580,20 @@ class Processor:
         except OutcomeUnknown as error:
             raise Unavailable(f"submit outcome unknown ({error}); submitting again") from error
         self._info("runpod.started", view, runpod_job_id=run_id, attempt=attempt)
-        return lambda job: job.record_started(run_id)
+        # A submission through /runsync may have brought the run's end with its id: then the start
+        # and the outcome are recorded in one save (one commit less, and no moment at which the log
+        # says "running" while the result is only in this process's memory).
+        take_finished = getattr(self.compute, "take_finished", None)
+        outcome: RunOutcome | None = take_finished(view.endpoint_id, run_id) if take_finished else None
+        if outcome is None or (not outcome.succeeded and outcome.reason == "deadline passed"):
+            return lambda job: job.record_started(run_id)
+        then = self._outcome_command(view, outcome)
+
+        def started_and_ended(job: EscrowJob) -> None:
+            job.record_started(run_id)
+            then(job)
+
+        return started_and_ended
 
     async def _confirm_redo(self, view: JobView) -> Command | None:
         """Compute may run twice: an unconfirmed start or cancel is simply done again."""

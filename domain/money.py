@@ -27,7 +27,7 @@ def to_money(value: object, field: str = "amount", *, allow_zero: bool = True) -
     kind = type(value)
     if kind is Decimal:
         amount = value
-    elif kind is str or (isinstance(value, str) and not isinstance(value, bool)):
+    elif isinstance(value, str):
         text = str(value).strip()
         if not text:
             raise InvalidAmount(field, value, "is empty")

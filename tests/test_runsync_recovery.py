@@ -142,3 +142,29 @@ async def test_a_job_cannot_be_cancelled_until_its_runsync_answered_then_it_refu
     assert runs.jobs[result.runpod_job_id].status.value == "CANCELLED"
     balances = {a["account"]: Decimal(a["balance"]) for a in sandbox.ledger()["accounts"]}
     assert balances[payer.agent_id] == Decimal("100")  # seed's cancel returns everything
+
+
+async def test_a_run_that_ends_inside_its_runsync_is_recorded_started_and_ended_in_one_save(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    payer, worker = sandbox.create_agent("100"), sandbox.create_agent("0")
+    config = settings(sandbox, tmp_path / "store.db", payer, worker)
+    saved: list[list[str]] = []
+    async with Engine.from_env(config) as engine:
+        save_all = engine.app.save_all
+
+        def recording(aggregates: Any) -> None:
+            pending = [type(e).__name__ for a in aggregates for e in a._pending_events]
+            saved.append(pending)
+            save_all(aggregates)
+
+        engine.app.save_all = recording  # type: ignore[method-assign]
+        result = await engine.run_paid_job("echo", {"n": 1}, budget="0.50")
+
+    assert result.status == "paid" and result.output == {"n": 1}
+    assert emulator(sandbox).requests["runsync"] == 1
+    # Started never stands alone in the log: no restart can find the job "running" with its result
+    # lost (RunPod keeps a runsync result one minute only).
+    together = [names for names in saved if "Started" in names]
+    assert len(together) == 1
+    assert together[0][:3] == ["Started", "Completed", "ReleaseRequested"]
