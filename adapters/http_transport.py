@@ -26,6 +26,7 @@ import ssl
 import urllib.request
 from collections import deque
 from collections.abc import Callable
+from typing import Literal
 
 import httpx
 
@@ -61,11 +62,16 @@ def http_client(
     headers: dict[str, str],
     timeout: httpx.Timeout,
     max_connections: int,
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: httpx.AsyncBaseTransport | Literal["httpx"] | None = None,
 ) -> DirectClient | httpx.AsyncClient:
     """The adapters' client: requests go straight to `transport` (given, or this module's); when the
-    environment names a proxy for `base_url`, an `httpx.AsyncClient` with httpx's own transport."""
-    chosen = transport or transport_for(base_url, max_connections=max_connections)
+    environment names a proxy for `base_url`, or `transport` is "httpx" (the operator's choice,
+    `PODSETTLE_HTTP_TRANSPORT=httpx`), an `httpx.AsyncClient` with httpx's own transport."""
+    chosen = (
+        None
+        if transport == "httpx"
+        else transport or transport_for(base_url, max_connections=max_connections)
+    )
     if chosen is None:
         return httpx.AsyncClient(
             base_url=base_url,

@@ -209,7 +209,7 @@ class PurpleFleaEscrow:
         rate_limit_period_s: float = 60.0,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         max_connections: int = 64,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | Literal["httpx"] | None = None,
     ) -> None:
         if dialect not in ("v1", "seed"):
             raise ValueError(f"dialect: must be 'v1' or 'seed', not {dialect!r}")

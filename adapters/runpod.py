@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -284,7 +284,7 @@ class RunPodCompute:
         max_rate_limit_retries: int = 5,
         max_connections: int = 100,
         max_input_bytes: int = MAX_INPUT_BYTES,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | Literal["httpx"] | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         sync: SyncPolicy | None = None,

@@ -21,11 +21,10 @@ from podsettle.settings import ConfigError, Settings
 # them alive and costs the same per request however many there are; a runsync holds one for the
 # length of its wait, so there are more than the default 32 jobs in flight.
 HTTP_CONNECTIONS = 64
-# RunPod jobs are submitted through /runsync with this bounded wait: a job that ends inside it comes
-# back in the same round trip (no status polls). Until the answer the run's id is unknown (it cannot
-# be cancelled, and a crashed engine submits it again), so the wait is the contract's minimum, and an
-# endpoint whose jobs mostly outlast it goes back to /run (adapters/runpod.py, SyncPolicy).
-RUNSYNC_WAIT_MS = 1000
+# RunPod jobs are submitted through /runsync with a bounded wait (settings.runpod_runsync_ms, by
+# default the contract's minimum of 1000 ms): a job that ends inside it comes back in the same round
+# trip (no status polls). An endpoint whose jobs mostly outlast it goes back to /run
+# (adapters/runpod.py, SyncPolicy).
 DEFAULT_PAYER = "ag_payer"
 DEFAULT_PAYEE = "ag_worker"
 
@@ -104,13 +103,15 @@ def engine_from_settings(settings: Settings) -> Engine:
         refund_method=settings.refund_method,
         rate_limits=settings.escrow_rate_limits or None,
         max_connections=HTTP_CONNECTIONS,
+        transport="httpx" if settings.http_transport == "httpx" else None,
     )
     compute = RunPodCompute(
         settings.runpod_api_key.get_secret_value(),
         base_url=settings.runpod_base_url,
         poll=PollPolicy(initial_s=settings.runpod_poll_s, factor=1.5, max_s=max(5.0, settings.runpod_poll_s)),
         max_connections=HTTP_CONNECTIONS,
-        sync=SyncPolicy(wait_ms=RUNSYNC_WAIT_MS),
+        sync=SyncPolicy(wait_ms=settings.runpod_runsync_ms) if settings.runpod_runsync_ms else None,
+        transport="httpx" if settings.http_transport == "httpx" else None,
     )
     engine = Engine(
         Settlements(settings.store),
@@ -169,7 +170,7 @@ def sandbox_engine(
             base_url=sandbox.runpod_url,
             seed=seed,
             poll=PollPolicy(initial_s=0.05, factor=1.5),
-            sync=SyncPolicy(wait_ms=RUNSYNC_WAIT_MS),
+            sync=SyncPolicy(wait_ms=Settings().runpod_runsync_ms),
         )
     except BaseException:
         sandbox.stop()

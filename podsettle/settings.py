@@ -33,6 +33,8 @@ ENVIRONMENT = {
     "refund_poll_s": "PODSETTLE_REFUND_POLL_S",
     "claim_lease_s": "PODSETTLE_CLAIM_LEASE_S",
     "runpod_poll_s": "PODSETTLE_RUNPOD_POLL_S",
+    "runpod_runsync_ms": "PODSETTLE_RUNPOD_RUNSYNC_MS",
+    "http_transport": "PODSETTLE_HTTP_TRANSPORT",
 }
 
 
@@ -68,6 +70,20 @@ class Settings(BaseModel):
     # The first status read after a submit; later reads back off (x1.5, at most 5 s) and the
     # client-side limiter keeps them under RunPod's /status limit.
     runpod_poll_s: float = Field(default=0.05, gt=0, le=60)
+    # Submit through /runsync, waiting this long for the run to end in the same answer (the contract
+    # allows 1000..300000 ms); 0 submits through /run. Until the answer the run's id is unknown: the
+    # job cannot be cancelled on RunPod, and an engine that crashes meanwhile submits it again.
+    runpod_runsync_ms: int = Field(default=1000, ge=0, le=300_000)
+    # podsettle's own HTTP/1.1 connection layer (lean keep-alive, about a tenth of httpx's pool's CPU
+    # per request), or httpx's own ("httpx"). A proxy named in the environment always gets httpx's.
+    http_transport: Literal["podsettle", "httpx"] = "podsettle"
+
+    @field_validator("runpod_runsync_ms")
+    @classmethod
+    def _runsync_wait(cls, value: int) -> int:
+        if 0 < value < 1000:
+            raise ValueError("must be 0 (submit through /run) or between 1000 and 300000 ms")
+        return value
 
     @field_validator("escrow_rate_limits", mode="before")
     @classmethod

@@ -41,6 +41,9 @@ def test_settings_from_the_environment_with_flags_overriding() -> None:
         ({"PODSETTLE_ESCROW_URL": "ftp://x"}, "PODSETTLE_ESCROW_URL"),
         ({"PODSETTLE_ESCROW_RATE_LIMITS": "create=fast"}, "PODSETTLE_ESCROW_RATE_LIMITS"),
         ({"PODSETTLE_PAYER": "has spaces"}, "PODSETTLE_PAYER"),
+        ({"PODSETTLE_RUNPOD_RUNSYNC_MS": "500"}, "PODSETTLE_RUNPOD_RUNSYNC_MS"),
+        ({"PODSETTLE_RUNPOD_RUNSYNC_MS": "soon"}, "PODSETTLE_RUNPOD_RUNSYNC_MS"),
+        ({"PODSETTLE_HTTP_TRANSPORT": "curl"}, "PODSETTLE_HTTP_TRANSPORT"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], words: str) -> None:
