@@ -16,15 +16,14 @@ values differently. Each difference either cannot occur or falls back to the lib
 - finite floats may be spelled differently (`1e-05` / `0.00001`); they read back equal.
 
 Reading parses with orjson and revives the tagged values in one walk, as the library's
-`object_hook` does. orjson would read an integer beyond 64 bits as a float and refuses `NaN` and
-`Infinity`: a state with 19 digits in a row (a long integer, or by chance a hex digest), or one
-orjson refuses, is read by the library's decoder instead.
+`object_hook` does. orjson reads an integer beyond 64 bits as a float, silently, and refuses `NaN`,
+`Infinity` and lone surrogates: a state in which orjson read a float (events hold none: amounts are
+Decimals), or one orjson refuses, is read by the library's decoder instead.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -35,8 +34,6 @@ from eventsourcing.persistence import JSONTranscoder, TranscodingNotRegisteredEr
 _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME
 
 
-# orjson reads an integer beyond 64 bits as a float, silently; 19 digits in a row may be one.
-_LONG_NUMBER = re.compile(rb"[0-9]{19}")
 _PLAIN = frozenset({str, int, bool, Decimal, datetime})
 
 
@@ -80,12 +77,13 @@ class FastJSONTranscoder(JSONTranscoder):
             return super().encode(obj)  # an integer beyond 64 bits, say: the library writes it
 
     def decode(self, data: bytes) -> Any:
-        if _LONG_NUMBER.search(data) is None:
-            try:
-                return self._revive(orjson.loads(data))
-            except orjson.JSONDecodeError:
-                pass  # NaN or Infinity (the library writes them), or not JSON: the library decides
-        return super().decode(data)
+        try:
+            return self._revive(orjson.loads(data))
+        except orjson.JSONDecodeError:
+            pass  # NaN or Infinity (the library writes them), a lone surrogate, or not JSON
+        except _ReadAFloat:
+            pass  # a float, or an integer beyond 64 bits that orjson read as one
+        return super().decode(data)  # the library decides
 
     def _revive(self, value: Any) -> Any:
         kind = type(value)
@@ -101,11 +99,18 @@ class FastJSONTranscoder(JSONTranscoder):
                     ) from None
                 return transcoding.decode(self._revive(value["_data_"]))
             for key, item in value.items():
-                if type(item) is dict or type(item) is list:
+                kind = type(item)
+                if kind is dict or kind is list:
                     value[key] = self._revive(item)
+                elif kind is float:
+                    raise _ReadAFloat
             return value
         if kind is list:
-            return [
-                self._revive(item) if type(item) is dict or type(item) is list else item for item in value
-            ]
+            return [self._revive(item) for item in value]
+        if kind is float:
+            raise _ReadAFloat
         return value
+
+
+class _ReadAFloat(Exception):
+    """orjson read a float: it may have been an integer beyond 64 bits, so the library reads it."""
