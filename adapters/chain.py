@@ -42,7 +42,7 @@ from eventsourcing.persistence import (
     Transcoder,
     find_id_convertor,
 )
-from eventsourcing.utils import resolve_topic
+from eventsourcing.utils import get_topic, resolve_topic
 
 CHAIN_KEY = "__chain__"
 PREFIX = b'{"' + CHAIN_KEY.encode() + b'":"'
@@ -97,14 +97,11 @@ def seal_state(
     originator_id: UUID | str, version: int, topic: str, body: bytes, prev: str
 ) -> tuple[bytes, str]:
     """Seal the transcoder's bytes of an event: returns (the sealed state, its seal)."""
-    rest = body[1:] if body == b"{}" else b"," + body[1:]
-    unsealed_head = PREFIX + prev.encode("ascii")
-    tail = b'"' + rest
-    digest = hashlib.sha256(header(originator_id, version, topic))
-    digest.update(unsealed_head)
-    digest.update(tail)
-    seal = digest.hexdigest()
-    return unsealed_head + seal.encode("ascii") + tail, seal
+    text = originator_id.hex if type(originator_id) is UUID else originator_id
+    head = PREFIX + prev.encode("ascii")
+    tail = b'"}' if body == b"{}" else b'",' + body[1:]
+    seal = hashlib.sha256(f"{text}\n{version}\n{topic}\n".encode() + head + tail).hexdigest()
+    return head + seal.encode("ascii") + tail, seal
 
 
 def unseal(originator_id: UUID | str, version: int, topic: str, state: bytes) -> tuple[str, str, bool] | None:
@@ -189,6 +186,7 @@ class ChainMapper(Mapper[UUID]):
         verify: bool = True,
     ) -> None:
         super().__init__(transcoder=transcoder, compressor=compressor, cipher=cipher)
+        self._topics: dict[type, str] = {}
         self._recorder = recorder
         self.cache = SealCache(cache_size)
         self.verify = verify
@@ -196,17 +194,27 @@ class ChainMapper(Mapper[UUID]):
     # ------------------------------------------------------------------ writing
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
-        stored = super().to_stored_event(domain_event)
-        body = self.plaintext(stored.state)
-        version = stored.originator_version
-        prev = GENESIS if version == 1 else self.predecessor_seal(stored.originator_id, version - 1)
-        sealed, seal = seal_state(stored.originator_id, version, stored.topic, body, prev)
-        self.cache.put(stored.originator_id, version, seal)
+        # As Mapper.to_stored_event, with the seal put in before the state is compressed or
+        # encrypted (the library's version would have to be undone first to seal its bytes).
+        cls = type(domain_event)
+        topic = self._topics.get(cls)
+        if topic is None:
+            topic = self._topics[cls] = get_topic(cls)
+        state = dict(domain_event.__dict__)
+        originator_id = state.pop("originator_id")
+        version = state.pop("originator_version")
+        class_version = getattr(cls, "class_version", 1)
+        if class_version > 1:
+            state["class_version"] = class_version
+        body = self.transcoder.encode(state)
+        prev = GENESIS if version == 1 else self.predecessor_seal(originator_id, version - 1)
+        sealed, seal = seal_state(originator_id, version, topic, body, prev)
+        self.cache.put(originator_id, version, seal)
         return StoredEvent(
-            originator_id=stored.originator_id,
+            originator_id=originator_id,
             originator_version=version,
-            topic=stored.topic,
-            state=self._wrap(sealed),
+            topic=topic,
+            state=self._wrap(sealed) if self.compressor or self.cipher else sealed,
         )
 
     def predecessor_seal(self, originator_id: UUID | str, version: int) -> str:
