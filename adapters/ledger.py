@@ -243,9 +243,11 @@ class LedgerTx:
             return None
         if row[0] != kind:
             raise IdempotencyConflict(key, row[0], f"now asked for {kind}")
-        if row[1] != _canonical(params):
+        # Compared as values: rows written before the params were written with orjson spell
+        # non-ASCII text as \u escapes.
+        if orjson.loads(row[1]) != params:
             raise IdempotencyConflict(key, kind, f"first {row[1]}, now {_canonical(params)}")
-        result: dict[str, Any] = json.loads(row[2])
+        result: dict[str, Any] = orjson.loads(row[2])
         return result
 
     def _remember(self, key: str, kind: str, params: dict[str, Any], result: dict[str, Any]) -> None:

@@ -558,6 +558,10 @@ class Processor:
         job_input = await self.store.job_input(view.job_key)
         if job_input is None:
             return lambda job: job.record_failed("start", None, "the job's input is not in the store")
+        if digest(job_input) != view.input_digest:  # never run (and pay for) other work than agreed
+            return lambda job: job.record_failed(
+                "start", None, "the job's input does not match the digest it was opened with"
+            )
         remaining_ms = int((view.deadline - self.clock()).total_seconds() * 1000)
         if remaining_ms < 5000:
             return lambda job: job.record_failed(
@@ -585,7 +589,8 @@ class Processor:
         # says "running" while the result is only in this process's memory).
         take_finished = getattr(self.compute, "take_finished", None)
         outcome: RunOutcome | None = take_finished(view.endpoint_id, run_id) if take_finished else None
-        if outcome is None or (not outcome.succeeded and outcome.reason == "deadline passed"):
+        if outcome is None or self.clock() >= view.deadline:
+            # Without a result, or past the deadline (which `_watch` enforces, as for any run).
             return lambda job: job.record_started(run_id)
         then = self._outcome_command(view, outcome)
 

@@ -215,9 +215,10 @@ class JobWriter:
         touched: dict[UUID, EscrowJob] = {}
         new: list[Any] = []
         broken: set[UUID] = set()
+        inputs: dict[str, dict[str, Any]] = {}  # of the jobs opened here: kept once they are saved
         for request in batch:
             try:
-                outcomes.append((request, self._apply(request, touched, new, broken)))
+                outcomes.append((request, self._apply(request, touched, new, broken, inputs)))
             except Exception as error:  # handed to the caller, who decides
                 outcomes.append((request, error))
         aggregates = list({id(a): a for a in (*new, *touched.values())}.values())
@@ -241,6 +242,11 @@ class JobWriter:
             self.stats.saves += 1
             self.stats.batch_sizes.append(len(batch))
         self.stats.commands += len(batch)
+        # Only now: `job_input` reads them without waiting for this thread, so an input whose save
+        # failed (the key was opened with another input) must never be found there.
+        for job_key, payload in inputs.items():
+            if len(self._inputs) < self.cache_size:
+                self._inputs[job_key] = payload
         for job in touched.values():
             self._note_version(job)
             if job.state == State.ATTENTION or (job.state in TERMINAL and job.intent is None):
@@ -252,7 +258,12 @@ class JobWriter:
         return outcomes
 
     def _apply(
-        self, request: _Request, touched: dict[UUID, EscrowJob], new: list[Any], broken: set[UUID]
+        self,
+        request: _Request,
+        touched: dict[UUID, EscrowJob],
+        new: list[Any],
+        broken: set[UUID],
+        inputs: dict[str, dict[str, Any]],
     ) -> Any:
         if request.kind == "open":
             ids = []
@@ -271,8 +282,8 @@ class JobWriter:
                     new.extend([job, *extra])
                     self._remember(job)
                     touched[job.id] = job
-                    if spec.job_input is not None and len(self._inputs) < self.cache_size:
-                        self._inputs[spec.job_key] = dict(spec.job_input)
+                    if spec.job_input is not None:
+                        inputs[spec.job_key] = dict(spec.job_input)
                 ids.append(job.id)
             return ids
         if request.kind == "input":

@@ -6,6 +6,7 @@ every balance and hold equals the model's, and a repeated key answered the same 
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import threading
@@ -110,6 +111,22 @@ def test_void_gives_everything_back(ledger: Ledger) -> None:
     with pytest.raises(HoldNotOpen):
         ledger.void(hold.hold_id, key="v2")
     assert ledger.void(hold.hold_id, key="v1") == posting  # the same key: the same answer
+
+
+def test_a_repeated_key_matches_what_an_older_ledger_wrote_in_ascii_escapes(ledger: Ledger) -> None:
+    meta = {"description": "entraînement é", "payee": "payee"}
+    first = ledger.hold(key="h-ascii", payer="payer", amount="1.00", meta=meta)
+    # Rows written before the params were written with orjson spell non-ASCII text as \u escapes.
+    with ledger.transaction() as tx:
+        (params,) = tx.execute("SELECT params FROM ledger_operations WHERE key = 'h-ascii'").fetchone()
+        tx.execute(
+            "UPDATE ledger_operations SET params = ? WHERE key = 'h-ascii'",
+            (json.dumps(json.loads(params), sort_keys=True, separators=(",", ":")),),
+        )
+    assert ledger.hold(key="h-ascii", payer="payer", amount="1.00", meta=meta) == first
+    assert ledger.balance("payer") == M("9")
+    with pytest.raises(IdempotencyConflict, match="h-ascii"):
+        ledger.hold(key="h-ascii", payer="payer", amount="1.00", meta={**meta, "description": "autre"})
 
 
 def test_same_key_same_answer_other_parameters_refused(ledger: Ledger) -> None:
