@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import ssl
 import urllib.request
 from collections import deque
@@ -37,6 +38,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
 URLS_KEPT = 256
 _FORBIDDEN_IN_HEADERS = (b"\r", b"\n", b"\0")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 Origin = tuple[str, str, int]
 
@@ -225,12 +227,9 @@ class _ResponseParser:
                     return
                 line = bytes(buffer[:end]).split(b";", 1)[0].strip()
                 del buffer[: end + 2]
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise httpx.RemoteProtocolError(f"invalid chunk size {line[:20]!r}") from None
-                if size < 0:
+                if _HEX.fullmatch(line) is None:  # int() would also take "0x1f", "1_0" and "+5"
                     raise httpx.RemoteProtocolError(f"invalid chunk size {line[:20]!r}")
+                size = int(line, 16)
                 self._check_size(len(self.body) + size)
                 self.chunk_left = size
                 self.mode = "chunk-data" if size else "trailers"
@@ -321,6 +320,8 @@ class _ResponseParser:
             self.done = True
             self.keep_alive = self.keep_alive and status != 101
         elif transfer is not None:
+            if length is not None:
+                self.keep_alive = False  # both framings: Transfer-Encoding wins, and the connection ends
             if transfer.split(b",")[-1].strip() == b"chunked":
                 self.mode = "chunk-size"
             else:
@@ -509,7 +510,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
-            raise RuntimeError("the transport is closed")
+            raise httpx.ConnectError("the client is closed; nothing was sent")
         url = request.url
         scheme = url.scheme
         if scheme not in DEFAULT_PORTS:
@@ -539,7 +540,9 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 connection.close()
         self._idle.clear()
         for connection in list(self._busy):
-            connection.close()
+            # The request may have reached the server: an error that says so (ReadError), as for a
+            # lost connection, not a cancellation the adapters would not map.
+            connection._fail(httpx.ReadError("the client was closed while the request was in flight"))
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -615,7 +618,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 elif not woken and waiter.done() and not waiter.cancelled():
                     self._wake()  # woken but leaving (cancelled): pass the free slot on
             if self._closed:
-                raise RuntimeError("the transport is closed")
+                raise httpx.ConnectError("the client is closed; nothing was sent")
 
     def _idle_connection(self, origin: Origin, now: float) -> _Connection | None:
         idle = self._idle.get(origin)

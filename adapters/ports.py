@@ -98,6 +98,11 @@ class EscrowStatus(StrEnum):
     REFUNDED = "refunded"
 
 
+# How long past its wait a RunPod /runsync answer may take to arrive before the call is given up
+# (an engine sharing the store must not take over a start while its runsync may still answer).
+RUNSYNC_READ_MARGIN_S = 10.0
+
+
 @dataclass(frozen=True)
 class EscrowCapabilities:
     idempotent_create: bool  # create with the same key twice gives the same escrow

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from podsettle.adapters.http_transport import http_client
 from podsettle.adapters.limits import RateLimiter
 from podsettle.adapters.ports import (
+    RUNSYNC_READ_MARGIN_S,
     BadResponse,
     Forbidden,
     NotFound,
@@ -403,8 +404,9 @@ class RunPodCompute:
         """`POST /runsync?wait=`: the status object, terminal when the job ended inside the wait."""
         path = f"/{endpoint_id}/runsync?wait={sync.wait_ms}"
         what = f"POST /{endpoint_id}/runsync"
-        # The answer may take the whole wait: the read timeout must outlast it.
-        read = None if self._read_timeout is None else max(self._read_timeout, sync.wait_ms / 1000 + 30.0)
+        # The answer may take the whole wait: the read timeout outlasts it by a margin, and no more
+        # (an engine sharing the store takes over a start left unanswered past its claim lease).
+        read = sync.wait_ms / 1000 + RUNSYNC_READ_MARGIN_S
         data = await self._request("POST", endpoint_id, "runsync", path, what, body=body, read_timeout=read)
         state = self._state(data, None, what)
         record = self._sync_records.get(endpoint_id)

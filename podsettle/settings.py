@@ -9,9 +9,18 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from podsettle.adapters.persistence import DEFAULT_STORE
+from podsettle.adapters.ports import RUNSYNC_READ_MARGIN_S
 from podsettle.domain.escrow_job import check_id
 
 ENVIRONMENT = {
@@ -77,6 +86,17 @@ class Settings(BaseModel):
     # podsettle's own HTTP/1.1 connection layer (lean keep-alive, about a tenth of httpx's pool's CPU
     # per request), or httpx's own ("httpx"). A proxy named in the environment always gets httpx's.
     http_transport: Literal["podsettle", "httpx"] = "podsettle"
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_runsync(self) -> Settings:
+        longest = self.runpod_runsync_ms / 1000 + RUNSYNC_READ_MARGIN_S
+        if self.runpod_runsync_ms and 0 < self.claim_lease_s <= longest:
+            raise ValueError(
+                f"PODSETTLE_CLAIM_LEASE_S must be 0 or more than {longest:g} s when "
+                f"PODSETTLE_RUNPOD_RUNSYNC_MS={self.runpod_runsync_ms} (another engine would take over "
+                "a start whose runsync answer may still come)"
+            )
+        return self
 
     @field_validator("runpod_runsync_ms")
     @classmethod
@@ -153,8 +173,12 @@ def describe(error: ValidationError) -> str:
     """One line per problem, naming the setting (and its environment variable), never the value of a key."""
     lines = []
     for problem in error.errors():
-        name = ".".join(str(part) for part in problem["loc"]) or "settings"
-        var = ENVIRONMENT.get(str(problem["loc"][0])) if problem["loc"] else None
+        message = problem["msg"].removeprefix("Value error, ")
+        if not problem["loc"]:  # a rule over several settings: its message names them
+            lines.append(message)
+            continue
+        name = ".".join(str(part) for part in problem["loc"])
+        var = ENVIRONMENT.get(str(problem["loc"][0]))
         where = f"{name} ({var})" if var else name
-        lines.append(f"{where}: {problem['msg']}")
+        lines.append(f"{where}: {message}")
     return "; ".join(lines)

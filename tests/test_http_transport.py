@@ -240,6 +240,28 @@ async def test_connection_close_and_http_1_0_answers_are_not_reused() -> None:
     assert transport.connections_opened == 2
 
 
+async def test_an_answer_with_both_framings_is_read_chunked_and_its_connection_not_reused() -> None:
+    both = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    async with scripted(answers(both, both)) as (client, transport, _):
+        for _ in range(2):
+            assert (await client.get("/")).content == b"ok"
+    assert transport.connections_opened == 2
+
+
+async def test_closing_the_client_fails_requests_in_flight_with_an_httpx_error(
+    server: BackgroundServer,
+) -> None:
+    transport = Http11Transport()
+    client = httpx.AsyncClient(transport=transport, base_url=server.url)
+    in_flight = asyncio.ensure_future(client.get("/slow", params={"s": "1"}))
+    await asyncio.sleep(0.2)
+    await transport.aclose()
+    with pytest.raises(httpx.ReadError, match="in flight"):  # it may have reached the server
+        await in_flight
+    with pytest.raises(httpx.ConnectError, match="nothing was sent"):
+        await client.get("/echo")
+
+
 async def test_no_body_for_204_and_304() -> None:
     async with scripted(
         answers(b"HTTP/1.1 204 No Content\r\n\r\n", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n")
@@ -259,6 +281,8 @@ async def test_no_body_for_204_and_304() -> None:
         (b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n", "invalid Content-Length"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "conflicting"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "invalid chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nok\r\n0\r\n\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nok\r\n0\r\n\r\n", "chunk size"),
         (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header line"),
     ],
 )
