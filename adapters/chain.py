@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from hashlib import sha256
 from typing import Any, cast
 from uuid import UUID
 
@@ -97,10 +96,9 @@ def seal_state(
     originator_id: UUID | str, version: int, topic: str, body: bytes, prev: str
 ) -> tuple[bytes, str]:
     """Seal the transcoder's bytes of an event: returns (the sealed state, its seal)."""
-    text = originator_id.hex if type(originator_id) is UUID else originator_id
     head = PREFIX + prev.encode("ascii")
     tail = b'"}' if body == b"{}" else b'",' + body[1:]
-    seal = hashlib.sha256(f"{text}\n{version}\n{topic}\n".encode() + head + tail).hexdigest()
+    seal = hashlib.sha256(header(originator_id, version, topic) + head + tail).hexdigest()
     return head + seal.encode("ascii") + tail, seal
 
 
@@ -110,12 +108,9 @@ def unseal(originator_id: UUID | str, version: int, topic: str, state: bytes) ->
     One function on purpose: the audit calls it for every event of the log."""
     if state[:_PREV_START] != PREFIX or len(state) < _BODY_START:
         return None
-    text = originator_id.hex if type(originator_id) is UUID else originator_id
-    digest = hashlib.sha256(f"{text}\n{version}\n{topic}\n".encode())
-    digest.update(state[:_SEAL_START])
-    digest.update(state[_SEAL_END:])
     seal = state[_SEAL_START:_SEAL_END].decode("ascii")
-    return state[_PREV_START:_SEAL_START].decode("ascii"), seal, digest.hexdigest() == seal
+    matches = compute_seal(originator_id, version, topic, state) == seal
+    return state[_PREV_START:_SEAL_START].decode("ascii"), seal, matches
 
 
 class SealFormat:
@@ -252,11 +247,7 @@ class ChainMapper(Mapper[UUID]):
         topic = stored_event.topic
         seal = state[_SEAL_START:_SEAL_END].decode("ascii")
         if self.verify:
-            text = originator_id.hex if isinstance(originator_id, UUID) else originator_id
-            digest = sha256(f"{text}\n{version}\n{topic}\n".encode())
-            digest.update(state[:_SEAL_START])
-            digest.update(state[_SEAL_END:])
-            if digest.hexdigest() != seal:
+            if compute_seal(originator_id, version, topic, state) != seal:
                 raise ChainError(originator_id, version, "the stored event does not match its seal")
             expected = GENESIS if version == 1 else self.cache.get(originator_id, version - 1)
             if expected is not None and state[_PREV_START:_SEAL_START].decode("ascii") != expected:

@@ -170,7 +170,7 @@ def sandbox_engine(
             base_url=sandbox.runpod_url,
             seed=seed,
             poll=PollPolicy(initial_s=0.05, factor=1.5),
-            sync=SyncPolicy(wait_ms=Settings().runpod_runsync_ms),
+            sync=SyncPolicy(),  # runsync with the contract's minimum wait, as production by default
         )
     except BaseException:
         sandbox.stop()

@@ -253,7 +253,7 @@ class JobWriter:
                 self._cache.pop(job.id, None)
                 self._views.pop(job.id, None)
                 self._inputs.pop(job.job_key, None)  # e.g. rejected before it was ever submitted
-            else:
+            elif job.id in self._cache:  # (a batch larger than the cache may have pushed it out)
                 self._views[job.id] = job.view()
         return outcomes
 

@@ -389,7 +389,11 @@ class Auditor:
             # `_apply` for this event, with the fields as `mutate` would pass them.
             before = len(job.order_violations)
             job.version = version - 1
-            fast.func(job, **fields)
+            try:
+                fast.func(job, **fields)
+            except TypeError:  # fields that are not the method's parameters: the general way reports it
+                apply(stream, topic, version, state, position, originator_id)
+                continue
             job.version = version
             job.modified_on = timestamp
             if fast.funded and stream.funded_at is None:
@@ -572,7 +576,11 @@ class Auditor:
                 create = self._creators[kind]
             except KeyError:
                 create = self._creators[kind] = creator(kind)
-            job = event.mutate(None) if create is None else create(event)
+            try:
+                job = event.mutate(None) if create is None else create(event)
+            except Exception as error:  # the stored fields do not fit the event's class
+                self._misfit(error, quiet, position, originator_id, version)
+                return
             stream.job = job
             if not quiet:
                 self.report.jobs += 1
@@ -590,10 +598,14 @@ class Auditor:
                 apply = self._appliers[kind]
             except KeyError:
                 apply = self._appliers[kind] = applier(kind)
-            if apply is None:
-                event.mutate(job)
-            else:
-                apply(job, event)
+            try:
+                if apply is None:
+                    event.mutate(job)
+                else:
+                    apply(job, event)
+            except Exception as error:  # the stored fields do not fit the event's class
+                self._misfit(error, quiet, position, originator_id, version)
+                return
             if stream.funded_at is None and kind is EscrowJob.Funded:
                 stream.funded_at = event.timestamp
             if quiet:
@@ -606,6 +618,19 @@ class Auditor:
             and (job.state == State.ATTENTION or (job.state in TERMINAL and job.intent is None))
         ):
             self._rest(originator_id, stream)
+
+    def _misfit(
+        self, error: Exception, quiet: bool, position: int | None, originator_id: str, version: int
+    ) -> None:
+        if not quiet:
+            self.find(
+                "tamper",
+                "event does not fit its class",
+                f"{type(error).__name__}: {str(error)[:200]}",
+                position=position,
+                job_id=originator_id,
+                version=version,
+            )
 
     def _rest(self, originator_id: str, stream: _Stream) -> None:
         """A job at rest (finished, or parked for an operator: no rule of a quiescent log can still

@@ -259,12 +259,13 @@ def test_sealed_events_round_trip_with_a_compressor_or_the_library_transcoder(
     path = tmp_path / "store.db"
     writer = Settlements(f"sqlite:///{path}", env=env)
     plans = history(writer, 12, seed=5, group=3)
+    written = [writer.find_job(plan.key).version for plan in plans]
     writer.close()
     reader = Settlements(f"sqlite:///{path}", env=env)  # a cold seal cache: every load checks seals
     try:
         jobs = [reader.find_job(plan.key) for plan in plans]
         assert all(job.violations() == [] for job in jobs)
-        assert [job.version for job in jobs] == [reader.get_job(job.id).version for job in jobs]
+        assert [job.version for job in jobs] == written
         # A job written further after a restart chains to what is in the store.
         open_ = [job for job in jobs if job.intent is not None and job.state != State.ATTENTION]
         assert open_, "the history should leave some job with an open intent"
@@ -277,3 +278,23 @@ def test_sealed_events_round_trip_with_a_compressor_or_the_library_transcoder(
             assert audit(reader).ok
     finally:
         reader.close()
+
+
+def test_an_event_resealed_with_a_renamed_field_is_reported_not_a_crash(store: Store) -> None:
+    from podsettle.adapters.chain import seal_state, split_sealed
+
+    funded = [row for row in store.rows() if row[3].endswith("EscrowJob.Funded")]
+    assert funded, "the history has no Funded event"
+    rowid, oid, version, topic = funded[0]
+    prev, _, body = split_sealed(store.state(rowid))
+    renamed = body.replace(b'"escrow_id":', b'"escrow_ref":')
+    assert renamed != body
+    # Someone who knows the (unkeyed) seal format rewrites the event consistently.
+    forged, _ = seal_state(oid, version, topic, renamed, prev)
+    store.sql(("UPDATE stored_events SET state = ? WHERE rowid = ?", (forged, rowid)))
+    report = audit(fresh(store))
+    assert not report.ok
+    assert any(
+        f.rule == "event does not fit its class" and f.job_id == oid and f.position == rowid
+        for f in report.findings
+    )
