@@ -50,10 +50,21 @@ def configure_logging(*, json: bool | None = None, level: str | None = None, for
             renderer,
         ],
         wrapper_class=wrapper,
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,  # a runtime that configures structlog later still gets our lines
     )
     _configured = True
+
+
+class _CurrentStderr:
+    """Whatever `sys.stderr` is when a line is written (a test runner or an embedding runtime may
+    replace it after logging was configured, and close the stream it replaced)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def enabled(level: int) -> bool:

@@ -16,11 +16,9 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from podsettle.adapters.persistence import DEFAULT_STORE
-from podsettle.adapters.ports import RUNSYNC_READ_MARGIN_S
 from podsettle.domain.escrow_job import check_id
 
 ENVIRONMENT = {
@@ -86,17 +84,6 @@ class Settings(BaseModel):
     # podsettle's own HTTP/1.1 connection layer (lean keep-alive, about a tenth of httpx's pool's CPU
     # per request), or httpx's own ("httpx"). A proxy named in the environment always gets httpx's.
     http_transport: Literal["podsettle", "httpx"] = "podsettle"
-
-    @model_validator(mode="after")
-    def _lease_outlasts_a_runsync(self) -> Settings:
-        longest = self.runpod_runsync_ms / 1000 + RUNSYNC_READ_MARGIN_S
-        if self.runpod_runsync_ms and 0 < self.claim_lease_s <= longest:
-            raise ValueError(
-                f"PODSETTLE_CLAIM_LEASE_S must be 0 or more than {longest:g} s when "
-                f"PODSETTLE_RUNPOD_RUNSYNC_MS={self.runpod_runsync_ms} (another engine would take over "
-                "a start whose runsync answer may still come)"
-            )
-        return self
 
     @field_validator("runpod_runsync_ms")
     @classmethod

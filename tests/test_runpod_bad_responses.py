@@ -12,6 +12,7 @@ import pytest
 import structlog
 
 from podsettle.adapters.ports import (
+    RUNSYNC_READ_MARGIN_S,
     BadResponse,
     Forbidden,
     GatewayError,
@@ -490,7 +491,7 @@ async def test_runsync_sends_the_bounded_wait_and_the_whole_body() -> None:
         "policy": {"executionTimeout": 60_000},
         "webhook": "https://h.test/x",
     }
-    assert request.extensions["timeout"]["read"] >= 31.5  # outlasts the wait
+    assert request.extensions["timeout"]["read"] == 1.5 + RUNSYNC_READ_MARGIN_S  # outlasts the wait
 
 
 async def test_a_finished_runsync_outcome_can_be_taken_once() -> None:
