@@ -159,3 +159,46 @@ def machine() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+class BareGateways:
+    """The engine's in-process gateways called directly, as a baseline without the engine: the local
+    ledger with a funded payer, and the RunPod handlers in process. `await gateways.job(...)` makes
+    one job's calls: escrow create, submit, wait, escrow release."""
+
+    def __init__(self, budget: str, *, payer: str = "ag_payer", payee: str = "ag_worker") -> None:
+        from podsettle.adapters.ledger import Ledger
+        from podsettle.adapters.ledger_gateway import LedgerEscrow
+        from podsettle.domain.money import to_money
+        from podsettle.domain.rules import split
+
+        self.ledger = Ledger()
+        for account in (payer, payee):
+            self.ledger.open_account(account)
+        self.ledger.mint(payer, "1000000", key="mint")
+        self.escrow = LedgerEscrow(self.ledger, payer=payer)
+        self.payee = payee
+        self.amount = to_money(budget)
+        self.expected = split(self.amount)
+        self.compute: Any = None
+
+    async def __aenter__(self) -> BareGateways:
+        from podsettle.adapters.inprocess_compute import InProcessCompute
+
+        self.compute = InProcessCompute()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.compute.aclose()
+        self.ledger.close()
+
+    async def job(self, endpoint: str, job_input: dict[str, Any]) -> None:
+        key = os.urandom(16).hex()
+        receipt = await self.escrow.create(
+            key=f"{key}:fund", payee=self.payee, amount=self.amount, description="job", timeout_hours=1
+        )
+        run_id = await self.compute.submit(endpoint, job_input)
+        outcome = await self.compute.wait(endpoint, run_id, timeout_s=60)
+        if not outcome.succeeded:
+            raise SystemExit(f"a job without the engine failed: {outcome}")
+        await self.escrow.release(receipt.escrow_id, key=f"{key}:release", expected=self.expected)

@@ -18,10 +18,9 @@ import asyncio
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-from common import figure, percentile, pick, quiet_logging, ratio
+from common import BareGateways, figure, percentile, pick, quiet_logging, ratio
 
 ENDPOINT = "echo"
 BUDGET = "0.25"
@@ -44,35 +43,13 @@ async def engine_latencies(store: str, jobs: int, warm: int) -> list[float]:
 
 async def baseline_latencies(jobs: int, warm: int) -> list[float]:
     """The same calls on the same kind of gateways, without the engine."""
-    from podsettle.adapters.inprocess_compute import InProcessCompute
-    from podsettle.adapters.ledger import Ledger
-    from podsettle.adapters.ledger_gateway import LedgerEscrow
-    from podsettle.domain.money import to_money
-    from podsettle.domain.rules import split
-
-    ledger = Ledger()
-    for account in ("ag_payer", "ag_worker"):
-        ledger.open_account(account)
-    ledger.mint("ag_payer", "1000000", key="mint")
-    escrow = LedgerEscrow(ledger, payer="ag_payer")
-    amount = to_money(BUDGET)
-    expected = split(amount)
     latencies: list[float] = []
-    async with InProcessCompute() as compute:
+    async with BareGateways(BUDGET) as gateways:
         for n in range(warm + jobs):
             started = time.perf_counter()
-            key = uuid.uuid4().hex
-            receipt = await escrow.create(
-                key=f"{key}:fund", payee="ag_worker", amount=amount, description="job", timeout_hours=1
-            )
-            run_id = await compute.submit(ENDPOINT, {"n": n})
-            outcome = await compute.wait(ENDPOINT, run_id, timeout_s=60)
-            if not outcome.succeeded:
-                raise SystemExit(f"baseline job {n} failed: {outcome}")
-            await escrow.release(receipt.escrow_id, key=f"{key}:release", expected=expected)
+            await gateways.job(ENDPOINT, {"n": n})
             if n >= warm:
                 latencies.append(time.perf_counter() - started)
-    ledger.close()
     return latencies
 
 

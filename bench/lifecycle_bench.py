@@ -19,11 +19,10 @@ import asyncio
 import sqlite3
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
-from common import figure, pick, quiet_logging, ratio, stopwatch
+from common import BareGateways, figure, pick, quiet_logging, ratio, stopwatch
 
 ENDPOINT = "echo"
 BUDGET = "0.25"
@@ -88,37 +87,15 @@ def raw_run(source: Path, target: Path, rows: tuple[int, int], commits: int) -> 
 
 async def gateways_run(jobs: int, concurrency: int) -> float:
     """The same calls to the same in-process gateways, without the engine (no events, no store)."""
-    from podsettle.adapters.inprocess_compute import InProcessCompute
-    from podsettle.adapters.ledger import Ledger
-    from podsettle.adapters.ledger_gateway import LedgerEscrow
-    from podsettle.domain.money import to_money
-    from podsettle.domain.rules import split
-
-    ledger = Ledger()
-    for account in ("ag_payer", "ag_worker"):
-        ledger.open_account(account)
-    ledger.mint("ag_payer", "1000000", key="mint")
-    escrow = LedgerEscrow(ledger, payer="ag_payer")
-    amount = to_money(BUDGET)
-    expected = split(amount)
     slots = asyncio.Semaphore(concurrency)
-    async with InProcessCompute() as compute:
+    async with BareGateways(BUDGET) as gateways:
 
         async def one(n: int) -> None:
             async with slots:
-                key = uuid.uuid4().hex
-                receipt = await escrow.create(
-                    key=f"{key}:fund", payee="ag_worker", amount=amount, description="job", timeout_hours=1
-                )
-                run_id = await compute.submit(ENDPOINT, {"n": n, "prompt": f"job {n}"})
-                outcome = await compute.wait(ENDPOINT, run_id, timeout_s=60)
-                if not outcome.succeeded:
-                    raise SystemExit(f"a gateway-only job failed: {outcome}")
-                await escrow.release(receipt.escrow_id, key=f"{key}:release", expected=expected)
+                await gateways.job(ENDPOINT, {"n": n, "prompt": f"job {n}"})
 
         with stopwatch() as elapsed:
             await asyncio.gather(*(one(n) for n in range(jobs)))
-    ledger.close()
     return elapsed()
 
 
