@@ -43,6 +43,8 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.utils import get_topic, resolve_topic
 
+from podsettle.lru import keep
+
 CHAIN_KEY = "__chain__"
 PREFIX = b'{"' + CHAIN_KEY.encode() + b'":"'
 HASH_LEN = 64
@@ -146,15 +148,8 @@ class SealCache:
         return None
 
     def put(self, originator_id: UUID | str, version: int, seal: str) -> None:
-        seals = self._seals
         key = originator_id.int if isinstance(originator_id, UUID) else originator_id
-        if key in seals:
-            seals[key] = (version, seal)
-            seals.move_to_end(key)
-        else:
-            seals[key] = (version, seal)
-            if len(seals) > self.maxsize:
-                seals.popitem(last=False)
+        keep(self._seals, key, (version, seal), self.maxsize)
 
     def __len__(self) -> int:
         return len(self._seals)

@@ -21,6 +21,7 @@ from eventsourcing.utils import resolve_topic
 
 from podsettle.domain import EscrowJob, State, fmt
 from podsettle.domain.money import QUANTUM
+from podsettle.lru import keep
 from podsettle.projections.apply import Applier, Creator, applier, creator
 from podsettle.projections.rows import JobRow, Tally
 from podsettle.projections.views import CHECKPOINT_EVERY, Checkpoint, Projector, Tracking, ViewStore
@@ -262,16 +263,8 @@ class ReadModel:
 
     def _remember(self, job: EscrowJob) -> None:
         """Keep the job for its next event (a UUID is kept under its integer: hashed in C)."""
-        jobs = self._jobs
         job_id = job.id
-        key = job_id.int if isinstance(job_id, UUID) else job_id
-        if key in jobs:
-            jobs[key] = job
-            jobs.move_to_end(key)
-        else:
-            jobs[key] = job
-            if len(jobs) > self.cache_size:
-                jobs.popitem(last=False)  # O(1) in an OrderedDict (a dict would scan its holes)
+        keep(self._jobs, job_id.int if isinstance(job_id, UUID) else job_id, job, self.cache_size)
 
     def rebuild(self) -> int:
         """Drop every view and build it again from the whole log; returns the events read."""

@@ -23,6 +23,7 @@ from typing import Any
 from uuid import UUID
 
 from podsettle.domain import EscrowJob, fmt
+from podsettle.lru import keep
 from podsettle.projections.rows import AMOUNTS, COUNTS, JobRow, Tally, funded_at_after, row_of
 
 CHECKPOINT_EVERY = 1_000
@@ -449,14 +450,7 @@ class Projector:
                 self._tally(key).add(old, -1)
         for key in _keys(new):
             self._tally(key).add(new, 1)
-        rows = self._rows
-        if job_id in rows:
-            rows[job_id] = new
-            rows.move_to_end(job_id)
-        else:
-            rows[job_id] = new
-            if len(rows) > self.cache_size:
-                rows.popitem(last=False)  # O(1) in an OrderedDict (a dict would scan its holes)
+        keep(self._rows, job_id, new, self.cache_size)
         self._pending[job_id] = new
         return new
 
