@@ -32,7 +32,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	@rm -rf .typecheck && mkdir -p .typecheck
 	@cp -rs $(CURDIR)/podsettle .typecheck/podsettle
-	@for d in domain adapters projections replay; do ln -s $(CURDIR)/$$d .typecheck/podsettle/$$d; done
+	@for d in domain adapters sandbox projections replay; do ln -s $(CURDIR)/$$d .typecheck/podsettle/$$d; done
 	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p podsettle
 
 check: lint typecheck test

@@ -43,7 +43,7 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.utils import get_topic, resolve_topic
 
-from podsettle.lru import keep
+from podsettle.support.lru import keep
 
 CHAIN_KEY = "__chain__"
 PREFIX = b'{"' + CHAIN_KEY.encode() + b'":"'

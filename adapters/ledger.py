@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from podsettle.domain.money import ZERO, Money, fmt, to_money
-from podsettle.logs import get_logger
+from podsettle.support.logs import get_logger
 
 log = get_logger(__name__)
 

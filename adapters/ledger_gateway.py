@@ -46,7 +46,7 @@ from podsettle.adapters.ports import (
 )
 from podsettle.domain.money import ZERO, Money, fmt, to_money
 from podsettle.domain.rules import FeeSplit, referral_fee, split
-from podsettle.logs import get_logger
+from podsettle.support.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -50,7 +50,7 @@ from podsettle.adapters.ports import (
     Unauthorized,
     Unavailable,
 )
-from podsettle.logs import get_logger
+from podsettle.support.logs import get_logger
 
 __all__ = [
     "DEFAULT_BASE_URL",

@@ -44,7 +44,7 @@ def pick(full: int, short: int) -> int:
 
 def quiet_logging() -> None:
     """Only warnings and errors from podsettle's structured logs (the benchmarks print figures)."""
-    from podsettle.logs import configure_logging
+    from podsettle.support.logs import configure_logging
 
     configure_logging(level="WARNING", force=True)
 
@@ -183,7 +183,7 @@ class BareGateways:
         self.compute: Any = None
 
     async def __aenter__(self) -> BareGateways:
-        from podsettle.adapters.inprocess_compute import InProcessCompute
+        from podsettle.sandbox.inprocess_compute import InProcessCompute
 
         self.compute = InProcessCompute()
         return self

@@ -21,10 +21,10 @@ from typing import Any
 
 import httpx
 
-from podsettle.adapters.http_server import BackgroundServer
-from podsettle.adapters.inprocess_compute import InProcessCompute
 from podsettle.adapters.runpod import PollPolicy, RunPodCompute
-from podsettle.adapters.runpod_emulator import EndpointConfig, create_runpod_app
+from podsettle.sandbox.http_server import BackgroundServer
+from podsettle.sandbox.inprocess_compute import InProcessCompute
+from podsettle.sandbox.runpod_emulator import EndpointConfig, create_runpod_app
 
 
 def zero(job: dict[str, Any]) -> dict[str, Any]:

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import httpx
 
-from podsettle.adapters.escrow_sandbox import create_escrow_app
-from podsettle.adapters.http_server import BackgroundServer
 from podsettle.adapters.ledger import Ledger
 from podsettle.adapters.ledger_gateway import LedgerEscrow
 from podsettle.adapters.purpleflea import PurpleFleaEscrow
 from podsettle.domain.money import to_money
 from podsettle.domain.rules import split
-from podsettle.logs import configure_logging
+from podsettle.sandbox.escrow_server import create_escrow_app
+from podsettle.sandbox.http_server import BackgroundServer
+from podsettle.support.logs import configure_logging
 
 UNLIMITED = {"create": 10**9, "complete": 10**9, "release": 10**9, "dispute": 10**9, "cancel": 10**9}
 AMOUNT = to_money("0.50")

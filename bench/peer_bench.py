@@ -52,14 +52,14 @@ UNLIMITED = {name: 10**9 for name in ("create", "complete", "release", "dispute"
 
 def serve(job_ms: float, workers: int, queue: multiprocessing.Queue[dict[str, Any]], stop: Event) -> None:
     """The sandbox in its own process (sharing the client's interpreter would measure GIL hand-offs)."""
-    from podsettle.adapters.runpod_worker import EndpointConfig, Faults
-    from podsettle.adapters.sandbox import Sandbox
-    from podsettle.logs import configure_logging
+    from podsettle.sandbox.app import Sandbox
+    from podsettle.sandbox.runpod_worker import EndpointConfig, Faults
+    from podsettle.support.logs import configure_logging
 
     configure_logging(level="WARNING", force=True)
     endpoints = {
         ENDPOINT: EndpointConfig(
-            handler="podsettle.adapters.handlers:echo", faults=Faults(latency_ms=job_ms), workers=workers
+            handler="podsettle.sandbox.handlers:echo", faults=Faults(latency_ms=job_ms), workers=workers
         )
     }
     sandbox = Sandbox(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Engine": "podsettle.engine",
+    "Engine": "podsettle.bootstrap",
     "JobResult": "podsettle.engine",
     "BatchResult": "podsettle.engine",
     "BatchTotals": "podsettle.engine",
@@ -30,12 +30,12 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # the names, for type checkers and editors; at run time __getattr__ loads them
     from podsettle.application import JobSpec as JobSpec
     from podsettle.application import Settlements as Settlements
+    from podsettle.bootstrap import Engine as Engine
     from podsettle.domain.errors import ClaimLost as ClaimLost
     from podsettle.domain.errors import JobNotFound as JobNotFound
     from podsettle.engine import BatchResult as BatchResult
     from podsettle.engine import BatchTotals as BatchTotals
     from podsettle.engine import BonusResult as BonusResult
-    from podsettle.engine import Engine as Engine
     from podsettle.engine import JobResult as JobResult
     from podsettle.settings import Settings as Settings
 

@@ -1,7 +1,9 @@
 """The composition root: concrete adapters wired into an `Engine`.
 
-Imported lazily by `Engine.from_env`, `Engine.sandbox` and `Engine.in_process`, so that importing
-podsettle stays light.
+`Engine` is the public engine: `EngineCore`'s behaviour plus the three wirings a user picks from
+(`from_env`, `sandbox`, `in_process`). Only this module knows the concrete gateways; the engine
+core knows their ports. `podsettle.Engine` loads this module on first use, so importing podsettle
+stays light, and the adapters and the sandbox are imported inside each wiring.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from podsettle.adapters.processors import ProcessorConfig
 from podsettle.application import Settlements
-from podsettle.engine import Engine
-from podsettle.logs import configure_logging
+from podsettle.engine import EngineCore
+from podsettle.processor import ProcessorConfig
 from podsettle.settings import ConfigError, Settings
+from podsettle.support.logs import configure_logging
 
 # Connections per service. The adapters' own HTTP/1.1 transport (adapters/http_transport.py) keeps
 # them alive and costs the same per request however many there are; a runsync holds one for the
@@ -27,6 +29,25 @@ HTTP_CONNECTIONS = 64
 # (adapters/runpod.py, SyncPolicy).
 DEFAULT_PAYER = "ag_payer"
 DEFAULT_PAYEE = "ag_worker"
+
+
+class Engine(EngineCore):
+    """The engine an agent runtime embeds (`from podsettle import Engine`)."""
+
+    @classmethod
+    def from_env(cls, settings: Settings | None = None, **overrides: Any) -> Engine:
+        """The engine wired to Purple Flea and RunPod from the environment (flags as overrides)."""
+        return engine_from_settings(settings or Settings.from_env(**overrides))
+
+    @classmethod
+    def sandbox(cls, store: str = "sqlite:///podsettle-sandbox.db", **options: Any) -> Engine:
+        """The same engine wired over real loopback HTTP to an in-process sandbox of both services."""
+        return sandbox_engine(store, **options)
+
+    @classmethod
+    def in_process(cls, store: str = "memory", **options: Any) -> Engine:
+        """The engine on in-process gateways (a local ledger and handlers run directly): no HTTP."""
+        return in_process_engine(store, **options)
 
 
 def in_process_engine(
@@ -49,9 +70,9 @@ def in_process_engine(
     Passing `escrow`/`compute` reuses gateways across engines (a restarted engine in the fault
     simulation talks to the same ledger and the same runs).
     """
-    from podsettle.adapters.inprocess_compute import InProcessCompute
     from podsettle.adapters.ledger import Ledger
     from podsettle.adapters.ledger_gateway import LedgerEscrow
+    from podsettle.sandbox.inprocess_compute import InProcessCompute
 
     configure_logging()
     owned: list[Any] = []
@@ -147,7 +168,7 @@ def sandbox_engine(
     production, a funded payer agent and a worker agent created through the admin routes."""
     from podsettle.adapters.purpleflea import PurpleFleaEscrow
     from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
-    from podsettle.adapters.sandbox import Sandbox
+    from podsettle.sandbox.app import Sandbox
 
     configure_logging()
     options = dict(sandbox_options or {})

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any
+from typing import Any, Self
 
 from eventsourcing.persistence import IntegrityError, Tracking
 from eventsourcing.utils import get_topic
 
 from podsettle.adapters.ports import ComputeGateway, EscrowGateway
-from podsettle.adapters.processors import Processor, ProcessorConfig
 from podsettle.application import JobSpec, Settlements
 from podsettle.domain import EscrowJob, State
 from podsettle.domain import acceptance as checks
@@ -33,8 +32,9 @@ from podsettle.domain.errors import InvalidInput
 from podsettle.domain.escrow_job import JobView, check_id
 from podsettle.domain.money import ZERO, fmt, to_money
 from podsettle.domain.rules import BONUS_THRESHOLD, to_metric
-from podsettle.logs import configure_logging, get_logger
+from podsettle.processor import Processor, ProcessorConfig
 from podsettle.settings import Settings
+from podsettle.support.logs import configure_logging, get_logger
 from podsettle.writer import JobWriter
 
 log = get_logger("podsettle.engine")
@@ -260,7 +260,9 @@ class _Closers:
     callbacks: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
 
 
-class Engine:
+class EngineCore:
+    """The engine's behaviour, built from its parts; `podsettle.Engine` (bootstrap.py) adds the wirings."""
+
     def __init__(
         self,
         settlements: Settlements,
@@ -300,29 +302,6 @@ class Engine:
         self._started = False
         self._closed = False
 
-    # ------------------------------------------------------------------ construction
-
-    @classmethod
-    def from_env(cls, settings: Settings | None = None, **overrides: Any) -> Engine:
-        """The engine wired to Purple Flea and RunPod from the environment (flags as overrides)."""
-        from podsettle.bootstrap import engine_from_settings
-
-        return engine_from_settings(settings or Settings.from_env(**overrides))
-
-    @classmethod
-    def sandbox(cls, store: str = "sqlite:///podsettle-sandbox.db", **options: Any) -> Engine:
-        """The same engine wired over real loopback HTTP to an in-process sandbox of both services."""
-        from podsettle.bootstrap import sandbox_engine
-
-        return sandbox_engine(store, **options)
-
-    @classmethod
-    def in_process(cls, store: str = "memory", **options: Any) -> Engine:
-        """The engine on in-process gateways (a local ledger and handlers run directly): no HTTP."""
-        from podsettle.bootstrap import in_process_engine
-
-        return in_process_engine(store, **options)
-
     def on_close(self, callback: Callable[[], Awaitable[None] | None]) -> None:
         self._closers.callbacks.append(callback)
 
@@ -332,7 +311,7 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> Engine:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -28,7 +28,7 @@ from podsettle.application import JobSpec, Settlements
 from podsettle.domain import TERMINAL, EscrowJob, State, Step
 from podsettle.domain.errors import ClaimLost, ConflictingOutcome, DomainError
 from podsettle.domain.escrow_job import JobView
-from podsettle.logs import get_logger
+from podsettle.support.logs import get_logger
 
 log = get_logger("podsettle.writer")
 Command = Callable[[EscrowJob], Any]

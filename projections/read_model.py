@@ -21,10 +21,10 @@ from eventsourcing.utils import resolve_topic
 
 from podsettle.domain import EscrowJob, State, fmt
 from podsettle.domain.money import QUANTUM
-from podsettle.lru import keep
 from podsettle.projections.apply import Applier, Creator, applier, creator
 from podsettle.projections.rows import JobRow, Tally
 from podsettle.projections.views import CHECKPOINT_EVERY, Checkpoint, Projector, Tracking, ViewStore
+from podsettle.support.lru import keep
 
 DEFAULT_PAGE_SIZE = 5_000  # each page is one flush: a job spread over a page is one row update, not several
 _job_topics: dict[str, bool] = {}

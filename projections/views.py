@@ -23,8 +23,8 @@ from typing import Any
 from uuid import UUID
 
 from podsettle.domain import EscrowJob, fmt
-from podsettle.lru import keep
 from podsettle.projections.rows import AMOUNTS, COUNTS, JobRow, Tally, funded_at_after, row_of
+from podsettle.support.lru import keep
 
 CHECKPOINT_EVERY = 1_000
 GENESIS_DIGEST = bytes(32)

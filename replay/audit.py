@@ -30,7 +30,6 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import JSONTranscoder
 
 from podsettle.domain import TERMINAL, EscrowJob, State
-from podsettle.logs import get_logger
 from podsettle.projections import Checkpoint, JobRow, Projector, ReadModel, ViewStore, is_job_topic
 from podsettle.projections.apply import Applier, Creator, applier, creator, event_method
 from podsettle.projections.views import VIEWS, row_from_record
@@ -43,6 +42,7 @@ from podsettle.replay.source import (
     store_history,
     store_pages,
 )
+from podsettle.support.logs import get_logger
 
 log = get_logger(__name__)
 ROW_FIELDS = tuple(f.name for f in fields(JobRow))

@@ -28,9 +28,9 @@ from typing import Any
 from eventsourcing.application import Application
 from eventsourcing.persistence import JSONTranscoder
 
-from podsettle.logs import get_logger
 from podsettle.replay.audit import DEFAULT_MAX_OPEN, Auditor, AuditReport
 from podsettle.replay.source import Decoder, Record, Seals, seals_of, store_pages
+from podsettle.support.logs import get_logger
 
 FORMAT = "podsettle-export/1"
 GENESIS = "0" * 64

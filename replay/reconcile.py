@@ -20,7 +20,7 @@ from eventsourcing.utils import get_topic
 
 from podsettle.adapters.ports import EscrowGateway, EscrowStatus, EscrowView, GatewayError, NotFound
 from podsettle.domain import EscrowJob, State, Step, fmt
-from podsettle.logs import get_logger
+from podsettle.support.logs import get_logger
 
 log = get_logger(__name__)
 DEFAULT_CONCURRENCY = 8

@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 
-from podsettle.adapters.escrow_sandbox import create_escrow_app
-from podsettle.adapters.http_server import BackgroundServer
 from podsettle.adapters.purpleflea import PurpleFleaEscrow
+from podsettle.sandbox.escrow_server import create_escrow_app
+from podsettle.sandbox.http_server import BackgroundServer
 
 # Loose limits: the contract tests make many calls from one IP; the rate-limit tests set their own.
 LOOSE_LIMITS = {"create": 10_000, "complete": 10_000, "release": 10_000, "dispute": 10_000, "cancel": 10_000}

@@ -17,7 +17,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from podsettle.adapters.inprocess_compute import InProcessCompute
 from podsettle.adapters.ledger import Ledger
 from podsettle.adapters.ledger_gateway import LedgerEscrow
 from podsettle.adapters.ports import (
@@ -26,12 +25,13 @@ from podsettle.adapters.ports import (
     RateLimited,
     Unavailable,
 )
-from podsettle.adapters.processors import ProcessorConfig
-from podsettle.adapters.runpod_worker import EndpointConfig, Faults
 from podsettle.application import Settlements
+from podsettle.bootstrap import Engine
 from podsettle.domain import State, Step
 from podsettle.domain.escrow_job import EscrowJob
-from podsettle.engine import Engine
+from podsettle.processor import ProcessorConfig
+from podsettle.sandbox.inprocess_compute import InProcessCompute
+from podsettle.sandbox.runpod_worker import EndpointConfig, Faults
 from podsettle.settings import Settings
 
 T = TypeVar("T")

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from podsettle.adapters.sandbox import Sandbox
 from podsettle.cli import app
+from podsettle.sandbox.app import Sandbox
 
 runner = CliRunner()
 

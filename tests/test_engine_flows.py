@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from podsettle.bootstrap import Engine
 from podsettle.domain import ConflictingOutcome, IllegalTransition, InvalidInput, State
 from podsettle.domain import acceptance as checks
-from podsettle.engine import Engine
 
 D = Decimal
 

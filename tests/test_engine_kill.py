@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from podsettle.adapters.sandbox import Sandbox
 from podsettle.application import Settlements
 from podsettle.domain import State
+from podsettle.sandbox.app import Sandbox
 
 JOBS = 30
 

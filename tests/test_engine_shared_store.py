@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from eventsourcing.utils import get_topic
 
-from podsettle.adapters.inprocess_compute import InProcessCompute
 from podsettle.adapters.ledger import Ledger
 from podsettle.adapters.ledger_gateway import LedgerEscrow
-from podsettle.adapters.processors import ProcessorConfig
 from podsettle.application import Settlements
+from podsettle.bootstrap import Engine
 from podsettle.domain import EscrowJob, State
-from podsettle.engine import Engine
+from podsettle.processor import ProcessorConfig
+from podsettle.sandbox.inprocess_compute import InProcessCompute
 from podsettle.settings import Settings
 
 PAYER, PAYEE = "ag_payer", "ag_worker"

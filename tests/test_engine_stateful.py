@@ -17,15 +17,15 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from podsettle.adapters.inprocess_compute import InProcessCompute
 from podsettle.adapters.ledger import Ledger
 from podsettle.adapters.ledger_gateway import LedgerEscrow
 from podsettle.adapters.ports import EscrowCapabilities
-from podsettle.adapters.processors import ProcessorConfig
-from podsettle.adapters.runpod_worker import EndpointConfig, Faults
 from podsettle.application import Settlements
+from podsettle.bootstrap import Engine
 from podsettle.domain import State
-from podsettle.engine import Engine
+from podsettle.processor import ProcessorConfig
+from podsettle.sandbox.inprocess_compute import InProcessCompute
+from podsettle.sandbox.runpod_worker import EndpointConfig, Faults
 from podsettle.settings import Settings
 from tests.fault_sim import (
     PAYEE,

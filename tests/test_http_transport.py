@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from podsettle.adapters.http_server import BackgroundServer
 from podsettle.adapters.http_transport import Http11Transport, transport_for
+from podsettle.sandbox.http_server import BackgroundServer
 
 # ---------------------------------------------------------------------------------------- a real server
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from podsettle.adapters.inprocess_compute import InProcessCompute
 from podsettle.adapters.ports import ComputeGateway, NotFound, RateLimited, Rejected, RunStatus, Unavailable
-from podsettle.adapters.runpod_worker import EndpointConfig, Faults, PolicyBounds
+from podsettle.sandbox.inprocess_compute import InProcessCompute
+from podsettle.sandbox.runpod_worker import EndpointConfig, Faults, PolicyBounds
 from tests import runpod_user_handlers as user
 
 SHORT = PolicyBounds(min_execution_timeout_ms=1, min_ttl_ms=1)
@@ -165,7 +165,7 @@ async def test_the_handler_gets_its_own_copy_of_the_input(compute: InProcessComp
 
 async def _run_seeded(seed: int) -> list[tuple[str, str, str]]:
     endpoints = {
-        "faulty": EndpointConfig(handler="podsettle.adapters.handlers:echo", faults=Faults(failure_rate=0.3))
+        "faulty": EndpointConfig(handler="podsettle.sandbox.handlers:echo", faults=Faults(failure_rate=0.3))
     }
     async with InProcessCompute(endpoints, seed=seed) as compute:
         compute.set_faults("faulty", no_output_rate=0.2, drop_rate=0.1)
@@ -212,7 +212,7 @@ def test_one_gateway_serves_callers_on_successive_event_loops() -> None:
 
 def test_importing_the_compute_adapters_stays_light() -> None:
     code = (
-        "import sys, podsettle.adapters.inprocess_compute, podsettle.adapters.runpod;"
+        "import sys, podsettle.sandbox.inprocess_compute, podsettle.adapters.runpod;"
         "print(','.join(m for m in ('runpod', 'starlette', 'uvicorn', 'aiohttp') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,7 +9,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from podsettle import Engine, logs
+from podsettle import Engine
+from podsettle.support import logs
 
 
 @pytest.fixture(autouse=True)

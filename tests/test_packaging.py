@@ -16,6 +16,7 @@ LAYERS = {
     "podsettle": "podsettle",
     "domain": "podsettle.domain",
     "adapters": "podsettle.adapters",
+    "sandbox": "podsettle.sandbox",
     "projections": "podsettle.projections",
     "replay": "podsettle.replay",
 }
@@ -26,6 +27,8 @@ def _modules() -> list[str]:
     for folder, package in LAYERS.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
             parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if parts[-1] == "__main__":  # runs the command line when imported
+                continue
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             names.append(".".join((package, *parts)))

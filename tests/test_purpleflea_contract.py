@@ -17,8 +17,6 @@ from typing import Any
 import httpx
 import pytest
 
-from podsettle.adapters.escrow_sandbox import create_escrow_app
-from podsettle.adapters.http_server import BackgroundServer
 from podsettle.adapters.ports import (
     Conflict,
     EscrowPending,
@@ -35,6 +33,8 @@ from podsettle.adapters.ports import (
 from podsettle.adapters.purpleflea import PurpleFleaEscrow
 from podsettle.domain.money import to_money
 from podsettle.domain.rules import split
+from podsettle.sandbox.escrow_server import create_escrow_app
+from podsettle.sandbox.http_server import BackgroundServer
 from tests.escrow_sandbox_helpers import Sandbox, running_sandbox
 
 # Recorded from the published server (a copy of contracts/purpleflea-escrow-examples.json).

@@ -15,10 +15,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from podsettle.adapters.http_server import BackgroundServer
 from podsettle.adapters.ports import ComputeGateway, NotFound, RateLimited, Rejected, RunStatus, Unavailable
 from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
-from podsettle.adapters.runpod_emulator import (
+from podsettle.sandbox.http_server import BackgroundServer
+from podsettle.sandbox.runpod_emulator import (
     EmulatorState,
     EndpointConfig,
     PolicyBounds,
@@ -57,7 +57,7 @@ def emulator() -> Iterator[BackgroundServer]:
             "error-text": EndpointConfig(handler="tests.runpod_user_handlers:error_text"),
             "not-json": EndpointConfig(handler="tests.runpod_user_handlers:not_json"),
             "short-retention": EndpointConfig(
-                handler="podsettle.adapters.handlers:echo", result_retention_s=0.05
+                handler="podsettle.sandbox.handlers:echo", result_retention_s=0.05
             ),
         },
         seed=7,
@@ -97,7 +97,7 @@ def mount(server: BackgroundServer, handler: str, **options: Any) -> str:
     return endpoint_id
 
 
-ECHO = "podsettle.adapters.handlers:echo"
+ECHO = "podsettle.sandbox.handlers:echo"
 
 
 async def until_running(compute: RunPodCompute, endpoint_id: str, run_id: str) -> None:
@@ -207,7 +207,7 @@ async def test_retry_reruns_a_failed_job_under_the_same_id(compute: RunPodComput
 
 
 async def test_health_and_purge_queue(compute: RunPodCompute, emulator: BackgroundServer) -> None:
-    endpoint_id = mount(emulator, "podsettle.adapters.handlers:sleep", workers=1)
+    endpoint_id = mount(emulator, "podsettle.sandbox.handlers:sleep", workers=1)
     first = await compute.submit(endpoint_id, {"seconds": 30})
     queued = [await compute.submit(endpoint_id, {"seconds": 30}) for _ in range(3)]
     await until_running(compute, endpoint_id, first)

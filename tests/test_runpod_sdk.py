@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from podsettle.adapters.http_server import BackgroundServer
-from podsettle.adapters.runpod_emulator import EndpointConfig, create_runpod_app
+from podsettle.sandbox.http_server import BackgroundServer
+from podsettle.sandbox.runpod_emulator import EndpointConfig, create_runpod_app
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
 
@@ -23,7 +23,7 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
 def emulator() -> Iterator[BackgroundServer]:
     app = create_runpod_app(
         endpoints={
-            "one-worker": EndpointConfig(handler="podsettle.adapters.handlers:sleep", workers=1),
+            "one-worker": EndpointConfig(handler="podsettle.sandbox.handlers:sleep", workers=1),
             "tokens": EndpointConfig(handler="tests.runpod_user_handlers:tokens"),
         },
         seed=5,

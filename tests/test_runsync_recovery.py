@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 
 from podsettle import Settlements
-from podsettle.adapters.runpod_emulator import EmulatorState
-from podsettle.adapters.runpod_worker import EndpointConfig, Faults
-from podsettle.adapters.sandbox import Agent, Sandbox
+from podsettle.bootstrap import Engine
 from podsettle.domain import IllegalTransition, State
-from podsettle.engine import Engine
 from podsettle.replay import audit
+from podsettle.sandbox.app import Agent, Sandbox
+from podsettle.sandbox.runpod_emulator import EmulatorState
+from podsettle.sandbox.runpod_worker import EndpointConfig, Faults
 from podsettle.settings import Settings
 
 UNLIMITED = {name: 100_000 for name in ("create", "complete", "release", "dispute", "cancel")}
@@ -33,7 +33,7 @@ UNLIMITED = {name: 100_000 for name in ("create", "complete", "release", "disput
 def sandbox() -> Iterator[Sandbox]:
     endpoints = {
         "slow": EndpointConfig(
-            handler="podsettle.adapters.handlers:echo", faults=Faults(latency_ms=700), workers=4
+            handler="podsettle.sandbox.handlers:echo", faults=Faults(latency_ms=700), workers=4
         )
     }
     with Sandbox(

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from podsettle.adapters.processors import escrow_timeout_hours
 from podsettle.domain import InvalidInput
 from podsettle.domain import acceptance as checks
+from podsettle.processor import escrow_timeout_hours
 from podsettle.settings import ConfigError, Settings
 
 

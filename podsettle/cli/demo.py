@@ -27,16 +27,16 @@ def sweep(jobs: int, seed: int) -> list[dict[str, Any]]:
 
 async def run_demo(path: Path, *, jobs: int, seed: int, json_output: bool) -> bool:
     from podsettle.adapters.chain import SEALS
-    from podsettle.adapters.runpod_worker import EndpointConfig, Faults
-    from podsettle.console import err, out, print_earnings, print_totals, progress
+    from podsettle.bootstrap import Engine
+    from podsettle.cli.console import err, out, print_earnings, print_totals, progress
     from podsettle.domain import acceptance
-    from podsettle.engine import Engine
     from podsettle.projections import ReadModel
     from podsettle.replay import audit
+    from podsettle.sandbox.runpod_worker import EndpointConfig, Faults
 
     store = f"sqlite:///{path}"
     train = EndpointConfig(
-        handler="podsettle.adapters.handlers:train",
+        handler="podsettle.sandbox.handlers:train",
         workers=8,
         faults=Faults(failure_rate=0.12, latency_ms=40.0, latency_jitter_ms=60.0),
     )

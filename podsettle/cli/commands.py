@@ -26,7 +26,7 @@ class _Commands(TyperGroup):
     """Every command runs inside `user_errors()`: a user's mistake is one line, never a traceback."""
 
     def invoke(self, ctx: Any) -> Any:
-        from podsettle.logs import configure_logging
+        from podsettle.support.logs import configure_logging
 
         configure_logging()  # stderr, level from PODSETTLE_LOG_LEVEL: stdout stays for results
         with user_errors():
@@ -127,7 +127,7 @@ def _parse_json_object(text: str, what: str) -> dict[str, Any]:
 
 
 def _engine(**overrides: Any) -> Any:
-    from podsettle.engine import Engine
+    from podsettle.bootstrap import Engine
     from podsettle.settings import Settings
 
     return Engine.from_env(Settings.from_env(**overrides))
@@ -147,7 +147,7 @@ def demo(
 ) -> None:
     """Run a batch on the embedded sandbox (no network, no keys): fund, run, pay or refund, a bonus,
     the totals and the audit."""
-    from podsettle.demo import run_demo
+    from podsettle.cli.demo import run_demo
 
     path = Path(store)
     with user_errors():
@@ -172,7 +172,7 @@ def sandbox(
     with user_errors():
         import uvicorn
 
-        from podsettle.adapters.sandbox import SandboxApp
+        from podsettle.sandbox.app import SandboxApp
 
         sandbox_app = SandboxApp(ledger_path=ledger)
         base = f"http://{host}:{port}"
@@ -219,7 +219,7 @@ def run_job(
     if json_output:
         emit_json(result.to_json())
     else:
-        from podsettle.console import print_job
+        from podsettle.cli.console import print_job
 
         print_job(result)
     raise typer.Exit(0 if result.paid else EXIT_FAILURE)
@@ -263,7 +263,7 @@ def batch(
         to_money(budget, "--budget", allow_zero=False)
 
     async def go() -> Any:
-        from podsettle.console import progress
+        from podsettle.cli.console import progress
 
         async with _engine(store=_store(store)) as engine:
             await engine.check_services(endpoint)
@@ -282,7 +282,7 @@ def batch(
     if json_output:
         emit_json(result.to_json())
     else:
-        from podsettle.console import print_totals
+        from podsettle.cli.console import print_totals
 
         print_totals(result.totals, title=f"batch {result.batch_id}")
     raise typer.Exit(0 if result.totals.paid == result.totals.jobs else EXIT_FAILURE)
@@ -346,7 +346,7 @@ def _settlements(store: str | None) -> Any:
 
 
 def _read_model(store: str | None) -> Any:
-    from podsettle.console import read_model
+    from podsettle.cli.console import read_model
 
     return read_model(_settlements(store), store)
 
@@ -365,7 +365,7 @@ def status(
     if json_output:
         emit_json(summary)
     else:
-        from podsettle.console import print_mapping
+        from podsettle.cli.console import print_mapping
 
         print_mapping(summary, title=f"job {job.id}")
 
@@ -389,7 +389,7 @@ def jobs(
     if json_output:
         emit_json([row.to_json() for row in rows])
     else:
-        from podsettle.console import print_jobs
+        from podsettle.cli.console import print_jobs
 
         print_jobs(rows)
 
@@ -406,7 +406,7 @@ def totals(
     if json_output:
         emit_json(tally.to_json())
     else:
-        from podsettle.console import print_mapping
+        from podsettle.cli.console import print_mapping
 
         print_mapping(tally.to_json(), title=f"totals{' of ' + batch if batch else ''}")
 
@@ -419,7 +419,7 @@ def earnings(store: StoreOption = None, json_output: JsonFlag = False) -> None:
     if json_output:
         emit_json([row.to_json() for row in rows])
     else:
-        from podsettle.console import print_earnings
+        from podsettle.cli.console import print_earnings
 
         print_earnings(rows)
 
@@ -438,7 +438,7 @@ def replay(
     """Audit the whole history: re-apply every event, check every invariant and the hash chains,
     rebuild the read models and compare. Exit 1 on any violation."""
     from podsettle.adapters.chain import SEALS
-    from podsettle.console import audit_report
+    from podsettle.cli.console import audit_report
 
     with user_errors():
         if log is not None:
@@ -448,7 +448,7 @@ def replay(
                 fail(f"--log: {log} does not exist")
             report = audit_export(log, seals=SEALS)
         else:
-            from podsettle.console import views_path
+            from podsettle.cli.console import views_path
             from podsettle.projections import ReadModel
             from podsettle.replay import audit
 
@@ -499,7 +499,7 @@ def reconcile(
 ) -> None:
     """List ATTENTION jobs (and, with --check-escrow, every difference with the escrow service), or
     resolve one with an operator's finding."""
-    from podsettle.reconcile_cli import list_attention, resolve_job
+    from podsettle.cli.reconcile import list_attention, resolve_job
 
     settlements = _settlements(store)
     with user_errors():
@@ -516,7 +516,7 @@ def reconcile(
     if json_output:
         emit_json(listing)
     else:
-        from podsettle.console import print_attention
+        from podsettle.cli.console import print_attention
 
         print_attention(listing)
     raise typer.Exit(0 if not listing["attention"] and not listing["differences"] else EXIT_FAILURE)
@@ -533,7 +533,7 @@ def onboard(
     json_output: JsonFlag = False,
 ) -> None:
     """Register a new agent and claim the faucet's free USDC; prints the agent id and key once."""
-    from podsettle.onboarding import onboard as do_onboard
+    from podsettle.cli.onboarding import onboard as do_onboard
 
     result = run(do_onboard(casino_url, faucet_url))
     if json_output:

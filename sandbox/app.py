@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 
-from podsettle.adapters.escrow_sandbox import create_escrow_app
-from podsettle.adapters.http_server import BackgroundServer
-from podsettle.adapters.runpod_emulator import create_runpod_app
-from podsettle.adapters.runpod_worker import EndpointConfig
+from podsettle.sandbox.escrow_server import create_escrow_app
+from podsettle.sandbox.http_server import BackgroundServer
+from podsettle.sandbox.runpod_emulator import create_runpod_app
+from podsettle.sandbox.runpod_worker import EndpointConfig
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]

@@ -20,7 +20,6 @@ from decimal import Decimal
 from typing import Any, Protocol
 from uuid import UUID
 
-from podsettle import logs
 from podsettle.adapters.ports import (
     AmountMismatch,
     BadResponse,
@@ -49,7 +48,8 @@ from podsettle.domain.errors import ClaimLost, DomainError
 from podsettle.domain.escrow_job import Intent, JobView
 from podsettle.domain.money import fmt
 from podsettle.domain.rules import split
-from podsettle.logs import get_logger
+from podsettle.support import logs
+from podsettle.support.logs import get_logger
 
 log = get_logger("podsettle.processor")
 Command = Callable[[EscrowJob], Any]

@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from podsettle.adapters.runpod_worker import (
+from podsettle.sandbox.runpod_worker import (
     Clock,
     EndpointConfig,
     EndpointRuntime,
@@ -46,7 +46,7 @@ from podsettle.adapters.runpod_worker import (
     PolicyError,
     RunPodState,
 )
-from podsettle.logs import get_logger
+from podsettle.support.logs import get_logger
 
 __all__ = ["EmulatorState", "EndpointConfig", "Faults", "PolicyBounds", "RouteLimit", "create_runpod_app"]
 

@@ -28,9 +28,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from podsettle.adapters.handlers import BUILTIN_HANDLERS, Handler, resolve_handler
 from podsettle.adapters.ports import RunStatus
-from podsettle.logs import get_logger
+from podsettle.sandbox.handlers import BUILTIN_HANDLERS, Handler, resolve_handler
+from podsettle.support.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from podsettle.adapters.ports import NotFound, RateLimited, Rejected, RunOutcome, RunState, Unavailable
 from podsettle.adapters.runpod import MAX_INPUT_BYTES, classify_run, deadline_outcome, not_found_outcome
-from podsettle.adapters.runpod_worker import (
+from podsettle.sandbox.runpod_worker import (
     Clock,
     EndpointConfig,
     EndpointRuntime,

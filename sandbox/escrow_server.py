@@ -58,7 +58,7 @@ from podsettle.adapters.ledger import FEES_ACCOUNT, MICRO, Ledger, LedgerTx
 from podsettle.domain.errors import InvalidAmount
 from podsettle.domain.money import ZERO, Money, fmt, to_money
 from podsettle.domain.rules import commission, referral_fee
-from podsettle.logs import get_logger
+from podsettle.support.logs import get_logger
 
 log = get_logger(__name__)
 
