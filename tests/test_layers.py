@@ -49,7 +49,10 @@ MAY_IMPORT: dict[str, set[str]] = {
     "sandbox": {"domain", "support", "adapters"},
     "application": {"domain", "support", "adapters", "projections", "replay"},
     "bootstrap": {"application", "domain", "support", "adapters", "sandbox"},
-    "frontend": {"bootstrap", "application", "domain", "support", "adapters", "sandbox", "projections", "replay"},
+    "frontend": {
+        *("bootstrap", "application", "domain", "support"),
+        *("adapters", "sandbox", "projections", "replay"),
+    },
     "facade": {"bootstrap", "application", "domain"},
 }
 
