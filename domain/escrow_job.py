@@ -10,6 +10,14 @@ and then ask `violations()` what is wrong with it. The guards live in the public
 record an event with `trigger_event(EventClass, **fields)`: the library then runs the `@event`
 method of that class. (Calling the decorated method instead does the same, with two signature
 inspections more per event, which showed in the engine's profile.)
+
+Changing an event: stored events are never rewritten (each is sealed over its stored bytes, and the
+seal is checked over those bytes before any upcast). A change to an event's fields raises its
+`class_version` by one and adds a static `upcast_vN_vN+1(state)` that turns the stored dict of the
+previous version into the new one: a default for a new field, never an invented money amount. Every
+stored topic names this module and class (`podsettle.domain.escrow_job:EscrowJob.Funded`): moving
+the file or renaming a class keeps the old topic resolvable with `register_topic`.
+`tests/test_old_logs.py` audits the log podsettle 0.1.0 wrote and must pass unchanged (CHANGELOG.md).
 """
 
 from __future__ import annotations
