@@ -191,3 +191,18 @@ def test_the_redactor(secrets_: list[str], text: str, expected: str) -> None:
 )
 def test_which_field_names_hold_credentials(name: str, secret: bool) -> None:
     assert logs.is_secret_field(name) is secret
+
+
+async def test_the_production_wiring_registers_its_keys_as_secrets(
+    secrets: logs.Redactor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from podsettle.settings import Settings
+
+    keys = {"pf_api_key": "pf_k1", "pf_worker_key": "pf_worker_k2", "runpod_api_key": "rpa_K3"}
+    settings = Settings(store="memory", payer="ag_payer", **keys)  # type: ignore[arg-type]
+    engine = Engine.from_env(settings)
+    await engine.aclose()
+    logs.configure_logging("INFO", json=True, force=True)
+    logs.get_logger("test").info("echo", detail=" ".join(keys.values()))
+    _, lines = _written(capsys)
+    assert lines[0]["detail"] == "[redacted] [redacted] [redacted]"
