@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import re
 import time
@@ -314,14 +313,6 @@ class RunPodCompute:
             max_connections=max_connections,
             transport=transport,
         )
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> RunPodCompute:
-        """From `RUNPOD_API_KEY` and `RUNPOD_ENDPOINT_BASE_URL` (default the hosted API), the SDK's names."""
-        source = os.environ if env is None else env
-        key = source.get("RUNPOD_API_KEY", "")
-        base_url = source.get("RUNPOD_ENDPOINT_BASE_URL") or DEFAULT_BASE_URL
-        return cls(key, base_url=base_url, **kwargs)
 
     def __repr__(self) -> str:
         return f"RunPodCompute(base_url={self.base_url!r})"

@@ -17,7 +17,7 @@ from podsettle.application import Settlements
 from podsettle.engine import EngineCore
 from podsettle.processor import ProcessorConfig
 from podsettle.settings import ConfigError, Settings
-from podsettle.support.logs import configure_logging
+from podsettle.support.logs import configure_logging, hide
 
 # Connections per service. The adapters' own HTTP/1.1 transport (adapters/http_transport.py) keeps
 # them alive and costs the same per request however many there are; a runsync holds one for the
@@ -74,7 +74,8 @@ def in_process_engine(
     from podsettle.adapters.ledger_gateway import LedgerEscrow
     from podsettle.sandbox.inprocess_compute import InProcessCompute
 
-    configure_logging()
+    settings = settings or Settings(store=store, payer=payer, payee=payee)
+    configure_logging(settings.log_level)
     owned: list[Any] = []
     if escrow is None:
         ledger = Ledger(ledger_path)
@@ -88,7 +89,6 @@ def in_process_engine(
     if compute is None:
         compute = InProcessCompute(endpoints, seed=seed)
         owned.append(compute)
-    settings = settings or Settings(store=store, payer=payer, payee=payee)
     engine = Engine(
         Settlements(store),
         escrow,
@@ -108,13 +108,15 @@ def engine_from_settings(settings: Settings) -> Engine:
     from podsettle.adapters.purpleflea import PurpleFleaEscrow
     from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
 
-    configure_logging()
+    configure_logging(settings.log_level)
     if settings.pf_api_key is None:
         raise ConfigError("PF_API_KEY: the payer's Purple Flea key is required")
     if settings.runpod_api_key is None:
         raise ConfigError("RUNPOD_API_KEY: a RunPod API key is required")
     if not settings.payer:
         raise ConfigError("PODSETTLE_PAYER: the payer's agent id (ag_...) is required")
+    keys = (settings.pf_api_key, settings.pf_worker_key, settings.runpod_api_key)
+    hide(*(key.get_secret_value() for key in keys if key is not None))
     escrow = PurpleFleaEscrow(
         settings.escrow_url,
         payer_key=settings.pf_api_key.get_secret_value(),
@@ -170,7 +172,7 @@ def sandbox_engine(
     from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
     from podsettle.sandbox.app import Sandbox
 
-    configure_logging()
+    configure_logging()  # WARNING, unless the caller (the command line) configured logging first
     options = dict(sandbox_options or {})
     escrow_options = {"rate_limits": SANDBOX_RATE_LIMITS, "dispute_review": "refund"}
     escrow_options.update(options.pop("escrow_options", {}))

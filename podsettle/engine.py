@@ -322,7 +322,7 @@ class EngineCore:
         if self._started:
             return
         self._started = True
-        configure_logging()
+        configure_logging(self.settings.log_level)
         self.writer.start()
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self._measure_stalls(), name="podsettle-stalls"))

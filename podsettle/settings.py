@@ -1,89 +1,120 @@
-"""Configuration from the environment (and flags, which override it), validated with pydantic.
+"""Configuration from the environment (and flags, which override it), read and validated by
+pydantic-settings: the only module of podsettle that reads environment variables.
 
-Keys are `SecretStr`: they print as '**********' in reprs, logs and error messages.
+`Settings.from_env()` reads the environment; `Settings(...)` takes only the values it is given (the
+in-process and sandbox wirings must not pick up an operator's production keys). Keys are
+`SecretStr`: they print as '**********' in reprs, logs and error messages.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
 )
 
 from podsettle.adapters.persistence import DEFAULT_STORE
 from podsettle.domain.escrow_job import check_id
-
-ENVIRONMENT = {
-    "store": "PODSETTLE_STORE",
-    "escrow_url": "PODSETTLE_ESCROW_URL",
-    "escrow_dialect": "PODSETTLE_ESCROW_DIALECT",
-    "refund_method": "PODSETTLE_REFUND_METHOD",
-    "pf_api_key": "PF_API_KEY",
-    "pf_worker_key": "PF_WORKER_KEY",
-    "runpod_api_key": "RUNPOD_API_KEY",
-    "runpod_base_url": "RUNPOD_ENDPOINT_BASE_URL",
-    "payer": "PODSETTLE_PAYER",
-    "payee": "PODSETTLE_PAYEE",
-    "payees": "PODSETTLE_PAYEES",
-    "job_timeout_s": "PODSETTLE_JOB_TIMEOUT_S",
-    "concurrency": "PODSETTLE_CONCURRENCY",
-    "escrow_rate_limits": "PODSETTLE_ESCROW_RATE_LIMITS",
-    "refund_wait_s": "PODSETTLE_REFUND_WAIT_S",
-    "refund_poll_s": "PODSETTLE_REFUND_POLL_S",
-    "claim_lease_s": "PODSETTLE_CLAIM_LEASE_S",
-    "runpod_poll_s": "PODSETTLE_RUNPOD_POLL_S",
-    "runpod_runsync_ms": "PODSETTLE_RUNPOD_RUNSYNC_MS",
-    "http_transport": "PODSETTLE_HTTP_TRANSPORT",
-}
 
 
 class ConfigError(ValueError):
     """The configuration is incomplete or wrong; the message names the setting (never its secret)."""
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
-    store: str = DEFAULT_STORE
-    escrow_url: str = "https://escrow.purpleflea.com"
-    escrow_dialect: Literal["v1", "seed"] = "v1"
-    refund_method: Literal["dispute", "timeout"] = "dispute"
-    pf_api_key: SecretStr | None = None
-    pf_worker_key: SecretStr | None = None
-    runpod_api_key: SecretStr | None = None
-    runpod_base_url: str = "https://api.runpod.ai/v2"
-    payer: str | None = None
-    payee: str | None = None
-    payees: dict[str, str] = Field(default_factory=dict)
-    job_timeout_s: int = Field(default=600, ge=5, le=7 * 24 * 3600)
-    concurrency: int = Field(default=32, ge=1, le=10_000)
+
+class Settings(BaseSettings):
+    """Every setting, each read from the environment variable its field names (`validation_alias`)."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        case_sensitive=True,
+        validate_by_name=True,  # Settings(store=...) from Python; the variable's name from the environment
+        validate_by_alias=True,
+    )
+
+    store: str = Field(default=DEFAULT_STORE, validation_alias="PODSETTLE_STORE")
+    escrow_url: str = Field(default="https://escrow.purpleflea.com", validation_alias="PODSETTLE_ESCROW_URL")
+    escrow_dialect: Literal["v1", "seed"] = Field(default="v1", validation_alias="PODSETTLE_ESCROW_DIALECT")
+    refund_method: Literal["dispute", "timeout"] = Field(
+        default="dispute", validation_alias="PODSETTLE_REFUND_METHOD"
+    )
+    pf_api_key: SecretStr | None = Field(default=None, validation_alias="PF_API_KEY")
+    pf_worker_key: SecretStr | None = Field(default=None, validation_alias="PF_WORKER_KEY")
+    runpod_api_key: SecretStr | None = Field(default=None, validation_alias="RUNPOD_API_KEY")
+    runpod_base_url: str = Field(
+        default="https://api.runpod.ai/v2", validation_alias="RUNPOD_ENDPOINT_BASE_URL"
+    )
+    payer: str | None = Field(default=None, validation_alias="PODSETTLE_PAYER")
+    payee: str | None = Field(default=None, validation_alias="PODSETTLE_PAYEE")
+    # NoDecode: the environment holds `endpoint=payee,...`, not JSON (the validators below parse it).
+    payees: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, validation_alias="PODSETTLE_PAYEES"
+    )
+    job_timeout_s: int = Field(
+        default=600, ge=5, le=7 * 24 * 3600, validation_alias="PODSETTLE_JOB_TIMEOUT_S"
+    )
+    concurrency: int = Field(default=32, ge=1, le=10_000, validation_alias="PODSETTLE_CONCURRENCY")
     # Client-side limits per route and minute; the documented ones (create 20/min, ...) by default.
-    escrow_rate_limits: dict[str, int] = Field(default_factory=dict)
+    escrow_rate_limits: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict, validation_alias="PODSETTLE_ESCROW_RATE_LIMITS"
+    )
     # v1 refunds happen on the service's schedule: how long a call waits for one before it reports
     # the job as "refunding" (the engine keeps looking every refund_poll_s while it runs).
-    refund_wait_s: float = Field(default=0.0, ge=0, le=24 * 3600)
-    refund_poll_s: float = Field(default=30.0, gt=0, le=3600)
+    refund_wait_s: float = Field(default=0.0, ge=0, le=24 * 3600, validation_alias="PODSETTLE_REFUND_WAIT_S")
+    refund_poll_s: float = Field(default=30.0, gt=0, le=3600, validation_alias="PODSETTLE_REFUND_POLL_S")
     # How long another engine's unanswered attempt is left to it before this one confirms or redoes
     # it (several engines on one store); also how long a restarted engine waits for a dead one's.
-    claim_lease_s: float = Field(default=30.0, ge=0, le=3600)
+    claim_lease_s: float = Field(default=30.0, ge=0, le=3600, validation_alias="PODSETTLE_CLAIM_LEASE_S")
     # The first status read after a submit; later reads back off (x1.5, at most 5 s) and the
     # client-side limiter keeps them under RunPod's /status limit.
-    runpod_poll_s: float = Field(default=0.05, gt=0, le=60)
+    runpod_poll_s: float = Field(default=0.05, gt=0, le=60, validation_alias="PODSETTLE_RUNPOD_POLL_S")
     # Submit through /runsync, waiting this long for the run to end in the same answer (the contract
     # allows 1000..300000 ms); 0 submits through /run. Until the answer the run's id is unknown: the
     # job cannot be cancelled on RunPod, and an engine that crashes meanwhile submits it again.
-    runpod_runsync_ms: int = Field(default=1000, ge=0, le=300_000)
+    runpod_runsync_ms: int = Field(
+        default=1000, ge=0, le=300_000, validation_alias="PODSETTLE_RUNPOD_RUNSYNC_MS"
+    )
     # podsettle's own HTTP/1.1 connection layer (lean keep-alive, about a tenth of httpx's pool's CPU
     # per request), or httpx's own ("httpx"). A proxy named in the environment always gets httpx's.
-    http_transport: Literal["podsettle", "httpx"] = "podsettle"
+    http_transport: Literal["podsettle", "httpx"] = Field(
+        default="podsettle", validation_alias="PODSETTLE_HTTP_TRANSPORT"
+    )
+    # structlog's level; the composition root and the command line hand it to `configure_logging`.
+    log_level: LogLevel = Field(default="WARNING", validation_alias="PODSETTLE_LOG_LEVEL")
+    # Where the command line keeps the read models (default: next to a SQLite store, else the cwd).
+    views: str | None = Field(default=None, validation_alias="PODSETTLE_VIEWS")
+    # Who resolves an ATTENTION job from the command line when --operator is not given.
+    operator: str = Field(default="operator", min_length=1, validation_alias="USER")
+    # The agent registration and faucet services that `podsettle onboard` calls.
+    casino_url: str = Field(default="https://casino.purpleflea.com", validation_alias="PODSETTLE_CASINO_URL")
+    faucet_url: str = Field(default="https://faucet.purpleflea.com", validation_alias="PODSETTLE_FAUCET_URL")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Construction takes only the values given; `from_env` is the one door to the environment."""
+        return (init_settings,)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_name(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("runpod_runsync_ms")
     @classmethod
@@ -126,7 +157,7 @@ class Settings(BaseModel):
     def _agent_id(cls, value: str | None) -> str | None:
         return check_id(value, "agent id", optional=True)
 
-    @field_validator("escrow_url", "runpod_base_url")
+    @field_validator("escrow_url", "runpod_base_url", "casino_url", "faucet_url")
     @classmethod
     def _url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
@@ -135,10 +166,13 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Settings from the environment; keyword overrides (flags) win; None overrides are ignored."""
-        env = os.environ if environ is None else environ
+        """Settings from the environment (or from `environ`, a mapping standing in for it); keyword
+        overrides (flags) win; None overrides and blank variables are ignored."""
+        source = EnvSettingsSource(cls) if environ is None else _Mapping(cls, environ)
         values: dict[str, Any] = {
-            name: env[var] for name, var in ENVIRONMENT.items() if env.get(var, "").strip() != ""
+            _FIELD_OF.get(name, name): value
+            for name, value in source().items()
+            if not (isinstance(value, str) and not value.strip())
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
@@ -156,6 +190,24 @@ class Settings(BaseModel):
         return payee
 
 
+class _Mapping(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping instead of the process's."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return dict(self._environ)  # names as given: Settings matches them case-sensitively
+
+
+# Each setting's environment variable, and back.
+ENVIRONMENT: dict[str, str] = {
+    name: str(field.validation_alias) for name, field in Settings.model_fields.items()
+}
+_FIELD_OF = {var: name for name, var in ENVIRONMENT.items()}
+
+
 def describe(error: ValidationError) -> str:
     """One line per problem, naming the setting (and its environment variable), never the value of a key."""
     lines = []
@@ -164,8 +216,10 @@ def describe(error: ValidationError) -> str:
         if not problem["loc"]:  # a rule over several settings: its message names them
             lines.append(message)
             continue
-        name = ".".join(str(part) for part in problem["loc"])
-        var = ENVIRONMENT.get(str(problem["loc"][0]))
+        # A value from the environment is located by its variable, one from Python by its field.
+        field = _FIELD_OF.get(str(problem["loc"][0]), str(problem["loc"][0]))
+        name = ".".join([field, *(str(part) for part in problem["loc"][1:])])
+        var = ENVIRONMENT.get(field)
         where = f"{name} ({var})" if var else name
         lines.append(f"{where}: {message}")
     return "; ".join(lines)

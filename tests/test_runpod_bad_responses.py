@@ -33,6 +33,7 @@ from podsettle.adapters.runpod import (
     SyncPolicy,
     classify_run,
 )
+from podsettle.settings import Settings
 
 KEY = "rpa_SECRET_KEY_0123456789"
 RUN_ID = "job-1-u1"
@@ -354,17 +355,19 @@ async def test_a_bad_run_id_is_rejected_before_sending() -> None:
 # ------------------------------------------------------------------------------------- the key
 
 
-def test_configuration_from_the_environment_and_a_repr_without_the_key() -> None:
-    compute = RunPodCompute.from_env(
+def test_configuration_from_the_settings_and_a_repr_without_the_key() -> None:
+    settings = Settings.from_env(
         {"RUNPOD_API_KEY": KEY, "RUNPOD_ENDPOINT_BASE_URL": "http://127.0.0.1:9/v2/"}
     )
+    assert settings.runpod_api_key is not None
+    compute = RunPodCompute(settings.runpod_api_key.get_secret_value(), base_url=settings.runpod_base_url)
     assert compute.base_url == "http://127.0.0.1:9/v2"
     assert repr(compute) == "RunPodCompute(base_url='http://127.0.0.1:9/v2')" and KEY not in str(
         vars(compute)
     )
-    assert RunPodCompute.from_env({"RUNPOD_API_KEY": KEY}).base_url == DEFAULT_BASE_URL
+    assert Settings.from_env({"RUNPOD_API_KEY": KEY}).runpod_base_url == DEFAULT_BASE_URL
     with pytest.raises(Unauthorized, match="RUNPOD_API_KEY"):
-        RunPodCompute.from_env({})
+        RunPodCompute("")
 
 
 async def test_the_key_never_reaches_a_log_line() -> None:

@@ -44,11 +44,58 @@ def test_settings_from_the_environment_with_flags_overriding() -> None:
         ({"PODSETTLE_RUNPOD_RUNSYNC_MS": "500"}, "PODSETTLE_RUNPOD_RUNSYNC_MS"),
         ({"PODSETTLE_RUNPOD_RUNSYNC_MS": "soon"}, "PODSETTLE_RUNPOD_RUNSYNC_MS"),
         ({"PODSETTLE_HTTP_TRANSPORT": "curl"}, "PODSETTLE_HTTP_TRANSPORT"),
+        ({"PODSETTLE_LOG_LEVEL": "loud"}, "PODSETTLE_LOG_LEVEL"),
+        ({"PODSETTLE_CASINO_URL": "casino"}, "PODSETTLE_CASINO_URL"),
+        ({"PODSETTLE_CONCURRENCY": "many"}, "PODSETTLE_CONCURRENCY"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         Settings.from_env(env)
+
+
+def test_construction_takes_only_the_values_given_and_from_env_reads_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PODSETTLE_JOB_TIMEOUT_S", "120")
+    monkeypatch.setenv("PF_API_KEY", "pf_live_from_the_environment")
+    monkeypatch.setenv("podsettle_concurrency", "7")  # names are matched exactly
+    monkeypatch.setenv("PODSETTLE_PAYEE", "   ")  # blank: as if unset
+    assert Settings(store="memory").job_timeout_s == 600 and Settings().pf_api_key is None
+    settings = Settings.from_env(store="memory")
+    assert settings.job_timeout_s == 120 and settings.store == "memory"
+    assert settings.pf_api_key is not None
+    assert settings.pf_api_key.get_secret_value() == "pf_live_from_the_environment"
+    assert settings.concurrency == 32 and settings.payee is None
+
+
+def test_logging_views_operator_and_onboarding_services_are_settings_too() -> None:
+    settings = Settings.from_env(
+        {
+            "PODSETTLE_LOG_LEVEL": " info ",
+            "PODSETTLE_VIEWS": "views.db",
+            "USER": "alice",
+            "PODSETTLE_CASINO_URL": "http://127.0.0.1:1/",
+            "PODSETTLE_FAUCET_URL": "https://faucet.test",
+        }
+    )
+    assert settings.log_level == "INFO" and settings.views == "views.db" and settings.operator == "alice"
+    assert settings.casino_url == "http://127.0.0.1:1" and settings.faucet_url == "https://faucet.test"
+    defaults = Settings.from_env({})
+    assert (defaults.log_level, defaults.views, defaults.operator) == ("WARNING", None, "operator")
+
+
+def test_a_bad_value_from_python_names_the_setting_and_its_variable() -> None:
+    with pytest.raises(ConfigError, match=r"job_timeout_s \(PODSETTLE_JOB_TIMEOUT_S\)"):
+        Settings.from_env({}, job_timeout_s=1)
+    with pytest.raises(ConfigError, match=r"payees.render \(PODSETTLE_PAYEES\)"):
+        Settings.from_env({}, payees={"render": 3})
+
+
+def test_a_bad_key_is_named_without_its_value() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"PF_API_KEY": "pf_live_secret_value_123", "PODSETTLE_PAYEES": "x"})
+    assert "pf_live_secret_value_123" not in str(caught.value)
 
 
 def test_a_missing_payee_is_explained() -> None:

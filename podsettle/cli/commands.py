@@ -9,28 +9,51 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from typer.core import TyperGroup
 
+if TYPE_CHECKING:
+    from podsettle.settings import Settings
+
 T = TypeVar("T")
+# The configuration of the command being run: read from the environment once, before it runs.
+_SETTINGS: ContextVar[Settings | None] = ContextVar("podsettle_cli_settings", default=None)
 
 
 class _Commands(TyperGroup):
-    """Every command runs inside `user_errors()`: a user's mistake is one line, never a traceback."""
+    """Every command runs inside `user_errors()`: a user's mistake is one line, never a traceback.
+    The configuration is read and checked first, so a wrong variable is named whatever the command."""
 
     def invoke(self, ctx: Any) -> Any:
+        from podsettle.settings import Settings
         from podsettle.support.logs import configure_logging
 
-        configure_logging()  # stderr, level from PODSETTLE_LOG_LEVEL: stdout stays for results
         with user_errors():
-            return super().invoke(ctx)
+            settings = Settings.from_env()
+            configure_logging(settings.log_level)  # stderr: stdout stays for results
+            token = _SETTINGS.set(settings)
+            try:
+                return super().invoke(ctx)
+            finally:
+                _SETTINGS.reset(token)
+
+
+def _settings() -> Settings:
+    """The configuration of the running command (read now when a command is called directly)."""
+    settings = _SETTINGS.get()
+    if settings is None:
+        from podsettle.settings import Settings
+
+        with user_errors():
+            settings = Settings.from_env()
+    return settings
 
 
 app = typer.Typer(
@@ -109,9 +132,9 @@ def show_progress(json_output: bool) -> bool:
 
 
 def _store(store: str | None) -> str:
-    from podsettle.adapters.persistence import DEFAULT_STORE, store_from_url
+    from podsettle.adapters.persistence import store_from_url
 
-    url = store or os.environ.get("PODSETTLE_STORE") or DEFAULT_STORE
+    url = store or _settings().store
     store_from_url(url)  # validates, with a message naming PODSETTLE_STORE
     return url
 
@@ -348,7 +371,7 @@ def _settlements(store: str | None) -> Any:
 def _read_model(store: str | None) -> Any:
     from podsettle.cli.console import read_model
 
-    return read_model(_settlements(store), store)
+    return read_model(_settlements(store), _store(store), _settings().views)
 
 
 @app.command()
@@ -454,7 +477,8 @@ def replay(
 
             settlements = _settlements(store)
             url = _store(store)
-            report = audit(settlements, read_model=ReadModel(settlements, views_path(url)), seals=SEALS)
+            views = ReadModel(settlements, views_path(url, _settings().views))
+            report = audit(settlements, read_model=views, seals=SEALS)
     if json_output:
         emit_json(report.to_json())
     else:
@@ -489,8 +513,7 @@ def reconcile(
         str | None,
         typer.Option(help="funded:ESCROW_ID | not-funded | released | refunded | retry (with --resolve)."),
     ] = None,
-    operator: Annotated[str, typer.Option(help="Who resolves it.")] = os.environ.get("USER", "operator")
-    or "operator",
+    operator: Annotated[str | None, typer.Option(help="Who resolves it (default: $USER).")] = None,
     check_escrow: Annotated[
         bool, typer.Option("--check-escrow", help="Also compare with the escrow service.")
     ] = False,
@@ -506,7 +529,7 @@ def reconcile(
         if resolve is not None:
             if not finding or not outcome:
                 fail("--resolve needs --finding and --outcome")
-            summary = resolve_job(settlements, resolve, finding, outcome, operator)
+            summary = resolve_job(settlements, resolve, finding, outcome, operator or _settings().operator)
             if json_output:
                 emit_json(summary)
             else:
@@ -525,17 +548,19 @@ def reconcile(
 @app.command()
 def onboard(
     casino_url: Annotated[
-        str, typer.Option(envvar="PODSETTLE_CASINO_URL", help="Agent registration service.")
-    ] = "https://casino.purpleflea.com",
+        str | None,
+        typer.Option(help="Agent registration service (default: $PODSETTLE_CASINO_URL or the hosted one)."),
+    ] = None,
     faucet_url: Annotated[
-        str, typer.Option(envvar="PODSETTLE_FAUCET_URL", help="Faucet service.")
-    ] = "https://faucet.purpleflea.com",
+        str | None, typer.Option(help="Faucet service (default: $PODSETTLE_FAUCET_URL or the hosted one).")
+    ] = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Register a new agent and claim the faucet's free USDC; prints the agent id and key once."""
     from podsettle.cli.onboarding import onboard as do_onboard
 
-    result = run(do_onboard(casino_url, faucet_url))
+    settings = _settings()
+    result = run(do_onboard(casino_url or settings.casino_url, faucet_url or settings.faucet_url))
     if json_output:
         emit_json(result)
     else:

@@ -3,7 +3,6 @@ that stdout stays clean)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
@@ -122,9 +121,9 @@ def audit_report(report: Any) -> str:
     return rendered
 
 
-def views_path(store_url: str) -> str:
-    """Where the read models live: next to a SQLite store, else in $PODSETTLE_VIEWS or the cwd."""
-    explicit = os.environ.get("PODSETTLE_VIEWS")
+def views_path(store_url: str, explicit: str | None = None) -> str:
+    """Where the read models live: `explicit` (the settings' views, $PODSETTLE_VIEWS) if given,
+    else next to a SQLite store, else in the cwd."""
     if explicit:
         return explicit
     if store_url.startswith("sqlite:///"):
@@ -132,11 +131,10 @@ def views_path(store_url: str) -> str:
     return "podsettle-views.db"
 
 
-def read_model(settlements: Any, store: str | None) -> Any:
+def read_model(settlements: Any, store_url: str, views: str | None = None) -> Any:
     """The read model of a store, caught up with its log."""
     from podsettle.projections import ReadModel
 
-    url = store or os.environ.get("PODSETTLE_STORE") or "sqlite:///podsettle.db"
-    model = ReadModel(settlements, views_path(url))
+    model = ReadModel(settlements, views_path(store_url, views))
     model.catch_up()
     return model
