@@ -178,7 +178,13 @@ class JobWriter:
                 continue
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             batch = [request for request in batch if not request.future.done()]
-            outcomes = await loop.run_in_executor(self._executor, self._process, batch)
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._process, batch)
+            except Exception as error:
+                # The store failed (not a race): nothing of this batch was saved. Its callers get the
+                # error; the writer keeps serving, or every later command would wait forever.
+                log.error("writer.save_failed", error=repr(error), commands=len(batch))
+                outcomes = [(request, error) for request in batch]
             for request, outcome in outcomes:
                 if request.future.done():
                     continue
@@ -312,6 +318,8 @@ class JobWriter:
         for aggregate in aggregates:
             self._cache.pop(aggregate.id, None)
             self._views.pop(aggregate.id, None)
+            # Unsaved versions must not make the log follower skip another writer's events.
+            self._versions.pop(aggregate.id, None)
 
     def _fallback(self, batch: list[_Request]) -> list[tuple[_Request, Any]]:
         """Replay each request alone, on fresh copies, saving each on its own."""
@@ -347,3 +355,4 @@ class JobWriter:
                 continue
             return result, job.view()
         raise RuntimeError(f"job {request.job_id}: gave up after {MAX_RACE_RETRIES} concurrent updates")
+
