@@ -8,6 +8,9 @@ thread, so the event loop never waits on SQLite or PostgreSQL.
 A group save that loses a race with another engine (`IntegrityError`) is undone and its commands
 are replayed one by one on fresh copies: outcome commands are idempotent and converge, a claim that
 lost its race raises `ClaimLost`.
+
+This is the one command path: the engine, its processor and the operator's resolution on the
+command line (`run_command`, a writer for one command) all change jobs through a `JobWriter`.
 """
 
 from __future__ import annotations
@@ -356,3 +359,13 @@ class JobWriter:
             return result, job.view()
         raise RuntimeError(f"job {request.job_id}: gave up after {MAX_RACE_RETRIES} concurrent updates")
 
+
+async def run_command(app: Settlements, job_id: UUID, command: Command) -> tuple[Any, JobView]:
+    """Run one command through a writer of its own, started and closed here, with the same race
+    handling as the engine's (for a process that runs no engine: `podsettle reconcile --resolve`).
+    Returns the command's result and the job after it."""
+    writer = JobWriter(app)
+    try:
+        return await writer.execute(job_id, command)
+    finally:
+        await writer.aclose()
