@@ -1,17 +1,15 @@
 """The `Settlements` application: the event-sourced store of escrow jobs.
 
-Every command is "get the job, call one method, save". A save that loses a race with another writer
-(`IntegrityError`) is retried on a fresh copy, so the idempotent outcome commands converge; claims
-(`record_attempt`) are not retried, because losing that race means another processor holds the claim.
+It opens jobs and answers queries. Commands that change a job go through one path, the job writer
+(podsettle/writer.py), which saves them in groups and handles races with other writers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
@@ -21,15 +19,12 @@ from eventsourcing.utils import get_topic
 from podsettle.adapters.chain import ChainMapper
 from podsettle.adapters.persistence import Store, store_from_url
 from podsettle.adapters.transcoder import FastJSONTranscoder
-from podsettle.domain import EscrowJob, State, Step
+from podsettle.domain import EscrowJob, State
 from podsettle.domain.digests import digest
-from podsettle.domain.errors import ClaimLost, ConflictingOutcome, InvalidInput, JobNotFound
+from podsettle.domain.errors import ConflictingOutcome, InvalidInput, JobNotFound
 from podsettle.domain.escrow_job import check_id, job_id_for
 from podsettle.domain.job_input import JobInput, input_id_for
-from podsettle.domain.rules import BonusDecision
-
-T = TypeVar("T")
-MAX_RACE_RETRIES = 20
+from podsettle.projections.follower import LogFollower
 
 
 @dataclass(frozen=True)
@@ -51,7 +46,8 @@ class JobSpec:
 
 
 class Settlements(Application[UUID]):
-    """Opens escrow jobs and records their intents, attempts and outcomes."""
+    """Opens escrow jobs and reads them back; the job writer records their intents, attempts and
+    outcomes."""
 
     name = "podsettle"
     is_snapshotting_enabled = False
@@ -181,139 +177,20 @@ class Settlements(Application[UUID]):
 
     def job_ids(self, *, batch_id: str | None = None) -> Iterator[UUID]:
         """Every job id in log order, optionally only those of one batch (from the Opened events)."""
-        start = 1
-        while True:
-            page = self.recorder.select_notifications(start, 500, topics=[self._opened_topic])
-            if not page:
-                return
-            for notification in page:
+        opened = LogFollower(self.recorder, topics=[self._opened_topic], page_size=500)
+        for page in opened.pages_after(0):
+            for notification in page.notifications:
                 if batch_id is not None:
-                    opened = self.mapper.to_domain_event(notification)
-                    if getattr(opened, "batch_id", None) != batch_id:
+                    event = self.mapper.to_domain_event(notification)
+                    if getattr(event, "batch_id", None) != batch_id:
                         continue
                 originator = notification.originator_id
                 yield originator if isinstance(originator, UUID) else UUID(str(originator))
-            start = page[-1].id + 1
 
     def list_jobs(self, *, state: State | str | None = None, batch_id: str | None = None) -> list[EscrowJob]:
         wanted = None if state is None else State(str(state).upper())
         jobs = (self.get_job(job_id) for job_id in self.job_ids(batch_id=batch_id))
         return [job for job in jobs if wanted is None or job.state == wanted]
-
-    # ------------------------------------------------------------------ commands
-
-    def execute(
-        self, job_id: UUID | str, command: Callable[[EscrowJob], T], *, retry_races: bool = True
-    ) -> T:
-        """Run one command on a fresh copy of the job and save what it recorded."""
-        for _ in range(MAX_RACE_RETRIES):
-            job = self.get_job(job_id)
-            result = command(job)
-            try:
-                self.save(job)
-            except IntegrityError:
-                if not retry_races:
-                    raise
-                continue
-            return result
-        raise RuntimeError(f"job {job_id}: gave up after {MAX_RACE_RETRIES} concurrent updates")
-
-    def record_attempt(self, job_id: UUID | str, step: Step, processor: str) -> int:
-        try:
-            return self.execute(job_id, lambda job: job.record_attempt(step, processor), retry_races=False)
-        except IntegrityError:
-            raise ClaimLost(job_id, step) from None
-
-    def record_funded(
-        self, job_id: UUID | str, escrow_id: str, amount: Decimal, fee: Decimal, net: Decimal
-    ) -> None:
-        self.execute(job_id, lambda job: job.record_funded(escrow_id, amount, fee, net))
-
-    def record_funding_rejected(
-        self, job_id: UUID | str, reason: str, status_code: int | None = None
-    ) -> None:
-        self.execute(job_id, lambda job: job.record_funding_rejected(reason, status_code))
-
-    def record_started(self, job_id: UUID | str, runpod_job_id: str) -> None:
-        self.execute(job_id, lambda job: job.record_started(runpod_job_id))
-
-    def request_cancel(self, job_id: UUID | str, reason: str) -> None:
-        self.execute(job_id, lambda job: job.request_cancel(reason))
-
-    def record_completed(
-        self,
-        job_id: UUID | str,
-        output_digest: str,
-        execution_ms: int | None = None,
-        delay_ms: int | None = None,
-        worker_id: str | None = None,
-        metrics: dict[str, str] | None = None,
-    ) -> None:
-        self.execute(
-            job_id,
-            lambda job: job.record_completed(output_digest, execution_ms, delay_ms, worker_id, metrics),
-        )
-
-    def record_failed(self, job_id: UUID | str, stage: str, runpod_status: str | None, reason: str) -> None:
-        self.execute(job_id, lambda job: job.record_failed(stage, runpod_status, reason))
-
-    def record_released(
-        self, job_id: UUID | str, to_payee: Decimal, fee: Decimal, referral_fee: Decimal, returned: Decimal
-    ) -> None:
-        self.execute(job_id, lambda job: job.record_released(to_payee, fee, referral_fee, returned))
-
-    def record_refunded(self, job_id: UUID | str, returned: Decimal, fee_kept: Decimal) -> None:
-        self.execute(job_id, lambda job: job.record_refunded(returned, fee_kept))
-
-    def record_refunded_by_service(
-        self, job_id: UUID | str, returned: Decimal, fee_kept: Decimal, reason: str
-    ) -> None:
-        self.execute(job_id, lambda job: job.record_refunded_by_service(returned, fee_kept, reason))
-
-    def request_bonus(
-        self,
-        job_id: UUID | str,
-        base_metric: Decimal,
-        achieved_metric: Decimal,
-        pool: Decimal,
-        threshold: Decimal,
-    ) -> BonusDecision:
-        return self.execute(
-            job_id, lambda job: job.request_bonus(base_metric, achieved_metric, pool, threshold)
-        )
-
-    def record_bonus_funded(
-        self, job_id: UUID | str, escrow_id: str, amount: Decimal, fee: Decimal, net: Decimal
-    ) -> None:
-        self.execute(job_id, lambda job: job.record_bonus_funded(escrow_id, amount, fee, net))
-
-    def record_bonus_awarded(
-        self, job_id: UUID | str, to_payee: Decimal, fee: Decimal, referral_fee: Decimal
-    ) -> None:
-        self.execute(job_id, lambda job: job.record_bonus_awarded(to_payee, fee, referral_fee))
-
-    def raise_attention(
-        self, job_id: UUID | str, step: Step, reason: str, known: dict[str, str] | None = None
-    ) -> None:
-        self.execute(job_id, lambda job: job.raise_attention(step, reason, known))
-
-    def resolve(
-        self,
-        job_id: UUID | str,
-        finding: str,
-        operator: str,
-        *,
-        retry: bool = False,
-        outcome: Callable[[EscrowJob], object] | None = None,
-    ) -> None:
-        """Resolve an ATTENTION job; `outcome` records what the operator found, in the same save."""
-
-        def command(job: EscrowJob) -> None:
-            job.resolve(finding, operator, retry=retry)
-            if outcome is not None:
-                outcome(job)
-
-        self.execute(job_id, command)
 
     @staticmethod
     def _uuid(job_id: UUID | str) -> UUID:

@@ -11,7 +11,6 @@ every job that an earlier engine left unfinished.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from decimal import Decimal
 from functools import partial
 from typing import Any, Self
 
-from eventsourcing.persistence import IntegrityError, Tracking
 from eventsourcing.utils import get_topic
 
 from podsettle.adapters.ports import ComputeGateway, EscrowGateway
@@ -33,12 +31,15 @@ from podsettle.domain.escrow_job import JobView, check_id
 from podsettle.domain.money import ZERO, fmt, to_money
 from podsettle.domain.rules import BONUS_THRESHOLD, to_metric
 from podsettle.processor import Processor, ProcessorConfig
+from podsettle.projections.follower import LogFollower, Page, TrackedPosition
 from podsettle.settings import Settings
 from podsettle.support.logs import configure_logging, get_logger
 from podsettle.writer import JobWriter
 
 log = get_logger("podsettle.engine")
 FOLLOWER = "podsettle-intents"
+INTENT_PAGE_SIZE = 1000  # intents read per follower tick
+RECOVERY_PAGE_SIZE = 5000  # notifications read per page by the recovery scan (ids and topics only)
 # Events after which a job has something to do; the follower drives the jobs they belong to.
 INTENT_TOPICS = [
     get_topic(cls)
@@ -602,15 +603,11 @@ class EngineCore:
         """Every job whose last event leaves it with something to do, and the log's last position.
 
         Reads topics and ids only (no decoding), in pages, keeping just the unfinished set."""
-        recorder = self.app.recorder
-        last = recorder.max_notification_id() or 0
+        last = self.app.recorder.max_notification_id() or 0
         unfinished: dict[uuid.UUID, None] = {}
-        start = 1
-        while start <= last:
-            page = recorder.select_notifications(start, 5000, stop=last)
-            if not page:
-                break
-            for notification in page:
+        scan = LogFollower(self.app.recorder, page_size=RECOVERY_PAGE_SIZE)
+        for page in scan.pages_after(0, stop=last):
+            for notification in page.notifications:
                 if not notification.topic.startswith(JOB_TOPIC_PREFIX):
                     continue
                 originator = notification.originator_id
@@ -619,7 +616,6 @@ class EngineCore:
                     unfinished.pop(job_id, None)
                 else:
                     unfinished[job_id] = None
-            start = page[-1].id + 1
         return list(unfinished), last
 
     async def _recover(self) -> int:
@@ -642,25 +638,24 @@ class EngineCore:
     async def _follow(self, position: int) -> None:
         """Follow the log for intents written by other processes (an operator's resolution, another
         engine's jobs), recording how far it has read."""
-        tracking = await self.writer.call(self._tracking_recorder)
-        tracked: int = await self.writer.call(lambda: tracking.max_tracking_id(FOLLOWER)) or 0
-        position = max(position, tracked)
+        tracked: TrackedPosition = await self.writer.call(
+            partial(TrackedPosition.open, self.app.factory, FOLLOWER)
+        )
+        position = max(position, await self.writer.call(tracked.get))
+        follower = LogFollower(self.app.recorder, topics=INTENT_TOPICS, page_size=INTENT_PAGE_SIZE)
         while True:
             try:
-                page, last = await self.writer.call(partial(self._intents_after, position))
-                for notification in page:
+                page: Page = await self.writer.call(partial(follower.page_after, position))
+                for notification in page.notifications:
                     originator = notification.originator_id
                     job_id = originator if isinstance(originator, uuid.UUID) else uuid.UUID(str(originator))
                     if job_id not in self._driving and not self._knows(
                         job_id, notification.originator_version
                     ):
                         self._drive(job_id, fresh=True)  # written by another process
-                if last > position:
-                    position = last
-                    with contextlib.suppress(IntegrityError):  # another engine recorded it already
-                        await self.writer.call(
-                            partial(tracking.insert_tracking, Tracking(FOLLOWER, position))
-                        )
+                if page.position > position:
+                    position = page.position
+                    await self.writer.call(partial(tracked.record, position))
             except RuntimeError:
                 return  # the writer closed
             except (
@@ -669,26 +664,6 @@ class EngineCore:
                 log.error("engine.follow_failed", error=repr(error))
                 await asyncio.sleep(max(1.0, self.follow_interval_s))
             await asyncio.sleep(self.follow_interval_s)
-
-    def _tracking_recorder(self) -> Any:
-        """The follower's tracking table. Two engines starting together on a new store may both try
-        to create it (the library then raises IntegrityError for the second): the table exists then."""
-        for attempt in range(3):
-            try:
-                return self.app.factory.tracking_recorder()
-            except IntegrityError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _intents_after(self, position: int) -> tuple[Sequence[Any], int]:
-        last = self.app.recorder.max_notification_id() or 0
-        if last <= position:
-            return [], position
-        page = self.app.recorder.select_notifications(position + 1, 1000, stop=last, topics=INTENT_TOPICS)
-        if len(page) == 1000:
-            last = page[-1].id
-        return page, last
 
     def _knows(self, job_id: uuid.UUID, version: int) -> bool:
         return self.writer.known_version(job_id) >= version

@@ -8,6 +8,9 @@ thread, so the event loop never waits on SQLite or PostgreSQL.
 A group save that loses a race with another engine (`IntegrityError`) is undone and its commands
 are replayed one by one on fresh copies: outcome commands are idempotent and converge, a claim that
 lost its race raises `ClaimLost`.
+
+This is the one command path: the engine, its processor and the operator's resolution on the
+command line (`run_command`, a writer for one command) all change jobs through a `JobWriter`.
 """
 
 from __future__ import annotations
@@ -178,7 +181,13 @@ class JobWriter:
                 continue
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             batch = [request for request in batch if not request.future.done()]
-            outcomes = await loop.run_in_executor(self._executor, self._process, batch)
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._process, batch)
+            except Exception as error:
+                # The store failed (not a race): nothing of this batch was saved. Its callers get the
+                # error; the writer keeps serving, or every later command would wait forever.
+                log.error("writer.save_failed", error=repr(error), commands=len(batch))
+                outcomes = [(request, error) for request in batch]
             for request, outcome in outcomes:
                 if request.future.done():
                     continue
@@ -312,6 +321,8 @@ class JobWriter:
         for aggregate in aggregates:
             self._cache.pop(aggregate.id, None)
             self._views.pop(aggregate.id, None)
+            # Unsaved versions must not make the log follower skip another writer's events.
+            self._versions.pop(aggregate.id, None)
 
     def _fallback(self, batch: list[_Request]) -> list[tuple[_Request, Any]]:
         """Replay each request alone, on fresh copies, saving each on its own."""
@@ -347,3 +358,14 @@ class JobWriter:
                 continue
             return result, job.view()
         raise RuntimeError(f"job {request.job_id}: gave up after {MAX_RACE_RETRIES} concurrent updates")
+
+
+async def run_command(app: Settlements, job_id: UUID, command: Command) -> tuple[Any, JobView]:
+    """Run one command through a writer of its own, started and closed here, with the same race
+    handling as the engine's (for a process that runs no engine: `podsettle reconcile --resolve`).
+    Returns the command's result and the job after it."""
+    writer = JobWriter(app)
+    try:
+        return await writer.execute(job_id, command)
+    finally:
+        await writer.aclose()

@@ -1,8 +1,9 @@
 """The read model facade: catch up with the event log, and answer the questions operators ask.
 
 Pull-based: eventsourcing cannot subscribe to a SQLite recorder, so `catch_up()` reads the
-notifications after the tracked position, a page at a time, and flushes each page with its position
-in one transaction. It is cheap to call often: with nothing new it costs one small query.
+notifications after the tracked position, a page at a time (projections/follower.py, the follower
+the engine uses too), and flushes each page with its position in one transaction. It is cheap to
+call often: with nothing new it costs one small query.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from eventsourcing.utils import resolve_topic
 from podsettle.domain import EscrowJob, State, fmt
 from podsettle.domain.money import QUANTUM
 from podsettle.projections.apply import Applier, Creator, applier, creator
+from podsettle.projections.follower import LogFollower
 from podsettle.projections.rows import JobRow, Tally
 from podsettle.projections.views import CHECKPOINT_EVERY, Checkpoint, Projector, Tracking, ViewStore
 from podsettle.support.lru import keep
@@ -203,16 +205,14 @@ class ReadModel:
                 raise
 
     def _catch_up(self, stop: int | None) -> int:
-        recorder = self.app.recorder
         to_domain_event = self.app.mapper.to_domain_event
         projector = self.projector
         appliers = self._appliers
         done = 0
-        while True:
-            page = recorder.select_notifications(projector.position + 1, self.page_size, stop=stop)
-            if not page:
-                break
-            for note in page:
+        # Every notification, whatever its aggregate: each one moves the log digest.
+        follower = LogFollower(self.app.recorder, page_size=self.page_size)
+        for page in follower.pages_after(projector.position, stop):
+            for note in page.notifications:
                 version = note.originator_version
                 projector.observe(note.id, note.originator_id, version, note.topic, note.state)
                 if not is_job_topic(note.topic):
@@ -238,9 +238,7 @@ class ReadModel:
                 self._remember(job)
                 projector.apply(job, event, note.id)
             projector.flush()
-            done += len(page)
-            if len(page) < self.page_size:
-                break
+            done += len(page.notifications)
         return done
 
     def _projector(self) -> Projector:

@@ -33,6 +33,7 @@ from podsettle.processor import ProcessorConfig
 from podsettle.sandbox.inprocess_compute import InProcessCompute
 from podsettle.sandbox.runpod_worker import EndpointConfig, Faults
 from podsettle.settings import Settings
+from tests.histories import act
 
 T = TypeVar("T")
 PAYER, PAYEE = "ag_payer", "ag_worker"
@@ -273,27 +274,19 @@ def resolve_from_ledger(app: Settlements, job: EscrowJob, escrow: LedgerEscrow, 
     step, key = job.intent.step, job.intent.key
     hold = ledger.find_hold(key)
     finding = f"checked the ledger for {key}: {'found ' + hold.hold_id if hold else 'nothing'}"
-    if step in (Step.FUND, Step.BONUS_FUND):
-        if hold is None:
-            app.resolve(job.id, finding, "operator", retry=True)
-            return
+    if step in (Step.FUND, Step.BONUS_FUND) and hold is not None:
         amount = hold.amount
         from podsettle.domain.rules import split
 
         parts = split(amount)
-        if step == Step.FUND:
-            app.resolve(
-                job.id,
-                finding,
-                "operator",
-                outcome=lambda j: j.record_funded(hold.hold_id, amount, parts.fee, parts.net),
-            )
-        else:
-            app.resolve(
-                job.id,
-                finding,
-                "operator",
-                outcome=lambda j: j.record_bonus_funded(hold.hold_id, amount, parts.fee, parts.net),
-            )
+
+        def found(j: EscrowJob) -> None:
+            j.resolve(finding, "operator")
+            if step == Step.FUND:
+                j.record_funded(hold.hold_id, amount, parts.fee, parts.net)
+            else:
+                j.record_bonus_funded(hold.hold_id, amount, parts.fee, parts.net)
+
+        act(app, job.id, found)
         return
-    app.resolve(job.id, finding, "operator", retry=True)
+    act(app, job.id, lambda j: j.resolve(finding, "operator", retry=True))

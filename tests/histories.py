@@ -1,5 +1,6 @@
 """Realistic event logs for the read-side tests: jobs driven through the lifecycle with the
-aggregate's own commands, their saves interleaved as concurrent jobs would be."""
+aggregate's own commands, their saves interleaved as concurrent jobs would be; and `act`, the
+library's "get, call one method, save" for tests that build a history one command at a time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import TypeVar
+from uuid import UUID
 
 from podsettle import Settlements
 from podsettle.domain import EscrowJob, Step, rules
@@ -30,6 +33,7 @@ OUTCOMES = (
 )
 BUDGETS = ("0.10", "0.50", "1", "2.345678", "12.5")
 Command = Callable[[EscrowJob], object]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,15 @@ class Plan:
     endpoint: str = "echo"
     execution_ms: int = 1200
     delay_ms: int = 30
+
+
+def act(app: Settlements, job_id: UUID | str, command: Callable[[EscrowJob], T]) -> T:
+    """Get the job, call `command` on it (one or more of its methods, saved together), save it;
+    the command's result. No race handling: tests that race use the job writer."""
+    job = app.get_job(job_id)
+    result = command(job)
+    app.save(job)
+    return result
 
 
 def open_job(plan: Plan) -> EscrowJob:

@@ -15,6 +15,8 @@ from podsettle.adapters.persistence import StoreConfigError, store_from_url
 from podsettle.domain import ConflictingOutcome, InvalidInput, State, Step
 from podsettle.domain.digests import digest
 from podsettle.domain.rules import split
+from podsettle.writer import JobWriter, run_command
+from tests.histories import act
 from tests.jobs import DEADLINE
 
 POSTGRES_URL = os.environ.get("PODSETTLE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -70,13 +72,13 @@ def app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settlements]
 def test_open_settle_and_query_a_job(app: Settlements) -> None:
     job_id = app.open_job(spec("job-1"))
     parts = split(Decimal("0.50"))  # type: ignore[arg-type]
-    assert app.record_attempt(job_id, Step.FUND, "p1") == 1
-    app.record_funded(job_id, "esc_1", Decimal("0.50"), parts.fee, parts.net)
-    app.record_attempt(job_id, Step.START, "p1")
-    app.record_started(job_id, "rp-1")
-    app.record_completed(job_id, digest("out"), 10, 1, "w", {"accuracy": "0.9"})
-    app.record_attempt(job_id, Step.RELEASE, "p1")
-    app.record_released(job_id, parts.net, parts.fee, parts.referral_fee, Decimal(0))
+    assert act(app, job_id, lambda j: j.record_attempt(Step.FUND, "p1")) == 1
+    act(app, job_id, lambda j: j.record_funded("esc_1", Decimal("0.50"), parts.fee, parts.net))
+    act(app, job_id, lambda j: j.record_attempt(Step.START, "p1"))
+    act(app, job_id, lambda j: j.record_started("rp-1"))
+    act(app, job_id, lambda j: j.record_completed(digest("out"), 10, 1, "w", {"accuracy": "0.9"}))
+    act(app, job_id, lambda j: j.record_attempt(Step.RELEASE, "p1"))
+    act(app, job_id, lambda j: j.record_released(parts.net, parts.fee, parts.referral_fee, Decimal(0)))
     job = app.get_job(str(job_id))
     assert job.state == State.RELEASED
     assert job.released == (parts.net, parts.fee, parts.referral_fee, Decimal(0))
@@ -97,7 +99,7 @@ def test_a_batch_opens_atomically_and_lists_by_batch_and_state(app: Settlements)
     ids = app.open_jobs([spec(f"b1-{i}", batch="b1") for i in range(5)])
     app.open_job(spec("other", batch="b2"))
     assert list(app.job_ids(batch_id="b1")) == ids
-    app.record_funding_rejected(ids[0], "insufficient_balance", 402)
+    act(app, ids[0], lambda j: j.record_funding_rejected("insufficient_balance", 402))
     assert [j.id for j in app.list_jobs(state="rejected")] == [ids[0]]
     assert len(app.list_jobs(state=State.FUNDING, batch_id="b1")) == 4
     assert len(app.list_jobs()) == 6
@@ -116,35 +118,64 @@ def test_missing_job_and_bad_id(app: Settlements) -> None:
         app.get_job("not-a-uuid")
 
 
-def test_a_claim_lost_to_another_processor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_claim_lost_to_another_processor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     one, two = Settlements(url), Settlements(url)
     job_id = one.open_job(spec("race"))
     read = two.get_job
+    raced: list[bool] = []
 
     def read_then_lose_the_race(job_id: uuid.UUID) -> object:
         job = read(job_id)
-        one.record_attempt(job_id, Step.FUND, "p1")  # the other processor claims between our read and save
+        if not raced:  # the other processor claims between our read and save
+            raced.append(True)
+            act(one, job_id, lambda j: j.record_attempt(Step.FUND, "p1"))
         return job
 
     monkeypatch.setattr(two, "get_job", read_then_lose_the_race)
+    writer = JobWriter(two)
     with pytest.raises(ClaimLost, match="another processor claimed fund"):
-        two.record_attempt(job_id, Step.FUND, "p2")
+        await writer.claim(job_id, Step.FUND, "p2", after=0, at=DEADLINE)
+    await writer.aclose()
+    assert writer.stats.fallbacks == 1  # the group save lost the race; the claim alone lost it too
     job = one.get_job(job_id)
     assert job.intent is not None and job.intent.attempts == 1
 
 
-def test_outcomes_recorded_by_two_writers_converge(tmp_path: Path) -> None:
+async def test_a_claim_whose_own_save_loses_the_race_is_lost_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    one, two = Settlements(url), Settlements(url)
+    job_id = one.open_job(spec("race"))
+    before = two.get_job(job_id).version
+    act(one, job_id, lambda j: j.record_attempt(Step.FUND, "p1"))
+    # `two` keeps reading the job as it was before that claim, so even the writer's fresh copy
+    # passes the claim's own check: only the save finds the other claim.
+    monkeypatch.setattr(two, "get_job", lambda job_id: two.repository.get(job_id, version=before))
+    writer = JobWriter(two)
+    with pytest.raises(ClaimLost, match="another processor claimed fund"):
+        await writer.claim(job_id, Step.FUND, "p2", after=0, at=DEADLINE)
+    await writer.aclose()
+    assert writer.stats.fallbacks == 1
+    job = one.get_job(job_id)
+    assert job.intent is not None and job.intent.attempts == 1 and job.intent.claimed_by == "p1"
+
+
+async def test_outcomes_recorded_by_two_writers_converge(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     one, two = Settlements(url), Settlements(url)
     job_id = one.open_job(spec("converge"))
     parts = split(Decimal("0.50"))  # type: ignore[arg-type]
-    one.record_funded(job_id, "esc_1", Decimal("0.50"), parts.fee, parts.net)
-    two.record_funded(job_id, "esc_1", Decimal("0.50"), parts.fee, parts.net)  # the same outcome: a no-op
+    await run_command(one, job_id, lambda j: j.record_funded("esc_1", Decimal("0.50"), parts.fee, parts.net))
+    # the same outcome: a no-op
+    await run_command(two, job_id, lambda j: j.record_funded("esc_1", Decimal("0.50"), parts.fee, parts.net))
     job = one.get_job(job_id)
     assert job.counts["Funded"] == 1
     with pytest.raises(ConflictingOutcome):
-        two.record_funded(job_id, "esc_2", Decimal("0.50"), parts.fee, parts.net)
+        await run_command(
+            two, job_id, lambda j: j.record_funded("esc_2", Decimal("0.50"), parts.fee, parts.net)
+        )
 
 
 @pytest.mark.parametrize(

@@ -529,7 +529,9 @@ def reconcile(
         if resolve is not None:
             if not finding or not outcome:
                 fail("--resolve needs --finding and --outcome")
-            summary = resolve_job(settlements, resolve, finding, outcome, operator or _settings().operator)
+            summary = run(
+                resolve_job(settlements, resolve, finding, outcome, operator or _settings().operator)
+            )
             if json_output:
                 emit_json(summary)
             else:

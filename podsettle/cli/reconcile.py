@@ -1,5 +1,6 @@
 """Operator tools behind `podsettle reconcile`: list what waits for an operator, and record an
-operator's finding on an ATTENTION job (with the outcome it implies, in the same save)."""
+operator's finding on an ATTENTION job (with the outcome it implies, in the same save, made through
+a job writer like every other command)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from podsettle.application import Settlements
 from podsettle.domain import EscrowJob, State, Step
 from podsettle.domain.errors import IllegalTransition, InvalidInput
 from podsettle.domain.rules import split
+from podsettle.writer import run_command
 
 OUTCOMES = "funded:ESCROW_ID, not-funded, released, refunded, refunded-less-fee, retry"
 
@@ -38,18 +40,28 @@ async def list_attention(
     return {"attention": attention, "differences": differences}
 
 
-def resolve_job(
+async def resolve_job(
     settlements: Settlements, job_id: str, finding: str, outcome: str, operator: str
 ) -> dict[str, Any]:
-    job = settlements.get_job(job_id)
-    if job.state != State.ATTENTION or job.intent is None:
-        raise IllegalTransition(job.id, job.state, "resolve", "only an ATTENTION job can be resolved")
-    step = job.intent.step
+    """Record the operator's finding on an ATTENTION job, and the outcome it implies, in one save
+    made through a job writer (with the engine's race handling)."""
     retry = outcome == "retry"
-    record = None if retry else _outcome(job, step, outcome)
-    settlements.resolve(job.id, finding, operator, retry=retry, outcome=record)
-    resolved: dict[str, Any] = settlements.get_job(job.id).summary()
-    return resolved
+
+    def resolve(job: EscrowJob) -> dict[str, Any]:
+        # Decided on the copy the writer saves: a job another process moved meanwhile is judged
+        # as it is now, and nothing is recorded before every check has passed.
+        if job.state != State.ATTENTION or job.intent is None:
+            raise IllegalTransition(job.id, job.state, "resolve", "only an ATTENTION job can be resolved")
+        record = None if retry else _outcome(job, job.intent.step, outcome)
+        job.resolve(finding, operator, retry=retry)
+        if record is not None:
+            record(job)
+        summary: dict[str, Any] = job.summary()
+        return summary
+
+    resolved, _ = await run_command(settlements, settlements.get_job(job_id).id, resolve)
+    summary: dict[str, Any] = resolved
+    return summary
 
 
 def _outcome(job: EscrowJob, step: Step, outcome: str) -> Callable[[EscrowJob], object]:

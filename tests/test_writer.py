@@ -1,0 +1,123 @@
+"""The job writer, the one command path: a store failure reaches the callers of the failed save
+and leaves the writer serving; a one-command writer (`run_command`) handles races like the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from podsettle import Settlements
+from podsettle.application import JobSpec
+from podsettle.domain import State, Step
+from podsettle.domain.digests import digest
+from podsettle.writer import JobWriter, run_command
+from tests.histories import act
+from tests.jobs import DEADLINE
+
+
+def spec(key: str) -> JobSpec:
+    return JobSpec(
+        job_key=key,
+        endpoint_id="echo",
+        input_digest=digest({"key": key}),
+        payer="ag_payer",
+        payee="ag_worker",
+        budget="0.25",
+        deadline=DEADLINE,
+    )
+
+
+async def test_a_store_error_reaches_the_callers_and_the_writer_keeps_serving() -> None:
+    app = Settlements("memory")
+    save_all = app.save_all
+    failures: list[int] = []
+
+    def locked_once(aggregates: Any) -> None:
+        if not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        save_all(aggregates)
+
+    app.save_all = locked_once  # type: ignore[method-assign]
+    writer = JobWriter(app)
+    with pytest.raises(sqlite3.OperationalError):
+        await asyncio.wait_for(writer.open([spec("a")]), 5)
+    assert writer.known_version(app.build(spec("a"))[0].id) == 0  # never saved: not known
+    (job_id,) = await asyncio.wait_for(writer.open([spec("a")]), 5)
+    claimed, view = await asyncio.wait_for(writer.claim(job_id, Step.FUND, "p1", after=0, at=DEADLINE), 5)
+    assert claimed == 1 and view.state == State.FUNDING
+    await writer.aclose()
+    assert app.get_job(job_id).intent is not None
+
+
+async def test_a_resolution_racing_another_operator_is_refused_not_recorded_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    ours, theirs = Settlements(url), Settlements(url)
+    job_id = theirs.open_job(spec("attention"))
+    act(theirs, job_id, lambda j: j.record_attempt(Step.FUND, "p1"))
+    act(theirs, job_id, lambda j: j.raise_attention(Step.FUND, "lost response", {"status": "timeout"}))
+    read = ours.get_job
+    raced: list[bool] = []
+
+    def read_then_lose_the_race(job_id: Any) -> Any:
+        job = read(job_id)
+        if not raced:  # the other operator resolves between our read and our save
+            raced.append(True)
+            act(theirs, job_id, lambda j: j.resolve("found funded", "operator-2", retry=True))
+        return job
+
+    monkeypatch.setattr(ours, "get_job", read_then_lose_the_race)
+    from podsettle.cli.reconcile import resolve_job
+    from podsettle.domain.errors import IllegalTransition
+
+    with pytest.raises(IllegalTransition, match="only an ATTENTION job"):
+        await resolve_job(ours, str(job_id), "found nothing", "retry", "operator-1")
+    job = theirs.get_job(job_id)
+    assert job.counts["Resolved"] == 1 and job.state == State.FUNDING
+
+
+async def test_a_resolution_with_an_outcome_that_does_not_fit_records_nothing(tmp_path: Path) -> None:
+    app = Settlements(f"sqlite:///{tmp_path / 'store.db'}")
+    job_id = app.open_job(spec("attention"))
+    act(app, job_id, lambda j: j.record_attempt(Step.FUND, "p1"))
+    act(app, job_id, lambda j: j.raise_attention(Step.FUND, "lost response"))
+    version = app.get_job(job_id).version
+    from podsettle.cli.reconcile import resolve_job
+    from podsettle.domain.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="does not fit"):
+        await resolve_job(app, str(job_id), "looked", "released", "operator-1")
+    assert app.get_job(job_id).version == version
+    summary = await resolve_job(app, str(job_id), "escrow found", "funded:esc_found", "operator-1")
+    assert summary["state"] == "FUNDED" and app.get_job(job_id).escrow_id == "esc_found"
+
+
+async def test_run_command_retries_an_outcome_that_lost_a_race(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    ours, theirs = Settlements(url), Settlements(url)
+    job_id = theirs.open_job(spec("converge"))
+    act(theirs, job_id, lambda j: j.record_attempt(Step.FUND, "p1"))
+    read = ours.get_job
+    raced: list[bool] = []
+
+    def read_then_lose_the_race(job_id: Any) -> Any:
+        job = read(job_id)
+        if not raced:
+            raced.append(True)
+            act(theirs, job_id, lambda j: j.record_funded("esc_1", "0.25", "0.002500", "0.247500"))
+        return job
+
+    monkeypatch.setattr(ours, "get_job", read_then_lose_the_race)
+    _, view = await run_command(
+        ours, job_id, lambda j: j.record_funded("esc_1", "0.25", "0.002500", "0.247500")
+    )
+    assert view.state == State.FUNDED
+    assert theirs.get_job(job_id).counts["Funded"] == 1
