@@ -106,7 +106,7 @@ def test_a_killed_engine_process_finishes_its_batch_after_a_restart(tmp_path: Pa
     assert ledger["conserved"] is True
     assert all(count == 1 for count in descriptions.values()), f"a job was escrowed twice: {descriptions}"
     paid = sum(1 for job in final if job.state == State.RELEASED)
-    assert totals["paid"] == paid
+    assert totals["paid_jobs"] == paid
     parked = [job for job in final if job.state == State.ATTENTION]
     # Only a create whose answer the kill cut off can be ambiguous, and only without an idempotency key.
     for job in parked:
