@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,6 @@ def test_a_killed_engine_process_finishes_its_batch_after_a_restart(tmp_path: Pa
     # Only a create whose answer the kill cut off can be ambiguous, and only without an idempotency key.
     for job in parked:
         assert job.attention is not None and job.attention["step"] == "fund"
+    if not parked:
+        # What the totals call still held is what the escrow service's ledger holds.
+        assert Decimal(totals["still_held"]) == Decimal(ledger["held"])
