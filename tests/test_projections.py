@@ -229,3 +229,28 @@ def test_json_amounts_are_strings() -> None:
     row = model.jobs()[0].to_json()
     assert isinstance(row["budget"], str) and isinstance(row["opened_at"], str)
     assert all(isinstance(e.to_json()["to_workers"], str) for e in model.earnings())
+
+
+def test_a_views_file_of_the_old_layout_is_rebuilt_in_the_new_one(tmp_path: Path) -> None:
+    app = Settlements("memory")
+    history(app, 12, seed=4)
+    path = tmp_path / "views.db"
+    with sqlite3.connect(path) as conn:  # the layout before the totals had one vocabulary
+        conn.executescript(
+            "CREATE TABLE tallies (view TEXT, key TEXT, jobs INTEGER, paid INTEGER, released TEXT,"
+            " PRIMARY KEY (view, key));"
+            "INSERT INTO tallies VALUES ('all', '', 99, 99, '1.000000');"
+            "CREATE TABLE tracking (name TEXT PRIMARY KEY, position INTEGER NOT NULL,"
+            " events INTEGER NOT NULL, log_digest TEXT NOT NULL);"
+            f"INSERT INTO tracking VALUES ('{app.name}', 999999, 999999, '00');"
+        )
+    model = ReadModel(app, str(path))
+    assert model.position == 0  # nothing of the old file is trusted: it is read again from the log
+    model.catch_up()
+    fresh = ReadModel(app)
+    fresh.catch_up()
+    assert model.dump() == fresh.dump()
+    assert model.batch_totals().jobs == 12
+    model.close()
+    again = ReadModel(app, str(path))  # a file of the current layout is kept
+    assert again.position == fresh.position
