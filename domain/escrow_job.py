@@ -26,7 +26,7 @@ from eventsourcing.domain import Aggregate, event
 
 from podsettle.domain import rules
 from podsettle.domain.errors import ClaimLost, ConflictingOutcome, IllegalTransition, InvalidInput
-from podsettle.domain.lifecycle import TERMINAL, State, Status, rests, status_of
+from podsettle.domain.lifecycle import State, Status, rests, status_of
 from podsettle.domain.money import ZERO, fmt, to_money
 
 JOB_NAMESPACE = uuid.UUID("6f1c1d5e-8a4b-4f0e-9a57-2f6f3c1e7b11")
@@ -492,7 +492,8 @@ class EscrowJob(Aggregate):
 
     @property
     def is_terminal(self) -> bool:
-        return self.state in TERMINAL and (self.intent is None)
+        """The job rests in a terminal state (not waiting for an operator)."""
+        return self.state != State.ATTENTION and rests(self.state, self.intent)
 
     @property
     def rests(self) -> bool:
@@ -506,7 +507,7 @@ class EscrowJob(Aggregate):
         )
 
     @property
-    def in_flight(self) -> bool:
+    def awaiting_outcome(self) -> bool:
         """An intent has been attempted and its outcome is not recorded yet."""
         return self.intent is not None and self.intent.attempts > 0
 

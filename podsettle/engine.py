@@ -25,7 +25,7 @@ from eventsourcing.utils import get_topic
 
 from podsettle.adapters.ports import ComputeGateway, EscrowGateway
 from podsettle.application import JobSpec, Settlements
-from podsettle.domain import EscrowJob, State
+from podsettle.domain import EscrowJob
 from podsettle.domain import acceptance as checks
 from podsettle.domain.digests import digest
 from podsettle.domain.errors import InvalidInput
@@ -141,7 +141,7 @@ class BonusResult:
     job_id: uuid.UUID
     bonus_gross: Decimal
     reason: str
-    status: str  # "awarded", "none" (below threshold), "attention", "in_flight"
+    status: str  # "awarded", "none" (below threshold), or the job's: "attention", "in_flight"
     escrow_id: str | None = None
     bonus_net: Decimal = ZERO
     bonus_fees: Decimal = ZERO
@@ -477,7 +477,7 @@ class EngineCore:
             return BonusResult(
                 uid, award.amount, decision.reason, "awarded", view.bonus_escrow_id, award.to_payee, award.fee
             )
-        status = "attention" if view.state == State.ATTENTION else "in_flight"
+        status = Status.ATTENTION if view.status == Status.ATTENTION else Status.IN_FLIGHT
         return BonusResult(uid, decision.amount, decision.reason, status, view.bonus_escrow_id)
 
     async def check_services(self, endpoint_id: str) -> None:

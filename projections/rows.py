@@ -44,7 +44,7 @@ class JobRow:
     delay_ms: int | None
     worker_id: str | None
     intent: str | None
-    in_flight: bool  # an intent was attempted and its outcome is not recorded yet
+    awaiting_outcome: bool  # an intent was attempted and its outcome is not recorded yet
     opened_at: datetime
     funded_at: datetime | None
     version: int
@@ -124,7 +124,7 @@ def row_of(job: EscrowJob, position: int, funded_at: datetime | None) -> JobRow:
         delay_ms=job.delay_ms,
         worker_id=job.worker_id,
         intent=None if intent is None else str(intent.step),
-        in_flight=intent is not None and intent.attempts > 0,
+        awaiting_outcome=intent is not None and intent.attempts > 0,
         opened_at=job.created_on,
         funded_at=funded_at,
         version=job.version,

@@ -45,7 +45,7 @@ _ROW_COLUMNS = (
     "delay_ms",
     "worker_id",
     "intent",
-    "in_flight",
+    "awaiting_outcome",
     "opened_at",
     "funded_at",
     "version",
@@ -55,7 +55,7 @@ _ROW_MONEY = frozenset(("budget", *AMOUNTS))
 # The jobs table keeps the derived funding latency after `funded_at`, for the timings queries.
 _FUNDING_US_AT = _ROW_COLUMNS.index("funded_at") + 1
 # The tables' layout; a views file of another layout is dropped and rebuilt from the log (the read
-# models hold nothing the log does not). 2: the amounts of JobMoney and Totals.
+# models hold nothing the log does not). 2: the amounts of JobMoney and Totals, `awaiting_outcome`.
 SCHEMA_VERSION = 2
 
 SCHEMA = f"""
@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     payer TEXT NOT NULL, payee TEXT NOT NULL, state TEXT NOT NULL, escrow_id TEXT,
     budget TEXT NOT NULL, {", ".join(f"{name} TEXT NOT NULL" for name in AMOUNTS)},
     execution_ms INTEGER, delay_ms INTEGER, worker_id TEXT, intent TEXT,
-    in_flight INTEGER NOT NULL, opened_at TEXT NOT NULL, funded_at TEXT, funding_us INTEGER,
+    awaiting_outcome INTEGER NOT NULL, opened_at TEXT NOT NULL, funded_at TEXT, funding_us INTEGER,
     version INTEGER NOT NULL, position INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch_id);
@@ -135,7 +135,7 @@ def _row_values(row: JobRow) -> tuple[Any, ...]:
         row.delay_ms,
         row.worker_id,
         row.intent,
-        int(row.in_flight),
+        int(row.awaiting_outcome),
         row.opened_at.isoformat(),
         None if funded_at is None else funded_at.isoformat(),
         row.funding_us,
@@ -154,7 +154,7 @@ def _row_from(record: sqlite3.Row | tuple[Any, ...]) -> JobRow:
     data.pop("funding_us")
     for name in _ROW_MONEY:
         data[name] = Decimal(data[name])
-    data["in_flight"] = bool(data["in_flight"])
+    data["awaiting_outcome"] = bool(data["awaiting_outcome"])
     data["opened_at"] = datetime.fromisoformat(data["opened_at"])
     if data["funded_at"] is not None:
         data["funded_at"] = datetime.fromisoformat(data["funded_at"])

@@ -204,7 +204,7 @@ async def _check(
                 _where(job.state),
                 str(view.status),
                 f"job is {job.state}"
-                + (f", {job.intent.step} in flight" if job.in_flight and job.intent else ""),
+                + (f", {job.intent.step} in flight" if job.awaiting_outcome and job.intent else ""),
             )
         elif expected is None and job.state == State.ATTENTION:
             differ(

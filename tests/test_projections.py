@@ -70,11 +70,11 @@ def test_incremental_catch_up_equals_a_rebuild_after_random_histories(
         job = app.get_job(job_id)
         row = live.job(job_id)
         assert row is not None
-        assert (row.state, row.version, row.funded, row.in_flight) == (
+        assert (row.state, row.version, row.funded, row.awaiting_outcome) == (
             str(job.state),
             job.version,
             (job.funded_amount or 0) + (job.bonus_funded.amount if job.bonus_funded else 0),
-            job.in_flight,
+            job.awaiting_outcome,
         )
         assert row == row_of(job, row.position, row.funded_at)
 
