@@ -81,7 +81,7 @@ class JobResult:
     reason: str | None
     attention: dict[str, str] | None
     execution_ms: int | None
-    json: dict[str, Any] = field(repr=False, compare=False)  # the job's words, from its view
+    view: JobView = field(repr=False, compare=False)  # for `to_json`, built only when it is asked for
 
     @property
     def paid(self) -> bool:
@@ -106,12 +106,12 @@ class JobResult:
             reason=reason_of(view),
             attention=view.attention,
             execution_ms=view.execution_ms,
-            json=job_json(view),
+            view=view,
         )
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON data in the words of `status` and the totals; amounts as strings."""
-        return {**self.json, "output": self.output}
+        return {**job_json(self.view), "output": self.output}
 
 
 def batch_totals(results: Iterable[JobResult]) -> Totals:
