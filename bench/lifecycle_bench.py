@@ -40,7 +40,7 @@ async def engine_run(store: Path, jobs: int, concurrency: int) -> dict[str, Any]
     engine = Engine.in_process(f"sqlite:///{store}")
     async with engine:
         warm = await engine.run_batch(ENDPOINT, [{"warm": n} for n in range(min(100, jobs))], BUDGET)
-        if warm.totals.paid != len(warm.results):
+        if warm.totals.paid_jobs != len(warm.results):
             raise SystemExit(f"warm-up: {warm.totals.line()}")
         first_row = max_rowid(store)
         saves = engine.writer.stats.saves
@@ -51,7 +51,7 @@ async def engine_run(store: Path, jobs: int, concurrency: int) -> dict[str, Any]
         commits = engine.writer.stats.saves - saves
         last_row = max_rowid(store)
         stall = engine.stats.longest_stall_s
-    if batch.totals.paid != jobs:
+    if batch.totals.paid_jobs != jobs:
         raise SystemExit(f"not every job was paid: {batch.totals.line()}")
     return {"seconds": seconds, "commits": commits, "rows": (first_row, last_row), "stall_s": stall}
 

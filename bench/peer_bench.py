@@ -220,7 +220,7 @@ async def engine_run(
     )
     async with Engine.from_env(settings) as engine:
         warm = await engine.run_batch(ENDPOINT, [{"warm": n} for n in range(3)], "0.25")
-        if warm.totals.paid != 3:
+        if warm.totals.paid_jobs != 3:
             raise SystemExit(f"podsettle warm-up: {warm.totals.line()}")
         requests = getattr(engine.compute, "requests_sent", 0)
         with stopwatch() as elapsed:
@@ -228,7 +228,7 @@ async def engine_run(
         seconds = elapsed()
         requests = getattr(engine.compute, "requests_sent", 0) - requests
         stall = engine.stats.longest_stall_s
-    if batch.totals.paid != len(jobs):
+    if batch.totals.paid_jobs != len(jobs):
         raise SystemExit(f"podsettle: {batch.totals.line()}")
     return seconds, stall, requests / len(jobs)
 

@@ -7,7 +7,8 @@ from podsettle.domain.errors import (
     InvalidAmount,
     InvalidInput,
 )
-from podsettle.domain.escrow_job import TERMINAL, EscrowJob, Intent, State, Step, job_id_for
+from podsettle.domain.escrow_job import EscrowJob, Intent, JobMoney, JobView, Step, job_id_for, job_json
+from podsettle.domain.lifecycle import TERMINAL, State, Status, rests, status_of
 from podsettle.domain.money import ZERO, Money, fmt, to_money
 
 __all__ = [
@@ -20,10 +21,16 @@ __all__ = [
     "Intent",
     "InvalidAmount",
     "InvalidInput",
+    "JobMoney",
+    "JobView",
     "Money",
     "State",
+    "Status",
     "Step",
     "fmt",
     "job_id_for",
+    "job_json",
+    "rests",
+    "status_of",
     "to_money",
 ]

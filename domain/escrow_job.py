@@ -34,28 +34,11 @@ from eventsourcing.domain import Aggregate, event
 
 from podsettle.domain import rules
 from podsettle.domain.errors import ClaimLost, ConflictingOutcome, IllegalTransition, InvalidInput
+from podsettle.domain.lifecycle import State, Status, rests, status_of
 from podsettle.domain.money import ZERO, fmt, to_money
 
 JOB_NAMESPACE = uuid.UUID("6f1c1d5e-8a4b-4f0e-9a57-2f6f3c1e7b11")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$")
-
-
-class State(StrEnum):
-    OPENED = "OPENED"
-    FUNDING = "FUNDING"
-    FUNDED = "FUNDED"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    RELEASING = "RELEASING"
-    RELEASED = "RELEASED"
-    FAILED = "FAILED"
-    REFUNDING = "REFUNDING"
-    REFUNDED = "REFUNDED"
-    REJECTED = "REJECTED"
-    ATTENTION = "ATTENTION"
-
-
-TERMINAL = frozenset({State.RELEASED, State.REFUNDED, State.REJECTED})
 
 
 class Step(StrEnum):
@@ -85,11 +68,126 @@ class Intent(NamedTuple):
     claimed_at: datetime | None = None
 
 
+class Funding(NamedTuple):
+    """The job's escrow: the amount it holds, and the service's fee and the net it announced."""
+
+    escrow_id: str
+    amount: Decimal
+    fee: Decimal
+    net: Decimal
+
+
+class Release(NamedTuple):
+    """How a released escrow was split (to_payee + fee + returned is the funded amount)."""
+
+    to_payee: Decimal
+    fee: Decimal
+    referral_fee: Decimal  # the referrer's share of `fee`
+    returned: Decimal  # back with the payer, after a partial release
+
+
+class Refund(NamedTuple):
+    """How a refunded escrow was split (returned + fee_kept is the funded amount)."""
+
+    returned: Decimal
+    fee_kept: Decimal
+
+
+class Failure(NamedTuple):
+    stage: str  # start, run, output, acceptance, cancel, release
+    runpod_status: str | None
+    reason: str
+
+
+class BonusTerms(NamedTuple):
+    """What a granted bonus was computed from (as the BonusRequested event has them)."""
+
+    pool: Decimal
+    base_metric: str
+    achieved_metric: str
+    threshold: str
+
+
+class BonusFunding(NamedTuple):
+    escrow_id: str
+    amount: Decimal
+    fee: Decimal
+    net: Decimal
+
+
+class BonusAward(NamedTuple):
+    """How the released bonus escrow was split (to_payee + fee is the amount)."""
+
+    amount: Decimal
+    to_payee: Decimal
+    fee: Decimal
+    referral_fee: Decimal
+
+
+class JobMoney(NamedTuple):
+    """Where one job's money is: funded = to_workers + fees + returned + still_held.
+
+    `funded` counts every escrow the payer funded for the job (its own and its bonus escrow);
+    `still_held` what those escrows hold until they are released or refunded (also while the job waits
+    for an operator). The bonus amounts are a part of `to_workers` and `fees`, named apart."""
+
+    funded: Decimal
+    to_workers: Decimal
+    fees: Decimal  # release fees, refund fees kept and bonus fees
+    returned: Decimal
+    still_held: Decimal
+    referral_fees: Decimal  # the referrer's share of `fees`
+    bonus_gross: Decimal
+    bonus_fees: Decimal
+    bonus_net: Decimal
+
+
+NO_MONEY = JobMoney(ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO)
+
+
+def money_of(
+    funded_amount: Decimal | None,
+    released: Release | None,
+    refunded: Refund | None,
+    bonus_funded: BonusFunding | None,
+    bonus_awarded: BonusAward | None,
+) -> JobMoney:
+    """A job's money from its settlement facts (those of a `JobView` or of the aggregate)."""
+    if funded_amount is None:
+        return NO_MONEY
+    funded: Decimal = funded_amount
+    to_workers: Decimal = ZERO
+    fees: Decimal = ZERO
+    returned: Decimal = ZERO
+    held: Decimal = ZERO
+    referral: Decimal = ZERO
+    if released is not None:
+        to_workers, fees, referral, returned = released
+    elif refunded is not None:
+        returned, fees = refunded
+    else:
+        held = funded_amount
+    gross: Decimal = ZERO
+    bonus_fee: Decimal = ZERO
+    bonus_net: Decimal = ZERO
+    if bonus_funded is not None:
+        funded += bonus_funded.amount
+        if bonus_awarded is None:
+            held += bonus_funded.amount
+        else:
+            gross, bonus_net, bonus_fee = bonus_awarded.amount, bonus_awarded.to_payee, bonus_awarded.fee
+            to_workers += bonus_net
+            fees += bonus_fee
+            referral += bonus_awarded.referral_fee
+    return JobMoney(funded, to_workers, fees, returned, held, referral, gross, bonus_fee, bonus_net)
+
+
 class JobView(NamedTuple):
     """A consistent, immutable snapshot of a job, for code that must not hold the aggregate itself
     (it may be changed by another thread while it is read). A named tuple: the writer takes one after
     every command, and building a frozen dataclass of 35 fields cost more than the command itself. Its
-    fields are the aggregate's attributes of the same names (`job_id` is the aggregate's `id`)."""
+    fields are the aggregate's attributes of the same names (`job_id` is the aggregate's `id`); the
+    settlement facts are the named tuples above, None until they happen."""
 
     job_id: uuid.UUID
     job_key: str
@@ -110,9 +208,9 @@ class JobView(NamedTuple):
     net: Decimal | None
     rejection: str | None
     runpod_job_id: str | None
-    failure: tuple[str, str | None, str] | None
-    released: tuple[Decimal, Decimal, Decimal, Decimal] | None
-    refunded: tuple[Decimal, Decimal] | None
+    failure: Failure | None
+    released: Release | None
+    refunded: Refund | None
     cancel_reason: str | None
     attention: dict[str, str] | None
     state_before_attention: State | None
@@ -123,14 +221,31 @@ class JobView(NamedTuple):
     metrics: dict[str, str]
     bonus_amount: Decimal | None
     bonus_escrow_id: str | None
-    bonus_funded: tuple[Decimal, Decimal, Decimal] | None
-    bonus_awarded: tuple[Decimal, Decimal, Decimal, Decimal] | None
+    bonus_funded: BonusFunding | None
+    bonus_awarded: BonusAward | None
     version: int
 
     @property
     def rests(self) -> bool:
         """Nothing more happens to the job without an operator or a new command."""
-        return self.state == State.ATTENTION or (self.state in TERMINAL and self.intent is None)
+        return rests(self.state, self.intent)
+
+    @property
+    def status(self) -> Status:
+        return status_of(self.state)
+
+    @property
+    def funding(self) -> Funding | None:
+        """The job's escrow, once it is funded."""
+        if self.escrow_id is None or self.funded_amount is None or self.fee is None or self.net is None:
+            return None
+        return Funding(self.escrow_id, self.funded_amount, self.fee, self.net)
+
+    @property
+    def money(self) -> JobMoney:
+        return money_of(
+            self.funded_amount, self.released, self.refunded, self.bonus_funded, self.bonus_awarded
+        )
 
 
 # The values of a view, read from the aggregate in one call (the acceptance dict is never changed in
@@ -316,16 +431,16 @@ class EscrowJob(Aggregate):
         self.delay_ms: int | None = None
         self.worker_id: str | None = None
         self.metrics: dict[str, str] = {}
-        self.failure: tuple[str, str | None, str] | None = None
-        self.released: tuple[Decimal, Decimal, Decimal, Decimal] | None = None
-        self.refunded: tuple[Decimal, Decimal] | None = None
+        self.failure: Failure | None = None
+        self.released: Release | None = None
+        self.refunded: Refund | None = None
         self.cancel_reason: str | None = None
         # Bonus.
         self.bonus_amount: Decimal | None = None
-        self.bonus_terms: tuple[Decimal, str, str, str] | None = None
+        self.bonus_terms: BonusTerms | None = None
         self.bonus_escrow_id: str | None = None
-        self.bonus_funded: tuple[Decimal, Decimal, Decimal] | None = None
-        self.bonus_awarded: tuple[Decimal, Decimal, Decimal, Decimal] | None = None
+        self.bonus_funded: BonusFunding | None = None
+        self.bonus_awarded: BonusAward | None = None
         # Facts for the audit: counted, and checked in order as they were applied.
         self.counts: dict[str, int] = {}
         self.order_violations: list[str] = []
@@ -385,10 +500,22 @@ class EscrowJob(Aggregate):
 
     @property
     def is_terminal(self) -> bool:
-        return self.state in TERMINAL and (self.intent is None)
+        """The job rests in a terminal state (not waiting for an operator)."""
+        return self.state != State.ATTENTION and rests(self.state, self.intent)
 
     @property
-    def in_flight(self) -> bool:
+    def rests(self) -> bool:
+        """Nothing more happens to the job without an operator or a new command."""
+        return rests(self.state, self.intent)
+
+    @property
+    def money(self) -> JobMoney:
+        return money_of(
+            self.funded_amount, self.released, self.refunded, self.bonus_funded, self.bonus_awarded
+        )
+
+    @property
+    def awaiting_outcome(self) -> bool:
         """An intent has been attempted and its outcome is not recorded yet."""
         return self.intent is not None and self.intent.attempts > 0
 
@@ -556,7 +683,7 @@ class EscrowJob(Aggregate):
                 return
             raise self._conflict("record completed", "a different output was already accepted")
         if self.failure is not None:
-            raise self._conflict("record completed", f"the job already failed ({self.failure[2]})")
+            raise self._conflict("record completed", f"the job already failed ({self.failure.reason})")
         self._guard("record completed", State.RUNNING)
         self.trigger_event(
             self.Completed,
@@ -595,7 +722,7 @@ class EscrowJob(Aggregate):
         if self.failure is not None:
             if self.failure == (stage, runpod_status, reason):
                 return
-            raise self._conflict("record failed", f"already failed: {self.failure[2]}")
+            raise self._conflict("record failed", f"already failed: {self.failure.reason}")
         if self.output_digest is not None:
             raise self._conflict("record failed", "the job already completed")
         self._guard("record failed", State.FUNDED, State.RUNNING)
@@ -605,7 +732,7 @@ class EscrowJob(Aggregate):
     @event(Failed)
     def _failed(self, stage: str, runpod_status: str | None, reason: str) -> None:
         self._count("Failed")
-        self.failure = (stage, runpod_status, reason)
+        self.failure = Failure(stage, runpod_status, reason)
         self.state = State.FAILED
         self.intent = None
 
@@ -649,7 +776,7 @@ class EscrowJob(Aggregate):
         self._order(self._seen("Completed"), "Released without Completed")
         self._order(self._seen("Funded"), "Released without Funded")
         self._order(not self._seen("Refunded"), "Released after Refunded")
-        self.released = (to_payee, fee, referral_fee, returned)
+        self.released = Release(to_payee, fee, referral_fee, returned)
         self.state = State.RELEASED
         self.intent = None
 
@@ -683,7 +810,7 @@ class EscrowJob(Aggregate):
         self._order(self._seen("Failed"), "Refunded without Failed")
         self._order(self._seen("Funded"), "Refunded without Funded")
         self._order(not self._seen("Released"), "Refunded after Released")
-        self.refunded = (returned, fee_kept)
+        self.refunded = Refund(returned, fee_kept)
         self.state = State.REFUNDED
         self.intent = None
 
@@ -749,14 +876,14 @@ class EscrowJob(Aggregate):
     ) -> None:
         self._order(self._seen("Released"), "BonusRequested without Released")
         self.bonus_amount = amount
-        self.bonus_terms = (pool, base_metric, achieved_metric, threshold)
+        self.bonus_terms = BonusTerms(pool, base_metric, achieved_metric, threshold)
         self.intent = Intent(Step.BONUS_FUND, key)
 
     def record_bonus_funded(self, escrow_id: str, amount: object, fee: object, net: object) -> None:
         check_id(escrow_id, "escrow_id")
         amount_, fee_, net_ = to_money(amount, "amount"), to_money(fee, "fee"), to_money(net, "net")
         if self.bonus_escrow_id is not None:
-            if (self.bonus_escrow_id, self.bonus_funded) == (escrow_id, (amount_, fee_, net_)):
+            if self.bonus_funded == (escrow_id, amount_, fee_, net_):
                 return
             raise self._conflict("record bonus funded", f"already funded by escrow {self.bonus_escrow_id}")
         if self.intent is None or self.intent.step != Step.BONUS_FUND:
@@ -774,24 +901,25 @@ class EscrowJob(Aggregate):
     def _bonus_funded(self, escrow_id: str, amount: Decimal, fee: Decimal, net: Decimal) -> None:
         self._count("BonusFunded")
         self.bonus_escrow_id = escrow_id
-        self.bonus_funded = (amount, fee, net)
+        self.bonus_funded = BonusFunding(escrow_id, amount, fee, net)
         self.intent = Intent(Step.BONUS_RELEASE, f"{self.job_key}:bonus_release")
 
     def record_bonus_awarded(self, to_payee: object, fee: object, referral_fee: object) -> None:
         to_payee_, fee_ = to_money(to_payee, "to_payee"), to_money(fee, "fee")
         referral_ = to_money(referral_fee, "referral_fee")
         if self.bonus_awarded is not None:
-            if self.bonus_awarded[1:] == (to_payee_, fee_, referral_):
+            awarded = self.bonus_awarded
+            if (awarded.to_payee, awarded.fee, awarded.referral_fee) == (to_payee_, fee_, referral_):
                 return
             raise self._conflict("record bonus awarded", "a different bonus payment was already recorded")
         if self.intent is None or self.intent.step != Step.BONUS_RELEASE or self.bonus_funded is None:
             raise IllegalTransition(self.id, self.state, "record bonus awarded", "no bonus escrow to release")
-        if to_payee_ + fee_ != self.bonus_funded[0]:
+        if to_payee_ + fee_ != self.bonus_funded.amount:
             raise self._conflict("record bonus awarded", "payee share + fee is not the bonus escrow's amount")
         self.trigger_event(
             self.BonusAwarded,
             escrow_id=self.bonus_escrow_id or "",
-            amount=self.bonus_funded[0],
+            amount=self.bonus_funded.amount,
             to_payee=to_payee_,
             fee=fee_,
             referral_fee=referral_,
@@ -803,7 +931,7 @@ class EscrowJob(Aggregate):
     ) -> None:
         self._count("BonusAwarded")
         self._order(self._seen("Released"), "BonusAwarded without Released")
-        self.bonus_awarded = (amount, to_payee, fee, referral_fee)
+        self.bonus_awarded = BonusAward(amount, to_payee, fee, referral_fee)
         self.intent = None
 
     # ------------------------------------------------------------------ attention
@@ -865,7 +993,8 @@ class EscrowJob(Aggregate):
                 found.append(f"{name} recorded {self.counts[name]} times")
         if self._seen("Released") and self._seen("Refunded"):
             found.append("both Released and Refunded")
-        if self._seen("Completed") and self._seen("Failed") and self.failure and self.failure[0] != "release":
+        failed_before_release = self.failure is not None and self.failure.stage != "release"
+        if self._seen("Completed") and self._seen("Failed") and failed_before_release:
             found.append("both Completed and Failed")
         funded = self.funded_amount
         if funded is not None:
@@ -874,26 +1003,26 @@ class EscrowJob(Aggregate):
             if self.fee is not None and self.net is not None and self.fee + self.net != funded:
                 found.append("fee + net is not the funded amount")
         if self.released is not None:
-            to_payee, fee, referral, returned = self.released
-            if funded is None or to_payee + fee + returned != funded:
+            release = self.released
+            if funded is None or release.to_payee + release.fee + release.returned != funded:
                 found.append("released to payee + fee + returned is not the funded amount")
-            if referral > fee:
+            if release.referral_fee > release.fee:
                 found.append("referral share above the fee")
         if self.refunded is not None:
-            returned, kept = self.refunded
-            if funded is None or returned + kept != funded:
+            refund = self.refunded
+            if funded is None or refund.returned + refund.fee_kept != funded:
                 found.append("refunded + fee kept is not the funded amount")
         if self.bonus_amount is not None:
             terms = self.bonus_terms
-            if terms is not None and self.bonus_amount > terms[0]:
+            if terms is not None and self.bonus_amount > terms.pool:
                 found.append("bonus above its pool")
             if self.bonus_pool is not None and self.bonus_amount > self.bonus_pool:
                 found.append("bonus above the job's bonus terms")
         if self.bonus_awarded is not None:
-            amount, to_payee, fee, _ = self.bonus_awarded
-            if self.bonus_amount is None or amount != self.bonus_amount:
+            award = self.bonus_awarded
+            if self.bonus_amount is None or award.amount != self.bonus_amount:
                 found.append("bonus awarded differs from the bonus granted")
-            if to_payee + fee != amount:
+            if award.to_payee + award.fee != award.amount:
                 found.append("bonus paid + fee is not the bonus amount")
         if (
             quiescent
@@ -915,28 +1044,48 @@ class EscrowJob(Aggregate):
 
     def summary(self) -> dict[str, Any]:
         """The job as plain data (amounts as strings), for reports and JSON output."""
+        return job_json(self.view())
 
-        def money(value: Decimal | None) -> str | None:
-            return None if value is None else fmt(value)
 
-        return {
-            "job_id": str(self.id),
-            "job_key": self.job_key,
-            "batch_id": self.batch_id,
-            "endpoint_id": self.endpoint_id,
-            "state": str(self.state),
-            "payer": self.payer,
-            "payee": self.payee,
-            "budget": money(self.budget),
-            "escrow_id": self.escrow_id,
-            "runpod_job_id": self.runpod_job_id,
-            "fee": money(self.fee),
-            "released_to_payee": money(self.released[0]) if self.released else None,
-            "refunded": money(self.refunded[0]) if self.refunded else None,
-            "bonus": money(self.bonus_awarded[1]) if self.bonus_awarded else None,
-            "failure": self.failure[2] if self.failure else None,
-            "rejection": self.rejection,
-            "attention": self.attention,
-            "intent": None if self.intent is None else str(self.intent.step),
-            "version": self.version,
-        }
+# The events after which a job rests (`rests` holds), when no other event followed them: the engine's
+# recovery reads them off the log without loading the jobs.
+RESTING_EVENTS = (
+    EscrowJob.Released,
+    EscrowJob.Refunded,
+    EscrowJob.FundingRejected,
+    EscrowJob.BonusAwarded,
+    EscrowJob.AttentionRaised,
+)
+
+
+def reason_of(view: JobView) -> str | None:
+    """Why the job is not (yet) paid: the operator's question, the failure, or the rejection."""
+    if view.attention:
+        return view.attention.get("reason")
+    if view.failure is not None:
+        return view.failure.reason
+    return view.rejection
+
+
+def job_json(view: JobView) -> dict[str, Any]:
+    """A job in the words of every JSON output (`run`, `status`, `jobs`): its status, and where its
+    money is under the names of the totals (amounts as strings with 6 places)."""
+    data: dict[str, Any] = {
+        "job_id": str(view.job_id),
+        "job_key": view.job_key,
+        "batch_id": view.batch_id,
+        "endpoint_id": view.endpoint_id,
+        "payer": view.payer,
+        "payee": view.payee,
+        "status": str(view.status),
+        "state": str(view.state),
+        "budget": fmt(view.budget),
+        "escrow_id": view.escrow_id,
+        "runpod_job_id": view.runpod_job_id,
+    }
+    data.update({name: fmt(value) for name, value in zip(JobMoney._fields, view.money, strict=True)})
+    data["reason"] = reason_of(view)
+    data["attention"] = view.attention
+    data["intent"] = None if view.intent is None else str(view.intent.step)
+    data["version"] = view.version
+    return data

@@ -17,7 +17,7 @@ _EXPORTS = {
     "Engine": "podsettle.bootstrap",
     "JobResult": "podsettle.engine",
     "BatchResult": "podsettle.engine",
-    "BatchTotals": "podsettle.engine",
+    "Totals": "podsettle.engine",
     "BonusResult": "podsettle.engine",
     "Settlements": "podsettle.application",
     "JobSpec": "podsettle.application",
@@ -34,9 +34,9 @@ if TYPE_CHECKING:  # the names, for type checkers and editors; at run time __get
     from podsettle.domain.errors import ClaimLost as ClaimLost
     from podsettle.domain.errors import JobNotFound as JobNotFound
     from podsettle.engine import BatchResult as BatchResult
-    from podsettle.engine import BatchTotals as BatchTotals
     from podsettle.engine import BonusResult as BonusResult
     from podsettle.engine import JobResult as JobResult
+    from podsettle.engine import Totals as Totals
     from podsettle.settings import Settings as Settings
 
 

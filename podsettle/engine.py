@@ -23,15 +23,17 @@ from eventsourcing.utils import get_topic
 
 from podsettle.adapters.ports import ComputeGateway, EscrowGateway
 from podsettle.application import JobSpec, Settlements
-from podsettle.domain import EscrowJob, State
+from podsettle.domain import EscrowJob
 from podsettle.domain import acceptance as checks
 from podsettle.domain.digests import digest
 from podsettle.domain.errors import InvalidInput
-from podsettle.domain.escrow_job import JobView, check_id
+from podsettle.domain.escrow_job import RESTING_EVENTS, JobMoney, JobView, check_id, job_json, reason_of
+from podsettle.domain.lifecycle import Status
 from podsettle.domain.money import ZERO, fmt, to_money
 from podsettle.domain.rules import BONUS_THRESHOLD, to_metric
 from podsettle.processor import Processor, ProcessorConfig
 from podsettle.projections.follower import LogFollower, Page, TrackedPosition
+from podsettle.projections.rows import Totals as Totals  # the batch result's totals, re-exported
 from podsettle.settings import Settings
 from podsettle.support.logs import configure_logging, get_logger
 from podsettle.writer import JobWriter
@@ -56,169 +58,76 @@ INTENT_TOPICS = [
     )
 ]
 # After these, a job rests (until an operator or a new command acts).
-RESTING_TOPICS = frozenset(
-    get_topic(cls)
-    for cls in (
-        EscrowJob.Released,
-        EscrowJob.Refunded,
-        EscrowJob.FundingRejected,
-        EscrowJob.BonusAwarded,
-        EscrowJob.AttentionRaised,
-    )
-)
+RESTING_TOPICS = frozenset(get_topic(cls) for cls in RESTING_EVENTS)
 JOB_TOPIC_PREFIX = get_topic(EscrowJob) + "."
-
-
-def _status(view: JobView) -> str:
-    """What a caller needs to know: paid, refunded, rejected, attention, refunding, or in_flight."""
-    return {
-        State.RELEASED: "paid",
-        State.REFUNDED: "refunded",
-        State.REJECTED: "rejected",
-        State.ATTENTION: "attention",
-        State.REFUNDING: "refunding",
-    }.get(view.state, "in_flight")
 
 
 @dataclass(frozen=True)
 class JobResult:
+    """A job as its caller sees it: its status (`Status`), and where its money is (`JobMoney`)."""
+
     job_id: uuid.UUID
     job_key: str
     batch_id: str | None
-    status: str
+    status: Status
     state: str
     endpoint_id: str
+    payer: str
     payee: str
     budget: Decimal
     escrow_id: str | None
     runpod_job_id: str | None
     output: Any
-    fee: Decimal
-    to_payee: Decimal
-    refunded: Decimal
+    money: JobMoney
     reason: str | None
     attention: dict[str, str] | None
+    execution_ms: int | None
+    view: JobView = field(repr=False, compare=False)  # for `to_json`, built only when it is asked for
 
     @property
     def paid(self) -> bool:
-        return self.status == "paid"
+        return self.status == Status.PAID
 
     @classmethod
     def of(cls, view: JobView, output: Any = None) -> JobResult:
-        released = view.released
-        refunded = view.refunded
-        fee = released[1] if released else refunded[1] if refunded else ZERO
-        reason = view.failure[2] if view.failure else view.rejection
-        if view.attention:
-            reason = view.attention.get("reason", reason)
         return cls(
             job_id=view.job_id,
             job_key=view.job_key,
             batch_id=view.batch_id,
-            status=_status(view),
+            status=view.status,
             state=str(view.state),
             endpoint_id=view.endpoint_id,
+            payer=view.payer,
             payee=view.payee,
             budget=view.budget,
             escrow_id=view.escrow_id,
             runpod_job_id=view.runpod_job_id,
             output=output,
-            fee=fee,
-            to_payee=released[0] if released else ZERO,
-            refunded=refunded[0] if refunded else ZERO,
-            reason=reason,
+            money=view.money,
+            reason=reason_of(view),
             attention=view.attention,
+            execution_ms=view.execution_ms,
+            view=view,
         )
 
     def to_json(self) -> dict[str, Any]:
-        """Plain JSON data; amounts as strings."""
-        return {
-            "job_id": str(self.job_id),
-            "job_key": self.job_key,
-            "batch_id": self.batch_id,
-            "status": self.status,
-            "state": self.state,
-            "endpoint_id": self.endpoint_id,
-            "payee": self.payee,
-            "budget": fmt(self.budget),
-            "escrow_id": self.escrow_id,
-            "runpod_job_id": self.runpod_job_id,
-            "fee": fmt(self.fee),
-            "to_payee": fmt(self.to_payee),
-            "refunded": fmt(self.refunded),
-            "reason": self.reason,
-            "attention": self.attention,
-            "output": self.output,
-        }
+        """Plain JSON data in the words of `status` and the totals; amounts as strings."""
+        return {**job_json(self.view), "output": self.output}
 
 
-@dataclass(frozen=True)
-class BatchTotals:
-    jobs: int
-    paid: int
-    refunded: int
-    rejected: int
-    attention: int
-    in_flight: int
-    funded: Decimal
-    to_workers: Decimal
-    fees: Decimal
-    returned: Decimal
-
-    @property
-    def settled(self) -> Decimal:
-        """What the paid jobs cost the payer: released to workers plus the service's fees on them."""
-        return self.to_workers + self.fees
-
-    @classmethod
-    def of(cls, results: Iterable[JobResult]) -> BatchTotals:
-        items = list(results)
-        count = {
-            s: sum(1 for r in items if r.status == s) for s in ("paid", "refunded", "rejected", "attention")
-        }
-        return cls(
-            jobs=len(items),
-            paid=count["paid"],
-            refunded=count["refunded"],
-            rejected=count["rejected"],
-            attention=count["attention"],
-            in_flight=len(items) - sum(count.values()),
-            funded=sum((r.budget for r in items if r.escrow_id), ZERO),
-            to_workers=sum((r.to_payee for r in items), ZERO),
-            fees=sum((r.fee for r in items if r.paid), ZERO),
-            returned=sum((r.refunded for r in items), ZERO),
-        )
-
-    def line(self) -> str:
-        return (
-            f"Batch: {self.paid} paid, {self.refunded} refunded"
-            + (f", {self.rejected} rejected" if self.rejected else "")
-            + (f", {self.attention} need attention" if self.attention else "")
-            + (f", {self.in_flight} in flight" if self.in_flight else "")
-            + f". Total settled: {fmt(self.settled)} USDC"
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "jobs": self.jobs,
-            "paid": self.paid,
-            "refunded": self.refunded,
-            "rejected": self.rejected,
-            "attention": self.attention,
-            "in_flight": self.in_flight,
-            "funded": fmt(self.funded),
-            "to_workers": fmt(self.to_workers),
-            "fees": fmt(self.fees),
-            "returned": fmt(self.returned),
-            "settled": fmt(self.settled),
-        }
+def batch_totals(results: Iterable[JobResult]) -> Totals:
+    """The totals of a batch's results: the read model's totals type, summed the same way."""
+    totals = Totals()
+    for result in results:
+        totals.add_job(result.status, result.money, result.execution_ms)
+    return totals
 
 
 @dataclass(frozen=True)
 class BatchResult:
     batch_id: str
     results: list[JobResult]
-    totals: BatchTotals
+    totals: Totals
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -231,22 +140,22 @@ class BatchResult:
 @dataclass(frozen=True)
 class BonusResult:
     job_id: uuid.UUID
-    amount: Decimal
+    bonus_gross: Decimal
     reason: str
-    status: str  # "awarded", "none" (below threshold), "attention", "in_flight"
+    status: str  # "awarded", "none" (below threshold), or the job's: "attention", "in_flight"
     escrow_id: str | None = None
-    to_payee: Decimal = ZERO
-    fee: Decimal = ZERO
+    bonus_net: Decimal = ZERO
+    bonus_fees: Decimal = ZERO
 
     def to_json(self) -> dict[str, Any]:
         return {
             "job_id": str(self.job_id),
-            "bonus": fmt(self.amount),
-            "reason": self.reason,
             "status": self.status,
+            "reason": self.reason,
             "escrow_id": self.escrow_id,
-            "to_payee": fmt(self.to_payee),
-            "fee": fmt(self.fee),
+            "bonus_gross": fmt(self.bonus_gross),
+            "bonus_fees": fmt(self.bonus_fees),
+            "bonus_net": fmt(self.bonus_net),
         }
 
 
@@ -517,7 +426,7 @@ class EngineCore:
             return result
 
         results = list(await asyncio.gather(*(one(job_id) for job_id in ids)))
-        totals = BatchTotals.of(results)
+        totals = batch_totals(results)
         log.info("batch.settled", batch_id=batch, **totals.to_json())
         return BatchResult(batch, results, totals)
 
@@ -564,10 +473,12 @@ class EngineCore:
         if not decision.granted:
             return BonusResult(uid, ZERO, decision.reason, "none")
         view = await self._drive(uid)
-        if view.bonus_awarded is not None:
-            amount, to_payee, fee, _ = view.bonus_awarded
-            return BonusResult(uid, amount, decision.reason, "awarded", view.bonus_escrow_id, to_payee, fee)
-        status = "attention" if view.state == State.ATTENTION else "in_flight"
+        award = view.bonus_awarded
+        if award is not None:
+            return BonusResult(
+                uid, award.amount, decision.reason, "awarded", view.bonus_escrow_id, award.to_payee, award.fee
+            )
+        status = Status.ATTENTION if view.status == Status.ATTENTION else Status.IN_FLIGHT
         return BonusResult(uid, decision.amount, decision.reason, status, view.bonus_escrow_id)
 
     async def check_services(self, endpoint_id: str) -> None:

@@ -437,7 +437,7 @@ class Processor:
 
     async def _refund(self, view: JobView, attempt: int) -> Command:
         assert view.escrow_id is not None
-        reason = view.failure[2] if view.failure else "job failed"
+        reason = view.failure.reason if view.failure else "job failed"
         try:
             async with self._escrow_slots:
                 settlement = await self.escrow.refund(
@@ -518,7 +518,7 @@ class Processor:
                 settlement = await self.escrow.release(
                     view.bonus_escrow_id,
                     key=self._key(view),
-                    expected=split(view.bonus_funded[0]),  # type: ignore[arg-type]
+                    expected=split(view.bonus_funded.amount),  # type: ignore[arg-type]
                 )
         except Conflict:
             command = await self._confirm_bonus_release(view)

@@ -28,7 +28,7 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError
 
 from podsettle.application import JobSpec, Settlements
-from podsettle.domain import TERMINAL, EscrowJob, State, Step
+from podsettle.domain import EscrowJob, Step
 from podsettle.domain.errors import ClaimLost, ConflictingOutcome, DomainError
 from podsettle.domain.escrow_job import JobView
 from podsettle.support.logs import get_logger
@@ -258,7 +258,7 @@ class JobWriter:
                 self._inputs[job_key] = payload
         for job in touched.values():
             self._note_version(job)
-            if job.state == State.ATTENTION or (job.state in TERMINAL and job.intent is None):
+            if job.rests:
                 self._cache.pop(job.id, None)
                 self._views.pop(job.id, None)
                 self._inputs.pop(job.job_key, None)  # e.g. rejected before it was ever submitted

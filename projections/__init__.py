@@ -14,7 +14,7 @@ from podsettle.projections.read_model import (
     Timings,
     is_job_topic,
 )
-from podsettle.projections.rows import JobRow, Tally, funded_at_after, row_of
+from podsettle.projections.rows import JobRow, Totals, funded_at_after, row_of
 from podsettle.projections.views import (
     CHECKPOINT_EVERY,
     GENESIS_DIGEST,
@@ -35,8 +35,8 @@ __all__ = [
     "Percentiles",
     "Projector",
     "ReadModel",
-    "Tally",
     "Timings",
+    "Totals",
     "Tracking",
     "ViewStore",
     "funded_at_after",

@@ -24,7 +24,7 @@ from podsettle.domain import EscrowJob, State, fmt
 from podsettle.domain.money import QUANTUM
 from podsettle.projections.apply import Applier, Creator, applier, creator
 from podsettle.projections.follower import LogFollower
-from podsettle.projections.rows import JobRow, Tally
+from podsettle.projections.rows import JobRow, Totals
 from podsettle.projections.views import CHECKPOINT_EVERY, Checkpoint, Projector, Tracking, ViewStore
 from podsettle.support.lru import keep
 
@@ -102,38 +102,37 @@ class Timings:
 
 @dataclass(frozen=True)
 class Earnings:
+    """What one worker earned, in the words of the totals: `to_workers` includes the bonuses."""
+
     payee: str
     jobs: int
-    paid: int
-    released: Decimal
-    bonuses: Decimal
-
-    @property
-    def total(self) -> Decimal:
-        return self.released + self.bonuses
+    paid_jobs: int
+    to_workers: Decimal
+    bonus_net: Decimal
+    still_held: Decimal  # in escrows for this worker that are not released or refunded yet
 
     def to_json(self) -> dict[str, Any]:
         return {
             "payee": self.payee,
             "jobs": self.jobs,
-            "paid": self.paid,
-            "released": fmt(self.released),
-            "bonuses": fmt(self.bonuses),
-            "total": fmt(self.total),
+            "paid_jobs": self.paid_jobs,
+            "to_workers": fmt(self.to_workers),
+            "bonus_net": fmt(self.bonus_net),
+            "still_held": fmt(self.still_held),
         }
 
 
 @dataclass(frozen=True)
 class EndpointSpend:
     endpoint_id: str
-    tally: Tally
+    totals: Totals
     gpu_seconds: Decimal
     compute_cost_floor: Decimal | None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "endpoint_id": self.endpoint_id,
-            **self.tally.to_json(),
+            **self.totals.to_json(),
             "gpu_seconds": f"{self.gpu_seconds:f}",
             "compute_cost_floor": None if self.compute_cost_floor is None else fmt(self.compute_cost_floor),
         }
@@ -276,17 +275,17 @@ class ReadModel:
 
     # ------------------------------------------------------------------ queries
 
-    def batch_totals(self, batch_id: str | None = None) -> Tally:
+    def batch_totals(self, batch_id: str | None = None) -> Totals:
         """Totals of one batch, or of every job when `batch_id` is None."""
         view, key = ("all", "") if batch_id is None else ("batch", batch_id)
-        return self.views.tally(view, key) or Tally()
+        return self.views.tally(view, key) or Totals()
 
-    def batches(self) -> dict[str | None, Tally]:
+    def batches(self) -> dict[str | None, Totals]:
         return {key or None: tally for key, tally in self.views.tallies("batch").items()}
 
     def earnings(self) -> list[Earnings]:
         return [
-            Earnings(payee, t.jobs, t.paid, t.released, t.bonuses)
+            Earnings(payee, t.jobs, t.paid_jobs, t.to_workers, t.bonus_net, t.still_held)
             for payee, t in self.views.tallies("payee").items()
         ]
 

@@ -23,7 +23,7 @@ from typing import Any
 from uuid import UUID
 
 from podsettle.domain import EscrowJob, fmt
-from podsettle.projections.rows import AMOUNTS, COUNTS, JobRow, Tally, funded_at_after, row_of
+from podsettle.projections.rows import AMOUNTS, COUNTS, JobRow, Totals, funded_at_after, row_of
 from podsettle.support.lru import keep
 
 CHECKPOINT_EVERY = 1_000
@@ -40,36 +40,31 @@ _ROW_COLUMNS = (
     "state",
     "escrow_id",
     "budget",
-    "funded",
-    "fee",
-    "to_payee",
-    "referral_fee",
-    "returned",
-    "fee_kept",
-    "bonus",
-    "bonus_fee",
+    *AMOUNTS,
     "execution_ms",
     "delay_ms",
     "worker_id",
     "intent",
-    "in_flight",
+    "awaiting_outcome",
     "opened_at",
     "funded_at",
     "version",
     "position",
 )
-_ROW_MONEY = frozenset(
-    ("budget", "funded", "fee", "to_payee", "referral_fee", "returned", "fee_kept", "bonus", "bonus_fee")
-)
+_ROW_MONEY = frozenset(("budget", *AMOUNTS))
+# The jobs table keeps the derived funding latency after `funded_at`, for the timings queries.
+_FUNDING_US_AT = _ROW_COLUMNS.index("funded_at") + 1
+# The tables' layout; a views file of another layout is dropped and rebuilt from the log (the read
+# models hold nothing the log does not). 2: the amounts of JobMoney and Totals, `awaiting_outcome`.
+SCHEMA_VERSION = 2
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, job_key TEXT NOT NULL, batch_id TEXT, endpoint_id TEXT NOT NULL,
     payer TEXT NOT NULL, payee TEXT NOT NULL, state TEXT NOT NULL, escrow_id TEXT,
-    budget TEXT NOT NULL, funded TEXT NOT NULL, fee TEXT NOT NULL, to_payee TEXT NOT NULL,
-    referral_fee TEXT NOT NULL, returned TEXT NOT NULL, fee_kept TEXT NOT NULL, bonus TEXT NOT NULL,
-    bonus_fee TEXT NOT NULL, execution_ms INTEGER, delay_ms INTEGER, worker_id TEXT, intent TEXT,
-    in_flight INTEGER NOT NULL, opened_at TEXT NOT NULL, funded_at TEXT, funding_us INTEGER,
+    budget TEXT NOT NULL, {", ".join(f"{name} TEXT NOT NULL" for name in AMOUNTS)},
+    execution_ms INTEGER, delay_ms INTEGER, worker_id TEXT, intent TEXT,
+    awaiting_outcome INTEGER NOT NULL, opened_at TEXT NOT NULL, funded_at TEXT, funding_us INTEGER,
     version INTEGER NOT NULL, position INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch_id);
@@ -88,7 +83,8 @@ CREATE TABLE IF NOT EXISTS log_checkpoints (
 );
 """
 TABLES = ("jobs", "tallies", "tracking", "log_checkpoints")
-_SELECT_COLUMNS = f"{', '.join(_ROW_COLUMNS[:24])}, funding_us, {', '.join(_ROW_COLUMNS[24:])}"
+_STORED_COLUMNS = (*_ROW_COLUMNS[:_FUNDING_US_AT], "funding_us", *_ROW_COLUMNS[_FUNDING_US_AT:])
+_SELECT_COLUMNS = ", ".join(_STORED_COLUMNS)
 
 
 def log_step(
@@ -134,19 +130,12 @@ def _row_values(row: JobRow) -> tuple[Any, ...]:
         row.state,
         row.escrow_id,
         fmt(row.budget),
-        fmt(row.funded),
-        fmt(row.fee),
-        fmt(row.to_payee),
-        fmt(row.referral_fee),
-        fmt(row.returned),
-        fmt(row.fee_kept),
-        fmt(row.bonus),
-        fmt(row.bonus_fee),
+        *map(fmt, row.money),
         row.execution_ms,
         row.delay_ms,
         row.worker_id,
         row.intent,
-        int(row.in_flight),
+        int(row.awaiting_outcome),
         row.opened_at.isoformat(),
         None if funded_at is None else funded_at.isoformat(),
         row.funding_us,
@@ -161,20 +150,20 @@ def row_from_record(record: sqlite3.Row | tuple[Any, ...]) -> JobRow:
 
 
 def _row_from(record: sqlite3.Row | tuple[Any, ...]) -> JobRow:
-    data = dict(zip((*_ROW_COLUMNS[:24], "funding_us", *_ROW_COLUMNS[24:]), record, strict=True))
+    data = dict(zip(_STORED_COLUMNS, record, strict=True))
     data.pop("funding_us")
     for name in _ROW_MONEY:
         data[name] = Decimal(data[name])
-    data["in_flight"] = bool(data["in_flight"])
+    data["awaiting_outcome"] = bool(data["awaiting_outcome"])
     data["opened_at"] = datetime.fromisoformat(data["opened_at"])
     if data["funded_at"] is not None:
         data["funded_at"] = datetime.fromisoformat(data["funded_at"])
     return JobRow(**data)
 
 
-def _tally_from(record: Iterable[Any]) -> Tally:
+def _tally_from(record: Iterable[Any]) -> Totals:
     values = list(record)
-    tally = Tally()
+    tally = Totals()
     for name, value in zip(COUNTS, values[: len(COUNTS)], strict=True):
         setattr(tally, name, int(value))
     for name, value in zip(AMOUNTS, values[len(COUNTS) :], strict=True):
@@ -182,7 +171,7 @@ def _tally_from(record: Iterable[Any]) -> Tally:
     return tally
 
 
-def _tally_values(tally: Tally) -> tuple[Any, ...]:
+def _tally_values(tally: Totals) -> tuple[Any, ...]:
     return tuple(getattr(tally, n) for n in COUNTS) + tuple(fmt(getattr(tally, n)) for n in AMOUNTS)
 
 
@@ -200,6 +189,14 @@ class ViewStore:
 
     def create(self) -> None:
         with self.lock:
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                # Written by an older layout (or new): start again, the next catch-up rebuilds it.
+                self.conn.execute("BEGIN IMMEDIATE")
+                for table in TABLES:
+                    self.conn.execute(f"DROP TABLE IF EXISTS {table}")
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self.conn.execute("COMMIT")
             self.conn.executescript(SCHEMA)
 
     def drop(self) -> None:
@@ -228,8 +225,7 @@ class ViewStore:
     def row(self, job_id: str) -> JobRow | None:
         with self.lock:
             found = self.conn.execute(
-                f"SELECT {', '.join(_ROW_COLUMNS[:24])}, funding_us, {', '.join(_ROW_COLUMNS[24:])} "
-                "FROM jobs WHERE job_id = ?",
+                f"SELECT {_SELECT_COLUMNS} FROM jobs WHERE job_id = ?",
                 (job_id,),
             ).fetchone()
         return None if found is None else _row_from(found)
@@ -243,7 +239,7 @@ class ViewStore:
             where.append("batch_id = ?")
             params.append(batch_id)
         clause = f"WHERE {' AND '.join(where)} " if where else ""
-        columns = f"{', '.join(_ROW_COLUMNS[:24])}, funding_us, {', '.join(_ROW_COLUMNS[24:])}"
+        columns = _SELECT_COLUMNS
         with self.lock:
             found = self.conn.execute(
                 f"SELECT {columns} FROM jobs {clause}ORDER BY position, job_id", params
@@ -284,7 +280,7 @@ class ViewStore:
             yield from page
             after = page[-1][0]
 
-    def tally(self, view: str, key: str) -> Tally | None:
+    def tally(self, view: str, key: str) -> Totals | None:
         with self.lock:
             found = self.conn.execute(
                 f"SELECT {', '.join((*COUNTS, *AMOUNTS))} FROM tallies WHERE view = ? AND key = ?",
@@ -292,7 +288,7 @@ class ViewStore:
             ).fetchone()
         return None if found is None else _tally_from(found)
 
-    def tallies(self, view: str) -> dict[str, Tally]:
+    def tallies(self, view: str) -> dict[str, Totals]:
         with self.lock:
             found = self.conn.execute(
                 f"SELECT key, {', '.join((*COUNTS, *AMOUNTS))} FROM tallies WHERE view = ? ORDER BY key",
@@ -332,7 +328,7 @@ class ViewStore:
         self,
         name: str,
         rows: Iterable[JobRow],
-        tallies: Iterable[tuple[str, str, Tally]],
+        tallies: Iterable[tuple[str, str, Totals]],
         tracking: Tracking,
         checkpoints: Iterable[Checkpoint],
     ) -> None:
@@ -345,8 +341,8 @@ class ViewStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(
-                    f"INSERT OR REPLACE INTO jobs ({', '.join(_ROW_COLUMNS[:24])}, funding_us, "
-                    f"{', '.join(_ROW_COLUMNS[24:])}) VALUES ({placeholders})",
+                    f"INSERT OR REPLACE INTO jobs ({', '.join(_ROW_COLUMNS[:_FUNDING_US_AT])}, funding_us, "
+                    f"{', '.join(_ROW_COLUMNS[_FUNDING_US_AT:])}) VALUES ({placeholders})",
                     [_row_values(row) for row in rows],
                 )
                 conn.executemany(
@@ -395,7 +391,7 @@ class Projector:
         self._pending: dict[str, JobRow] = {}
         self._deferred: dict[str, JobRow] = {}  # put, their previous row not read yet (see `put`)
         self._touched: dict[int | str, tuple[EscrowJob, int, datetime | None]] = {}
-        self._tallies: dict[tuple[str, str], Tally] = {}
+        self._tallies: dict[tuple[str, str], Totals] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._checkpoints: list[Checkpoint] = []
         tracking = store.tracking(name)
@@ -454,10 +450,10 @@ class Projector:
         self._pending[job_id] = new
         return new
 
-    def _tally(self, key: tuple[str, str]) -> Tally:
+    def _tally(self, key: tuple[str, str]) -> Totals:
         tally = self._tallies.get(key)
         if tally is None:
-            tally = self.store.tally(*key) or Tally()
+            tally = self.store.tally(*key) or Totals()
             self._tallies[key] = tally
         self._dirty.add(key)
         return tally

@@ -29,7 +29,7 @@ from uuid import UUID
 from eventsourcing.application import Application
 from eventsourcing.persistence import JSONTranscoder
 
-from podsettle.domain import TERMINAL, EscrowJob, State
+from podsettle.domain import EscrowJob
 from podsettle.projections import Checkpoint, JobRow, Projector, ReadModel, ViewStore, is_job_topic
 from podsettle.projections.apply import Applier, Creator, applier, creator, event_method
 from podsettle.projections.views import VIEWS, row_from_record
@@ -400,7 +400,7 @@ class Auditor:
                 stream.funded_at = timestamp
             if fast.check_after or len(job.order_violations) != before:
                 self._check(stream, originator_id, position)
-            if job.state == State.ATTENTION or (job.state in TERMINAL and job.intent is None):
+            if job.rests:
                 self._rest(originator_id, stream)
         report.events += counted
         self.last_position = report.last_position = last
@@ -612,11 +612,7 @@ class Auditor:
                 return
             if kind in _CHECK_AFTER or len(job.order_violations) != before:
                 self._check(stream, originator_id, position)
-        if (
-            job is not None
-            and not quiet
-            and (job.state == State.ATTENTION or (job.state in TERMINAL and job.intent is None))
-        ):
+        if job is not None and not quiet and job.rests:
             self._rest(originator_id, stream)
 
     def _misfit(

@@ -204,7 +204,7 @@ async def _check(
                 _where(job.state),
                 str(view.status),
                 f"job is {job.state}"
-                + (f", {job.intent.step} in flight" if job.in_flight and job.intent else ""),
+                + (f", {job.intent.step} in flight" if job.awaiting_outcome and job.intent else ""),
             )
         elif expected is None and job.state == State.ATTENTION:
             differ(
@@ -227,11 +227,11 @@ async def _check(
                     "bonus released" if job.bonus_awarded is not None else "bonus funded, not released",
                     str(bonus.status),
                 )
-            if job.bonus_funded is not None and bonus.amount != job.bonus_funded[0]:
+            if job.bonus_funded is not None and bonus.amount != job.bonus_funded.amount:
                 differ(
                     "amount",
                     job.bonus_escrow_id,
-                    f"bonus escrow of {fmt(job.bonus_funded[0])}",
+                    f"bonus escrow of {fmt(job.bonus_funded.amount)}",
                     f"{fmt(bonus.amount)}",
                 )
     return checked, found

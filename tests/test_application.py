@@ -84,7 +84,7 @@ def test_open_settle_and_query_a_job(app: Settlements) -> None:
     assert job.released == (parts.net, parts.fee, parts.referral_fee, Decimal(0))
     assert job.metrics == {"accuracy": "0.9"}
     assert app.find_job("job-1").id == job_id
-    assert job.summary()["released_to_payee"] == "0.495000"
+    assert job.summary()["to_workers"] == "0.495000"
 
 
 def test_open_is_idempotent_by_key_and_refuses_a_different_job_under_the_same_key(app: Settlements) -> None:

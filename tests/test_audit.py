@@ -82,9 +82,7 @@ def test_a_sound_store_passes_with_its_read_model_and_as_an_export(app: Settleme
 def test_double_release_is_found_at_the_second_release(app: Settlements) -> None:
     run(app, [Plan("ok-1", "released"), Plan("ok-2", "refunded")])
     job = drive(app, Plan("double", "released"))
-    job._released(
-        to_payee=job.released[0], fee=job.released[1], referral_fee=job.released[2], returned=Decimal(0)
-    )
+    job._released(*job.released._replace(returned=Decimal(0)))
     app.save(job)
     position = app.recorder.max_notification_id()
     report = audit(app)
@@ -142,9 +140,7 @@ def test_a_violation_after_the_job_was_let_go_of_is_still_found(app: Settlements
     """The double release comes long after the job finished: the audit rebuilds it from its history."""
     job = drive(app, Plan("early", "released"))
     history(app, 30, seed=9)
-    job._released(
-        to_payee=job.released[0], fee=job.released[1], referral_fee=job.released[2], returned=Decimal(0)
-    )
+    job._released(*job.released._replace(returned=Decimal(0)))
     app.save(job)
     position = app.recorder.max_notification_id()
     small = audit(app, max_open=1)
@@ -183,7 +179,7 @@ def test_an_amount_edited_in_the_store_breaks_the_seal_and_an_invariant(tmp_path
 
 def test_the_report_as_json_and_text_names_job_position_and_rule(app: Settlements) -> None:
     job = drive(app, Plan("twice", "refunded"))
-    job._refunded(returned=job.refunded[0], fee_kept=job.refunded[1])
+    job._refunded(returned=job.refunded.returned, fee_kept=job.refunded.fee_kept)
     app.save(job)
     report = audit(app)
     data = json.loads(json.dumps(report.to_json()))

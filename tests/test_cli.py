@@ -96,9 +96,12 @@ def test_run_pays_a_successful_job(env: dict[str, str]) -> None:
     )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["status"] == "paid" and data["to_payee"] == "0.495000" and data["fee"] == "0.005000"
+    assert data["status"] == "paid" and data["to_workers"] == "0.495000" and data["fees"] == "0.005000"
     status = invoke(env, "status", data["job_id"], "--json")
     assert status.exit_code == 0 and json.loads(status.stdout)["state"] == "RELEASED"
+    # `run` and `status` describe a job in the same words, with the same values.
+    shown = json.loads(status.stdout)
+    assert {**shown, "output": data["output"]} == data
     human = invoke(env, "status", data["job_id"])
     assert "RELEASED" in human.stdout
 
@@ -160,15 +163,18 @@ def test_batch_from_json_lines_then_the_read_side(env: dict[str, str], tmp_path:
     )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["totals"]["paid"] == 6 and data["totals"]["settled"] == "1.500000"
+    assert data["totals"]["paid_jobs"] == 6 and data["totals"]["spent"] == "1.500000"
 
     totals = json.loads(invoke(env, "totals", "--batch", "b1", "--json").stdout)
-    assert totals["paid"] == 6
+    assert totals["paid_jobs"] == 6
+    # The engine's batch totals and the read model's are one type: the same words and values.
+    assert totals == data["totals"]
+    assert totals["funded"] == "1.500000" and totals["still_held"] == "0.000000"
     listed = json.loads(invoke(env, "jobs", "--batch", "b1", "--state", "released", "--json").stdout)
     assert len(listed) == 6
     earned = json.loads(invoke(env, "earnings", "--json").stdout)
     assert [e["payee"] for e in earned] == [env["PODSETTLE_PAYEE"]]
-    assert any(value == "1.485000" for value in earned[0].values())
+    assert earned[0]["to_workers"] == "1.485000" and earned[0]["paid_jobs"] == 6
     assert invoke(env, "totals").exit_code == 0 and invoke(env, "earnings").exit_code == 0
 
     bad = invoke(env, "jobs", "--state", "sideways")
@@ -203,7 +209,7 @@ def test_bonus_on_a_paid_job(env: dict[str, str]) -> None:
         env, "bonus", paid["job_id"], "--baseline", "0.80", "--achieved", "0.92", "--pool", "5", "--json"
     )
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["bonus"] == "0.750000"
+    assert json.loads(result.stdout)["bonus_gross"] == "0.750000"
     below = invoke(env, "bonus", paid["job_id"], "--baseline", "0.80", "--achieved", "0.81", "--pool", "5")
     assert below.exit_code == 1  # a different request for the same job's one bonus is a conflict
     one_error_line(below, "already granted")
@@ -318,10 +324,11 @@ def test_demo_as_a_new_user_runs_it(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     totals = data["batch"]["totals"]
-    assert totals["jobs"] == 24 and totals["paid"] > 0 and totals["refunded"] > 0 and totals["in_flight"] == 0
+    assert totals["jobs"] == 24 and totals["paid_jobs"] > 0 and totals["refunded_jobs"] > 0
+    assert totals["in_flight_jobs"] == 0
     assert data["bonus"]["status"] == "awarded"
     assert data["ledger_conserved"] is True and data["audit"]["ok"] is True
-    assert all(isinstance(v, str) for v in (totals["settled"], totals["fees"], data["bonus"]["bonus"]))
+    assert all(isinstance(v, str) for v in (totals["spent"], totals["fees"], data["bonus"]["bonus_gross"]))
     assert (tmp_path / "podsettle-demo.db").exists()
     human = subprocess.run(
         [sys.executable, "-m", "podsettle.cli", "demo", "--jobs", "6"],
@@ -332,4 +339,4 @@ def test_demo_as_a_new_user_runs_it(tmp_path: Path) -> None:
         timeout=120,
     )
     assert human.returncode == 0, human.stderr
-    assert "Batch:" in human.stdout and "OK" in human.stdout
+    assert "Totals:" in human.stdout and "paid_jobs" in human.stdout and "OK" in human.stdout

@@ -43,14 +43,14 @@ def check(result: SimResult) -> None:
         assert job.state in (State.RELEASED, State.REFUNDED, State.REJECTED), f"{where}: {job.summary()}"
         assert job.intent is None, f"{where}: {job.summary()}"
         if job.released:
-            paid_to_worker += job.released[0]
+            paid_to_worker += job.released.to_payee
             assert escrows_per_job[f"{job.id}:job"] == ["posted"]
         if job.refunded:
             assert escrows_per_job[f"{job.id}:job"] == ["voided"]
         if job.state == State.REJECTED:
             assert f"{job.id}:job" not in escrows_per_job
         if job.bonus_awarded:
-            paid_to_worker += job.bonus_awarded[1]
+            paid_to_worker += job.bonus_awarded.to_payee
             assert escrows_per_job[f"{job.id}:bonus"] == ["posted"]
     balances = {a.account_id: a.balance for a in conservation.accounts}
     assert balances[PAYEE] == paid_to_worker, f"{where}: the worker's balance differs from the log"

@@ -48,11 +48,12 @@ async def test_a_successful_job_pays_the_worker(engine: Engine) -> None:
     result = await engine.run_paid_job("echo", {"prompt": "hello"}, budget="0.50")
     assert result.status == "paid" and result.paid
     assert result.output == {"prompt": "hello"}
-    assert (result.to_payee, result.fee) == (D("0.495"), D("0.005"))
+    assert (result.money.to_workers, result.money.fees) == (D("0.495"), D("0.005"))
+    assert (result.money.funded, result.money.returned, result.money.still_held) == (D("0.5"), 0, 0)
     assert result.escrow_id and result.runpod_job_id
     assert balances(engine)["worker"] == D("0.495")
     assert balances(engine)["payer"] == D("99.5")
-    assert result.to_json()["to_payee"] == "0.495000"
+    assert result.to_json()["to_workers"] == "0.495000"
 
 
 @pytest.mark.parametrize(
@@ -69,7 +70,8 @@ async def test_a_failed_job_refunds_the_payer(
     assert result.status == "refunded"
     assert reason in (result.reason or "")
     kept = kept_on_refund(engine, D("0.5"))
-    assert result.refunded == D("0.5") - kept and result.to_payee == 0
+    assert result.money.returned == D("0.5") - kept and result.money.to_workers == 0
+    assert result.money.fees == kept
     assert balances(engine)["worker"] == 0
     assert balances(engine)["payer"] == D("100") - kept
 
@@ -134,32 +136,35 @@ async def test_batch_settlement_with_totals(engine: Engine) -> None:
     )
     totals = batch.totals
     assert totals.jobs == 24 and len(seen) == 24
-    assert totals.paid + totals.refunded == 24 and totals.paid > 0 and totals.refunded > 0
-    assert totals.to_workers == D("0.2475") * totals.paid
-    assert totals.settled == D("0.25") * totals.paid
-    assert f"{totals.paid} paid, {totals.refunded} refunded" in totals.line()
+    assert totals.paid_jobs + totals.refunded_jobs == 24 and totals.paid_jobs > 0 and totals.refunded_jobs > 0
+    assert totals.to_workers == D("0.2475") * totals.paid_jobs
+    paid = [r.money for r in batch.results if r.paid]
+    assert sum((m.to_workers + m.fees for m in paid), D(0)) == D("0.25") * totals.paid_jobs
+    assert totals.funded == D("0.25") * 24 and totals.still_held == 0 and totals.balanced
+    assert totals.spent == totals.to_workers + totals.fees
+    assert f"{totals.paid_jobs} paid, {totals.refunded_jobs} refunded" in totals.line()
     assert balances(engine)["worker"] == totals.to_workers
     assert {r.batch_id for r in batch.results} == {batch.batch_id}
     assert [j.id for j in engine.app.list_jobs(batch_id=batch.batch_id)] == [r.job_id for r in batch.results]
-    assert batch.to_json()["totals"]["settled"] == f"{totals.settled:.6f}"
+    assert batch.to_json()["totals"]["spent"] == f"{totals.spent:.6f}"
 
 
 async def test_performance_bonus(engine: Engine) -> None:
     job = await engine.run_paid_job("train", {"target": 0.9, "seed": 1}, budget="1", bonus_pool="5")
     below = await engine.award_bonus(job.job_id, 0.80, 0.85, pool="5")
-    assert below.status == "none" and below.amount == 0 and below.reason == "below threshold"
+    assert below.status == "none" and below.bonus_gross == 0 and below.reason == "below threshold"
     bonus = await engine.award_bonus(job.job_id, 0.80, 0.92, pool="5")
-    assert bonus.status == "awarded" and bonus.amount == D("0.75")
-    assert bonus.to_payee == D("0.7425")
+    assert bonus.status == "awarded" and bonus.bonus_gross == D("0.75")
+    assert bonus.bonus_net == D("0.7425") and bonus.bonus_fees == D("0.0075")
     again = await engine.award_bonus(job.job_id, 0.80, 0.92, pool="5")
-    assert again.amount == bonus.amount and again.escrow_id == bonus.escrow_id
+    assert again.bonus_gross == bonus.bonus_gross and again.escrow_id == bonus.escrow_id
     assert balances(engine)["worker"] == D("0.99") + D("0.7425")  # paid once
 
 
 async def test_bonus_is_capped_at_the_pool(engine: Engine) -> None:
     job = await engine.run_paid_job("echo", {"x": 1}, budget="1")
     bonus = await engine.award_bonus(job.job_id, 0.5, 2.0, pool="3")
-    assert bonus.amount == D("3") and bonus.reason == "capped at the pool"
+    assert bonus.bonus_gross == D("3") and bonus.reason == "capped at the pool"
 
 
 async def test_no_bonus_on_an_unpaid_job(engine: Engine) -> None:

@@ -209,7 +209,7 @@ class EngineMachine(RuleBasedStateMachine):
             for job in app.list_jobs():
                 assert job.violations(quiescent=True) == [], (job.id, job.violations(quiescent=True))
                 assert job.state in (State.RELEASED, State.REFUNDED, State.REJECTED), job.summary()
-                paid += job.released[0] if job.released else 0
+                paid += job.released.to_payee if job.released else 0
             conservation = self.ledger.conservation()
             assert conservation.conserved and conservation.held == 0, conservation
             jobs = app.list_jobs()
@@ -217,7 +217,7 @@ class EngineMachine(RuleBasedStateMachine):
             event(f"jobs settled: {'none' if not jobs else '1-3' if len(jobs) < 4 else '4+'}")
             if any(job.counts.get("AttentionRaised") for job in jobs):
                 event("an operator resolved an ATTENTION job")
-            if any(job.failure and job.failure[0] == "release" for job in jobs):
+            if any(job.failure and job.failure.stage == "release" for job in jobs):
                 event("an escrow expired before its release")
             worker = {a.account_id: a.balance for a in conservation.accounts}[PAYEE]
             assert worker == paid

@@ -56,7 +56,7 @@ def test_open_rejects_bad_input_naming_the_field(field: str, kwargs: dict[str, o
 def test_happy_path_funding_start_completion_release() -> None:
     job = opened()
     assert job.record_attempt(Step.FUND, "p1") == 1
-    assert job.in_flight
+    assert job.awaiting_outcome
     job.record_funded("esc_1", "0.50", SPLIT.fee, SPLIT.net)
     assert job.state == State.FUNDED
     assert job.intent is not None and job.intent.step == Step.START
@@ -168,7 +168,7 @@ def test_escrow_refunded_by_the_service_before_release() -> None:
     job.record_attempt(Step.RELEASE, "p1")
     job.record_refunded_by_service("0.495", "0.005", "escrow refunded by timeout before release")
     assert job.state == State.REFUNDED
-    assert job.failure is not None and job.failure[0] == "release"
+    assert job.failure is not None and job.failure.stage == "release"
     assert job.violations(quiescent=True) == []
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from podsettle import Settlements
 from podsettle.domain import State
-from podsettle.projections import ReadModel, Tally, row_of
+from podsettle.projections import ReadModel, Totals, row_of
 from podsettle.projections import views as views_module
 from tests.histories import OUTCOMES, Plan, history, run, steps
 
@@ -70,11 +70,11 @@ def test_incremental_catch_up_equals_a_rebuild_after_random_histories(
         job = app.get_job(job_id)
         row = live.job(job_id)
         assert row is not None
-        assert (row.state, row.version, row.funded, row.in_flight) == (
+        assert (row.state, row.version, row.funded, row.awaiting_outcome) == (
             str(job.state),
             job.version,
-            job.funded_amount or 0,
-            job.in_flight,
+            (job.funded_amount or 0) + (job.bonus_funded.amount if job.bonus_funded else 0),
+            job.awaiting_outcome,
         )
         assert row == row_of(job, row.position, row.funded_at)
 
@@ -87,20 +87,20 @@ def test_totals_add_up_over_jobs_payees_endpoints_and_batches(tmp_path: Path) ->
     rows = model.jobs()
     assert len(rows) == 80
     everything = model.batch_totals()
-    summed = Tally()
+    summed = Totals()
     for row in rows:
         summed.add(row)
     assert summed == everything
     assert everything.jobs == (
-        everything.paid
+        everything.paid_jobs
         + everything.refunded_jobs
-        + everything.rejected
-        + everything.attention
-        + everything.in_flight
+        + everything.rejected_jobs
+        + everything.attention_jobs
+        + everything.in_flight_jobs
     )
     per_batch = model.batches()
     assert sum(t.jobs for t in per_batch.values()) == 80
-    assert sum((t.released for t in per_batch.values()), Decimal(0)) == everything.released
+    assert sum((t.to_workers for t in per_batch.values()), Decimal(0)) == everything.to_workers
     for batch, tally in per_batch.items():
         in_batch = (
             model.jobs(batch_id=batch) if batch is not None else [r for r in rows if r.batch_id is None]
@@ -109,25 +109,26 @@ def test_totals_add_up_over_jobs_payees_endpoints_and_batches(tmp_path: Path) ->
     earnings = {e.payee: e for e in model.earnings()}
     for payee, e in earnings.items():
         mine = [r for r in rows if r.payee == payee]
-        assert e.released == sum((r.to_payee for r in mine), Decimal(0))
-        assert e.bonuses == sum((r.bonus for r in mine), Decimal(0))
-        assert e.total == e.released + e.bonuses
+        assert e.to_workers == sum((r.to_workers for r in mine), Decimal(0))
+        assert e.bonus_net == sum((r.bonus_net for r in mine), Decimal(0))
+        assert e.still_held == sum((r.still_held for r in mine), Decimal(0))
     spend = {s.endpoint_id: s for s in model.endpoint_spend()}
-    assert sum(s.tally.jobs for s in spend.values()) == 80
+    assert sum(s.totals.jobs for s in spend.values()) == 80
     counts = model.state_counts()
     assert sum(counts.values()) == 80
-    assert counts.get("RELEASED", 0) == everything.paid
+    assert counts.get("RELEASED", 0) == everything.paid_jobs
     assert {r.state for r in model.jobs(state="released")} <= {"RELEASED"}
-    assert len(model.jobs(state=State.ATTENTION)) == everything.attention
+    assert len(model.jobs(state=State.ATTENTION)) == everything.attention_jobs
     # Funded money is accounted for: paid out, kept as fees, returned, or still held.
-    held = sum((r.funded for r in rows if r.state not in ("RELEASED", "REFUNDED")), Decimal(0))
+    assert everything.balanced
     assert (
-        everything.released
-        + everything.refunded
-        + (everything.fees - sum((r.bonus_fee for r in rows), Decimal(0)))
-        + held
+        everything.to_workers + everything.returned + everything.fees + everything.still_held
         == everything.funded
     )
+    held = sum(
+        (r.funded for r in rows if r.state not in ("RELEASED", "REFUNDED") and r.bonus_gross == 0), Decimal(0)
+    )
+    assert held <= everything.still_held
 
 
 def test_money_is_stored_as_text_with_six_places(tmp_path: Path) -> None:
@@ -136,9 +137,9 @@ def test_money_is_stored_as_text_with_six_places(tmp_path: Path) -> None:
     path = tmp_path / "views.db"
     ReadModel(app, str(path)).catch_up()
     with sqlite3.connect(path) as conn:
-        kinds = conn.execute("SELECT DISTINCT typeof(funded), typeof(to_payee) FROM jobs").fetchall()
+        kinds = conn.execute("SELECT DISTINCT typeof(funded), typeof(to_workers) FROM jobs").fetchall()
         assert kinds == [("text", "text")]
-        amounts = [r[0] for r in conn.execute("SELECT released FROM tallies").fetchall()]
+        amounts = [r[0] for r in conn.execute("SELECT to_workers FROM tallies").fetchall()]
     assert all(a.split(".")[1].__len__() == 6 for a in amounts)
 
 
@@ -169,7 +170,7 @@ def test_a_failed_flush_writes_nothing_and_the_next_catch_up_recovers(
     real = views_module._tally_values
     calls = {"n": 0}
 
-    def failing(tally: Tally) -> tuple[object, ...]:
+    def failing(tally: Totals) -> tuple[object, ...]:
         calls["n"] += 1
         if calls["n"] == 9:  # inside the second page's transaction
             raise RuntimeError("disk full")
@@ -224,7 +225,32 @@ def test_json_amounts_are_strings() -> None:
     model = ReadModel(app)
     model.catch_up()
     totals = model.batch_totals().to_json()
-    assert isinstance(totals["released"], str) and isinstance(totals["jobs"], int)
+    assert isinstance(totals["to_workers"], str) and isinstance(totals["jobs"], int)
     row = model.jobs()[0].to_json()
     assert isinstance(row["budget"], str) and isinstance(row["opened_at"], str)
-    assert all(isinstance(e.to_json()["total"], str) for e in model.earnings())
+    assert all(isinstance(e.to_json()["to_workers"], str) for e in model.earnings())
+
+
+def test_a_views_file_of_the_old_layout_is_rebuilt_in_the_new_one(tmp_path: Path) -> None:
+    app = Settlements("memory")
+    history(app, 12, seed=4)
+    path = tmp_path / "views.db"
+    with sqlite3.connect(path) as conn:  # the layout before the totals had one vocabulary
+        conn.executescript(
+            "CREATE TABLE tallies (view TEXT, key TEXT, jobs INTEGER, paid INTEGER, released TEXT,"
+            " PRIMARY KEY (view, key));"
+            "INSERT INTO tallies VALUES ('all', '', 99, 99, '1.000000');"
+            "CREATE TABLE tracking (name TEXT PRIMARY KEY, position INTEGER NOT NULL,"
+            " events INTEGER NOT NULL, log_digest TEXT NOT NULL);"
+            f"INSERT INTO tracking VALUES ('{app.name}', 999999, 999999, '00');"
+        )
+    model = ReadModel(app, str(path))
+    assert model.position == 0  # nothing of the old file is trusted: it is read again from the log
+    model.catch_up()
+    fresh = ReadModel(app)
+    fresh.catch_up()
+    assert model.dump() == fresh.dump()
+    assert model.batch_totals().jobs == 12
+    model.close()
+    again = ReadModel(app, str(path))  # a file of the current layout is kept
+    assert again.position == fresh.position

@@ -87,10 +87,10 @@ def mirror(app: Settlements, fake: FakeEscrow) -> None:
                 job.escrow_id, status, job.funded_amount, job.fee, job.net, job.payer, job.payee
             )
         if job.bonus_escrow_id is not None and job.bonus_funded is not None:
-            amount, fee, net = job.bonus_funded
+            bonus = job.bonus_funded
             bonus_status = EscrowStatus.RELEASED if job.bonus_awarded else EscrowStatus.FUNDED
             fake.escrows[job.bonus_escrow_id] = EscrowView(
-                job.bonus_escrow_id, bonus_status, amount, fee, net
+                job.bonus_escrow_id, bonus_status, bonus.amount, bonus.fee, bonus.net
             )
 
 

@@ -308,7 +308,7 @@ def batch(
         from podsettle.cli.console import print_totals
 
         print_totals(result.totals, title=f"batch {result.batch_id}")
-    raise typer.Exit(0 if result.totals.paid == result.totals.jobs else EXIT_FAILURE)
+    raise typer.Exit(0 if result.totals.paid_jobs == result.totals.jobs else EXIT_FAILURE)
 
 
 @app.command()
@@ -331,7 +331,7 @@ def bonus(
     if json_output:
         emit_json(result.to_json())
     else:
-        typer.echo(f"bonus {result.amount:f} USDC ({result.reason}): {result.status}")
+        typer.echo(f"bonus {result.bonus_gross:f} USDC ({result.reason}): {result.status}")
     raise typer.Exit(0 if result.status in ("awarded", "none") else EXIT_FAILURE)
 
 
@@ -350,9 +350,7 @@ def resume(store: StoreOption = None, json_output: JsonFlag = False) -> None:
         typer.echo(f"resumed {len(results)} job(s)")
         for result in results:
             typer.echo(f"  {result.job_id}  {result.status}")
-    raise typer.Exit(
-        0 if all(r.status in ("paid", "refunded", "rejected") for r in results) else EXIT_FAILURE
-    )
+    raise typer.Exit(0 if all(r.status.settled for r in results) else EXIT_FAILURE)
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -423,15 +421,15 @@ def totals(
     store: StoreOption = None,
     json_output: JsonFlag = False,
 ) -> None:
-    """Batch totals: jobs paid, refunded, rejected; money funded, released, fees, refunded, bonuses."""
+    """Totals: jobs paid, refunded, rejected, in flight; money funded, to workers, fees, returned, held."""
     model = _read_model(store)
-    tally = model.batch_totals(batch)
+    totals = model.batch_totals(batch)
     if json_output:
-        emit_json(tally.to_json())
+        emit_json(totals.to_json())
     else:
-        from podsettle.cli.console import print_mapping
+        from podsettle.cli.console import print_totals
 
-        print_mapping(tally.to_json(), title=f"totals{' of ' + batch if batch else ''}")
+        print_totals(totals, title=f"totals{' of ' + batch if batch else ''}")
 
 
 @app.command()

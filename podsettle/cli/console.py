@@ -56,9 +56,9 @@ def print_totals(totals: Any, *, title: str) -> None:
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     for name, value in totals.to_json().items():
-        table.add_row(name.replace("_", " "), str(value))
+        table.add_row(name, str(value))
     out.print(table)
-    out.print(totals.line())
+    out.print(f"Totals: {totals.line()}")
 
 
 def print_mapping(data: Mapping[str, Any], *, title: str) -> None:
@@ -74,7 +74,8 @@ def print_jobs(rows: Iterable[Any]) -> None:
     if not items:
         out.print("no jobs")
         return
-    keys = ["job_id", "batch_id", "endpoint_id", "state", "budget", "to_payee", "refunded", "escrow_id"]
+    keys = ["job_id", "batch_id", "endpoint_id", "status", "state", "budget", "to_workers", "returned"]
+    keys += ["still_held", "escrow_id"]
     for key in keys:
         table.add_column(key)
     for row in items:

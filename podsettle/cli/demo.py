@@ -90,7 +90,7 @@ async def run_demo(path: Path, *, jobs: int, seed: int, json_output: bool) -> bo
         print_totals(batch.totals, title=f"batch {batch.batch_id}")
         if bonus is not None:
             winner = best.job_key if best else ""
-            out.print(f"bonus for {winner}: {bonus.amount:f} USDC ({bonus.reason}), {bonus.status}")
+            out.print(f"bonus for {winner}: {bonus.bonus_gross:f} USDC ({bonus.reason}), {bonus.status}")
         print_earnings(earnings)
         out.print(f"sandbox ledger conserves money: {'yes' if ledger['conserved'] else 'NO'}")
         out.print(report.render())
