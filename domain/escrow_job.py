@@ -26,7 +26,7 @@ from eventsourcing.domain import Aggregate, event
 
 from podsettle.domain import rules
 from podsettle.domain.errors import ClaimLost, ConflictingOutcome, IllegalTransition, InvalidInput
-from podsettle.domain.money import ZERO, fmt, to_money
+from podsettle.domain.money import ZERO, Money, fmt, to_money
 
 JOB_NAMESPACE = uuid.UUID("6f1c1d5e-8a4b-4f0e-9a57-2f6f3c1e7b11")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$")
@@ -90,14 +90,14 @@ class JobView(NamedTuple):
     input_digest: str
     payer: str
     payee: str
-    budget: Decimal
+    budget: Money
     referral: str | None
     acceptance: dict[str, Any]
     deadline: datetime
     state: State
     intent: Intent | None
     escrow_id: str | None
-    funded_amount: Decimal | None
+    funded_amount: Money | None
     fee: Decimal | None
     net: Decimal | None
     rejection: str | None
@@ -113,7 +113,7 @@ class JobView(NamedTuple):
     delay_ms: int | None
     worker_id: str | None
     metrics: dict[str, str]
-    bonus_amount: Decimal | None
+    bonus_amount: Money | None
     bonus_escrow_id: str | None
     bonus_funded: tuple[Decimal, Decimal, Decimal] | None
     bonus_awarded: tuple[Decimal, Decimal, Decimal, Decimal] | None
@@ -274,10 +274,10 @@ class EscrowJob(Aggregate):
         input_digest: str,
         payer: str,
         payee: str,
-        budget: Decimal,
+        budget: Money,
         referral: str | None,
         acceptance: dict[str, Any],
-        bonus_pool: Decimal | None,
+        bonus_pool: Money | None,
         deadline: datetime,
     ) -> None:
         self.job_key = job_key
@@ -297,7 +297,7 @@ class EscrowJob(Aggregate):
         self.attention: dict[str, str] | None = None
         # Settlement facts.
         self.escrow_id: str | None = None
-        self.funded_amount: Decimal | None = None
+        self.funded_amount: Money | None = None
         self.fee: Decimal | None = None
         self.net: Decimal | None = None
         self.rejection: str | None = None
@@ -313,7 +313,7 @@ class EscrowJob(Aggregate):
         self.refunded: tuple[Decimal, Decimal] | None = None
         self.cancel_reason: str | None = None
         # Bonus.
-        self.bonus_amount: Decimal | None = None
+        self.bonus_amount: Money | None = None
         self.bonus_terms: tuple[Decimal, str, str, str] | None = None
         self.bonus_escrow_id: str | None = None
         self.bonus_funded: tuple[Decimal, Decimal, Decimal] | None = None
@@ -331,14 +331,15 @@ class EscrowJob(Aggregate):
         input_digest: str,
         payer: str,
         payee: str,
-        budget: object,
+        budget: Money,
         deadline: datetime,
         batch_id: str | None = None,
         referral: str | None = None,
         acceptance: dict[str, Any] | None = None,
-        bonus_pool: object = None,
+        bonus_pool: Money | None = None,
     ) -> EscrowJob:
-        """Open a job and, in the same save, ask for its escrow to be funded."""
+        """Open a job and, in the same save, ask for its escrow to be funded. The amounts arrive
+        parsed (`JobRequest`); they are checked again only as the job's invariants (positive, 6 places)."""
         check_id(job_key, "job_key")
         check_id(endpoint_id, "endpoint_id")
         check_id(payer, "payer")
@@ -470,7 +471,7 @@ class EscrowJob(Aggregate):
         self.trigger_event(self.StartRequested, key=f"{self.job_key}:start")
 
     @event(Funded)
-    def _funded(self, escrow_id: str, amount: Decimal, fee: Decimal, net: Decimal) -> None:
+    def _funded(self, escrow_id: str, amount: Money, fee: Decimal, net: Decimal) -> None:
         self._count("Funded")
         self.escrow_id = escrow_id
         self.funded_amount = amount
@@ -737,7 +738,7 @@ class EscrowJob(Aggregate):
 
     @event(BonusRequested)
     def _bonus_requested(
-        self, key: str, amount: Decimal, pool: Decimal, base_metric: str, achieved_metric: str, threshold: str
+        self, key: str, amount: Money, pool: Decimal, base_metric: str, achieved_metric: str, threshold: str
     ) -> None:
         self._order(self._seen("Released"), "BonusRequested without Released")
         self.bonus_amount = amount

@@ -10,24 +10,27 @@ from pathlib import Path
 
 import pytest
 
-from podsettle import ClaimLost, JobNotFound, JobSpec, Settlements
+from podsettle import ClaimLost, JobNotFound, JobRequest, Settlements
 from podsettle.adapters.persistence import StoreConfigError, store_from_url
 from podsettle.domain import ConflictingOutcome, InvalidInput, State, Step
-from podsettle.domain.digests import digest
+from podsettle.domain.digests import canonical_json, digest, digest_bytes
+from podsettle.domain.money import Money
 from podsettle.domain.rules import split
 from tests.jobs import DEADLINE
 
 POSTGRES_URL = os.environ.get("PODSETTLE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def spec(key: str, *, batch: str | None = None, budget: str = "0.50", payee: str = "ag_worker") -> JobSpec:
-    return JobSpec(
+def spec(key: str, *, batch: str | None = None, budget: str = "0.50", payee: str = "ag_worker") -> JobRequest:
+    data = canonical_json({"key": key})
+    return JobRequest(
         job_key=key,
         endpoint_id="echo",
-        input_digest=digest({"key": key}),
+        input_bytes=data,
+        input_digest=digest_bytes(data),
         payer="ag_payer",
         payee=payee,
-        budget=budget,
+        budget=Money(Decimal(budget)),
         deadline=DEADLINE,
         batch_id=batch,
     )
