@@ -243,16 +243,17 @@ class ComputeGateway(Protocol):
     async def submit(
         self,
         endpoint_id: str,
-        job_input: dict[str, Any],
+        job_input: bytes | dict[str, Any],
         *,
         execution_timeout_ms: int | None = None,
         ttl_ms: int | None = None,
         webhook: str | None = None,
         low_priority: bool = False,
     ) -> str:
-        """Queue a job; returns RunPod's job id. An adapter may submit through `/runsync` with a
-        bounded wait (the id then comes back at most that wait later) and answer the following
-        `wait()` from what that call brought back."""
+        """Queue a job; returns RunPod's job id. `job_input` is the input's canonical JSON bytes, sent
+        exactly as given (the bytes its digest was taken over), or a dict to encode. An adapter may
+        submit through `/runsync` with a bounded wait (the id then comes back at most that wait
+        later) and answer the following `wait()` from what that call brought back."""
         ...
 
     async def status(self, endpoint_id: str, run_id: str) -> RunState: ...

@@ -75,6 +75,12 @@ Dialect = Literal["v1", "seed"]
 RefundMethod = Literal["dispute", "timeout"]
 
 DEFAULT_BASE_URL = "https://escrow.purpleflea.com"
+# The create route's documented limits (checked here before sending, and by the engine's edge
+# before a job is recorded): an amount of at least 0.10 USD, a description of at least 3 characters,
+# timeout_hours 1..720, and a v1 counterparty that is an agent id.
+MIN_AMOUNT = Money(Decimal("0.100000"))
+MIN_DESCRIPTION_CHARS = 3
+MAX_TIMEOUT_HOURS = 720
 DEFAULT_RATE_LIMITS: dict[str, int] = {
     "create": 20,
     "complete": 30,
@@ -268,7 +274,19 @@ class PurpleFleaEscrow:
         metadata: dict[str, str] | None = None,
     ) -> EscrowReceipt:
         """Create and fund an escrow; `key` is only logged (neither dialect takes one)."""
-        value = to_money(amount, "amount", allow_zero=False)
+        value = amount
+        # The service's own checks, made here so that a create it would refuse is never sent.
+        refusal = None
+        if value < MIN_AMOUNT:
+            refusal = "invalid_amount", f"amount {fmt(value)} is below the minimum of {fmt(MIN_AMOUNT)}"
+        elif len(description.strip()) < MIN_DESCRIPTION_CHARS:
+            refusal = "invalid_description", f"description needs at least {MIN_DESCRIPTION_CHARS} characters"
+        elif not 1 <= timeout_hours <= MAX_TIMEOUT_HOURS:
+            refusal = "invalid_timeout", f"timeout_hours must be 1..{MAX_TIMEOUT_HOURS}"
+        elif self.dialect == "v1" and not payee.startswith("ag_"):
+            refusal = "invalid_counterparty", "the counterparty must be an agent id (ag_...)"
+        if refusal is not None:
+            raise Rejected(f"create: {refusal[0]}: {refusal[1]}; nothing was sent", code=refusal[0])
         expected = split(value)
         if self.dialect == "seed":
             body: dict[str, Any] = {

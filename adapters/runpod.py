@@ -52,6 +52,7 @@ from podsettle.adapters.ports import (
 from podsettle.support.logs import get_logger
 
 __all__ = [
+    "BODY_LIMITS",
     "DEFAULT_BASE_URL",
     "DEFAULT_CLIENT_LIMITS",
     "MAX_INPUT_BYTES",
@@ -59,13 +60,18 @@ __all__ = [
     "PollPolicy",
     "RunPodCompute",
     "SyncPolicy",
+    "body_size",
     "classify_run",
+    "input_json",
+    "request_body",
 ]
 
 log = get_logger(__name__)
 
 DEFAULT_BASE_URL = "https://api.runpod.ai/v2"
-MAX_INPUT_BYTES = 10 * 1024 * 1024  # /run's documented body limit
+MAX_INPUT_BYTES = 10 * 1024 * 1024  # /run's documented body limit (the whole body, not just the input)
+# The documented body limits per submitting route; a request over its route's limit is never sent.
+BODY_LIMITS: dict[str, int] = {"run": MAX_INPUT_BYTES, "runsync": 20 * 1024 * 1024}
 RUNSYNC_MIN_WAIT_MS = 1000  # the documented bounds of /runsync's ?wait=
 RUNSYNC_MAX_WAIT_MS = 300_000
 FINISHED_KEPT = 10_000  # terminal states from runsync answers not yet taken by wait()
@@ -331,48 +337,33 @@ class RunPodCompute:
     async def submit(
         self,
         endpoint_id: str,
-        job_input: dict[str, Any],
+        job_input: bytes | dict[str, Any],
         *,
         execution_timeout_ms: int | None = None,
         ttl_ms: int | None = None,
         webhook: str | None = None,
         low_priority: bool = False,
     ) -> str:
+        """`job_input` is the input's canonical JSON bytes (sent as they are, so the bytes the engine
+        digested are the bytes RunPod receives) or a dict, encoded here."""
         _check_id(endpoint_id, "endpoint_id")
-        if not isinstance(job_input, dict):
-            raise Rejected("input must be a JSON object (a dict)", code="invalid_input")
-        try:
-            input_bytes = json.dumps(
-                job_input, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-            ).encode()
-        except (TypeError, ValueError) as exc:
-            raise Rejected(f"input is not JSON serializable: {exc}", code="invalid_input") from None
-        if len(input_bytes) > self.max_input_bytes:
+        body = request_body(
+            input_json(job_input),
+            execution_timeout_ms=execution_timeout_ms,
+            ttl_ms=ttl_ms,
+            webhook=webhook,
+            low_priority=low_priority,
+        )
+        runsync = self.sync is not None and self._use_runsync(endpoint_id, self.sync)
+        limit = BODY_LIMITS["runsync"] if runsync else self.max_input_bytes
+        if len(body) > limit:
+            route = "runsync" if runsync else "run"
             raise Rejected(
-                f"input is {len(input_bytes)} bytes, over the {self.max_input_bytes}-byte limit of /run; "
-                "nothing was sent",
+                f"body is {len(body)} bytes, over the {limit}-byte limit of /{route}; nothing was sent",
                 code="input_too_large",
             )
-        rest: dict[str, Any] = {}
-        policy: dict[str, Any] = {}
-        for name, value in (("executionTimeout", execution_timeout_ms), ("ttl", ttl_ms)):
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise Rejected(
-                        f"policy.{name} must be a positive integer of milliseconds", code="invalid_policy"
-                    )
-                policy[name] = value
-        if low_priority:
-            policy["lowPriority"] = True
-        if policy:
-            rest["policy"] = policy
-        if webhook is not None:
-            if not webhook.startswith(("http://", "https://")):
-                raise Rejected("webhook must be an http(s) URL", code="invalid_webhook")
-            rest["webhook"] = webhook
-        body = b'{"input":' + input_bytes
-        body += b"," + json.dumps(rest, separators=(",", ":")).encode()[1:] if rest else b"}"
-        if self.sync is not None and self._use_runsync(endpoint_id, self.sync):
+        if runsync:
+            assert self.sync is not None
             return await self._runsync(endpoint_id, body, self.sync)
         what = f"POST /{endpoint_id}/run"
         data = await self._request("POST", endpoint_id, "run", f"/{endpoint_id}/run", what, body=body)
@@ -629,6 +620,72 @@ class RunPodCompute:
             execution_ms=None if body.executionTime is None else round(body.executionTime),
             worker_id=body.workerId,
         )
+
+
+def input_json(job_input: bytes | dict[str, Any]) -> bytes:
+    """The input as the JSON bytes to send: bytes are taken as they are (the engine's canonical
+    form; only their outer braces are checked, re-parsing megabytes would cost more than sending),
+    a dict is encoded. Raises `Rejected` for anything that is not a JSON object."""
+    if isinstance(job_input, bytes):
+        if not (job_input.startswith(b"{") and job_input.endswith(b"}")):
+            raise Rejected("input must be the JSON bytes of an object", code="invalid_input")
+        return job_input
+    if not isinstance(job_input, dict):
+        raise Rejected("input must be a JSON object (a dict)", code="invalid_input")
+    try:
+        return json.dumps(job_input, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise Rejected(f"input is not JSON serializable: {exc}", code="invalid_input") from None
+
+
+def request_body(
+    input_bytes: bytes,
+    *,
+    execution_timeout_ms: int | None = None,
+    ttl_ms: int | None = None,
+    webhook: str | None = None,
+    low_priority: bool = False,
+) -> bytes:
+    """The body of a /run or /runsync request: the input's bytes untouched, then the envelope."""
+    return b'{"input":' + input_bytes + _envelope(execution_timeout_ms, ttl_ms, webhook, low_priority)
+
+
+def body_size(
+    input_size: int,
+    *,
+    execution_timeout_ms: int | None = None,
+    ttl_ms: int | None = None,
+    webhook: str | None = None,
+    low_priority: bool = False,
+) -> int:
+    """How many bytes `request_body` makes of an input of `input_size` bytes (pure: for checking a
+    job against `BODY_LIMITS` before anything is recorded or funded)."""
+    return (
+        len(b'{"input":') + input_size + len(_envelope(execution_timeout_ms, ttl_ms, webhook, low_priority))
+    )
+
+
+def _envelope(
+    execution_timeout_ms: int | None, ttl_ms: int | None, webhook: str | None, low_priority: bool
+) -> bytes:
+    rest: dict[str, Any] = {}
+    policy: dict[str, Any] = {}
+    for name, value in (("executionTimeout", execution_timeout_ms), ("ttl", ttl_ms)):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise Rejected(
+                    f"policy.{name} must be a positive integer of milliseconds", code="invalid_policy"
+                )
+            policy[name] = value
+    if low_priority:
+        policy["lowPriority"] = True
+    if policy:
+        rest["policy"] = policy
+    if webhook is not None:
+        if not webhook.startswith(("http://", "https://")):
+            raise Rejected("webhook must be an http(s) URL", code="invalid_webhook")
+        rest["webhook"] = webhook
+    return b"," + json.dumps(rest, separators=(",", ":")).encode()[1:] if rest else b"}"
 
 
 def _check_id(value: str, name: str) -> None:

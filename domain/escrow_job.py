@@ -35,7 +35,7 @@ from eventsourcing.domain import Aggregate, event
 from podsettle.domain import rules
 from podsettle.domain.errors import ClaimLost, ConflictingOutcome, IllegalTransition, InvalidInput
 from podsettle.domain.lifecycle import State, Status, rests, status_of
-from podsettle.domain.money import ZERO, fmt, to_money
+from podsettle.domain.money import ZERO, Money, fmt, to_money
 
 JOB_NAMESPACE = uuid.UUID("6f1c1d5e-8a4b-4f0e-9a57-2f6f3c1e7b11")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$")
@@ -196,14 +196,14 @@ class JobView(NamedTuple):
     input_digest: str
     payer: str
     payee: str
-    budget: Decimal
+    budget: Money
     referral: str | None
     acceptance: dict[str, Any]
     deadline: datetime
     state: State
     intent: Intent | None
     escrow_id: str | None
-    funded_amount: Decimal | None
+    funded_amount: Money | None
     fee: Decimal | None
     net: Decimal | None
     rejection: str | None
@@ -219,7 +219,7 @@ class JobView(NamedTuple):
     delay_ms: int | None
     worker_id: str | None
     metrics: dict[str, str]
-    bonus_amount: Decimal | None
+    bonus_amount: Money | None
     bonus_escrow_id: str | None
     bonus_funded: BonusFunding | None
     bonus_awarded: BonusAward | None
@@ -397,10 +397,10 @@ class EscrowJob(Aggregate):
         input_digest: str,
         payer: str,
         payee: str,
-        budget: Decimal,
+        budget: Money,
         referral: str | None,
         acceptance: dict[str, Any],
-        bonus_pool: Decimal | None,
+        bonus_pool: Money | None,
         deadline: datetime,
     ) -> None:
         self.job_key = job_key
@@ -420,7 +420,7 @@ class EscrowJob(Aggregate):
         self.attention: dict[str, str] | None = None
         # Settlement facts.
         self.escrow_id: str | None = None
-        self.funded_amount: Decimal | None = None
+        self.funded_amount: Money | None = None
         self.fee: Decimal | None = None
         self.net: Decimal | None = None
         self.rejection: str | None = None
@@ -436,7 +436,7 @@ class EscrowJob(Aggregate):
         self.refunded: Refund | None = None
         self.cancel_reason: str | None = None
         # Bonus.
-        self.bonus_amount: Decimal | None = None
+        self.bonus_amount: Money | None = None
         self.bonus_terms: BonusTerms | None = None
         self.bonus_escrow_id: str | None = None
         self.bonus_funded: BonusFunding | None = None
@@ -454,14 +454,15 @@ class EscrowJob(Aggregate):
         input_digest: str,
         payer: str,
         payee: str,
-        budget: object,
+        budget: Money,
         deadline: datetime,
         batch_id: str | None = None,
         referral: str | None = None,
         acceptance: dict[str, Any] | None = None,
-        bonus_pool: object = None,
+        bonus_pool: Money | None = None,
     ) -> EscrowJob:
-        """Open a job and, in the same save, ask for its escrow to be funded."""
+        """Open a job and, in the same save, ask for its escrow to be funded. The amounts arrive
+        parsed (`JobRequest`); they are checked again only as the job's invariants (positive, 6 places)."""
         check_id(job_key, "job_key")
         check_id(endpoint_id, "endpoint_id")
         check_id(payer, "payer")
@@ -605,7 +606,7 @@ class EscrowJob(Aggregate):
         self.trigger_event(self.StartRequested, key=f"{self.job_key}:start")
 
     @event(Funded)
-    def _funded(self, escrow_id: str, amount: Decimal, fee: Decimal, net: Decimal) -> None:
+    def _funded(self, escrow_id: str, amount: Money, fee: Decimal, net: Decimal) -> None:
         self._count("Funded")
         self.escrow_id = escrow_id
         self.funded_amount = amount
@@ -872,7 +873,7 @@ class EscrowJob(Aggregate):
 
     @event(BonusRequested)
     def _bonus_requested(
-        self, key: str, amount: Decimal, pool: Decimal, base_metric: str, achieved_metric: str, threshold: str
+        self, key: str, amount: Money, pool: Decimal, base_metric: str, achieved_metric: str, threshold: str
     ) -> None:
         self._order(self._seen("Released"), "BonusRequested without Released")
         self.bonus_amount = amount

@@ -20,7 +20,7 @@ _EXPORTS = {
     "Totals": "podsettle.engine",
     "BonusResult": "podsettle.engine",
     "Settlements": "podsettle.application",
-    "JobSpec": "podsettle.application",
+    "JobRequest": "podsettle.requests",
     "Settings": "podsettle.settings",
     "ClaimLost": "podsettle.domain.errors",
     "JobNotFound": "podsettle.domain.errors",
@@ -28,7 +28,6 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # the names, for type checkers and editors; at run time __getattr__ loads them
-    from podsettle.application import JobSpec as JobSpec
     from podsettle.application import Settlements as Settlements
     from podsettle.bootstrap import Engine as Engine
     from podsettle.domain.errors import ClaimLost as ClaimLost
@@ -37,6 +36,7 @@ if TYPE_CHECKING:  # the names, for type checkers and editors; at run time __get
     from podsettle.engine import BonusResult as BonusResult
     from podsettle.engine import JobResult as JobResult
     from podsettle.engine import Totals as Totals
+    from podsettle.requests import JobRequest as JobRequest
     from podsettle.settings import Settings as Settings
 
 

@@ -7,9 +7,7 @@ It opens jobs and answers queries. Commands that change a job go through one pat
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
@@ -20,29 +18,15 @@ from podsettle.adapters.chain import ChainMapper
 from podsettle.adapters.persistence import Store, store_from_url
 from podsettle.adapters.transcoder import FastJSONTranscoder
 from podsettle.domain import EscrowJob, State
-from podsettle.domain.digests import digest
+from podsettle.domain.digests import canonical_json, digest_bytes
 from podsettle.domain.errors import ConflictingOutcome, InvalidInput, JobNotFound
 from podsettle.domain.escrow_job import check_id, job_id_for
 from podsettle.domain.job_input import JobInput, input_id_for
 from podsettle.projections.follower import LogFollower
+from podsettle.requests import JobRequest
 
-
-@dataclass(frozen=True)
-class JobSpec:
-    """What opening a job needs; validated by the aggregate."""
-
-    job_key: str
-    endpoint_id: str
-    input_digest: str
-    payer: str
-    payee: str
-    budget: object
-    deadline: datetime
-    batch_id: str | None = None
-    referral: str | None = None
-    acceptance: Mapping[str, Any] | None = None
-    bonus_pool: object = None
-    job_input: Mapping[str, Any] | None = None  # kept (as its own aggregate) to submit again after a crash
+T = TypeVar("T")
+MAX_RACE_RETRIES = 20
 
 
 class Settlements(Application[UUID]):
@@ -80,11 +64,11 @@ class Settlements(Application[UUID]):
 
     # ------------------------------------------------------------------ opening
 
-    def open_job(self, spec: JobSpec) -> UUID:
-        """Open one job (idempotent by its key: the same spec twice opens it once)."""
+    def open_job(self, spec: JobRequest) -> UUID:
+        """Open one job (idempotent by its key: the same request twice opens it once)."""
         return self.open_jobs([spec])[0]
 
-    def open_jobs(self, specs: Sequence[JobSpec]) -> list[UUID]:
+    def open_jobs(self, specs: Sequence[JobRequest]) -> list[UUID]:
         """Open many jobs in one atomic save (a batch: all or nothing)."""
         built = [self.build(spec) for spec in specs]
         keys = [job.job_key for job, _ in built]
@@ -101,13 +85,16 @@ class Settlements(Application[UUID]):
                         raise
         return [job.id for job, _ in built]
 
-    def build(self, spec: JobSpec) -> tuple[EscrowJob, list[JobInput]]:
+    def build(self, spec: JobRequest) -> tuple[EscrowJob, list[JobInput]]:
         """The aggregates that opening `spec` saves: the job, and its input when one is given."""
         job = self._new_job(spec)
         extra = []
         if spec.job_input is not None:
             payload = dict(spec.job_input)
-            if digest(payload) != spec.input_digest:
+            # The stored value must give back the very bytes that were digested (and will be sent).
+            if canonical_json(payload, "job_input") != spec.input_bytes:
+                raise InvalidInput("job_input", "does not encode to the request's input bytes")
+            if digest_bytes(spec.input_bytes) != spec.input_digest:
                 raise InvalidInput("input_digest", "does not match the job input")
             extra.append(JobInput(job_key=spec.job_key, digest=spec.input_digest, payload=payload))
         return job, extra
@@ -120,7 +107,7 @@ class Settlements(Application[UUID]):
             return None
         return record.payload
 
-    def _new_job(self, spec: JobSpec) -> EscrowJob:
+    def _new_job(self, spec: JobRequest) -> EscrowJob:
         return EscrowJob.open(
             job_key=spec.job_key,
             endpoint_id=spec.endpoint_id,

@@ -14,7 +14,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
 from typing import Any, Self
@@ -22,10 +22,10 @@ from typing import Any, Self
 from eventsourcing.utils import get_topic
 
 from podsettle.adapters.ports import ComputeGateway, EscrowGateway
-from podsettle.application import JobSpec, Settlements
+from podsettle.adapters.runpod import BODY_LIMITS
+from podsettle.application import Settlements
 from podsettle.domain import EscrowJob
 from podsettle.domain import acceptance as checks
-from podsettle.domain.digests import digest
 from podsettle.domain.errors import InvalidInput
 from podsettle.domain.escrow_job import RESTING_EVENTS, JobMoney, JobView, check_id, job_json, reason_of
 from podsettle.domain.lifecycle import Status
@@ -34,6 +34,7 @@ from podsettle.domain.rules import BONUS_THRESHOLD, to_metric
 from podsettle.processor import Processor, ProcessorConfig
 from podsettle.projections.follower import LogFollower, Page, TrackedPosition
 from podsettle.projections.rows import Totals as Totals  # the batch result's totals, re-exported
+from podsettle.requests import JobRequest, build_request
 from podsettle.settings import Settings
 from podsettle.support.logs import configure_logging, get_logger
 from podsettle.writer import JobWriter
@@ -279,32 +280,32 @@ class EngineCore:
         bonus_pool: object,
         batch_id: str | None,
         timeout_s: float | None,
-    ) -> JobSpec:
-        if not isinstance(job_input, Mapping):
-            raise InvalidInput("job_input", f"must be a JSON object, not {type(job_input).__name__}")
-        payload = dict(job_input)
-        rule = checks.validate(acceptance) if acceptance is not None else None
-        if rule is not None and rule["kind"] == "custom" and rule["name"] not in self._checks:
-            raise InvalidInput(
-                "acceptance.name", f"no check named {rule['name']!r} is registered with the engine"
-            )
-        timeout = self.settings.job_timeout_s if timeout_s is None else timeout_s
-        if not 5 <= timeout <= 7 * 24 * 3600:
-            raise InvalidInput("timeout_s", f"must be between 5 s and 7 days, got {timeout}")
-        return JobSpec(
+    ) -> JobRequest:
+        """The caller's raw arguments as one validated request (nothing recorded or funded yet)."""
+        return build_request(
             job_key=job_key,
             endpoint_id=endpoint_id,
-            input_digest=digest(payload),
+            job_input=job_input,
+            budget=budget,
             payer=self.payer,
             payee=self.settings.payee_for(endpoint_id, payee),
-            budget=budget,
-            deadline=self.clock() + timedelta(seconds=timeout),
+            now=self.clock(),
+            timeout_s=self.settings.job_timeout_s if timeout_s is None else timeout_s,
             batch_id=batch_id,
             referral=referral,
-            acceptance=rule,
+            acceptance=acceptance,
             bonus_pool=bonus_pool,
-            job_input=payload,
+            known_checks=self._checks,
+            max_body_bytes=self._max_body_bytes(),
+            description=self.processor.config.description.format(endpoint_id=endpoint_id, job_key=job_key),
         )
+
+    def _max_body_bytes(self) -> int:
+        """The largest RunPod request body the compute adapter will send: /run's limit (a submission
+        may go through /run even with runsync configured), or the adapter's own if it is lower."""
+        own = getattr(self.compute, "max_input_bytes", None)
+        limit = BODY_LIMITS["run"]
+        return min(limit, own) if isinstance(own, int) else limit
 
     async def submit(
         self,
@@ -395,7 +396,7 @@ class EngineCore:
         batch = batch_id or f"batch-{uuid.uuid4().hex[:12]}"
         check_id(batch, "batch_id")
 
-        def build() -> list[JobSpec]:
+        def build() -> list[JobRequest]:
             return [
                 self._spec(
                     endpoint_id,

@@ -43,10 +43,10 @@ from podsettle.adapters.ports import (
 )
 from podsettle.domain import EscrowJob, State, Step
 from podsettle.domain.acceptance import CustomCheck, evaluate
-from podsettle.domain.digests import digest
-from podsettle.domain.errors import ClaimLost, DomainError
+from podsettle.domain.digests import canonical_json, digest, digest_bytes
+from podsettle.domain.errors import ClaimLost, DomainError, InvalidInput
 from podsettle.domain.escrow_job import Intent, JobView
-from podsettle.domain.money import fmt
+from podsettle.domain.money import ZERO, fmt
 from podsettle.domain.rules import split
 from podsettle.support import logs
 from podsettle.support.logs import get_logger
@@ -94,6 +94,10 @@ class ProcessorConfig:
     # sweep) before it returns the job as "refunding" and leaves it to the background watcher.
     refund_wait_s: float = 0.0
     description: str = "RunPod job {endpoint_id} ({job_key})"
+    # A job is funded only while at least this much is left before its deadline: less, and the start
+    # would be refused (RunPod takes no executionTimeout under 5 s) after the fee is already spent.
+    # Jobs queued behind the escrow's create limit (20/min) reach the FUND step late.
+    min_start_window_s: float = 5.0
     seed: int | None = None
 
 
@@ -336,10 +340,17 @@ class Processor:
     async def _fund(self, view: JobView, attempt: int) -> Command:
         try:
             async with self._escrow_slots:
+                left_s = (view.deadline - self.clock()).total_seconds()
+                if left_s < self.config.min_start_window_s:
+                    reason = (
+                        f"not funded: {max(left_s, 0.0):.1f} s left before the job's deadline, less than "
+                        f"the {self.config.min_start_window_s:g} s a start needs"
+                    )
+                    return lambda job: job.record_funding_rejected(reason)
                 receipt = await self.escrow.create(
                     key=self._key(view),
                     payee=view.payee,
-                    amount=view.budget,  # type: ignore[arg-type]
+                    amount=view.budget,
                     description=self.config.description.format(
                         endpoint_id=view.endpoint_id, job_key=view.job_key
                     ),
@@ -395,7 +406,7 @@ class Processor:
                 settlement = await self.escrow.release(
                     view.escrow_id,
                     key=self._key(view),
-                    expected=split(view.funded_amount),  # type: ignore[arg-type]
+                    expected=split(view.funded_amount),
                 )
         except Conflict:
             command = await self._confirm_release(view)
@@ -444,7 +455,7 @@ class Processor:
                     view.escrow_id,
                     key=self._key(view),
                     reason=reason,
-                    expected=split(view.funded_amount) if view.funded_amount is not None else None,  # type: ignore[arg-type]
+                    expected=split(view.funded_amount) if view.funded_amount is not None else None,
                 )
         except EscrowPending as pending:
             self._info("escrow.refund_pending", view, status=pending.status)
@@ -493,7 +504,7 @@ class Processor:
                 receipt = await self.escrow.create(
                     key=self._key(view),
                     payee=view.payee,
-                    amount=view.bonus_amount,  # type: ignore[arg-type]
+                    amount=view.bonus_amount,
                     description=f"Performance bonus for {view.job_key}",
                     timeout_hours=1,
                     referral=view.referral,
@@ -518,7 +529,8 @@ class Processor:
                 settlement = await self.escrow.release(
                     view.bonus_escrow_id,
                     key=self._key(view),
-                    expected=split(view.bonus_funded.amount),  # type: ignore[arg-type]
+                    # The bonus escrow holds exactly the granted amount (record_bonus_funded checks it).
+                    expected=split(view.bonus_amount or ZERO),
                 )
         except Conflict:
             command = await self._confirm_bonus_release(view)
@@ -558,7 +570,13 @@ class Processor:
         job_input = await self.store.job_input(view.job_key)
         if job_input is None:
             return lambda job: job.record_failed("start", None, "the job's input is not in the store")
-        if digest(job_input) != view.input_digest:  # never run (and pay for) other work than agreed
+        try:
+            input_bytes = canonical_json(job_input, "job_input")
+        except InvalidInput as error:
+            problem = f"the job's stored input is not JSON: {error}"
+            return lambda job: job.record_failed("start", None, problem)
+        # The bytes sent are the bytes the digest was opened with: never run (and pay for) other work.
+        if digest_bytes(input_bytes) != view.input_digest:
             return lambda job: job.record_failed(
                 "start", None, "the job's input does not match the digest it was opened with"
             )
@@ -571,7 +589,7 @@ class Processor:
             async with self._compute_slots:
                 run_id = await self.compute.submit(
                     view.endpoint_id,
-                    job_input,
+                    input_bytes,
                     # RunPod's own limit a little after the engine's deadline: at the deadline the
                     # engine cancels and refunds, and RunPod's limit only stops a job that an engine
                     # which died can no longer cancel.
@@ -661,8 +679,12 @@ class Processor:
         if not check.passed:
             reason = f"acceptance check failed: {check.reason}"
             return lambda job: job.record_failed("acceptance", RunStatus.COMPLETED.value, reason)
+        try:
+            output_digest = digest(state.output, "output")
+        except InvalidInput as error:  # e.g. a NaN read from the response: not a result to pay for
+            problem = f"the output is not JSON: {error}"
+            return lambda job: job.record_failed("acceptance", RunStatus.COMPLETED.value, problem)
         self.outputs.by_job[view.job_id] = state.output
-        output_digest = digest(state.output)
         execution_ms, delay_ms, worker_id, metrics = (
             state.execution_ms,
             state.delay_ms,

@@ -27,10 +27,11 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
 
-from podsettle.application import JobSpec, Settlements
+from podsettle.application import Settlements
 from podsettle.domain import EscrowJob, Step
 from podsettle.domain.errors import ClaimLost, ConflictingOutcome, DomainError
 from podsettle.domain.escrow_job import JobView
+from podsettle.requests import JobRequest
 from podsettle.support.logs import get_logger
 
 log = get_logger("podsettle.writer")
@@ -44,7 +45,7 @@ class _Request:
     future: asyncio.Future[Any]
     job_id: UUID | None = None
     command: Command | None = None
-    specs: Sequence[JobSpec] = ()
+    specs: Sequence[JobRequest] = ()
     job_key: str = ""
     step: Step | None = None
 
@@ -104,7 +105,7 @@ class JobWriter:
         result: tuple[int, JobView] = await self._submit(request)
         return result
 
-    async def open(self, specs: Sequence[JobSpec]) -> list[UUID]:
+    async def open(self, specs: Sequence[JobRequest]) -> list[UUID]:
         """Open jobs (idempotent by key) in one atomic save."""
         ids: list[UUID] = await self._submit(_Request("open", self._future(), specs=list(specs)))
         return ids

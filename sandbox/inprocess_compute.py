@@ -21,7 +21,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from podsettle.adapters.ports import NotFound, RateLimited, Rejected, RunOutcome, RunState, Unavailable
-from podsettle.adapters.runpod import MAX_INPUT_BYTES, classify_run, deadline_outcome, not_found_outcome
+from podsettle.adapters.runpod import (
+    MAX_INPUT_BYTES,
+    classify_run,
+    deadline_outcome,
+    input_json,
+    not_found_outcome,
+    request_body,
+)
 from podsettle.sandbox.runpod_worker import (
     Clock,
     EndpointConfig,
@@ -100,25 +107,28 @@ class InProcessCompute:
     async def submit(
         self,
         endpoint_id: str,
-        job_input: dict[str, Any],
+        job_input: bytes | dict[str, Any],
         *,
         execution_timeout_ms: int | None = None,
         ttl_ms: int | None = None,
         webhook: str | None = None,
         low_priority: bool = False,
     ) -> str:
+        """As `RunPodCompute.submit`: canonical input bytes or a dict; the /run body's limit holds."""
         runtime = self._runtime(endpoint_id)
-        if not isinstance(job_input, dict):
-            raise Rejected("input must be a JSON object (a dict)", code="invalid_input")
-        try:
-            encoded = json.dumps(job_input, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise Rejected(f"input is not JSON serializable: {exc}", code="invalid_input") from None
-        size = len(encoded.encode())
+        encoded = input_json(job_input)
+        size = len(
+            request_body(
+                encoded,
+                execution_timeout_ms=execution_timeout_ms,
+                ttl_ms=ttl_ms,
+                webhook=webhook,
+                low_priority=low_priority,
+            )
+        )
         if size > self.max_input_bytes:
             raise Rejected(
-                f"input is {size} bytes, over the {self.max_input_bytes}-byte limit of /run; "
-                "nothing was sent",
+                f"body is {size} bytes, over the {self.max_input_bytes}-byte limit of /run; nothing was sent",
                 code="input_too_large",
             )
         dropped = self._http_fault(runtime, "run")

@@ -1,4 +1,4 @@
-"""Building EscrowJob aggregates at each point of their lifecycle, for the domain tests."""
+"""Building EscrowJob aggregates at each point of their lifecycle, and the requests that open them."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from decimal import Decimal
 from itertools import count
 
 from podsettle.domain import EscrowJob, Step
-from podsettle.domain.digests import digest
+from podsettle.domain.digests import canonical_json, digest, digest_bytes
+from podsettle.domain.money import Money
 from podsettle.domain.rules import split
+from podsettle.requests import JobRequest
 
 DEADLINE = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 _keys = count()
@@ -75,3 +77,21 @@ def refunded(**kwargs: object) -> EscrowJob:
 
 def event_names(job: EscrowJob) -> list[str]:
     return [type(e).__name__ for e in job.collect_events()]
+
+
+def request(
+    key: str, *, batch: str | None = None, budget: str = "0.50", payee: str = "ag_worker"
+) -> JobRequest:
+    """A validated request for an echo job whose input names its key."""
+    data = canonical_json({"key": key})
+    return JobRequest(
+        job_key=key,
+        endpoint_id="echo",
+        input_bytes=data,
+        input_digest=digest_bytes(data),
+        payer="ag_payer",
+        payee=payee,
+        budget=Money(Decimal(budget)),
+        deadline=DEADLINE,
+        batch_id=batch,
+    )

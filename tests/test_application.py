@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from podsettle import ClaimLost, JobNotFound, JobSpec, Settlements
+from podsettle import ClaimLost, JobNotFound, Settlements
 from podsettle.adapters.persistence import StoreConfigError, store_from_url
 from podsettle.domain import ConflictingOutcome, InvalidInput, State, Step
 from podsettle.domain.digests import digest
@@ -18,21 +18,9 @@ from podsettle.domain.rules import split
 from podsettle.writer import JobWriter, run_command
 from tests.histories import act
 from tests.jobs import DEADLINE
+from tests.jobs import request as spec
 
 POSTGRES_URL = os.environ.get("PODSETTLE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def spec(key: str, *, batch: str | None = None, budget: str = "0.50", payee: str = "ag_worker") -> JobSpec:
-    return JobSpec(
-        job_key=key,
-        endpoint_id="echo",
-        input_digest=digest({"key": key}),
-        payer="ag_payer",
-        payee=payee,
-        budget=budget,
-        deadline=DEADLINE,
-        batch_id=batch,
-    )
 
 
 def _postgres_available() -> bool:

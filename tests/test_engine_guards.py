@@ -14,9 +14,8 @@ import pytest
 
 from podsettle import Engine, Settlements
 from podsettle.adapters.ports import RunOutcome
-from podsettle.application import JobSpec
 from podsettle.domain import ConflictingOutcome
-from podsettle.domain.digests import digest
+from podsettle.requests import JobRequest, build_request
 from podsettle.writer import JobWriter
 
 
@@ -74,16 +73,16 @@ async def test_an_input_is_handed_out_only_once_its_job_is_saved(tmp_path: Path)
     store = f"sqlite:///{tmp_path / 'events.db'}"
     deadline = datetime.now(UTC) + timedelta(hours=1)
 
-    def spec(payload: dict[str, Any]) -> JobSpec:
-        return JobSpec(
+    def spec(payload: dict[str, Any]) -> JobRequest:
+        return build_request(
             job_key="order-17",
             endpoint_id="echo",
-            input_digest=digest(payload),
+            job_input=payload,
+            budget="0.25",
             payer="ag_payer",
             payee="ag_worker",
-            budget="0.25",
-            deadline=deadline,
-            job_input=payload,
+            now=deadline - timedelta(hours=1),
+            timeout_s=3600,
         )
 
     first = JobWriter(Settlements(store))

@@ -16,7 +16,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from podsettle.adapters.ports import ComputeGateway, NotFound, RateLimited, Rejected, RunStatus, Unavailable
-from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
+from podsettle.adapters.runpod import (
+    MAX_INPUT_BYTES,
+    PollPolicy,
+    RunPodCompute,
+    SyncPolicy,
+    body_size,
+    request_body,
+)
+from podsettle.domain.digests import canonical_json
 from podsettle.sandbox.http_server import BackgroundServer
 from podsettle.sandbox.runpod_emulator import (
     EmulatorState,
@@ -610,7 +618,21 @@ async def test_a_runsync_job_can_be_cancelled_once_its_id_is_back(emulator: Back
 
 
 async def test_input_over_10_mb_is_rejected_before_sending(compute: RunPodCompute) -> None:
-    with pytest.raises(Rejected, match=r"^input is \d+ bytes, over the 10485760-byte limit") as caught:
+    with pytest.raises(Rejected, match=r"^body is \d+ bytes, over the 10485760-byte limit") as caught:
         await compute.submit("echo", {"blob": "x" * (10 * 1024 * 1024)})
     assert caught.value.code == "input_too_large"
+    # The whole body counts: an input under the limit whose policy envelope takes it over.
+    data = b'{"blob":"' + b"x" * (10 * 1024 * 1024 - 40) + b'"}'
+    assert len(data) < MAX_INPUT_BYTES < body_size(len(data), execution_timeout_ms=60_000, ttl_ms=600_000)
+    with pytest.raises(Rejected, match="over the 10485760-byte limit of /run"):
+        await compute.submit("echo", data, execution_timeout_ms=60_000, ttl_ms=600_000)
     assert compute.requests_sent == 0
+
+
+async def test_canonical_input_bytes_are_sent_as_they_are(compute: RunPodCompute) -> None:
+    data = canonical_json({"b": [1, 2.5], "a": "é"})
+    run_id = await compute.submit("echo", data)
+    outcome = await compute.wait("echo", run_id, timeout_s=10)
+    assert outcome.succeeded and outcome.state.output == {"a": "é", "b": [1, 2.5]}
+    sent = request_body(data, ttl_ms=10_000)
+    assert sent.startswith(b'{"input":' + data + b",") and len(sent) == body_size(len(data), ttl_ms=10_000)

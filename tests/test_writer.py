@@ -11,24 +11,11 @@ from typing import Any
 import pytest
 
 from podsettle import Settlements
-from podsettle.application import JobSpec
 from podsettle.domain import State, Step
-from podsettle.domain.digests import digest
 from podsettle.writer import JobWriter, run_command
 from tests.histories import act
 from tests.jobs import DEADLINE
-
-
-def spec(key: str) -> JobSpec:
-    return JobSpec(
-        job_key=key,
-        endpoint_id="echo",
-        input_digest=digest({"key": key}),
-        payer="ag_payer",
-        payee="ag_worker",
-        budget="0.25",
-        deadline=DEADLINE,
-    )
+from tests.jobs import request as spec
 
 
 async def test_a_store_error_reaches_the_callers_and_the_writer_keeps_serving() -> None:

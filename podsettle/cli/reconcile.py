@@ -11,6 +11,7 @@ from typing import Any
 from podsettle.application import Settlements
 from podsettle.domain import EscrowJob, State, Step
 from podsettle.domain.errors import IllegalTransition, InvalidInput
+from podsettle.domain.money import ZERO
 from podsettle.domain.rules import split
 from podsettle.writer import run_command
 
@@ -66,10 +67,8 @@ async def resolve_job(
 
 def _outcome(job: EscrowJob, step: Step, outcome: str) -> Callable[[EscrowJob], object]:
     kind, _, argument = outcome.partition(":")
-    amount = (
-        job.budget if step in (Step.FUND, Step.RELEASE, Step.REFUND) else (job.bonus_amount or Decimal(0))
-    )
-    parts = split(amount)  # type: ignore[arg-type]
+    amount = job.budget if step in (Step.FUND, Step.RELEASE, Step.REFUND) else (job.bonus_amount or ZERO)
+    parts = split(amount)
     referral = parts.referral_fee if job.referral else Decimal(0)
     if kind == "funded" and step in (Step.FUND, Step.BONUS_FUND):
         if not argument:

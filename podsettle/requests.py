@@ -1,0 +1,121 @@
+"""`JobRequest`: the one validated request a job is opened from.
+
+The engine turns a caller's raw arguments into a `JobRequest` before anything is recorded or
+funded: the input becomes its canonical JSON bytes (the digest is taken over them, and the compute
+adapter sends them as they are), the budget and the bonus pool become Money, and everything the two
+services are documented to refuse (an input over RunPod's body limit, an amount under the escrow's
+minimum, a too-short escrow description) is refused here, naming the field. Code downstream of the
+request is typed and never parses again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from podsettle.adapters.purpleflea import MIN_AMOUNT, MIN_DESCRIPTION_CHARS
+from podsettle.adapters.runpod import BODY_LIMITS, body_size
+from podsettle.domain import acceptance as checks
+from podsettle.domain.digests import canonical_json, digest_bytes
+from podsettle.domain.errors import InvalidInput
+from podsettle.domain.escrow_job import check_id
+from podsettle.domain.money import Money, fmt, to_money
+
+MIN_TIMEOUT_S = 5  # RunPod's smallest executionTimeout
+MAX_TIMEOUT_S = 7 * 24 * 3600  # RunPod's largest executionTimeout and ttl
+# The processor asks RunPod for a ttl up to this much past the deadline (processor.py's START step);
+# the envelope of the largest body is measured with it.
+TTL_SLACK_MS = 60_000
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A job as the engine will open it: every value checked, amounts as Money, the input as the
+    exact bytes that will be sent."""
+
+    job_key: str
+    endpoint_id: str
+    input_bytes: bytes  # canonical JSON of the input: digested, and sent as they are
+    input_digest: str
+    payer: str
+    payee: str
+    budget: Money
+    deadline: datetime
+    batch_id: str | None = None
+    referral: str | None = None
+    acceptance: Mapping[str, Any] | None = None
+    bonus_pool: Money | None = None
+    # The JSON value of `input_bytes` (so that encoding it again gives the same bytes), kept with the
+    # job to submit it again after a crash.
+    job_input: Mapping[str, Any] | None = None
+
+
+def build_request(
+    *,
+    job_key: str,
+    endpoint_id: str,
+    job_input: object,
+    budget: object,
+    payer: str,
+    payee: str,
+    now: datetime,
+    timeout_s: float,
+    batch_id: str | None = None,
+    referral: str | None = None,
+    acceptance: Mapping[str, Any] | None = None,
+    bonus_pool: object = None,
+    known_checks: Mapping[str, object] | None = None,
+    max_body_bytes: int = BODY_LIMITS["run"],
+    description: str = "job",
+) -> JobRequest:
+    """Check a caller's raw arguments and make them a `JobRequest`, or raise `InvalidInput` naming
+    the field. `max_body_bytes` is the compute adapter's limit of the route it may use (/run's unless
+    the engine is sure of /runsync); `description` is the escrow's description as it will be sent."""
+    check_id(job_key, "job_key")
+    check_id(endpoint_id, "endpoint_id")
+    if not isinstance(job_input, Mapping):
+        raise InvalidInput("job_input", f"must be a JSON object, not {type(job_input).__name__}")
+    if not 5 <= timeout_s <= MAX_TIMEOUT_S:
+        raise InvalidInput("timeout_s", f"must be between {MIN_TIMEOUT_S} s and 7 days, got {timeout_s}")
+    data = canonical_json(dict(job_input), "job_input")
+    # The whole body counts, with the largest policy the processor may add (its values only shrink
+    # as the deadline nears).
+    timeout_ms = int(timeout_s * 1000)
+    size = body_size(len(data), execution_timeout_ms=timeout_ms + 2000, ttl_ms=timeout_ms + TTL_SLACK_MS)
+    if size > max_body_bytes:
+        raise InvalidInput(
+            "job_input",
+            f"makes a {size}-byte RunPod request, over the {max_body_bytes}-byte limit; nothing was recorded",
+        )
+    amount = to_money(budget, "budget", allow_zero=False)
+    if amount < MIN_AMOUNT:
+        raise InvalidInput("budget", f"{fmt(amount)} is below the escrow's minimum of {fmt(MIN_AMOUNT)} USDC")
+    pool = None if bonus_pool is None else to_money(bonus_pool, "bonus_pool")
+    if len(description.strip()) < MIN_DESCRIPTION_CHARS:
+        raise InvalidInput(
+            "description",
+            f"the escrow needs at least {MIN_DESCRIPTION_CHARS} characters, got {description!r}",
+        )
+    rule = checks.validate(acceptance) if acceptance is not None else None
+    if rule is not None and rule["kind"] == "custom" and rule["name"] not in (known_checks or {}):
+        raise InvalidInput(
+            "acceptance.name", f"no check named {rule['name']!r} is registered with the engine"
+        )
+    return JobRequest(
+        job_key=job_key,
+        endpoint_id=endpoint_id,
+        input_bytes=data,
+        input_digest=digest_bytes(data),
+        payer=payer,
+        payee=payee,
+        budget=amount,
+        deadline=now + timedelta(seconds=timeout_s),
+        batch_id=batch_id,
+        referral=referral,
+        acceptance=rule,
+        bonus_pool=pool,
+        job_input=json.loads(data),
+    )
