@@ -10,12 +10,15 @@ from typing import Any
 
 import pytest
 
-from podsettle import Settlements
+from podsettle import JobRequest, Settlements
 from podsettle.domain import State, Step
 from podsettle.writer import JobWriter, run_command
 from tests.histories import act
-from tests.jobs import DEADLINE
-from tests.jobs import request as spec
+from tests.jobs import DEADLINE, request
+
+
+def spec(key: str) -> JobRequest:
+    return request(key, budget="0.25")
 
 
 async def test_a_store_error_reaches_the_callers_and_the_writer_keeps_serving() -> None:
