@@ -524,6 +524,12 @@ class EscrowJob(Aggregate):
         if self.state not in allowed:
             raise IllegalTransition(self.id, self.state, command, detail)
 
+    def _refuse_during_attention(self, command: str) -> None:
+        # A bonus runs on a RELEASED job, so the state guards of the other outcomes do not stop it:
+        # an outcome found while parked is recorded after `resolve`, in the same save.
+        if self.state == State.ATTENTION:
+            raise IllegalTransition(self.id, self.state, command, "resolve the attention first")
+
     def _conflict(self, command: str, detail: str) -> ConflictingOutcome:
         return ConflictingOutcome(self.id, self.state, command, detail)
 
@@ -887,6 +893,7 @@ class EscrowJob(Aggregate):
             if self.bonus_funded == (escrow_id, amount_, fee_, net_):
                 return
             raise self._conflict("record bonus funded", f"already funded by escrow {self.bonus_escrow_id}")
+        self._refuse_during_attention("record bonus funded")
         if self.intent is None or self.intent.step != Step.BONUS_FUND:
             raise IllegalTransition(self.id, self.state, "record bonus funded", "no bonus is being funded")
         expected = rules.split(amount_)
@@ -913,6 +920,7 @@ class EscrowJob(Aggregate):
             if (awarded.to_payee, awarded.fee, awarded.referral_fee) == (to_payee_, fee_, referral_):
                 return
             raise self._conflict("record bonus awarded", "a different bonus payment was already recorded")
+        self._refuse_during_attention("record bonus awarded")
         if self.intent is None or self.intent.step != Step.BONUS_RELEASE or self.bonus_funded is None:
             raise IllegalTransition(self.id, self.state, "record bonus awarded", "no bonus escrow to release")
         if to_payee_ + fee_ != self.bonus_funded.amount:

@@ -128,6 +128,26 @@ def test_cancel_before_submission_fails_at_once() -> None:
     assert job.state == State.REFUNDING
 
 
+def test_a_bonus_outcome_waits_for_the_operator_once_the_bonus_is_in_attention() -> None:
+    """Found by the lifecycle state machine: a bonus award recorded while its release was in
+    ATTENTION left the job in ATTENTION with no intent, which no operator could resolve."""
+    job = released(bonus_pool="5")
+    job.request_bonus(Decimal("0.80"), Decimal("0.92"), "5", Decimal("1.10"))
+    job.record_attempt(Step.BONUS_FUND, "p1")
+    job.raise_attention(Step.BONUS_FUND, "bonus create timed out")
+    with pytest.raises(IllegalTransition):
+        job.record_bonus_funded("esc_b1", "0.75", "0.0075", "0.7425")
+    job.resolve("esc_b1 found in the dashboard", "op")
+    job.record_bonus_funded("esc_b1", "0.75", "0.0075", "0.7425")
+    job.record_attempt(Step.BONUS_RELEASE, "p1")
+    job.raise_attention(Step.BONUS_RELEASE, "bonus release answered 500")
+    with pytest.raises(IllegalTransition):
+        job.record_bonus_awarded("0.7425", "0.0075", "0.001125")
+    assert job.resolve("released, says the service", "op") == Step.BONUS_RELEASE
+    job.record_bonus_awarded("0.7425", "0.0075", "0.001125")
+    assert job.is_terminal and job.violations(quiescent=True) == []
+
+
 def test_bonus_on_a_released_job_is_funded_then_released_once() -> None:
     job = released(bonus_pool="5")
     decision = job.request_bonus(Decimal("0.80"), Decimal("0.92"), "5", Decimal("1.10"))
