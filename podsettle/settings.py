@@ -41,7 +41,6 @@ ENVIRONMENT = {
     "claim_lease_s": "PODSETTLE_CLAIM_LEASE_S",
     "runpod_poll_s": "PODSETTLE_RUNPOD_POLL_S",
     "runpod_runsync_ms": "PODSETTLE_RUNPOD_RUNSYNC_MS",
-    "http_transport": "PODSETTLE_HTTP_TRANSPORT",
 }
 
 
@@ -81,9 +80,6 @@ class Settings(BaseModel):
     # allows 1000..300000 ms); 0 submits through /run. Until the answer the run's id is unknown: the
     # job cannot be cancelled on RunPod, and an engine that crashes meanwhile submits it again.
     runpod_runsync_ms: int = Field(default=1000, ge=0, le=300_000)
-    # podsettle's own HTTP/1.1 connection layer (lean keep-alive, about a tenth of httpx's pool's CPU
-    # per request), or httpx's own ("httpx"). A proxy named in the environment always gets httpx's.
-    http_transport: Literal["podsettle", "httpx"] = "podsettle"
 
     @field_validator("runpod_runsync_ms")
     @classmethod
