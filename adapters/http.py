@@ -132,7 +132,7 @@ def transport_error(failure: TransportFailure, what: str, *, money: bool, maybe:
     """The port error for a failed exchange. `maybe` is said when the request may have arrived on a
     call that moves no money (e.g. "the job may have been queued")."""
     if failure.sent is Sent.NOTHING:
-        return Unavailable(f"{what}: could not connect ({failure.kind}); nothing was sent")
+        return Unavailable(f"{what}: could not reach the service ({failure.kind}); nothing was sent")
     happened = (
         "timed out waiting for the answer" if failure.timeout else "connection failed or response dropped"
     )
