@@ -24,18 +24,21 @@ trusts the system's roots (OpenSSL also honours SSL_CERT_FILE and SSL_CERT_DIR).
 from __future__ import annotations
 
 import asyncio
+import builtins
+import functools
 import inspect
 import json as jsonlib
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-from aiohttp.helpers import get_env_proxy_for_url
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+if TYPE_CHECKING:  # aiohttp is imported on first use: the in-process compute imports this module too
+    import aiohttp
 
 from podsettle.adapters.ports import (
     BadResponse,
@@ -77,22 +80,32 @@ class Sent(Enum):
     MAYBE = "the request may have reached the server"
 
 
-# Checked in order, the first match decides (several are subclasses of later ones: a connect timeout
-# is a ServerTimeoutError, a connector error a ClientOSError). Whatever is not listed is not a
-# transport failure and propagates unchanged.
-TRANSPORT_FAILURES: tuple[tuple[type[BaseException], Sent], ...] = (
-    (aiohttp.ConnectionTimeoutError, Sent.NOTHING),  # waiting for a pooled slot, TCP or TLS connect
-    (aiohttp.ClientConnectorError, Sent.NOTHING),  # refused, DNS, TLS handshake or certificate, proxy
-    (aiohttp.ClientHttpProxyError, Sent.NOTHING),  # the proxy refused the tunnel: the server saw nothing
-    (aiohttp.InvalidURL, Sent.NOTHING),
-    (aiohttp.ServerTimeoutError, Sent.MAYBE),  # no answer within the read timeout
-    (aiohttp.ServerDisconnectedError, Sent.MAYBE),  # closed after the request was written
-    (aiohttp.ClientPayloadError, Sent.MAYBE),  # the body was cut short
-    (aiohttp.ClientResponseError, Sent.MAYBE),  # an answer that is not HTTP
-    (aiohttp.ClientError, Sent.MAYBE),  # ClientOSError: reset mid-exchange, and the rest
-    (TimeoutError, Sent.MAYBE),
-    (OSError, Sent.MAYBE),
+# aiohttp's exceptions (builtins last), checked in order: the first match decides (several are
+# subclasses of later ones: a connect timeout is a ServerTimeoutError, a connector error a
+# ClientOSError). Whatever is not listed is not a transport failure and propagates unchanged.
+TRANSPORT_FAILURES: tuple[tuple[str, Sent], ...] = (
+    ("ConnectionTimeoutError", Sent.NOTHING),  # waiting for a pooled slot, TCP or TLS connect
+    ("ClientConnectorError", Sent.NOTHING),  # refused, DNS, TLS handshake or certificate, proxy
+    ("ClientHttpProxyError", Sent.NOTHING),  # the proxy refused the tunnel: the server saw nothing
+    ("InvalidURL", Sent.NOTHING),
+    ("ServerTimeoutError", Sent.MAYBE),  # no answer within the read timeout
+    ("ServerDisconnectedError", Sent.MAYBE),  # closed after the request was written
+    ("ClientPayloadError", Sent.MAYBE),  # the body was cut short
+    ("ClientResponseError", Sent.MAYBE),  # an answer that is not HTTP
+    ("ClientError", Sent.MAYBE),  # ClientOSError: reset mid-exchange, and the rest
+    ("TimeoutError", Sent.MAYBE),
+    ("OSError", Sent.MAYBE),
 )
+
+
+@functools.cache
+def _failure_types() -> tuple[tuple[type[BaseException], Sent], ...]:
+    import aiohttp
+
+    return tuple(
+        (getattr(aiohttp, name, None) or getattr(builtins, name), sent) for name, sent in TRANSPORT_FAILURES
+    )
+
 
 # The meaning of an error status; 408 and 5xx: the request may have taken effect.
 STATUS_ERRORS: Mapping[int, type[GatewayError]] = {
@@ -122,7 +135,7 @@ def classify(error: BaseException) -> TransportFailure | None:
     """The failure `error` is by `TRANSPORT_FAILURES`, or None when it is no transport failure."""
     if isinstance(error, TransportFailure):
         return error
-    for kind, sent in TRANSPORT_FAILURES:
+    for kind, sent in _failure_types():
         if isinstance(error, kind):
             return TransportFailure(sent, type(error).__name__, timeout=isinstance(error, TimeoutError))
     return None
@@ -189,6 +202,8 @@ class Timeouts:
     pool: float | None = 10.0  # waiting for a free connection, opening included
 
     def aiohttp(self, read: float | None = None) -> aiohttp.ClientTimeout:
+        import aiohttp
+
         return aiohttp.ClientTimeout(
             total=None,
             connect=self.pool,
@@ -275,7 +290,7 @@ class HttpClient:
         self.timeouts = timeouts
         self.max_connections = max_connections
         self._headers = dict(headers)
-        self._timeout = timeouts.aiohttp()
+        self._timeout: aiohttp.ClientTimeout | None = None
         self._replier = replier
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -310,6 +325,7 @@ class HttpClient:
                 return await reply if inspect.isawaitable(reply) else reply
             session = self._session_here()
             timeout = self._timeout if read_timeout is None else self.timeouts.aiohttp(read_timeout)
+            assert timeout is not None  # made with the session
             async with session.request(
                 method, url, data=content, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
@@ -337,6 +353,10 @@ class HttpClient:
             return session
         if session is not None:
             self._abandon(session)
+        import aiohttp
+        from aiohttp.helpers import get_env_proxy_for_url
+
+        self._timeout = self.timeouts.aiohttp()
         url = URL(self.base_url)
         try:
             proxy, proxy_auth = get_env_proxy_for_url(url)
