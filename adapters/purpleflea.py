@@ -1,24 +1,25 @@
-"""`PurpleFleaEscrow`: the escrow port over Purple Flea's HTTP API (contracts/purpleflea-escrow.md).
+"""The escrow port over Purple Flea's HTTP API (contracts/purpleflea-escrow.md).
 
-Two dialects, chosen by the `dialect` argument:
+`PurpleFleaEscrow` holds the flow both dialects share; one subclass per dialect holds its routes, and
+`purple_flea(dialect=...)` builds the one named:
 
-- `"v1"`, the routes the published server implements: `POST /escrow/create`, `/escrow/complete/{id}`,
-  `/escrow/release/{id}`, `/escrow/dispute/{id}`, `GET /escrow/{id}`. It has no idempotency key, no
-  lookup by key and no cancel: money comes back to the payer only through the timeout sweep (or an
-  operator after a dispute), so `refund()` asks for it (`refund_method`) and reports the refund only
-  once a read shows the escrow `refunded`, raising `EscrowPending` until then.
-- `"seed"`, the routes of the product page: `POST /api/escrow/create|release|cancel`. Its responses
-  carry no amounts and it has no read route, so the adapter computes the split itself from the fee
-  rules, `get()` raises NotImplementedError, and after a create nothing is read back. `cancel` returns
-  the whole amount to the payer (no commission). To build the refund's `Settlement` the adapter
-  remembers the amount of each escrow it created; after a restart, tell it with `expect()`.
+- `"v1"` (`PurpleFleaV1`), the routes the published server implements: `POST /escrow/create`,
+  `/escrow/complete/{id}`, `/escrow/release/{id}`, `/escrow/dispute/{id}`, `GET /escrow/{id}`. It has
+  no idempotency key, no lookup by key and no cancel: money comes back to the payer only through the
+  timeout sweep (or an operator after a dispute), so `refund()` asks for it (`refund_method`) and
+  reports the refund only once a read shows the escrow `refunded`, raising `EscrowPending` until then.
+- `"seed"` (`PurpleFleaSeed`), the routes of the product page: `POST /api/escrow/create|release|cancel`.
+  Its responses carry no amounts and it has no read route, so the adapter computes the split itself
+  from the fee rules, `get()` raises NotImplementedError, and after a create nothing is read back.
+  `cancel` returns the whole amount to the payer (no commission). To build the refund's `Settlement`
+  the adapter remembers the amount of each escrow it created; after a restart, tell it with `expect()`.
 
 Every response is validated with pydantic (unknown fields such as `_info` ignored). Amounts arrive as
 JSON numbers; the raw text is parsed with `parse_float=Decimal`, so a float never holds them. An
 amount that is not valid money (negative, more than 6 decimals, not a number) makes the body
 untrustworthy; valid amounts that differ from `rules.split` raise `AmountMismatch`.
 
-What the engine can act on:
+What the engine can act on (statuses and transport failures map through adapters/http.py's table):
 - create: 400/402/404 `Rejected` (nothing moved); 401 `Unauthorized`; 403 `Forbidden`;
   429 `RateLimited` (nothing moved); a timeout after sending, a dropped connection, a 5xx or a 2xx
   whose body cannot be trusted `OutcomeUnknown` (never retried here). A connection that could not
@@ -36,14 +37,22 @@ repr, in log lines or in exception messages: any echo of a key in a server messa
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal, NoReturn, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, Self, TypeVar
 
-import httpx
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr, ValidationError
 
-from podsettle.adapters.http_transport import http_client
+from podsettle.adapters.http import (
+    Answer,
+    HttpClient,
+    Replier,
+    Timeouts,
+    TransportFailure,
+    status_error,
+    transport_error,
+)
 from podsettle.adapters.limits import RateLimiter
 from podsettle.adapters.ports import (
     AmountMismatch,
@@ -54,11 +63,8 @@ from podsettle.adapters.ports import (
     EscrowReceipt,
     EscrowStatus,
     EscrowView,
-    Forbidden,
     GatewayError,
-    NotFound,
     OutcomeUnknown,
-    RateLimited,
     Rejected,
     Settlement,
     Unauthorized,
@@ -67,7 +73,7 @@ from podsettle.adapters.ports import (
 from podsettle.domain.errors import InvalidAmount
 from podsettle.domain.money import ZERO, Money, fmt, to_money
 from podsettle.domain.rules import FeeSplit, referral_fee, split
-from podsettle.support.logs import get_logger
+from podsettle.support.logs import Redactor, get_logger
 
 log = get_logger(__name__)
 
@@ -88,7 +94,10 @@ DEFAULT_RATE_LIMITS: dict[str, int] = {
     "dispute": 10,
     "cancel": 30,
 }
-DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=20.0, write=10.0, pool=10.0)
+DEFAULT_TIMEOUT = Timeouts(connect=5.0, read=20.0, pool=10.0)
+# The error statuses the contract documents (contracts/purpleflea-escrow.md); any other cannot be trusted.
+CONTRACT_STATUSES = frozenset({400, 401, 402, 403, 404, 408, 409, 429})
+CREATE_OVERRIDES: dict[int, type[GatewayError]] = {404: Rejected}  # the payee does not exist
 
 # ---------------------------------------------------------------------------------------- models
 
@@ -168,23 +177,6 @@ class SeedSettled(_Model):
 M = TypeVar("M", bound=_Model)
 
 
-class _Secret:
-    """A key that prints as `***`."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-    __str__ = __repr__
-
-
 def _validation_summary(error: ValidationError) -> str:
     parts = []
     for item in error.errors()[:5]:
@@ -193,14 +185,16 @@ def _validation_summary(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class PurpleFleaEscrow:
-    """The escrow port on Purple Flea, over a pooled `httpx.AsyncClient`.
+class PurpleFleaEscrow(ABC):
+    """The escrow port on Purple Flea: the flow both dialects share (HTTP, rate limits, status and
+    body checks, redaction). `PurpleFleaV1` and `PurpleFleaSeed` hold the routes; `purple_flea()`
+    builds the one a dialect names.
 
     `payer_key` pays (create, release, refund); `worker_key` (optional) is only used by `complete`.
-    The seed dialect also needs `payer_id` (the payer's `ag_…` id, sent as `payer_wallet`).
-    `referred` says whether the payer's escrows carry a referrer (it decides the expected referral
-    fee that a release reports). `transport` replaces the network (tests use `httpx.MockTransport`).
-    """
+    `replier` answers requests instead of the network (tests)."""
+
+    dialect: ClassVar[Dialect]
+    capabilities: EscrowCapabilities
 
     def __init__(
         self,
@@ -208,50 +202,35 @@ class PurpleFleaEscrow:
         *,
         payer_key: str,
         worker_key: str | None = None,
-        dialect: Dialect = "v1",
-        payer_id: str | None = None,
-        refund_method: RefundMethod = "dispute",
         rate_limits: dict[str, int] | None = None,
         rate_limit_period_s: float = 60.0,
-        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        timeout: Timeouts | float = DEFAULT_TIMEOUT,
         max_connections: int = 64,
-        transport: httpx.AsyncBaseTransport | Literal["httpx"] | None = None,
+        replier: Replier | None = None,
     ) -> None:
-        if dialect not in ("v1", "seed"):
-            raise ValueError(f"dialect: must be 'v1' or 'seed', not {dialect!r}")
-        if refund_method not in ("dispute", "timeout"):
-            raise ValueError(f"refund_method: must be 'dispute' or 'timeout', not {refund_method!r}")
         if not isinstance(payer_key, str) or not payer_key.strip():
             raise ValueError("payer_key: must be a non-empty API key")
         if worker_key is not None and (not isinstance(worker_key, str) or not worker_key.strip()):
             raise ValueError("worker_key: must be a non-empty API key when given")
-        if dialect == "seed" and not payer_id:
-            raise ValueError("payer_id: the seed dialect needs the payer's agent id (payer_wallet)")
         self.base_url = base_url.rstrip("/")
-        self.dialect: Dialect = dialect
-        self.payer_id = payer_id
-        self.refund_method: RefundMethod = refund_method
-        self._payer_key = _Secret(payer_key.strip())
-        self._worker_key = _Secret(worker_key.strip()) if worker_key else None
-        self.capabilities = EscrowCapabilities(
-            idempotent_create=False, lookup_by_key=False, cancel=dialect == "seed"
-        )
+        self._payer_key = SecretStr(payer_key.strip())
+        self._worker_key = SecretStr(worker_key.strip()) if worker_key else None
+        self._redactor = Redactor([payer_key, worker_key or ""])
         limits = {**DEFAULT_RATE_LIMITS, **(rate_limits or {})}
         self._limiters = {route: RateLimiter(n, rate_limit_period_s) for route, n in limits.items()}
-        self._seed_amounts: dict[str, Money] = {}
-        self._client = http_client(
+        self._client = HttpClient(
             self.base_url,
             headers={"Accept": "application/json", "User-Agent": "podsettle"},
-            timeout=timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
+            timeouts=timeout if isinstance(timeout, Timeouts) else Timeouts(timeout, timeout, timeout),
             max_connections=max_connections,
-            transport=transport,
+            replier=replier,
         )
 
     def __repr__(self) -> str:
         worker = "set" if self._worker_key else "none"
         return f"PurpleFleaEscrow(base_url={self.base_url!r}, dialect={self.dialect!r}, worker_key={worker})"
 
-    async def __aenter__(self) -> PurpleFleaEscrow:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -262,6 +241,7 @@ class PurpleFleaEscrow:
 
     # ------------------------------------------------------------------ the port
 
+    @abstractmethod
     async def create(
         self,
         *,
@@ -274,39 +254,211 @@ class PurpleFleaEscrow:
         metadata: dict[str, str] | None = None,
     ) -> EscrowReceipt:
         """Create and fund an escrow; `key` is only logged (neither dialect takes one)."""
-        value = amount
-        # The service's own checks, made here so that a create it would refuse is never sent.
+
+    @abstractmethod
+    async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement:
+        """Release to the payee."""
+
+    @abstractmethod
+    async def refund(
+        self, escrow_id: str, *, key: str, reason: str, expected: FeeSplit | None = None
+    ) -> Settlement:
+        """Get the money back to the payer."""
+
+    @abstractmethod
+    async def get(self, escrow_id: str) -> EscrowView:
+        """Read an escrow."""
+
+    async def find_by_key(self, key: str) -> EscrowView | None:
+        raise NotImplementedError("Purple Flea escrows can only be found by id, not by key")
+
+    async def health(self) -> None:
+        """`GET /health`: raises `Unavailable` when the service cannot be reached or is not well."""
+        response = await self._call("health", "GET", "/health", money=False)
+        if response.status != 200:
+            raise Unavailable(f"health: {self.base_url} answered {response.status}")
+
+    # ------------------------------------------------------------------ beyond the port
+
+    @abstractmethod
+    async def complete(self, escrow_id: str) -> EscrowStatus:
+        """The worker signals delivery."""
+
+    @abstractmethod
+    async def dispute(self, escrow_id: str, *, reason: str) -> EscrowStatus:
+        """Freeze an escrow for Purple Flea's manual review."""
+
+    # ------------------------------------------------------------------ shared internals
+
+    # v1 pays agents only; the seed dialect pays any wallet.
+    payee_prefix: ClassVar[str | None] = None
+
+    def _refuse_what_the_service_would(
+        self, payee: str, amount: Money, description: str, timeout_hours: int
+    ) -> None:
+        """The service's own checks, made here so that a create it would refuse is never sent."""
         refusal = None
-        if value < MIN_AMOUNT:
-            refusal = "invalid_amount", f"amount {fmt(value)} is below the minimum of {fmt(MIN_AMOUNT)}"
+        if amount < MIN_AMOUNT:
+            refusal = "invalid_amount", f"amount {fmt(amount)} is below the minimum of {fmt(MIN_AMOUNT)}"
         elif len(description.strip()) < MIN_DESCRIPTION_CHARS:
             refusal = "invalid_description", f"description needs at least {MIN_DESCRIPTION_CHARS} characters"
         elif not 1 <= timeout_hours <= MAX_TIMEOUT_HOURS:
             refusal = "invalid_timeout", f"timeout_hours must be 1..{MAX_TIMEOUT_HOURS}"
-        elif self.dialect == "v1" and not payee.startswith("ag_"):
-            refusal = "invalid_counterparty", "the counterparty must be an agent id (ag_...)"
+        elif self.payee_prefix and not payee.startswith(self.payee_prefix):
+            refusal = "invalid_counterparty", f"the counterparty must be an agent id ({self.payee_prefix}...)"
         if refusal is not None:
             raise Rejected(f"create: {refusal[0]}: {refusal[1]}; nothing was sent", code=refusal[0])
-        expected = split(value)
-        if self.dialect == "seed":
-            body: dict[str, Any] = {
-                "payer_wallet": self.payer_id,
-                "payee_wallet": payee,
-                "amount_usdc": value,
-                "description": description,
-                "referral_code": referral,
-                "metadata": metadata or {},
-                "auto_release": timeout_hours,
-            }
-            response = await self._call("create", "POST", "/api/escrow/create", body=body, money=True)
-            self._expect_status(response, "create", (200, 201), money=True)
-            created_seed = self._parse(response, SeedCreated, "create", money=True)
-            self._seed_amounts[created_seed.escrow_id] = value
-            log.info(
-                "escrow.created", key=key, escrow_id=created_seed.escrow_id, amount=fmt(value), dialect="seed"
+
+    async def _call(
+        self,
+        route: str,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        money: bool,
+        secret: SecretStr | None = None,
+    ) -> Answer:
+        limiter = self._limiters.get(route)
+        if limiter is not None:
+            await limiter.acquire()
+        key = (secret or self._payer_key).get_secret_value()
+        headers = {"Authorization": f"Bearer {key}"}
+        content = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            content = _dumps(body)
+        try:
+            response = await self._client.request(method, path, content=content, headers=headers)
+        except TransportFailure as failure:
+            log.warning(
+                "escrow.transport_error", route=route, error=failure.kind, sent=failure.sent.name, money=money
             )
-            return EscrowReceipt(created_seed.escrow_id, value, expected.fee, expected.net)
-        body = {
+            raise transport_error(failure, f"{route} {method} {path}", money=money) from None
+        log.debug("escrow.response", route=route, status=response.status, path=path)
+        if response.status == 429:
+            retry_after = _retry_after(response)
+            if limiter is not None:
+                limiter.penalize(retry_after)
+            raise status_error(
+                429,
+                f"{route}: rate limited by the escrow service",
+                money=money,
+                contract=CONTRACT_STATUSES,
+                retry_after=retry_after,
+            )
+        return response
+
+    def _expect_status(
+        self,
+        response: Answer,
+        route: str,
+        ok: tuple[int, ...],
+        *,
+        money: bool,
+        escrow_id: str | None = None,
+    ) -> None:
+        status = response.status
+        if status in ok:
+            return
+        what = f"escrow {escrow_id}: {route}" if escrow_id else route
+        if 200 <= status < 300:
+            self._untrusted(f"{what}: unexpected success status {status}", money)
+        code, message = self._error_text(response)
+        detail = self._redact(f"{what}: HTTP {status} {code}{': ' + message if message else ''}")
+        error = status_error(
+            status,
+            detail,
+            money=money,
+            contract=CONTRACT_STATUSES,
+            overrides=CREATE_OVERRIDES if route == "create" else None,
+            code=code,
+        )
+        if isinstance(error, OutcomeUnknown | BadResponse):
+            log.error("escrow.bad_response", detail=detail, money=money, status=status)
+        raise error
+
+    def _error_text(self, response: Answer) -> tuple[str, str]:
+        data = self._json(response, "error", money=False, required=False)
+        if not isinstance(data, dict):
+            return "(no JSON error body)", ""
+        try:
+            parsed = ErrorBody.model_validate(data)
+        except ValidationError:
+            return "(malformed error body)", ""
+        return self._redact(parsed.error)[:80], self._redact(parsed.message or "")[:300]
+
+    def _json(self, response: Answer, route: str, *, money: bool, required: bool = True) -> Any:
+        try:
+            return _json_body(response.content)
+        except (ValueError, UnicodeDecodeError):
+            if not required:
+                return None
+            kind = response.headers.get("content-type", "no content type").split(";")[0]
+            self._untrusted(
+                f"{route}: HTTP {response.status} body is not JSON ({kind}, {len(response.content)} bytes)",
+                money,
+            )
+
+    def _parse(self, response: Answer, model: type[M], route: str, *, money: bool) -> M:
+        data = self._json(response, route, money=money)
+        if not isinstance(data, dict):
+            self._untrusted(f"{route}: HTTP {response.status} body is not a JSON object", money)
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            self._untrusted(
+                f"{route}: HTTP {response.status} body breaks the contract: {_validation_summary(e)}",
+                money,
+            )
+
+    def _check_echo(self, got: str, wanted: str, route: str, *, money: bool = True) -> None:
+        if got != wanted:
+            self._untrusted(f"{route}: the response is about escrow {got!r}, not {wanted!r}", money)
+
+    def _untrusted(self, detail: str, money: bool) -> NoReturn:
+        detail = self._redact(detail)
+        log.error("escrow.bad_response", detail=detail, money=money)
+        if money:
+            raise OutcomeUnknown(f"{detail}; the call may or may not have taken effect")
+        raise BadResponse(detail)
+
+    def _redact(self, text: str) -> str:
+        return self._redactor.redact(text)
+
+
+class PurpleFleaV1(PurpleFleaEscrow):
+    """The routes the published server implements: `POST /escrow/create`, `/escrow/complete/{id}`,
+    `/escrow/release/{id}`, `/escrow/dispute/{id}`, `GET /escrow/{id}`. No cancel: `refund()` asks
+    for the money back by `refund_method` and reports the refund once a read shows it."""
+
+    dialect: ClassVar[Dialect] = "v1"
+    payee_prefix: ClassVar[str | None] = "ag_"
+
+    def __init__(
+        self, base_url: str = DEFAULT_BASE_URL, *, refund_method: RefundMethod = "dispute", **options: Any
+    ) -> None:
+        if refund_method not in ("dispute", "timeout"):
+            raise ValueError(f"refund_method: must be 'dispute' or 'timeout', not {refund_method!r}")
+        super().__init__(base_url, **options)
+        self.refund_method: RefundMethod = refund_method
+        self.capabilities = EscrowCapabilities(idempotent_create=False, lookup_by_key=False, cancel=False)
+
+    async def create(
+        self,
+        *,
+        key: str,
+        payee: str,
+        amount: Money,
+        description: str,
+        timeout_hours: int,
+        referral: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> EscrowReceipt:
+        value = amount
+        self._refuse_what_the_service_would(payee, value, description, timeout_hours)
+        expected = split(value)
+        body: dict[str, Any] = {
             "amount_usd": value,
             "description": description,
             "counterparty_agent_id": payee,
@@ -343,17 +495,11 @@ class PurpleFleaEscrow:
         return EscrowReceipt(created.escrow_id, expected.amount, expected.fee, expected.net)
 
     async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement:
-        """Release to the payee. v1 checks the reported net and fee against `expected`; the referral
-        fee reported is accepted when it is zero or 15% of the fee. The seed dialect reports no
-        amounts: the settlement is `expected`'s."""
+        """Checks the reported net and fee against `expected`; the referral fee reported is accepted
+        when it is zero or 15% of the fee."""
         _check_id(escrow_id)
-        if self.dialect == "seed":
-            await self._settle_seed("release", escrow_id, EscrowStatus.RELEASED, "released")
-            log.info("escrow.released", key=key, escrow_id=escrow_id, dialect="seed")
-            return _released(escrow_id, expected)
-
         response = await self._call("release", "POST", f"/escrow/release/{escrow_id}", money=True)
-        if response.status_code == 409:
+        if response.status == 409:
             view = await self._read_for_conflict(escrow_id)
             if view is not None and view.status is EscrowStatus.RELEASED:
                 self._check_view(view, expected.amount)
@@ -394,19 +540,11 @@ class PurpleFleaEscrow:
     async def refund(
         self, escrow_id: str, *, key: str, reason: str, expected: FeeSplit | None = None
     ) -> Settlement:
-        """Get the money back to the payer.
-
-        seed: `POST /api/escrow/cancel`, the whole amount back. v1 (no cancel): reads the escrow;
-        `refunded` gives the Settlement (returned = amount - commission, the commission kept);
-        `funded`/`completed` asks for the refund by `refund_method` (`dispute`: POST /escrow/dispute,
-        `timeout`: nothing, the sweep refunds after auto_release_at) and raises `EscrowPending`;
-        `disputed` raises `EscrowPending`; `released` raises `Conflict`.
-        """
+        """Reads the escrow: `refunded` gives the Settlement (returned = amount - commission, the
+        commission kept); `funded`/`completed` asks for the refund by `refund_method` (`dispute`:
+        POST /escrow/dispute, `timeout`: nothing, the sweep refunds after auto_release_at) and raises
+        `EscrowPending`; `disputed` raises `EscrowPending`; `released` raises `Conflict`."""
         _check_id(escrow_id)
-        if self.dialect == "seed":
-            if expected is not None and escrow_id not in self._seed_amounts:
-                self.expect(escrow_id, expected.amount)  # created before this adapter existed
-            return await self._cancel_seed(escrow_id, key)
         view = await self.get(escrow_id)
         if view.status is EscrowStatus.REFUNDED:
             return self._refunded(view, key)
@@ -437,9 +575,6 @@ class PurpleFleaEscrow:
         )
 
     async def get(self, escrow_id: str) -> EscrowView:
-        """Read an escrow (v1 only: the seed dialect has no read route)."""
-        if self.dialect == "seed":
-            raise NotImplementedError("the seed dialect has no route to read an escrow")
         _check_id(escrow_id)
         response = await self._call("get", "GET", f"/escrow/{escrow_id}", money=False)
         self._expect_status(response, "get", (200,), money=False, escrow_id=escrow_id)
@@ -456,28 +591,15 @@ class PurpleFleaEscrow:
             auto_release_at=read.auto_release_at,
         )
 
-    async def find_by_key(self, key: str) -> EscrowView | None:
-        raise NotImplementedError("Purple Flea escrows can only be found by id, not by key")
-
-    async def health(self) -> None:
-        """`GET /health`: raises `Unavailable` when the service cannot be reached or is not well."""
-        response = await self._call("health", "GET", "/health", money=False)
-        if response.status_code != 200:
-            raise Unavailable(f"health: {self.base_url} answered {response.status_code}")
-
-    # ------------------------------------------------------------------ beyond the port
-
     async def complete(self, escrow_id: str) -> EscrowStatus:
-        """The worker signals delivery (`POST /escrow/complete/{id}` with the worker key; v1 only)."""
-        if self.dialect == "seed":
-            raise NotImplementedError("the seed dialect has no complete route")
+        """`POST /escrow/complete/{id}` with the worker key."""
         if self._worker_key is None:
             raise Unauthorized("complete needs the worker's key, and none was configured")
         _check_id(escrow_id)
         response = await self._call(
             "complete", "POST", f"/escrow/complete/{escrow_id}", money=False, secret=self._worker_key
         )
-        if response.status_code == 409:
+        if response.status == 409:
             view = await self._read_for_conflict(escrow_id)
             if view is not None and view.status is EscrowStatus.COMPLETED:
                 return view.status
@@ -488,15 +610,13 @@ class PurpleFleaEscrow:
         return EscrowStatus.COMPLETED
 
     async def dispute(self, escrow_id: str, *, reason: str) -> EscrowStatus:
-        """Freeze an escrow for Purple Flea's manual review (v1). Moves no money, so a failed call is
-        `Unavailable` and safe to repeat: a second dispute answers 409 and the read says `disputed`."""
-        if self.dialect == "seed":
-            raise NotImplementedError("the seed dialect has no dispute route")
+        """Moves no money, so a failed call is `Unavailable` and safe to repeat: a second dispute
+        answers 409 and the read says `disputed`."""
         _check_id(escrow_id)
         response = await self._call(
             "dispute", "POST", f"/escrow/dispute/{escrow_id}", body={"reason": reason}, money=False
         )
-        if response.status_code == 409:
+        if response.status == 409:
             view = await self._read_for_conflict(escrow_id)
             if view is not None and view.status in (EscrowStatus.DISPUTED, EscrowStatus.REFUNDED):
                 return view.status
@@ -506,38 +626,6 @@ class PurpleFleaEscrow:
         self._check_echo(disputed.escrow_id, escrow_id, "dispute", money=False)
         log.info("escrow.disputed", escrow_id=escrow_id)
         return EscrowStatus.DISPUTED
-
-    def expect(self, escrow_id: str, amount: Money) -> None:
-        """seed: the amount of an escrow created before this adapter existed (for `refund`)."""
-        self._seed_amounts[escrow_id] = to_money(amount, "amount", allow_zero=False)
-
-    # ------------------------------------------------------------------ internals
-
-    async def _cancel_seed(self, escrow_id: str, key: str) -> Settlement:
-        amount = self._seed_amounts.get(escrow_id)
-        if amount is None:
-            raise GatewayError(
-                f"escrow {escrow_id}: its amount is unknown to this adapter (seed responses carry none); "
-                "call expect(escrow_id, amount) first. Nothing was sent."
-            )
-        await self._settle_seed("cancel", escrow_id, EscrowStatus.REFUNDED, "cancelled")
-        log.info("escrow.refunded", key=key, escrow_id=escrow_id, dialect="seed")
-        return _cancelled(escrow_id, amount)
-
-    async def _settle_seed(self, route: str, escrow_id: str, wanted: EscrowStatus, verb: str) -> None:
-        """`POST /api/escrow/{route}`; returns once the escrow is in `wanted` (a 409 saying it already
-        is counts), else raises. The seed dialect's answers carry no amounts."""
-        response = await self._call(
-            route, "POST", f"/api/escrow/{route}", body={"escrow_id": escrow_id}, money=True
-        )
-        if response.status_code == 409:
-            status = self._seed_conflict_status(response)
-            if status == wanted.value:
-                return
-            raise Conflict(f"escrow {escrow_id} cannot be {verb}: it is {status}", status=status)
-        self._expect_status(response, route, (200,), money=True, escrow_id=escrow_id)
-        settled = self._parse(response, SeedSettled, route, money=True)
-        self._check_echo(settled.escrow_id, escrow_id, route)
 
     def _refunded(self, view: EscrowView, key: str) -> Settlement:
         self._check_view(view, view.amount)
@@ -574,137 +662,124 @@ class PurpleFleaEscrow:
             log.warning("escrow.conflict_read_failed", escrow_id=escrow_id, error=type(e).__name__)
             return None
 
-    def _seed_conflict_status(self, response: httpx.Response) -> str | None:
-        data = self._json(response, "conflict", money=False, required=False)
-        status = data.get("status") if isinstance(data, dict) else None
-        return status if isinstance(status, str) else None
 
-    async def _call(
+class PurpleFleaSeed(PurpleFleaEscrow):
+    """The routes of the product page: `POST /api/escrow/create|release|cancel`. Its answers carry no
+    amounts and it has no read route: the split is computed from the fee rules, `get()` raises
+    NotImplementedError, and `cancel` returns the whole amount (no commission). For a refund's
+    `Settlement` the adapter remembers the amount of each escrow it created; after a restart, tell
+    it with `expect()` (or pass `expected` to `refund`). `payer_id` is the payer's `ag_…` id."""
+
+    dialect: ClassVar[Dialect] = "seed"
+
+    def __init__(self, base_url: str = DEFAULT_BASE_URL, *, payer_id: str | None, **options: Any) -> None:
+        if not payer_id:
+            raise ValueError("payer_id: the seed dialect needs the payer's agent id (payer_wallet)")
+        super().__init__(base_url, **options)
+        self.payer_id = payer_id
+        self.capabilities = EscrowCapabilities(idempotent_create=False, lookup_by_key=False, cancel=True)
+        self._amounts: dict[str, Money] = {}
+
+    async def create(
         self,
-        route: str,
-        method: str,
-        path: str,
         *,
-        body: dict[str, Any] | None = None,
-        money: bool,
-        secret: _Secret | None = None,
-    ) -> httpx.Response:
-        limiter = self._limiters.get(route)
-        if limiter is not None:
-            await limiter.acquire()
-        key = (secret or self._payer_key).reveal()
-        headers = {"Authorization": f"Bearer {key}"}
-        content = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-            content = _dumps(body)
-        try:
-            response = await self._client.request(method, path, content=content, headers=headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
-            log.warning("escrow.unreachable", route=route, error=type(e).__name__)
-            raise Unavailable(
-                f"{route}: could not reach {self.base_url} ({type(e).__name__}); nothing was sent"
-            ) from None
-        except httpx.TransportError as e:
-            log.warning("escrow.transport_error", route=route, error=type(e).__name__, money=money)
-            detail = f"{route} {method} {path}: {type(e).__name__} after the request was sent"
-            if money:
-                raise OutcomeUnknown(f"{detail}; the call may or may not have taken effect") from None
-            raise Unavailable(detail) from None
-        log.debug("escrow.response", route=route, status=response.status_code, path=path)
-        if response.status_code == 429:
-            retry_after = _retry_after(response)
-            if limiter is not None:
-                limiter.penalize(retry_after)
-            raise RateLimited(f"{route}: rate limited by the escrow service", retry_after=retry_after)
-        return response
+        key: str,
+        payee: str,
+        amount: Money,
+        description: str,
+        timeout_hours: int,
+        referral: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> EscrowReceipt:
+        value = amount
+        self._refuse_what_the_service_would(payee, value, description, timeout_hours)
+        expected = split(value)
+        body: dict[str, Any] = {
+            "payer_wallet": self.payer_id,
+            "payee_wallet": payee,
+            "amount_usdc": value,
+            "description": description,
+            "referral_code": referral,
+            "metadata": metadata or {},
+            "auto_release": timeout_hours,
+        }
+        response = await self._call("create", "POST", "/api/escrow/create", body=body, money=True)
+        self._expect_status(response, "create", (200, 201), money=True)
+        created = self._parse(response, SeedCreated, "create", money=True)
+        self._amounts[created.escrow_id] = value
+        log.info("escrow.created", key=key, escrow_id=created.escrow_id, amount=fmt(value), dialect="seed")
+        return EscrowReceipt(created.escrow_id, value, expected.fee, expected.net)
 
-    def _expect_status(
-        self,
-        response: httpx.Response,
-        route: str,
-        ok: tuple[int, ...],
-        *,
-        money: bool,
-        escrow_id: str | None = None,
-    ) -> None:
-        status = response.status_code
-        if status in ok:
-            return
-        what = f"escrow {escrow_id}: {route}" if escrow_id else route
-        if 200 <= status < 300:
-            self._untrusted(f"{what}: unexpected success status {status}", money)
-        if status >= 500 or status in (408, 502, 503, 504):
-            code, message = self._error_text(response)
-            detail = f"{what}: HTTP {status} {code}{': ' + message if message else ''}"
-            if money:
-                raise OutcomeUnknown(f"{detail}; the call may or may not have taken effect")
-            raise Unavailable(detail)
-        code, message = self._error_text(response)
-        detail = f"{what}: HTTP {status} {code}{': ' + message if message else ''}"
-        if status == 401:
-            raise Unauthorized(detail)
-        if status == 403:
-            raise Forbidden(detail)
-        if status == 404 and route != "create":
-            raise NotFound(detail)
-        if status in (400, 402, 404):
-            raise Rejected(detail, status_code=status, code=code)
-        if status == 409:
-            raise Conflict(detail)
-        self._untrusted(f"{detail} (not in the contract)", money)
+    async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement:
+        """The answer reports no amounts: the settlement is `expected`'s."""
+        _check_id(escrow_id)
+        await self._settle("release", escrow_id, EscrowStatus.RELEASED, "released")
+        log.info("escrow.released", key=key, escrow_id=escrow_id, dialect="seed")
+        return _released(escrow_id, expected)
 
-    def _error_text(self, response: httpx.Response) -> tuple[str, str]:
-        data = self._json(response, "error", money=False, required=False)
-        if not isinstance(data, dict):
-            return "(no JSON error body)", ""
-        try:
-            parsed = ErrorBody.model_validate(data)
-        except ValidationError:
-            return "(malformed error body)", ""
-        return self._redact(parsed.error)[:80], self._redact(parsed.message or "")[:300]
-
-    def _json(self, response: httpx.Response, route: str, *, money: bool, required: bool = True) -> Any:
-        try:
-            return _json_body(response.content)
-        except (ValueError, UnicodeDecodeError):
-            if not required:
-                return None
-            kind = response.headers.get("content-type", "no content type").split(";")[0]
-            self._untrusted(
-                f"{route}: HTTP {response.status_code} body is not JSON "
-                f"({kind}, {len(response.content)} bytes)",
-                money,
+    async def refund(
+        self, escrow_id: str, *, key: str, reason: str, expected: FeeSplit | None = None
+    ) -> Settlement:
+        """`POST /api/escrow/cancel`: the whole amount back."""
+        _check_id(escrow_id)
+        if expected is not None and escrow_id not in self._amounts:
+            self.expect(escrow_id, expected.amount)  # created before this adapter existed
+        amount = self._amounts.get(escrow_id)
+        if amount is None:
+            raise GatewayError(
+                f"escrow {escrow_id}: its amount is unknown to this adapter (seed responses carry none); "
+                "call expect(escrow_id, amount) first. Nothing was sent."
             )
+        await self._settle("cancel", escrow_id, EscrowStatus.REFUNDED, "cancelled")
+        log.info("escrow.refunded", key=key, escrow_id=escrow_id, dialect="seed")
+        return _cancelled(escrow_id, amount)
 
-    def _parse(self, response: httpx.Response, model: type[M], route: str, *, money: bool) -> M:
-        data = self._json(response, route, money=money)
-        if not isinstance(data, dict):
-            self._untrusted(f"{route}: HTTP {response.status_code} body is not a JSON object", money)
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            self._untrusted(
-                f"{route}: HTTP {response.status_code} body breaks the contract: {_validation_summary(e)}",
-                money,
-            )
+    async def get(self, escrow_id: str) -> EscrowView:
+        raise NotImplementedError("the seed dialect has no route to read an escrow")
 
-    def _check_echo(self, got: str, wanted: str, route: str, *, money: bool = True) -> None:
-        if got != wanted:
-            self._untrusted(f"{route}: the response is about escrow {got!r}, not {wanted!r}", money)
+    async def complete(self, escrow_id: str) -> EscrowStatus:
+        raise NotImplementedError("the seed dialect has no complete route")
 
-    def _untrusted(self, detail: str, money: bool) -> NoReturn:
-        detail = self._redact(detail)
-        log.error("escrow.bad_response", detail=detail, money=money)
-        if money:
-            raise OutcomeUnknown(f"{detail}; the call may or may not have taken effect")
-        raise BadResponse(detail)
+    async def dispute(self, escrow_id: str, *, reason: str) -> EscrowStatus:
+        raise NotImplementedError("the seed dialect has no dispute route")
 
-    def _redact(self, text: str) -> str:
-        for secret in (self._payer_key, self._worker_key):
-            if secret is not None:
-                text = text.replace(secret.reveal(), "[redacted]")
-        return text
+    def expect(self, escrow_id: str, amount: Money) -> None:
+        """The amount of an escrow created before this adapter existed (for `refund`)."""
+        self._amounts[escrow_id] = to_money(amount, "amount", allow_zero=False)
+
+    async def _settle(self, route: str, escrow_id: str, wanted: EscrowStatus, verb: str) -> None:
+        """`POST /api/escrow/{route}`; returns once the escrow is in `wanted` (a 409 saying it already
+        is counts), else raises."""
+        response = await self._call(
+            route, "POST", f"/api/escrow/{route}", body={"escrow_id": escrow_id}, money=True
+        )
+        if response.status == 409:
+            data = self._json(response, "conflict", money=False, required=False)
+            found = data.get("status") if isinstance(data, dict) else None
+            status = found if isinstance(found, str) else None
+            if status == wanted.value:
+                return
+            raise Conflict(f"escrow {escrow_id} cannot be {verb}: it is {status}", status=status)
+        self._expect_status(response, route, (200,), money=True, escrow_id=escrow_id)
+        settled = self._parse(response, SeedSettled, route, money=True)
+        self._check_echo(settled.escrow_id, escrow_id, route)
+
+
+def purple_flea(
+    base_url: str = DEFAULT_BASE_URL,
+    *,
+    dialect: Dialect = "v1",
+    payer_id: str | None = None,
+    refund_method: RefundMethod = "dispute",
+    **options: Any,
+) -> PurpleFleaEscrow:
+    """The escrow adapter for `dialect` ("v1" or "seed"); `refund_method` is v1's, `payer_id` seed's.
+    `options` are `PurpleFleaEscrow`'s (keys, rate limits, timeout, connections, replier)."""
+    if dialect == "v1":
+        return PurpleFleaV1(base_url, refund_method=refund_method, **options)
+    if dialect == "seed":
+        return PurpleFleaSeed(base_url, payer_id=payer_id, **options)
+    raise ValueError(f"dialect: must be 'v1' or 'seed', not {dialect!r}")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -737,7 +812,7 @@ def _dumps(body: dict[str, Any]) -> bytes:
     return encode(body).encode()
 
 
-def _retry_after(response: httpx.Response) -> float:
+def _retry_after(response: Answer) -> float:
     header = response.headers.get("retry-after")
     if header:
         try:

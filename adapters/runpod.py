@@ -1,9 +1,10 @@
-"""RunPod serverless over httpx: the `ComputeGateway` for the hosted contract (runpod-serverless.md).
+"""RunPod serverless over HTTP: the `ComputeGateway` for the hosted contract (runpod-serverless.md).
 
 What the engine can rely on:
 - every response is validated (pydantic, unknown fields ignored); a body that does not match the
   contract (not JSON, no id, an unknown status) raises `BadResponse` with a clear message;
-- reads that fail in a way worth retrying (timeouts, dropped connections, 5xx) raise `Unavailable`;
+- reads that fail in a way worth retrying (timeouts, dropped connections, 5xx) raise `Unavailable`
+  (adapters/http.py's table maps statuses and transport failures for both production clients);
   compute moves no money, so the engine may retry them and may re-submit a job (it may run twice);
 - 429 is answered with backoff (Retry-After when given) and retried; a client-side limiter per
   endpoint and route keeps under the documented limits in the first place;
@@ -29,17 +30,24 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from podsettle.adapters.http_transport import http_client
+from podsettle.adapters.http import (
+    Answer,
+    HttpClient,
+    Replier,
+    Timeouts,
+    TransportFailure,
+    reason,
+    status_error,
+    transport_error,
+)
 from podsettle.adapters.limits import RateLimiter
 from podsettle.adapters.ports import (
     RUNSYNC_READ_MARGIN_S,
     BadResponse,
-    Forbidden,
     NotFound,
     RateLimited,
     Rejected,
@@ -49,7 +57,7 @@ from podsettle.adapters.ports import (
     Unauthorized,
     Unavailable,
 )
-from podsettle.support.logs import get_logger
+from podsettle.support.logs import Redactor, get_logger
 
 __all__ = [
     "BODY_LIMITS",
@@ -76,6 +84,9 @@ RUNSYNC_MIN_WAIT_MS = 1000  # the documented bounds of /runsync's ?wait=
 RUNSYNC_MAX_WAIT_MS = 300_000
 FINISHED_KEPT = 10_000  # terminal states from runsync answers not yet taken by wait()
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+DEFAULT_TIMEOUT = Timeouts(connect=5.0, read=30.0, pool=30.0)
+# The error statuses the contract documents (runpod-serverless.md); any other cannot be trusted.
+CONTRACT_STATUSES = frozenset({400, 401, 403, 404, 413, 422, 429})
 
 
 @dataclass(frozen=True)
@@ -262,20 +273,6 @@ def deadline_outcome(run_id: str, last: RunState | None, timeout_s: float) -> Ru
 # ---------------------------------------------------------------------------------------- client
 
 
-class _Secret:
-    """Holds the API key; shows as [redacted] wherever it is printed."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "[redacted]"
-
-    __str__ = __repr__
-
-
 class RunPodCompute:
     """`ComputeGateway` over RunPod's serverless HTTP API (or the sandbox's emulator of it)."""
 
@@ -284,13 +281,13 @@ class RunPodCompute:
         api_key: str,
         *,
         base_url: str = DEFAULT_BASE_URL,
-        timeout: httpx.Timeout | None = None,
+        timeout: Timeouts = DEFAULT_TIMEOUT,
         poll: PollPolicy | None = None,
         limits: Mapping[str, ClientLimit] | None = None,
         max_rate_limit_retries: int = 5,
         max_connections: int = 100,
         max_input_bytes: int = MAX_INPUT_BYTES,
-        transport: httpx.AsyncBaseTransport | Literal["httpx"] | None = None,
+        replier: Replier | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         sync: SyncPolicy | None = None,
@@ -307,17 +304,17 @@ class RunPodCompute:
         self.runsync_finished = 0  # runsyncs that brought the result back in their own answer
         self._sync_records: dict[str, _SyncRecord] = {}
         self._finished: OrderedDict[tuple[str, str], RunState] = OrderedDict()
-        self._read_timeout = (timeout or httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0)).read
-        self._key = _Secret(api_key)
+        self._key = SecretStr(api_key)
+        self._redactor = Redactor([api_key])
         self._clock = clock
         self._rng = random.Random(seed)
         self._limiters: dict[tuple[str, str], tuple[RateLimiter, asyncio.Semaphore]] = {}
-        self._client = http_client(
+        self._client = HttpClient(
             self.base_url,
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
-            timeout=timeout or httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0),
+            timeouts=timeout,
             max_connections=max_connections,
-            transport=transport,
+            replier=replier,
         )
 
     def __repr__(self) -> str:
@@ -505,35 +502,21 @@ class RunPodCompute:
             async with limiter[1] if limiter is not None else contextlib.nullcontext():
                 self.requests_sent += 1
                 try:
-                    if read_timeout is None:
-                        response = await self._client.request(method, path, content=body, headers=headers)
-                    else:
-                        timeout = self._client.timeout
-                        response = await self._client.request(
-                            method,
-                            path,
-                            content=body,
-                            headers=headers,
-                            timeout=httpx.Timeout(
-                                connect=timeout.connect,
-                                read=read_timeout,
-                                write=timeout.write,
-                                pool=timeout.pool,
-                            ),
-                        )
-                except httpx.TimeoutException as exc:
-                    raise Unavailable(f"{what}: timed out ({type(exc).__name__}){_may_have(route)}") from exc
-                except httpx.HTTPError as exc:
-                    raise Unavailable(
-                        f"{what}: connection failed or response dropped "
-                        f"({type(exc).__name__}){_may_have(route)}"
-                    ) from exc
-            if response.status_code != 429:
+                    response = await self._client.request(
+                        method, path, content=body, headers=headers, read_timeout=read_timeout
+                    )
+                except TransportFailure as failure:
+                    raise transport_error(failure, what, money=False, maybe=_may_have(route)) from failure
+            if response.status != 429:
                 return self._decode(response, what)
             retry_after = self._retry_after(response, attempt)
             if attempt >= self.max_rate_limit_retries:
-                raise RateLimited(
-                    f"{what}: 429 Too Many Requests after {attempt + 1} attempts", retry_after=retry_after
+                raise status_error(
+                    429,
+                    f"{what}: 429 Too Many Requests after {attempt + 1} attempts",
+                    money=False,
+                    contract=CONTRACT_STATUSES,
+                    retry_after=retry_after,
                 )
             log.warning(
                 "runpod.rate_limited", request=what, retry_after=round(retry_after, 3), attempt=attempt
@@ -544,7 +527,7 @@ class RunPodCompute:
             else:
                 await asyncio.sleep(retry_after)
 
-    def _retry_after(self, response: httpx.Response, attempt: int) -> float:
+    def _retry_after(self, response: Answer, attempt: int) -> float:
         header = response.headers.get("retry-after")
         if header is not None:
             with contextlib.suppress(ValueError):
@@ -553,9 +536,9 @@ class RunPodCompute:
         return base * (1 + self._rng.uniform(0, self.poll.jitter))
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._key.value, "[redacted]")
+        return self._redactor.redact(text)
 
-    def _server_says(self, response: httpx.Response) -> str:
+    def _server_says(self, response: Answer) -> str:
         text = response.text
         with contextlib.suppress(ValueError):
             parsed = json.loads(text)
@@ -564,8 +547,8 @@ class RunPodCompute:
         text = " ".join(self._redact(text).split())
         return f": {text[:300]}" if text else ""
 
-    def _decode(self, response: httpx.Response, what: str) -> Any:
-        code = response.status_code
+    def _decode(self, response: Answer, what: str) -> Any:
+        code = response.status
         if 200 <= code < 300:
             try:
                 return response.json()
@@ -576,18 +559,11 @@ class RunPodCompute:
                     f"{what}: HTTP {code} with a body that is not JSON "
                     f"({kind}, {len(response.content)} bytes): {snippet!r}"
                 ) from None
-        says = self._server_says(response)
-        if code == 401:
-            raise Unauthorized(f"{what}: 401 Unauthorized: the RunPod API key was refused")
-        if code == 403:
-            raise Forbidden(f"{what}: 403 Forbidden{says}")
-        if code == 404:
-            raise NotFound(f"{what}: 404 not found{says}")
-        if code in (400, 413, 422):
-            raise Rejected(f"{what}: {code} rejected{says}", status_code=code)
-        if code >= 500:
-            raise Unavailable(f"{what}: server error {code}{says}")
-        raise BadResponse(f"{what}: unexpected HTTP status {code}{says}")
+        # A 401's text may name the key; it says nothing the status does not.
+        says = ": the RunPod API key was refused" if code == 401 else self._server_says(response)
+        raise status_error(
+            code, f"{what}: HTTP {reason(code)}{says}", money=False, contract=CONTRACT_STATUSES
+        )
 
     def _parse(self, model: type[_M], data: Any, what: str) -> _M:
         try:
@@ -696,4 +672,4 @@ def _check_id(value: str, name: str) -> None:
 
 
 def _may_have(route: str) -> str:
-    return "; the job may have been queued" if route in ("run", "runsync") else ""
+    return "the job may have been queued" if route in ("run", "runsync") else ""

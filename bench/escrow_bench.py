@@ -28,7 +28,7 @@ import httpx
 
 from podsettle.adapters.ledger import Ledger
 from podsettle.adapters.ledger_gateway import LedgerEscrow
-from podsettle.adapters.purpleflea import PurpleFleaEscrow
+from podsettle.adapters.purpleflea import purple_flea
 from podsettle.domain.money import to_money
 from podsettle.domain.rules import split
 from podsettle.sandbox.escrow_server import create_escrow_app
@@ -65,7 +65,7 @@ async def health_baseline(base_url: str, count: int, concurrency: int) -> float:
 
 
 async def adapter_pairs(base_url: str, payer_key: str, worker: str, pairs: int, concurrency: int) -> float:
-    async with PurpleFleaEscrow(
+    async with purple_flea(
         base_url, payer_key=payer_key, rate_limits=UNLIMITED, max_connections=concurrency
     ) as escrow:
 

@@ -18,7 +18,7 @@ blocking, it serialises the batch, exactly as the page's code does.
 
 podsettle is the production wiring (`Engine.from_env` with settings pointing at the sandbox), with a
 SQLite file as its event log: it submits through `/runsync` with a bounded wait (a 50 ms job comes
-back in the same round trip), over the adapters' own keep-alive HTTP/1.1 transport. Printed: both
+back in the same round trip), over the adapters' keep-alive HTTP client (aiohttp). Printed: both
 times, the speed-up (aim: at least 10x), the latency bound (job time x the waves the concurrency
 allows: ceil(jobs / min(workers, concurrency))) and podsettle against it (aim: within 2x), and the
 durable log (its events, audited).

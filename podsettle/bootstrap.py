@@ -19,9 +19,8 @@ from podsettle.processor import ProcessorConfig
 from podsettle.settings import ConfigError, Settings
 from podsettle.support.logs import configure_logging, hide
 
-# Connections per service. The adapters' own HTTP/1.1 transport (adapters/http_transport.py) keeps
-# them alive and costs the same per request however many there are; a runsync holds one for the
-# length of its wait, so there are more than the default 32 jobs in flight.
+# Connections per service (kept alive by adapters/http.py); a runsync holds one for the length of its
+# wait, so there are more than the default 32 jobs in flight.
 HTTP_CONNECTIONS = 64
 # RunPod jobs are submitted through /runsync with a bounded wait (settings.runpod_runsync_ms, by
 # default the contract's minimum of 1000 ms): a job that ends inside it comes back in the same round
@@ -105,7 +104,7 @@ def in_process_engine(
 
 def engine_from_settings(settings: Settings) -> Engine:
     """The production wiring: Purple Flea escrow and RunPod serverless over HTTP."""
-    from podsettle.adapters.purpleflea import PurpleFleaEscrow
+    from podsettle.adapters.purpleflea import purple_flea
     from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
 
     configure_logging(settings.log_level)
@@ -117,7 +116,7 @@ def engine_from_settings(settings: Settings) -> Engine:
         raise ConfigError("PODSETTLE_PAYER: the payer's agent id (ag_...) is required")
     keys = (settings.pf_api_key, settings.pf_worker_key, settings.runpod_api_key)
     hide(*(key.get_secret_value() for key in keys if key is not None))
-    escrow = PurpleFleaEscrow(
+    escrow = purple_flea(
         settings.escrow_url,
         payer_key=settings.pf_api_key.get_secret_value(),
         worker_key=settings.pf_worker_key.get_secret_value() if settings.pf_worker_key else None,
@@ -126,7 +125,6 @@ def engine_from_settings(settings: Settings) -> Engine:
         refund_method=settings.refund_method,
         rate_limits=settings.escrow_rate_limits or None,
         max_connections=HTTP_CONNECTIONS,
-        transport="httpx" if settings.http_transport == "httpx" else None,
     )
     compute = RunPodCompute(
         settings.runpod_api_key.get_secret_value(),
@@ -134,7 +132,6 @@ def engine_from_settings(settings: Settings) -> Engine:
         poll=PollPolicy(initial_s=settings.runpod_poll_s, factor=1.5, max_s=max(5.0, settings.runpod_poll_s)),
         max_connections=HTTP_CONNECTIONS,
         sync=SyncPolicy(wait_ms=settings.runpod_runsync_ms) if settings.runpod_runsync_ms else None,
-        transport="httpx" if settings.http_transport == "httpx" else None,
     )
     engine = Engine(
         Settlements(settings.store),
@@ -168,7 +165,7 @@ def sandbox_engine(
 ) -> Engine:
     """The engine over real loopback HTTP to a sandbox served in this process: the same adapters as
     production, a funded payer agent and a worker agent created through the admin routes."""
-    from podsettle.adapters.purpleflea import PurpleFleaEscrow
+    from podsettle.adapters.purpleflea import purple_flea
     from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
     from podsettle.sandbox.app import Sandbox
 
@@ -180,7 +177,7 @@ def sandbox_engine(
     try:
         payer = sandbox.create_agent(balance)
         worker = sandbox.create_agent("0")
-        escrow = PurpleFleaEscrow(
+        escrow = purple_flea(
             sandbox.url,
             payer_key=payer.api_key,
             worker_key=worker.api_key,

@@ -84,11 +84,6 @@ class Settings(BaseSettings):
     runpod_runsync_ms: int = Field(
         default=1000, ge=0, le=300_000, validation_alias="PODSETTLE_RUNPOD_RUNSYNC_MS"
     )
-    # podsettle's own HTTP/1.1 connection layer (lean keep-alive, about a tenth of httpx's pool's CPU
-    # per request), or httpx's own ("httpx"). A proxy named in the environment always gets httpx's.
-    http_transport: Literal["podsettle", "httpx"] = Field(
-        default="podsettle", validation_alias="PODSETTLE_HTTP_TRANSPORT"
-    )
     # structlog's level; the composition root and the command line hand it to `configure_logging`.
     log_level: LogLevel = Field(default="WARNING", validation_alias="PODSETTLE_LOG_LEVEL")
     # Where the command line keeps the read models (default: next to a SQLite store, else the cwd).

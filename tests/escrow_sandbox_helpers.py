@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from podsettle.adapters.purpleflea import PurpleFleaEscrow
+from podsettle.adapters.purpleflea import PurpleFleaEscrow, purple_flea
 from podsettle.sandbox.escrow_server import create_escrow_app
 from podsettle.sandbox.http_server import BackgroundServer
 
@@ -53,7 +53,7 @@ class Sandbox:
 
     def adapter(self, payer_key: str, **kwargs: Any) -> PurpleFleaEscrow:
         kwargs.setdefault("rate_limits", LOOSE_LIMITS)
-        return PurpleFleaEscrow(self.url, payer_key=payer_key, **kwargs)
+        return purple_flea(self.url, payer_key=payer_key, **kwargs)
 
 
 @contextmanager

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
 
+from podsettle.adapters.http import Answer, Request
 from podsettle.adapters.ports import (
     AmountMismatch,
     BadResponse,
@@ -25,7 +27,7 @@ from podsettle.adapters.ports import (
     Rejected,
     Unavailable,
 )
-from podsettle.adapters.purpleflea import PurpleFleaEscrow
+from podsettle.adapters.purpleflea import PurpleFleaEscrow, purple_flea
 from podsettle.domain.money import to_money
 from podsettle.domain.rules import split
 
@@ -47,28 +49,29 @@ VIEW = (
     '"auto_release_at":"2026-11-28T01:04:57.000Z"}'
 )
 
-Reply = Callable[[httpx.Request], httpx.Response]
+Reply = Callable[[Request], Answer]
+REFUSED_KEY = ConnectionKey("escrow.test", 443, True, True, None, None, None)
 
 
 def answer(status: int, text: str, content_type: str = "application/json", **headers: str) -> Reply:
-    def reply(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, text=text, headers={"content-type": content_type, **headers})
+    def reply(request: Request) -> Answer:
+        return Answer.of(status, text=text, headers={"content-type": content_type, **headers})
 
     return reply
 
 
 def fails_with(error: Exception) -> Reply:
-    def reply(request: httpx.Request) -> httpx.Response:
+    def reply(request: Request) -> Answer:
         raise error
 
     return reply
 
 
 def adapter(reply: Reply, **kwargs: Any) -> PurpleFleaEscrow:
-    return PurpleFleaEscrow(
+    return purple_flea(
         "https://escrow.test",
         payer_key="pf_live_payer_secret",
-        transport=httpx.MockTransport(reply),
+        replier=reply,
         **kwargs,
     )
 
@@ -170,12 +173,13 @@ async def test_a_fee_or_amount_that_does_not_match_is_amount_mismatch(
 @pytest.mark.parametrize(
     ("error", "kind"),
     [
-        (httpx.ReadTimeout("read timed out"), OutcomeUnknown),
-        (httpx.WriteTimeout("write timed out"), OutcomeUnknown),
-        (httpx.RemoteProtocolError("peer closed connection"), OutcomeUnknown),
-        (httpx.ReadError("connection reset"), OutcomeUnknown),
-        (httpx.ConnectError("connection refused"), Unavailable),
-        (httpx.ConnectTimeout("connect timed out"), Unavailable),
+        (aiohttp.SocketTimeoutError("Timeout on reading data from socket"), OutcomeUnknown),
+        (aiohttp.ServerDisconnectedError(), OutcomeUnknown),
+        (aiohttp.ClientOSError(104, "Connection reset by peer"), OutcomeUnknown),
+        (aiohttp.ClientPayloadError("Response payload is not completed"), OutcomeUnknown),
+        (TimeoutError(), OutcomeUnknown),
+        (aiohttp.ClientConnectorError(REFUSED_KEY, ConnectionRefusedError(111, "refused")), Unavailable),
+        (aiohttp.ConnectionTimeoutError("Connection timeout to host"), Unavailable),
     ],
 )
 async def test_transport_failures_on_create(error: Exception, kind: type[Exception]) -> None:
@@ -186,9 +190,9 @@ async def test_transport_failures_on_create(error: Exception, kind: type[Excepti
 
 
 async def test_a_create_answer_whose_bytes_are_not_text_is_untrusted() -> None:
-    def reply(request: httpx.Request) -> httpx.Response:
+    def reply(request: Request) -> Answer:
         body = CREATED.encode().replace(b"RunPod", b"Run\xffPod")  # not UTF-8
-        return httpx.Response(201, content=body, headers={"content-type": "application/json"})
+        return Answer.of(201, content=body, headers={"content-type": "application/json"})
 
     async with adapter(reply) as pf:
         with pytest.raises(OutcomeUnknown, match="body is not JSON"):
@@ -248,10 +252,10 @@ async def test_release_5xx_is_outcome_unknown() -> None:
 
 
 async def test_release_409_reads_the_escrow() -> None:
-    def reply(request: httpx.Request) -> httpx.Response:
+    def reply(request: Request) -> Answer:
         if request.method == "POST":
-            return httpx.Response(409, json={"error": "invalid_status"})
-        return httpx.Response(200, text=VIEW)
+            return Answer.of(409, json={"error": "invalid_status"})
+        return Answer.of(200, text=VIEW)
 
     async with adapter(reply) as pf:
         with pytest.raises(Conflict) as caught:
@@ -285,7 +289,7 @@ async def test_bad_reads(status: int, text: str, kind: type[Exception], says: st
 
 
 async def test_read_timeouts_are_unavailable_and_retryable() -> None:
-    async with adapter(fails_with(httpx.ReadTimeout("slow"))) as pf:
+    async with adapter(fails_with(aiohttp.SocketTimeoutError("slow"))) as pf:
         with pytest.raises(Unavailable) as caught:
             await pf.get(ESCROW)
     assert caught.value.retryable
@@ -316,10 +320,10 @@ async def test_seed_create_without_an_escrow_id_is_outcome_unknown() -> None:
 
 def test_configuration_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="dialect"):
-        PurpleFleaEscrow(payer_key="k", dialect="v2")  # type: ignore[arg-type]
+        purple_flea(payer_key="k", dialect="v2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="payer_key"):
-        PurpleFleaEscrow(payer_key=" ")
+        purple_flea(payer_key=" ")
     with pytest.raises(ValueError, match="payer_id"):
-        PurpleFleaEscrow(payer_key="k", dialect="seed")
+        purple_flea(payer_key="k", dialect="seed")
     with pytest.raises(ValueError, match="refund_method"):
-        PurpleFleaEscrow(payer_key="k", refund_method="cancel")  # type: ignore[arg-type]
+        purple_flea(payer_key="k", refund_method="cancel")  # type: ignore[arg-type]

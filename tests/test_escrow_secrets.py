@@ -2,7 +2,7 @@
 
 The adapter runs a whole lifecycle against the sandbox, plus its failure paths (unknown key, wrong
 party, conflicts, lost answers, a server that echoes the key back), with structlog rendering JSON at
-DEBUG and the standard library's loggers (httpx, uvicorn) captured too.
+DEBUG and the standard library's loggers (aiohttp, uvicorn) captured too.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import structlog
 
+from podsettle.adapters.http import Answer, Request
 from podsettle.adapters.ports import GatewayError
-from podsettle.adapters.purpleflea import PurpleFleaEscrow
+from podsettle.adapters.purpleflea import purple_flea
 from podsettle.domain.money import to_money
 from podsettle.domain.rules import split
 from tests.escrow_sandbox_helpers import running_sandbox
@@ -104,17 +104,17 @@ async def test_keys_never_leak_through_a_whole_lifecycle(
                 wrong.create(key="k", payee=worker, amount=to_money("1"), description="abc", timeout_hours=1)
             )
 
-    def echo(request: httpx.Request) -> httpx.Response:
+    def echo(request: Request) -> Answer:
         # A server that puts the caller's key into its error message and its HTML page.
         auth = request.headers["authorization"]
         if request.method == "GET":
-            return httpx.Response(502, text=f"<html>{auth}</html>", headers={"content-type": "text/html"})
-        return httpx.Response(401, json={"error": "unauthorized", "message": f"unknown key {auth}"})
+            return Answer.of(502, text=f"<html>{auth}</html>", headers={"content-type": "text/html"})
+        return Answer.of(401, json={"error": "unauthorized", "message": f"unknown key {auth}"})
 
     echo_key = "pf_live_echoed_secret_key_42"
     keys.append(echo_key)
-    async with PurpleFleaEscrow(
-        "https://escrow.test", payer_key=echo_key, worker_key=worker_key, transport=httpx.MockTransport(echo)
+    async with purple_flea(
+        "https://escrow.test", payer_key=echo_key, worker_key=worker_key, replier=echo
     ) as echoing:
         adapters.append(echoing)
         await expect_error(echoing.release("esc_1", key="k", expected=split(to_money("1"))))

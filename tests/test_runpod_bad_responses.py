@@ -7,10 +7,11 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 import structlog
 
+from podsettle.adapters.http import Answer, Request
 from podsettle.adapters.ports import (
     RUNSYNC_READ_MARGIN_S,
     BadResponse,
@@ -39,18 +40,16 @@ KEY = "rpa_SECRET_KEY_0123456789"
 RUN_ID = "job-1-u1"
 FAST = PollPolicy(initial_s=0.001, factor=2.0, max_s=0.004, jitter=0.1)
 
-Reply = Callable[[httpx.Request], httpx.Response]
+Reply = Callable[[Request], Answer]
 
 
 def client(reply: Reply, **options: Any) -> RunPodCompute:
-    return RunPodCompute(
-        KEY, base_url="https://runpod.test/v2", transport=httpx.MockTransport(reply), poll=FAST, **options
-    )
+    return RunPodCompute(KEY, base_url="https://runpod.test/v2", replier=reply, poll=FAST, **options)
 
 
 def json_reply(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Reply:
-    def reply(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status_code, json=body, headers=headers)
+    def reply(request: Request) -> Answer:
+        return Answer.of(status_code, json=body, headers=headers)
 
     return reply
 
@@ -60,11 +59,11 @@ def assert_no_key(error: BaseException) -> None:
 
 
 @pytest.fixture
-def sequence() -> Iterator[Callable[[list[httpx.Response]], Reply]]:
-    def make(responses: list[httpx.Response]) -> Reply:
+def sequence() -> Iterator[Callable[[list[Answer]], Reply]]:
+    def make(responses: list[Answer]) -> Reply:
         remaining = list(responses)
 
-        def reply(request: httpx.Request) -> httpx.Response:
+        def reply(request: Request) -> Answer:
             return remaining.pop(0) if len(remaining) > 1 else remaining[0]
 
         return reply
@@ -78,20 +77,20 @@ def sequence() -> Iterator[Callable[[list[httpx.Response]], Reply]]:
 @pytest.mark.parametrize(
     ("response", "message"),
     [
-        (httpx.Response(200, text="<html>gateway</html>", headers={"content-type": "text/html"}), "not JSON"),
-        (httpx.Response(200, content=b'{"id": "job-1-u1", "stat'), "not JSON"),
-        (httpx.Response(200, content=b""), "not JSON"),
-        (httpx.Response(200, json={"id": RUN_ID, "status": "WARMING_UP"}), "unknown job status 'WARMING_UP'"),
-        (httpx.Response(200, json={"status": "COMPLETED", "output": 1}), r"id: Field required"),
-        (httpx.Response(200, json={"id": "", "status": "COMPLETED"}), r"id: String should have at least 1"),
-        (httpx.Response(200, json={"id": 7, "status": "COMPLETED"}), r"id: Input should be a valid string"),
-        (httpx.Response(200, json={"id": RUN_ID}), r"status: Field required"),
-        (httpx.Response(200, json={"id": "someone-else", "status": "COMPLETED"}), "not 'job-1-u1'"),
-        (httpx.Response(200, json=[1, 2]), "does not match the contract"),
-        (httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "delayTime": "soon"}), "delayTime"),
+        (Answer.of(200, text="<html>gateway</html>", headers={"content-type": "text/html"}), "not JSON"),
+        (Answer.of(200, content=b'{"id": "job-1-u1", "stat'), "not JSON"),
+        (Answer.of(200, content=b""), "not JSON"),
+        (Answer.of(200, json={"id": RUN_ID, "status": "WARMING_UP"}), "unknown job status 'WARMING_UP'"),
+        (Answer.of(200, json={"status": "COMPLETED", "output": 1}), r"id: Field required"),
+        (Answer.of(200, json={"id": "", "status": "COMPLETED"}), r"id: String should have at least 1"),
+        (Answer.of(200, json={"id": 7, "status": "COMPLETED"}), r"id: Input should be a valid string"),
+        (Answer.of(200, json={"id": RUN_ID}), r"status: Field required"),
+        (Answer.of(200, json={"id": "someone-else", "status": "COMPLETED"}), "not 'job-1-u1'"),
+        (Answer.of(200, json=[1, 2]), "does not match the contract"),
+        (Answer.of(200, json={"id": RUN_ID, "status": "COMPLETED", "delayTime": "soon"}), "delayTime"),
     ],
 )
-async def test_bad_status_bodies_are_bad_responses(response: httpx.Response, message: str) -> None:
+async def test_bad_status_bodies_are_bad_responses(response: Answer, message: str) -> None:
     async with client(lambda request: response) as compute:
         with pytest.raises(BadResponse, match=message) as caught:
             await compute.status("echo", RUN_ID)
@@ -170,10 +169,10 @@ async def test_http_statuses_map_to_typed_errors(
 
 
 async def test_429_is_retried_with_backoff_then_raised(
-    sequence: Callable[[list[httpx.Response]], Reply],
+    sequence: Callable[[list[Answer]], Reply],
 ) -> None:
-    throttled = httpx.Response(429, json={"error": "slow down"}, headers={"Retry-After": "0.001"})
-    ok = httpx.Response(200, json={"id": RUN_ID, "status": "IN_QUEUE"})
+    throttled = Answer.of(429, json={"error": "slow down"}, headers={"Retry-After": "0.001"})
+    ok = Answer.of(200, json={"id": RUN_ID, "status": "IN_QUEUE"})
     async with client(sequence([throttled, throttled, ok])) as compute:
         assert await compute.submit("echo", {"a": 1}) == RUN_ID
         assert compute.requests_sent == 3
@@ -184,7 +183,7 @@ async def test_429_is_retried_with_backoff_then_raised(
 
 
 async def test_429_without_retry_after_backs_off_exponentially() -> None:
-    throttled = httpx.Response(429, text="too many")
+    throttled = Answer.of(429, text="too many")
     async with client(lambda request: throttled, max_rate_limit_retries=3) as compute:
         delays = [compute._retry_after(throttled, attempt) for attempt in range(4)]
     assert FAST.initial_s <= delays[0] < delays[1] < delays[2]
@@ -195,7 +194,7 @@ async def test_429_without_retry_after_backs_off_exponentially() -> None:
 
 
 def raising(exc: Exception) -> Reply:
-    def reply(request: httpx.Request) -> httpx.Response:
+    def reply(request: Request) -> Answer:
         raise exc
 
     return reply
@@ -204,9 +203,8 @@ def raising(exc: Exception) -> Reply:
 @pytest.mark.parametrize(
     "exc",
     [
-        httpx.ConnectError("connection refused"),
-        httpx.ReadTimeout("timed out"),
-        httpx.RemoteProtocolError("peer closed connection"),
+        aiohttp.SocketTimeoutError("Timeout on reading data from socket"),
+        aiohttp.ServerDisconnectedError(),
     ],
 )
 async def test_transport_failures_are_unavailable(exc: Exception) -> None:
@@ -220,21 +218,26 @@ async def test_transport_failures_are_unavailable(exc: Exception) -> None:
     assert_no_key(on_submit.value)
 
 
+async def test_a_submit_that_could_not_connect_says_nothing_was_sent() -> None:
+    async with client(raising(aiohttp.ConnectionTimeoutError("Connection timeout to host"))) as compute:
+        with pytest.raises(Unavailable, match="nothing was sent") as caught:
+            await compute.submit("echo", {"a": 1})
+    assert "queued" not in str(caught.value)
+
+
 # ------------------------------------------------------------------------------------- wait
 
 
 async def test_wait_polls_until_terminal_and_survives_transient_errors(
-    sequence: Callable[[list[httpx.Response]], Reply],
+    sequence: Callable[[list[Answer]], Reply],
 ) -> None:
     replies = sequence(
         [
-            httpx.Response(200, json={"id": RUN_ID, "status": "IN_QUEUE"}),
-            httpx.Response(503, text="<html>busy</html>"),
-            httpx.Response(200, json={"id": RUN_ID, "status": "IN_PROGRESS", "workerId": "w"}),
-            httpx.Response(429, headers={"Retry-After": "0"}),
-            httpx.Response(
-                200, json={"id": RUN_ID, "status": "COMPLETED", "output": "done", "workerId": "w"}
-            ),
+            Answer.of(200, json={"id": RUN_ID, "status": "IN_QUEUE"}),
+            Answer.of(503, text="<html>busy</html>"),
+            Answer.of(200, json={"id": RUN_ID, "status": "IN_PROGRESS", "workerId": "w"}),
+            Answer.of(429, headers={"Retry-After": "0"}),
+            Answer.of(200, json={"id": RUN_ID, "status": "COMPLETED", "output": "done", "workerId": "w"}),
         ]
     )
     async with client(replies) as compute:
@@ -244,12 +247,12 @@ async def test_wait_polls_until_terminal_and_survives_transient_errors(
 
 
 async def test_wait_reports_404_as_not_found_with_the_last_state(
-    sequence: Callable[[list[httpx.Response]], Reply],
+    sequence: Callable[[list[Answer]], Reply],
 ) -> None:
     replies = sequence(
         [
-            httpx.Response(200, json={"id": RUN_ID, "status": "IN_PROGRESS"}),
-            httpx.Response(404, json={"error": "request does not exist"}),
+            Answer.of(200, json={"id": RUN_ID, "status": "IN_PROGRESS"}),
+            Answer.of(404, json={"error": "request does not exist"}),
         ]
     )
     async with client(replies) as compute:
@@ -299,11 +302,11 @@ async def test_terminal_states_are_classified(body: dict[str, Any], succeeded: b
 
 
 async def test_submit_sends_input_policy_and_webhook() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[Request] = []
 
-    def reply(request: httpx.Request) -> httpx.Response:
+    def reply(request: Request) -> Answer:
         seen.append(request)
-        return httpx.Response(200, json={"id": RUN_ID, "status": "IN_QUEUE"})
+        return Answer.of(200, json={"id": RUN_ID, "status": "IN_QUEUE"})
 
     async with client(reply) as compute:
         await compute.submit(
@@ -316,7 +319,7 @@ async def test_submit_sends_input_policy_and_webhook() -> None:
         )
         await compute.submit("my-endpoint", {"prompt": "plain"})
     first, second = seen
-    assert first.method == "POST" and first.url == "https://runpod.test/v2/my-endpoint/run"
+    assert first.method == "POST" and str(first.url) == "https://runpod.test/v2/my-endpoint/run"
     assert first.headers["authorization"] == f"Bearer {KEY}"
     assert json.loads(first.content) == {
         "input": {"prompt": "é"},
@@ -371,11 +374,11 @@ def test_configuration_from_the_settings_and_a_repr_without_the_key() -> None:
 
 
 async def test_the_key_never_reaches_a_log_line() -> None:
-    throttled = httpx.Response(429, json={"error": f"key {KEY} throttled"}, headers={"Retry-After": "0"})
-    replies = [throttled, httpx.Response(503, text=f"down for {KEY}"), httpx.Response(404, json={})]
+    throttled = Answer.of(429, json={"error": f"key {KEY} throttled"}, headers={"Retry-After": "0"})
+    replies = [throttled, Answer.of(503, text=f"down for {KEY}"), Answer.of(404, json={})]
     remaining = list(replies)
 
-    def reply(request: httpx.Request) -> httpx.Response:
+    def reply(request: Request) -> Answer:
         return remaining.pop(0)
 
     with structlog.testing.capture_logs() as logs:
@@ -408,9 +411,9 @@ async def test_the_client_side_limiter_keeps_each_window_under_its_limit(
     monkeypatch.setattr(asyncio, "sleep", fake_sleep)
     sent_at: list[float] = []
 
-    def reply(request: httpx.Request) -> httpx.Response:
+    def reply(request: Request) -> Answer:
         sent_at.append(clock.now)
-        return httpx.Response(200, json={"id": RUN_ID, "status": "IN_QUEUE"})
+        return Answer.of(200, json={"id": RUN_ID, "status": "IN_QUEUE"})
 
     limits = {"run": ClientLimit(per_window=2, concurrent=10, window_s=10.0)}
     async with client(reply, limits=limits, clock=clock) as compute:
@@ -422,18 +425,16 @@ async def test_the_client_side_limiter_bounds_calls_in_flight() -> None:
     in_flight = 0
     most = 0
 
-    async def reply(request: httpx.Request) -> httpx.Response:
+    async def reply(request: Request) -> Answer:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
         await asyncio.sleep(0.001)
         in_flight -= 1
-        return httpx.Response(200, json={"id": RUN_ID, "status": "IN_PROGRESS"})
+        return Answer.of(200, json={"id": RUN_ID, "status": "IN_PROGRESS"})
 
     limits = {"status": ClientLimit(per_window=1000, concurrent=3)}
-    async with RunPodCompute(
-        KEY, base_url="https://runpod.test/v2", transport=httpx.MockTransport(reply), limits=limits
-    ) as compute:
+    async with RunPodCompute(KEY, base_url="https://runpod.test/v2", replier=reply, limits=limits) as compute:
         await asyncio.gather(*(compute.status("echo", RUN_ID) for _ in range(12)))
     assert most == 3
 
@@ -454,19 +455,19 @@ def runsync_client(reply: Reply, **options: Any) -> RunPodCompute:
 @pytest.mark.parametrize(
     ("response", "message"),
     [
-        (httpx.Response(200, text="<html>gateway</html>", headers={"content-type": "text/html"}), "not JSON"),
-        (httpx.Response(200, json={"status": "COMPLETED", "output": 1}), r"runsync: .*id: Field required"),
-        (httpx.Response(200, json={"id": RUN_ID}), r"runsync: .*status: Field required"),
-        (httpx.Response(200, json={"id": RUN_ID, "status": "WARMING_UP"}), "unknown job status 'WARMING_UP'"),
+        (Answer.of(200, text="<html>gateway</html>", headers={"content-type": "text/html"}), "not JSON"),
+        (Answer.of(200, json={"status": "COMPLETED", "output": 1}), r"runsync: .*id: Field required"),
+        (Answer.of(200, json={"id": RUN_ID}), r"runsync: .*status: Field required"),
+        (Answer.of(200, json={"id": RUN_ID, "status": "WARMING_UP"}), "unknown job status 'WARMING_UP'"),
         (
-            httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "executionTime": "x"}),
+            Answer.of(200, json={"id": RUN_ID, "status": "COMPLETED", "executionTime": "x"}),
             "executionTime",
         ),
-        (httpx.Response(200, json=["COMPLETED"]), "does not match the contract"),
+        (Answer.of(200, json=["COMPLETED"]), "does not match the contract"),
     ],
 )
 async def test_a_bad_runsync_answer_is_a_bad_response_naming_the_field(
-    response: httpx.Response, message: str
+    response: Answer, message: str
 ) -> None:
     async with runsync_client(lambda request: response) as compute:
         with pytest.raises(BadResponse, match=message) as caught:
@@ -475,11 +476,11 @@ async def test_a_bad_runsync_answer_is_a_bad_response_naming_the_field(
 
 
 async def test_runsync_sends_the_bounded_wait_and_the_whole_body() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[Request] = []
 
-    def reply(request: httpx.Request) -> httpx.Response:
+    def reply(request: Request) -> Answer:
         seen.append(request)
-        return httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "output": {"ok": True}})
+        return Answer.of(200, json={"id": RUN_ID, "status": "COMPLETED", "output": {"ok": True}})
 
     async with runsync_client(reply) as compute:
         run_id = await compute.submit(
@@ -488,13 +489,13 @@ async def test_runsync_sends_the_bounded_wait_and_the_whole_body() -> None:
         outcome = await compute.wait("echo", run_id, timeout_s=5)
     assert run_id == RUN_ID and outcome.succeeded and outcome.state.output == {"ok": True}
     (request,) = seen  # no status poll: the answer carried the result
-    assert request.url.path == "/v2/echo/runsync" and request.url.params["wait"] == "1500"
+    assert request.url.path == "/v2/echo/runsync" and request.url.query["wait"] == "1500"
     assert json.loads(request.content) == {
         "input": {"a": 1},
         "policy": {"executionTimeout": 60_000},
         "webhook": "https://h.test/x",
     }
-    assert request.extensions["timeout"]["read"] == 1.5 + RUNSYNC_READ_MARGIN_S  # outlasts the wait
+    assert request.read_timeout == 1.5 + RUNSYNC_READ_MARGIN_S  # outlasts the wait
 
 
 async def test_a_finished_runsync_outcome_can_be_taken_once() -> None:
@@ -524,9 +525,9 @@ async def test_runsync_still_in_progress_falls_back_to_status_polls() -> None:
     )
     paths: list[str] = []
 
-    def reply(request: httpx.Request) -> httpx.Response:
+    def reply(request: Request) -> Answer:
         paths.append(request.url.path)
-        return httpx.Response(200, json=next(answers))
+        return Answer.of(200, json=next(answers))
 
     async with runsync_client(reply) as compute:
         run_id = await compute.submit("echo", {})
@@ -535,11 +536,9 @@ async def test_runsync_still_in_progress_falls_back_to_status_polls() -> None:
     assert paths == ["/v2/echo/runsync", f"/v2/echo/status/{RUN_ID}", f"/v2/echo/status/{RUN_ID}"]
 
 
-@pytest.mark.parametrize(
-    "exc", [httpx.ReadTimeout("timed out"), httpx.RemoteProtocolError("peer closed connection")]
-)
+@pytest.mark.parametrize("exc", [aiohttp.SocketTimeoutError("timed out"), aiohttp.ServerDisconnectedError()])
 async def test_a_runsync_lost_in_transit_may_have_queued_the_job(exc: Exception) -> None:
-    def reply(request: httpx.Request) -> httpx.Response:
+    def reply(request: Request) -> Answer:
         raise exc
 
     async with runsync_client(reply) as compute:
@@ -551,8 +550,8 @@ async def test_a_runsync_lost_in_transit_may_have_queued_the_job(exc: Exception)
 async def test_runsync_429_is_retried_like_run() -> None:
     replies = iter(
         [
-            httpx.Response(429, json={"error": "slow down"}, headers={"retry-after": "0"}),
-            httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 1}),
+            Answer.of(429, json={"error": "slow down"}, headers={"retry-after": "0"}),
+            Answer.of(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 1}),
         ]
     )
     async with runsync_client(lambda request: next(replies)) as compute:
@@ -564,9 +563,9 @@ async def test_endpoints_whose_jobs_outlast_the_wait_go_back_to_run_and_probe_ru
     paths: list[str] = []
     ids = iter(range(1000))
 
-    def reply(request: httpx.Request) -> httpx.Response:
+    def reply(request: Request) -> Answer:
         paths.append(request.url.path.rsplit("/", 1)[-1])
-        return httpx.Response(200, json={"id": f"job-{next(ids)}", "status": "IN_QUEUE"})
+        return Answer.of(200, json={"id": f"job-{next(ids)}", "status": "IN_QUEUE"})
 
     async with runsync_client(reply) as compute:
         for _ in range(11):
@@ -579,9 +578,9 @@ async def test_endpoints_whose_jobs_outlast_the_wait_go_back_to_run_and_probe_ru
 async def test_a_cancel_forgets_a_finished_runsync_answer() -> None:
     replies = iter(
         [
-            httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 1}),
-            httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 1}),
-            httpx.Response(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 2}),
+            Answer.of(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 1}),
+            Answer.of(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 1}),
+            Answer.of(200, json={"id": RUN_ID, "status": "COMPLETED", "output": 2}),
         ]
     )
     async with runsync_client(lambda request: next(replies)) as compute:
@@ -595,3 +594,12 @@ async def test_a_cancel_forgets_a_finished_runsync_answer() -> None:
 def test_the_runsync_wait_must_be_within_the_contract(wait_ms: Any) -> None:
     with pytest.raises(ValueError, match="wait_ms"):
         SyncPolicy(wait_ms=wait_ms)
+
+
+async def test_a_short_key_is_redacted_as_a_word_and_never_cuts_letters_out_of_others() -> None:
+    """The issue's example: a one-letter key turned "does not exist" into "does not e[redacted]ist"."""
+    reply = json_reply({"error": "request does not exist for key x"}, status_code=400)
+    async with RunPodCompute("x", base_url="https://runpod.test/v2", replier=reply, poll=FAST) as compute:
+        with pytest.raises(GatewayError) as raised:
+            await compute.status("echo", RUN_ID)
+    assert "does not exist for key [redacted]" in str(raised.value)

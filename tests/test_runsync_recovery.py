@@ -170,18 +170,12 @@ async def test_a_run_that_ends_inside_its_runsync_is_recorded_started_and_ended_
     assert together[0][:3] == ["Started", "Completed", "ReleaseRequested"]
 
 
-async def test_the_operator_can_choose_run_over_runsync_and_httpx_own_transport(
-    sandbox: Sandbox, tmp_path: Path
-) -> None:
-    import httpx
-
+async def test_the_operator_can_choose_run_over_runsync(sandbox: Sandbox, tmp_path: Path) -> None:
     payer, worker = sandbox.create_agent("100"), sandbox.create_agent("0")
     config = settings(sandbox, tmp_path / "store.db", payer, worker).model_copy(
-        update={"runpod_runsync_ms": 0, "http_transport": "httpx"}
+        update={"runpod_runsync_ms": 0}
     )
     async with Engine.from_env(config) as engine:
-        assert isinstance(engine.escrow._client, httpx.AsyncClient)  # type: ignore[attr-defined]
-        assert isinstance(engine.compute._client, httpx.AsyncClient)  # type: ignore[attr-defined]
         result = await engine.run_paid_job("echo", {"n": 2}, budget="0.50")
     assert result.status == "paid" and result.output == {"n": 2}
     assert emulator(sandbox).requests["runsync"] == 0 and emulator(sandbox).requests["run"] == 1

@@ -43,7 +43,6 @@ def test_settings_from_the_environment_with_flags_overriding() -> None:
         ({"PODSETTLE_PAYER": "has spaces"}, "PODSETTLE_PAYER"),
         ({"PODSETTLE_RUNPOD_RUNSYNC_MS": "500"}, "PODSETTLE_RUNPOD_RUNSYNC_MS"),
         ({"PODSETTLE_RUNPOD_RUNSYNC_MS": "soon"}, "PODSETTLE_RUNPOD_RUNSYNC_MS"),
-        ({"PODSETTLE_HTTP_TRANSPORT": "curl"}, "PODSETTLE_HTTP_TRANSPORT"),
         ({"PODSETTLE_LOG_LEVEL": "loud"}, "PODSETTLE_LOG_LEVEL"),
         ({"PODSETTLE_CASINO_URL": "casino"}, "PODSETTLE_CASINO_URL"),
         ({"PODSETTLE_CONCURRENCY": "many"}, "PODSETTLE_CONCURRENCY"),
