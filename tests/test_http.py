@@ -423,7 +423,7 @@ def test_a_route_may_override_a_status_s_meaning() -> None:
 
 async def test_the_escrow_adapter_maps_real_failures_by_what_was_sent() -> None:
     def create(pf: Any) -> Awaitable[Any]:
-        return pf.create(key="k", payee="ag_w", amount=to_money("0.5"), description="d", timeout_hours=1)
+        return pf.create(key="k", payee="ag_w", amount=to_money("0.5"), description="a job", timeout_hours=1)
 
     async with purple_flea(f"http://127.0.0.1:{closed_port()}", payer_key="k") as refused:
         with pytest.raises(Unavailable, match="nothing was sent"):
