@@ -17,7 +17,7 @@ seal is checked over those bytes before any upcast). A change to an event's fiel
 previous version into the new one: a default for a new field, never an invented money amount. Every
 stored topic names this module and class (`podsettle.domain.escrow_job:EscrowJob.Funded`): moving
 the file or renaming a class keeps the old topic resolvable with `register_topic`.
-`tests/test_old_logs.py` audits the log podsettle 0.1.0 wrote and must pass unchanged (CHANGELOG.md).
+`tests/replay/test_old_logs.py` audits the log podsettle 0.1.0 wrote and must pass unchanged (CHANGELOG.md).
 """
 
 from __future__ import annotations

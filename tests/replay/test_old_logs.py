@@ -31,7 +31,7 @@ from podsettle.projections import ReadModel
 from podsettle.replay import AuditReport, audit, audit_export, export
 from tests import jobs
 
-FIXTURE = Path(__file__).parent / "data" / "release-0.1.0"
+FIXTURE = Path(__file__).parents[1] / "data" / "release-0.1.0"
 EXPECTED: dict[str, Any] = json.loads((FIXTURE / "expected.json").read_text())
 FUNDED_TOPIC = "podsettle.domain.escrow_job:EscrowJob.Funded"
 

@@ -38,7 +38,7 @@ from podsettle.sandbox.http_server import BackgroundServer
 from tests.escrow_sandbox_helpers import Sandbox, running_sandbox
 
 # Recorded from the published server (a copy of contracts/purpleflea-escrow-examples.json).
-EXAMPLES_FILE = Path(__file__).parent / "data" / "purpleflea-escrow-examples.json"
+EXAMPLES_FILE = Path(__file__).parents[1] / "data" / "purpleflea-escrow-examples.json"
 DESCRIPTION = "RunPod job 7f3a (render tile 12)"
 HALF = to_money("0.50")
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from podsettle.application import Settlements
 from podsettle.cli import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Tests and benchmarks configure themselves (seeds, example counts) and run subprocesses.
 OUTSIDE = {"tests", "bench", "build", "dist", ".venv", ".typecheck"}
 ALLOWED = {

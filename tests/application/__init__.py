@@ -1,0 +1,1 @@
+"""Tests of the application layer: the engine, its request, writer, processor and settings."""

@@ -1,0 +1,1 @@
+"""Tests of the tree itself: the layers, the environment rule, packaging, logging."""
