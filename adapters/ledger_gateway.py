@@ -89,6 +89,7 @@ class LedgerEscrow:
         timeout_hours: int,
         referral: str | None = None,
         metadata: dict[str, str] | None = None,
+        send_within_s: float | None = None,
     ) -> EscrowReceipt:
         value = to_money(amount, "amount", allow_zero=False)
         if payee == self.payer:

@@ -172,8 +172,13 @@ class EscrowGateway(Protocol):
         timeout_hours: int,
         referral: str | None = None,
         metadata: dict[str, str] | None = None,
+        send_within_s: float | None = None,
     ) -> EscrowReceipt:
-        """Create and fund an escrow. Checks the reported fee and net against the fee rules."""
+        """Create and fund an escrow. Checks the reported fee and net against the fee rules.
+
+        With `send_within_s`, a request that could not be sent within that many seconds (queued
+        behind the service's rate limit) is not sent at all: `Rejected` with code `start_window`.
+        """
         ...
 
     async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement: ...

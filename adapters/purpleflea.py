@@ -252,6 +252,7 @@ class PurpleFleaEscrow(ABC):
         timeout_hours: int,
         referral: str | None = None,
         metadata: dict[str, str] | None = None,
+        send_within_s: float | None = None,
     ) -> EscrowReceipt:
         """Create and fund an escrow; `key` is only logged (neither dialect takes one)."""
 
@@ -318,10 +319,14 @@ class PurpleFleaEscrow(ABC):
         body: dict[str, Any] | None = None,
         money: bool,
         secret: SecretStr | None = None,
+        send_within_s: float | None = None,
     ) -> Answer:
         limiter = self._limiters.get(route)
-        if limiter is not None:
-            await limiter.acquire()
+        if limiter is not None and not await limiter.acquire(send_within_s):
+            raise Rejected(
+                f"{route}: not sent: the rate limit has no slot within {send_within_s:.1f} s",
+                code="start_window",
+            )
         key = (secret or self._payer_key).get_secret_value()
         headers = {"Authorization": f"Bearer {key}"}
         content = None
@@ -454,6 +459,7 @@ class PurpleFleaV1(PurpleFleaEscrow):
         timeout_hours: int,
         referral: str | None = None,
         metadata: dict[str, str] | None = None,
+        send_within_s: float | None = None,
     ) -> EscrowReceipt:
         value = amount
         self._refuse_what_the_service_would(payee, value, description, timeout_hours)
@@ -466,7 +472,9 @@ class PurpleFleaV1(PurpleFleaEscrow):
         }
         if referral:
             body["referral_code"] = referral
-        response = await self._call("create", "POST", "/escrow/create", body=body, money=True)
+        response = await self._call(
+            "create", "POST", "/escrow/create", body=body, money=True, send_within_s=send_within_s
+        )
         self._expect_status(response, "create", (201, 200), money=True)
         created = self._parse(response, CreatedV1, "create", money=True)
         reported = {
@@ -690,6 +698,7 @@ class PurpleFleaSeed(PurpleFleaEscrow):
         timeout_hours: int,
         referral: str | None = None,
         metadata: dict[str, str] | None = None,
+        send_within_s: float | None = None,
     ) -> EscrowReceipt:
         value = amount
         self._refuse_what_the_service_would(payee, value, description, timeout_hours)
@@ -703,7 +712,9 @@ class PurpleFleaSeed(PurpleFleaEscrow):
             "metadata": metadata or {},
             "auto_release": timeout_hours,
         }
-        response = await self._call("create", "POST", "/api/escrow/create", body=body, money=True)
+        response = await self._call(
+            "create", "POST", "/api/escrow/create", body=body, money=True, send_within_s=send_within_s
+        )
         self._expect_status(response, "create", (200, 201), money=True)
         created = self._parse(response, SeedCreated, "create", money=True)
         self._amounts[created.escrow_id] = value

@@ -357,6 +357,8 @@ class Processor:
                     timeout_hours=min(MAX_ESCROW_HOURS, escrow_timeout_hours(view.deadline, self.clock())),
                     referral=view.referral,
                     metadata={"job_id": str(view.job_id), "input_digest": view.input_digest},
+                    # Queued behind the create limit past that, the job could no longer start.
+                    send_within_s=left_s - self.config.min_start_window_s,
                 )
         except Rejected as error:
             reason, code = f"escrow refused: {error}", error.status_code

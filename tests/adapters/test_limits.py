@@ -7,25 +7,11 @@ import asyncio
 import pytest
 
 from podsettle.adapters.limits import RateLimiter
+from tests.conftest import FakeClock
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def test_no_window_holds_more_than_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock()
-    real_sleep = asyncio.sleep
-
-    async def fake_sleep(seconds: float) -> None:
-        clock.now += seconds
-        await real_sleep(0)
-
-    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+async def test_no_window_holds_more_than_the_limit(virtual_clock: FakeClock) -> None:
+    clock = virtual_clock
     limiter = RateLimiter(5, 10.0, clock=clock)
     times: list[float] = []
 
@@ -40,15 +26,8 @@ async def test_no_window_holds_more_than_the_limit(monkeypatch: pytest.MonkeyPat
     assert times[-1] >= 40.0  # 23 calls at 5 per 10 s need four more windows
 
 
-async def test_penalize_pauses_callers(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock()
-    real_sleep = asyncio.sleep
-
-    async def fake_sleep(seconds: float) -> None:
-        clock.now += seconds
-        await real_sleep(0)
-
-    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+async def test_penalize_pauses_callers(virtual_clock: FakeClock) -> None:
+    clock = virtual_clock
     limiter = RateLimiter(100, 1.0, clock=clock)
     limiter.penalize(3.0)
     await limiter.acquire()
@@ -58,3 +37,17 @@ async def test_penalize_pauses_callers(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_limits_are_refused() -> None:
     with pytest.raises(ValueError, match="max_calls"):
         RateLimiter(0, 1.0)
+
+
+async def test_a_caller_with_a_deadline_gives_up_without_taking_a_slot() -> None:
+    """A create queued behind the limit that could only be sent after its job's start window closes
+    is never sent (the issue's fee lost on a job funded too late to start)."""
+    clock = FakeClock()
+    limiter = RateLimiter(2, 60.0, clock=clock)
+    assert await limiter.acquire(within_s=1.0) and await limiter.acquire(within_s=1.0)
+    assert not await limiter.acquire(within_s=30.0)  # the next slot is 60 s away
+    clock.now = 59.0
+    assert not await limiter.acquire(within_s=0.5)
+    assert len(limiter._calls) == 2  # the refusals reserved nothing
+    clock.now = 60.0
+    assert await limiter.acquire(within_s=0.0)

@@ -35,6 +35,7 @@ from podsettle.adapters.runpod import (
     classify_run,
 )
 from podsettle.settings import Settings
+from tests.conftest import FakeClock
 
 KEY = "rpa_SECRET_KEY_0123456789"
 RUN_ID = "job-1-u1"
@@ -390,25 +391,8 @@ async def test_the_key_never_reaches_a_log_line() -> None:
 # ------------------------------------------------------------------------------------- client-side limits
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def test_the_client_side_limiter_keeps_each_window_under_its_limit(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    clock = FakeClock()
-    real_sleep = asyncio.sleep
-
-    async def fake_sleep(seconds: float) -> None:
-        clock.now += seconds
-        await real_sleep(0)
-
-    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+async def test_the_client_side_limiter_keeps_each_window_under_its_limit(virtual_clock: FakeClock) -> None:
+    clock = virtual_clock
     sent_at: list[float] = []
 
     def reply(request: Request) -> Answer:

@@ -45,6 +45,7 @@ class FakeEscrow:
         timeout_hours: int,
         referral: str | None = None,
         metadata: dict[str, str] | None = None,
+        send_within_s: float | None = None,
     ) -> EscrowReceipt:
         raise NotImplementedError("reconciliation never creates escrows")
 
