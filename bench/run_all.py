@@ -261,7 +261,7 @@ def extract(revision: str) -> Path:
         raise SystemExit(f"--before {revision}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     # The installed layout (DESIGN.md): the top-level folders are subpackages of `podsettle`.
-    for name in ("domain", "adapters", "projections", "replay"):
+    for name in ("domain", "adapters", "sandbox", "projections", "replay"):
         if (folder / name).is_dir() and not (folder / "podsettle" / name).exists():
             (folder / "podsettle" / name).symlink_to(folder / name, target_is_directory=True)
     return folder
