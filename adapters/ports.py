@@ -12,8 +12,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from podsettle.domain.money import Money
+from podsettle.domain.money import QUANTUM, Money
 from podsettle.domain.rules import FeeSplit
+
+SMALLEST_AMOUNT = Money(QUANTUM)  # one micro-USDC: what the local ledger accepts
 
 # ---------------------------------------------------------------------------------------- errors
 
@@ -108,6 +110,9 @@ class EscrowCapabilities:
     idempotent_create: bool  # create with the same key twice gives the same escrow
     lookup_by_key: bool  # an escrow can be found by the key it was created with
     cancel: bool  # the payer can get the money back at once
+    # What the service refuses to create, so that the engine refuses such a job before recording it.
+    min_amount: Money = SMALLEST_AMOUNT
+    min_description_chars: int = 0
 
 
 @dataclass(frozen=True)
@@ -259,6 +264,12 @@ class ComputeGateway(Protocol):
         exactly as given (the bytes its digest was taken over), or a dict to encode. An adapter may
         submit through `/runsync` with a bounded wait (the id then comes back at most that wait
         later) and answer the following `wait()` from what that call brought back."""
+        ...
+
+    def body_and_limit(self, input_size: int, *, execution_timeout_ms: int, ttl_ms: int) -> tuple[int, int]:
+        """The size of the request body an input of `input_size` bytes makes with this policy, and
+        the largest body this gateway may send (pure: the engine refuses a job it could never
+        submit before anything is recorded or funded)."""
         ...
 
     async def status(self, endpoint_id: str, run_id: str) -> RunState: ...

@@ -87,6 +87,7 @@ DEFAULT_BASE_URL = "https://escrow.purpleflea.com"
 MIN_AMOUNT = Money(Decimal("0.100000"))
 MIN_DESCRIPTION_CHARS = 3
 MAX_TIMEOUT_HOURS = 720
+SERVICE_MINIMUMS: dict[str, Any] = {"min_amount": MIN_AMOUNT, "min_description_chars": MIN_DESCRIPTION_CHARS}
 DEFAULT_RATE_LIMITS: dict[str, int] = {
     "create": 20,
     "complete": 30,
@@ -447,7 +448,9 @@ class PurpleFleaV1(PurpleFleaEscrow):
             raise ValueError(f"refund_method: must be 'dispute' or 'timeout', not {refund_method!r}")
         super().__init__(base_url, **options)
         self.refund_method: RefundMethod = refund_method
-        self.capabilities = EscrowCapabilities(idempotent_create=False, lookup_by_key=False, cancel=False)
+        self.capabilities = EscrowCapabilities(
+            idempotent_create=False, lookup_by_key=False, cancel=False, **SERVICE_MINIMUMS
+        )
 
     async def create(
         self,
@@ -685,7 +688,9 @@ class PurpleFleaSeed(PurpleFleaEscrow):
             raise ValueError("payer_id: the seed dialect needs the payer's agent id (payer_wallet)")
         super().__init__(base_url, **options)
         self.payer_id = payer_id
-        self.capabilities = EscrowCapabilities(idempotent_create=False, lookup_by_key=False, cancel=True)
+        self.capabilities = EscrowCapabilities(
+            idempotent_create=False, lookup_by_key=False, cancel=True, **SERVICE_MINIMUMS
+        )
         self._amounts: dict[str, Money] = {}
 
     async def create(

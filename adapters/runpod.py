@@ -399,6 +399,11 @@ class RunPodCompute:
                 self._finished.popitem(last=False)
         return state.run_id
 
+    def body_and_limit(self, input_size: int, *, execution_timeout_ms: int, ttl_ms: int) -> tuple[int, int]:
+        # /run's limit even with runsync configured: an endpoint may be moved back to /run.
+        size = body_size(input_size, execution_timeout_ms=execution_timeout_ms, ttl_ms=ttl_ms)
+        return size, self.max_input_bytes
+
     async def status(self, endpoint_id: str, run_id: str) -> RunState:
         _check_id(endpoint_id, "endpoint_id")
         _check_id(run_id, "run_id")

@@ -22,7 +22,6 @@ from typing import Any, Self
 from eventsourcing.utils import get_topic
 
 from podsettle.adapters.ports import ComputeGateway, EscrowGateway
-from podsettle.adapters.runpod import BODY_LIMITS
 from podsettle.application import Settlements
 from podsettle.domain import EscrowJob
 from podsettle.domain import acceptance as checks
@@ -296,16 +295,10 @@ class EngineCore:
             acceptance=acceptance,
             bonus_pool=bonus_pool,
             known_checks=self._checks,
-            max_body_bytes=self._max_body_bytes(),
+            body_and_limit=self.compute.body_and_limit,
+            escrow=self.escrow.capabilities,
             description=self.processor.config.description.format(endpoint_id=endpoint_id, job_key=job_key),
         )
-
-    def _max_body_bytes(self) -> int:
-        """The largest RunPod request body the compute adapter will send: /run's limit (a submission
-        may go through /run even with runsync configured), or the adapter's own if it is lower."""
-        own = getattr(self.compute, "max_input_bytes", None)
-        limit = BODY_LIMITS["run"]
-        return min(limit, own) if isinstance(own, int) else limit
 
     async def submit(
         self,

@@ -14,10 +14,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from podsettle.adapters.purpleflea import MIN_AMOUNT, MIN_DESCRIPTION_CHARS
-from podsettle.adapters.runpod import BODY_LIMITS, body_size
+from podsettle.adapters.ports import EscrowCapabilities
 from podsettle.domain import acceptance as checks
 from podsettle.domain.digests import canonical_json, digest_bytes
 from podsettle.domain.errors import InvalidInput
@@ -29,6 +28,10 @@ MAX_TIMEOUT_S = 7 * 24 * 3600  # RunPod's largest executionTimeout and ttl
 # The processor asks RunPod for a ttl up to this much past the deadline (processor.py's START step);
 # the envelope of the largest body is measured with it.
 TTL_SLACK_MS = 60_000
+
+
+class BodyAndLimit(Protocol):
+    def __call__(self, input_size: int, *, execution_timeout_ms: int, ttl_ms: int) -> tuple[int, int]: ...
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,14 @@ def build_request(
     acceptance: Mapping[str, Any] | None = None,
     bonus_pool: object = None,
     known_checks: Mapping[str, object] | None = None,
-    max_body_bytes: int = BODY_LIMITS["run"],
+    body_and_limit: BodyAndLimit,
+    escrow: EscrowCapabilities,
     description: str = "job",
 ) -> JobRequest:
     """Check a caller's raw arguments and make them a `JobRequest`, or raise `InvalidInput` naming
-    the field. `max_body_bytes` is the compute adapter's limit of the route it may use (/run's unless
-    the engine is sure of /runsync); `description` is the escrow's description as it will be sent."""
+    the field. `body_and_limit` is the compute gateway's (the body an input makes, and the largest
+    it may send); `escrow` says what the escrow service refuses; `description` is the escrow's
+    description as it will be sent."""
     check_id(job_key, "job_key")
     check_id(endpoint_id, "endpoint_id")
     if not isinstance(job_input, Mapping):
@@ -84,20 +89,24 @@ def build_request(
     # The whole body counts, with the largest policy the processor may add (its values only shrink
     # as the deadline nears).
     timeout_ms = int(timeout_s * 1000)
-    size = body_size(len(data), execution_timeout_ms=timeout_ms + 2000, ttl_ms=timeout_ms + TTL_SLACK_MS)
+    size, max_body_bytes = body_and_limit(
+        len(data), execution_timeout_ms=timeout_ms + 2000, ttl_ms=timeout_ms + TTL_SLACK_MS
+    )
     if size > max_body_bytes:
         raise InvalidInput(
             "job_input",
             f"makes a {size}-byte RunPod request, over the {max_body_bytes}-byte limit; nothing was recorded",
         )
     amount = to_money(budget, "budget", allow_zero=False)
-    if amount < MIN_AMOUNT:
-        raise InvalidInput("budget", f"{fmt(amount)} is below the escrow's minimum of {fmt(MIN_AMOUNT)} USDC")
+    if amount < escrow.min_amount:
+        raise InvalidInput(
+            "budget", f"{fmt(amount)} is below the escrow's minimum of {fmt(escrow.min_amount)} USDC"
+        )
     pool = None if bonus_pool is None else to_money(bonus_pool, "bonus_pool")
-    if len(description.strip()) < MIN_DESCRIPTION_CHARS:
+    if len(description.strip()) < escrow.min_description_chars:
         raise InvalidInput(
             "description",
-            f"the escrow needs at least {MIN_DESCRIPTION_CHARS} characters, got {description!r}",
+            f"the escrow needs at least {escrow.min_description_chars} characters, got {description!r}",
         )
     rule = checks.validate(acceptance) if acceptance is not None else None
     if rule is not None and rule["kind"] == "custom" and rule["name"] not in (known_checks or {}):

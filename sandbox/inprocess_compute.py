@@ -23,6 +23,7 @@ from typing import Any
 from podsettle.adapters.ports import NotFound, RateLimited, Rejected, RunOutcome, RunState, Unavailable
 from podsettle.adapters.runpod import (
     MAX_INPUT_BYTES,
+    body_size,
     classify_run,
     deadline_outcome,
     input_json,
@@ -103,6 +104,10 @@ class InProcessCompute:
         self._runtime(endpoint_id).set_faults(**changes)
 
     # ------------------------------------------------------------------ the port
+
+    def body_and_limit(self, input_size: int, *, execution_timeout_ms: int, ttl_ms: int) -> tuple[int, int]:
+        size = body_size(input_size, execution_timeout_ms=execution_timeout_ms, ttl_ms=ttl_ms)
+        return size, self.max_input_bytes
 
     async def submit(
         self,

@@ -137,6 +137,9 @@ class FaultyCompute:
             "submit", False, lambda: self.inner.submit(endpoint_id, job_input, **kwargs)
         )
 
+    def body_and_limit(self, input_size: int, *, execution_timeout_ms: int, ttl_ms: int) -> tuple[int, int]:
+        return self.inner.body_and_limit(input_size, execution_timeout_ms=execution_timeout_ms, ttl_ms=ttl_ms)
+
     async def status(self, endpoint_id: str, run_id: str) -> Any:
         return await self.inner.status(endpoint_id, run_id)
 

@@ -70,13 +70,23 @@ async def test_a_batch_with_one_bad_input_records_nothing(engine: Engine) -> Non
     assert engine.app.list_jobs() == []
 
 
-async def test_the_escrow_limits_are_checked_before_anything_is_recorded(engine: Engine) -> None:
-    with pytest.raises(InvalidInput, match=r"budget: 0\.050000 is below the escrow's minimum of 0\.100000"):
-        await engine.run_paid_job("echo", {"x": 1}, budget="0.05")
-    engine.processor.config.description = "ab"
-    with pytest.raises(InvalidInput, match="description: the escrow needs at least 3 characters"):
-        await engine.run_paid_job("echo", {"x": 1}, budget="1.00")
-    assert engine.app.list_jobs() == []
+async def test_purple_fleas_limits_are_checked_before_anything_is_recorded(tmp_path: Any) -> None:
+    async with Engine.sandbox(f"sqlite:///{tmp_path / 'store.db'}", balance="100") as engine:
+        with pytest.raises(
+            InvalidInput, match=r"budget: 0\.050000 is below the escrow's minimum of 0\.100000"
+        ):
+            await engine.run_paid_job("echo", {"x": 1}, budget="0.05")
+        engine.processor.config.description = "ab"
+        with pytest.raises(InvalidInput, match="description: the escrow needs at least 3 characters"):
+            await engine.run_paid_job("echo", {"x": 1}, budget="1.00")
+        assert engine.app.list_jobs() == []
+
+
+async def test_the_local_ledger_takes_micro_budgets_the_hosted_service_refuses(engine: Engine) -> None:
+    """The minimum is the escrow gateway's, not a constant: micro-billing runs on the local ledger."""
+    paid = await engine.run_paid_job("echo", {"x": 1}, budget="0.000500")
+    assert paid.status == "paid"
+    assert payer_balance(engine) == D("100") - D("0.000500")
 
 
 class Recording:

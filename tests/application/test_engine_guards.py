@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from podsettle import Engine, Settlements
-from podsettle.adapters.ports import RunOutcome
+from podsettle.adapters.ports import EscrowCapabilities, RunOutcome
 from podsettle.domain import ConflictingOutcome
 from podsettle.requests import JobRequest, build_request
 from podsettle.writer import JobWriter
@@ -83,6 +83,8 @@ async def test_an_input_is_handed_out_only_once_its_job_is_saved(tmp_path: Path)
             payee="ag_worker",
             now=deadline - timedelta(hours=1),
             timeout_s=3600,
+            body_and_limit=lambda size, **_: (size, 10_000_000),
+            escrow=EscrowCapabilities(idempotent_create=True, lookup_by_key=True, cancel=True),
         )
 
     first = JobWriter(Settlements(store))
