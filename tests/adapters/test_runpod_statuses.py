@@ -9,39 +9,17 @@ from typing import Any
 import pytest
 import structlog
 
-from podsettle.adapters.http import Answer, Request
+from podsettle.adapters.http import Answer
 from podsettle.adapters.ports import BadResponse, RunStatus
 from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
+from tests.runpod_replies import RUN_ID, Script, status, stream
 
 KEY = "rpa_SECRET_KEY_0123456789"
-RUN_ID = "job-1-u1"
 FAST = PollPolicy(initial_s=0.001, factor=1.0, max_s=0.001, jitter=0.0)
-
-
-class Script:
-    """Answers each route from its own list (the last answer repeats) and records every request."""
-
-    def __init__(self, **answers: list[Any]) -> None:
-        self.answers = {route: list(items) for route, items in answers.items()}
-        self.requests: list[tuple[str, str]] = []
-
-    def __call__(self, request: Request) -> Answer:
-        route = request.url.path.split("/")[3]
-        self.requests.append((request.method, route))
-        items = self.answers[route]
-        body = items.pop(0) if len(items) > 1 else items[0]
-        return body if isinstance(body, Answer) else Answer.of(200, json=body)
-
-    def count(self, route: str) -> int:
-        return sum(1 for _, seen in self.requests if seen == route)
 
 
 def client(script: Script, **options: Any) -> RunPodCompute:
     return RunPodCompute(KEY, base_url="https://runpod.test/v2", replier=script, poll=FAST, **options)
-
-
-def status(name: str, **fields: Any) -> dict[str, Any]:
-    return {"id": RUN_ID, "status": name, **fields}
 
 
 @pytest.fixture
@@ -130,10 +108,6 @@ async def test_a_non_empty_list_is_still_an_output() -> None:
 
 
 # ------------------------------------------------------------------------------ streaming endpoints
-
-
-def stream(name: str, *parts: Any) -> dict[str, Any]:
-    return {"status": name, "stream": [{"output": part} for part in parts]}
 
 
 async def test_a_streaming_endpoint_pays_for_what_stream_delivered() -> None:
