@@ -346,6 +346,7 @@ class RunPodCompute:
         for endpoint_id in self.streaming:
             _check_id(endpoint_id, "endpoint_id")
         self._warned: OrderedDict[str, None] = OrderedDict()
+        self._streamed: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()
         self.runsync_finished = 0  # runsyncs that brought the result back in their own answer
         self._sync_records: dict[str, _SyncRecord] = {}
         self._finished: OrderedDict[tuple[str, str], RunState] = OrderedDict()
@@ -503,9 +504,22 @@ class RunPodCompute:
     async def _wait_streaming(self, endpoint_id: str, run_id: str, timeout_s: float) -> RunOutcome:
         """`wait()` for a streaming endpoint: read `/stream` until the job ended and a read brought
         nothing more, then `/status` once for the rest of the status object."""
+        # The parts read so far outlive this call: the service answers each part once, so a wait
+        # that ends in an error and is called again goes on from them (in this process only).
+        key = (endpoint_id, run_id)
+        parts = self._streamed.pop(key, None) or []
+        self._streamed[key] = parts
+        while len(self._streamed) > FINISHED_KEPT:
+            self._streamed.popitem(last=False)
+        outcome = await self._read_stream(endpoint_id, run_id, timeout_s, parts)
+        self._streamed.pop(key, None)
+        return outcome
+
+    async def _read_stream(
+        self, endpoint_id: str, run_id: str, timeout_s: float, parts: list[Any]
+    ) -> RunOutcome:
         deadline = self._clock() + timeout_s
         delay = self.poll.initial_s
-        parts: list[Any] = []
         ended = False
         last: RunState | None = None
         while True:

@@ -213,3 +213,15 @@ async def test_progress_is_only_read_from_in_progress_statuses() -> None:
 def test_a_streaming_endpoint_must_be_a_valid_id() -> None:
     with pytest.raises(Exception, match="endpoint_id"):
         RunPodCompute(KEY, streaming=["bad id"])
+
+
+async def test_a_streaming_wait_that_failed_goes_on_from_the_parts_already_read() -> None:
+    script = Script(
+        stream=[stream("IN_PROGRESS", "a"), stream("COMPLETED", "b"), stream("COMPLETED")],
+        status=[status("IN_PROGRESS"), status("COMPLETED", output=[])],  # the first read is odd
+    )
+    async with client(script, streaming=["gen"]) as compute:
+        with pytest.raises(BadResponse, match="after /stream reported the end"):
+            await compute.wait("gen", RUN_ID, timeout_s=5)
+        outcome = await compute.wait("gen", RUN_ID, timeout_s=5)  # the engine watches again
+    assert outcome.succeeded and outcome.state.output == ["a", "b"]
