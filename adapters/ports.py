@@ -7,6 +7,7 @@ services live in the adapters, described to the engine by capability flags.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -226,7 +227,10 @@ class RunStatus(StrEnum):
 
 @dataclass(frozen=True)
 class RunState:
-    """A RunPod job's status object."""
+    """A RunPod job's status object.
+
+    A status outside the six known ones (RunPod's docs also name `RUNNING`) is read as IN_PROGRESS,
+    the job still running, with the service's word kept in `reported`."""
 
     run_id: str
     status: RunStatus
@@ -236,11 +240,25 @@ class RunState:
     delay_ms: int | None = None
     execution_ms: int | None = None
     worker_id: str | None = None
+    reported: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        """The run brought something to pay for: an output that is present and is not the empty
+        aggregate `[]` (what a generator handler without `return_aggregate_stream` ends with: its
+        parts were only on `/stream`)."""
+        return self.has_output and self.output != []
+
+
+# Called by `wait()` with each new progress value a running job reports (RunPod shows a handler's
+# `progress_update` payload as the `output` of an IN_PROGRESS status).
+ProgressCallback = Callable[[Any], Awaitable[None]]
 
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """A terminal run classified for the engine: success only for COMPLETED with output."""
+    """A terminal run classified for the engine: success only for COMPLETED with output that was
+    delivered (`RunState.delivered`)."""
 
     state: RunState
     succeeded: bool
@@ -274,9 +292,18 @@ class ComputeGateway(Protocol):
 
     async def status(self, endpoint_id: str, run_id: str) -> RunState: ...
 
-    async def wait(self, endpoint_id: str, run_id: str, *, timeout_s: float) -> RunOutcome:
+    async def wait(
+        self,
+        endpoint_id: str,
+        run_id: str,
+        *,
+        timeout_s: float,
+        on_progress: ProgressCallback | None = None,
+    ) -> RunOutcome:
         """Poll (capped exponential backoff with jitter) until terminal or `timeout_s` passed; on
-        timeout the outcome is a failure with reason 'deadline passed' and the last state seen."""
+        timeout the outcome is a failure with reason 'deadline passed' and the last state seen.
+        `on_progress` is awaited with each progress value the running job reports, once per value
+        (a value seen again is not reported again), never once per poll."""
         ...
 
     async def cancel(self, endpoint_id: str, run_id: str) -> RunState: ...

@@ -9,7 +9,22 @@ What the engine can rely on:
 - 429 is answered with backoff (Retry-After when given) and retried; a client-side limiter per
   endpoint and route keeps under the documented limits in the first place;
 - `wait()` polls with capped exponential backoff and jitter, bounded by its timeout, and classifies
-  the terminal state: only COMPLETED with output is a success;
+  the terminal state: only COMPLETED with output is a success, and the empty aggregate `[]` is no
+  output (a generator handler without `return_aggregate_stream` ends COMPLETED with `[]`: its parts
+  were only on `/stream`, so there is nothing to pay for);
+- a status outside the six known ones (RunPod's docs also name `RUNNING`) is a job still running:
+  its id is kept and polling goes on, with one warning per job naming the status. Only a status that
+  is not a word at all is a `BadResponse`. So a runsync answering such a status is never submitted again;
+- progress: an IN_PROGRESS status with an `output` carries the handler's `progress_update` payload;
+  `wait(on_progress=...)` hands each distinct value to the caller once, never once per poll;
+- streaming endpoints (`streaming=`, none by default: RunPod's API does not say which endpoints
+  stream): `wait()` reads `/stream` instead of `/status` (one read a poll; each read answers the
+  parts produced since the previous one, the service's cursor) until the job ended and nothing more
+  came, then reads `/status` once. When that status's output is the empty aggregate, the job's output
+  is the list of the parts `/stream` delivered (with `return_aggregate_stream` the status holds the
+  same list). Jobs there are submitted through `/run`: a runsync answer would end the job before a
+  single part was read, and a runsync result is kept for a minute only. Progress is not observed on
+  streaming endpoints (`/stream` does not carry it);
 - with a `SyncPolicy`, `submit()` uses `/runsync` with a bounded wait: a job that ends inside the
   wait comes back in the same round trip (and `wait()` returns it without polling), a longer one
   comes back `IN_QUEUE`/`IN_PROGRESS` with its id and `wait()` polls as usual. The price is that the
@@ -23,12 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import re
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -49,6 +65,7 @@ from podsettle.adapters.ports import (
     RUNSYNC_READ_MARGIN_S,
     BadResponse,
     NotFound,
+    ProgressCallback,
     RateLimited,
     Rejected,
     RunOutcome,
@@ -84,6 +101,11 @@ RUNSYNC_MIN_WAIT_MS = 1000  # the documented bounds of /runsync's ?wait=
 RUNSYNC_MAX_WAIT_MS = 300_000
 FINISHED_KEPT = 10_000  # terminal states from runsync answers not yet taken by wait()
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+# What a job status looks like: RunPod's are upper-case words (IN_QUEUE, RUNNING, ...). A status of
+# that shape that the client does not know is a job still running; anything else is no status.
+_STATUS_WORD = re.compile(r"^[A-Z][A-Z_]{0,39}$")
+WARNED_KEPT = 10_000  # runs already warned about for an unknown status (one warning per run)
+PROGRESS_SEEN_KEPT = 1_000  # distinct progress values remembered per wait (beyond: only the last one)
 DEFAULT_TIMEOUT = Timeouts(connect=5.0, read=30.0, pool=30.0)
 # The error statuses the contract documents (runpod-serverless.md); any other cannot be trusted.
 CONTRACT_STATUSES = frozenset({400, 401, 403, 404, 413, 422, 429})
@@ -159,6 +181,7 @@ _ROUTE_GROUP = {
     "run": "run",
     "runsync": "runsync",
     "status": "status",
+    "stream": "status",  # /status and /stream share their limit
     "cancel": "cancel",
     "purge-queue": "purge-queue",
 }
@@ -184,6 +207,15 @@ class _StatusObject(_Body):
     output: Any = None
     error: Any = None
     workerId: str | None = None
+
+
+class _StreamPart(_Body):
+    output: Any = None
+
+
+class _StreamAnswer(_Body):
+    status: str
+    stream: list[_StreamPart] = Field(default_factory=list)
 
 
 class _HealthJobs(_Body):
@@ -226,16 +258,22 @@ def _error_summary(error: str) -> str:
 
 
 def classify_run(state: RunState) -> RunOutcome:
-    """A terminal state classified for the engine: only COMPLETED with output succeeds."""
+    """A terminal state classified for the engine: only COMPLETED with delivered output succeeds
+    (`RunState.delivered`: present, and not the empty aggregate `[]`)."""
     details = {"status": state.status.value}
     if state.error is not None:
         details["error"] = state.error
     if state.worker_id is not None:
         details["worker_id"] = state.worker_id
     status = state.status
-    if status is RunStatus.COMPLETED and state.has_output:
+    if status is RunStatus.COMPLETED and state.delivered:
         return RunOutcome(state, True, "completed", details)
-    if status is RunStatus.COMPLETED:
+    if status is RunStatus.COMPLETED and state.has_output:
+        reason = (
+            "completed with the empty aggregate [] as output: a generator handler without "
+            "return_aggregate_stream, whose parts were only on /stream"
+        )
+    elif status is RunStatus.COMPLETED:
         reason = "completed without output"
         if state.error:
             reason += f": {_error_summary(state.error)}"
@@ -291,7 +329,10 @@ class RunPodCompute:
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         sync: SyncPolicy | None = None,
+        streaming: Collection[str] = (),
     ) -> None:
+        """`streaming`: the endpoints whose handlers are generators read through `/stream` (their
+        output is what `/stream` delivered); none by default."""
         if not api_key or not api_key.strip():
             raise Unauthorized("no RunPod API key given (set RUNPOD_API_KEY)")
         self.base_url = base_url.rstrip("/")
@@ -301,6 +342,11 @@ class RunPodCompute:
         self.max_input_bytes = max_input_bytes
         self.requests_sent = 0  # every HTTP request made, for polling-efficiency figures
         self.sync = sync
+        self.streaming = frozenset(streaming)
+        for endpoint_id in self.streaming:
+            _check_id(endpoint_id, "endpoint_id")
+        self._warned: OrderedDict[str, None] = OrderedDict()
+        self._streamed: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()
         self.runsync_finished = 0  # runsyncs that brought the result back in their own answer
         self._sync_records: dict[str, _SyncRecord] = {}
         self._finished: OrderedDict[tuple[str, str], RunState] = OrderedDict()
@@ -351,7 +397,11 @@ class RunPodCompute:
             webhook=webhook,
             low_priority=low_priority,
         )
-        runsync = self.sync is not None and self._use_runsync(endpoint_id, self.sync)
+        runsync = (
+            self.sync is not None
+            and endpoint_id not in self.streaming
+            and self._use_runsync(endpoint_id, self.sync)
+        )
         limit = BODY_LIMITS["runsync"] if runsync else self.max_input_bytes
         if len(body) > limit:
             route = "runsync" if runsync else "run"
@@ -417,10 +467,20 @@ class RunPodCompute:
         finished = self._finished.pop((endpoint_id, run_id), None)
         return None if finished is None else classify_run(finished)
 
-    async def wait(self, endpoint_id: str, run_id: str, *, timeout_s: float) -> RunOutcome:
+    async def wait(
+        self,
+        endpoint_id: str,
+        run_id: str,
+        *,
+        timeout_s: float,
+        on_progress: ProgressCallback | None = None,
+    ) -> RunOutcome:
         finished = self._finished.pop((endpoint_id, run_id), None)
         if finished is not None:  # the runsync answer brought it: no need to ask again
             return classify_run(finished)
+        if endpoint_id in self.streaming:
+            return await self._wait_streaming(endpoint_id, run_id, timeout_s)
+        progress = _Progress(on_progress)
         deadline = self._clock() + timeout_s
         delay = self.poll.initial_s
         last: RunState | None = None
@@ -443,6 +503,72 @@ class RunPodCompute:
             last = state
             if state.status.terminal:
                 return classify_run(state)
+            if state.status is RunStatus.IN_PROGRESS and state.reported is None and state.has_output:
+                await progress.seen(state.output)
+
+    async def _wait_streaming(self, endpoint_id: str, run_id: str, timeout_s: float) -> RunOutcome:
+        """`wait()` for a streaming endpoint: read `/stream` until the job ended and a read brought
+        nothing more, then `/status` once for the rest of the status object."""
+        # The parts read so far outlive this call: the service answers each part once, so a wait
+        # that ends in an error and is called again goes on from them (in this process only).
+        key = (endpoint_id, run_id)
+        parts = self._streamed.pop(key, None) or []
+        self._streamed[key] = parts
+        while len(self._streamed) > FINISHED_KEPT:
+            self._streamed.popitem(last=False)
+        outcome = await self._read_stream(endpoint_id, run_id, timeout_s, parts)
+        self._streamed.pop(key, None)
+        return outcome
+
+    async def _read_stream(
+        self, endpoint_id: str, run_id: str, timeout_s: float, parts: list[Any]
+    ) -> RunOutcome:
+        deadline = self._clock() + timeout_s
+        delay = self.poll.initial_s
+        ended = False
+        last: RunState | None = None
+        while True:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return deadline_outcome(run_id, last, timeout_s)
+            if not ended:  # once the job ended, what is left is read at once
+                pause = min(delay * (1 + self._rng.uniform(-self.poll.jitter, self.poll.jitter)), remaining)
+                await asyncio.sleep(pause)
+                delay = min(delay * self.poll.factor, self.poll.max_s)
+            try:
+                status, new = await self.stream(endpoint_id, run_id)
+                if ended and not new:
+                    state = await self.status(endpoint_id, run_id)
+                    break
+            except NotFound:
+                return not_found_outcome(run_id, last)
+            except (Unavailable, RateLimited) as exc:
+                log.warning(
+                    "runpod.stream_unavailable", endpoint_id=endpoint_id, run_id=run_id, error=str(exc)
+                )
+                ended = False  # a failed read is not a reason to stop pausing
+                continue
+            parts.extend(new)
+            last = RunState(run_id=run_id, status=status)
+            ended = status.terminal
+        if state.status is RunStatus.COMPLETED and parts and (not state.has_output or state.output == []):
+            state = dataclasses.replace(state, output=parts, has_output=True)
+        if not state.status.terminal:  # /stream said it ended; a status that says otherwise is odd
+            raise BadResponse(
+                f"GET /{endpoint_id}/status/{run_id}: {state.status.value} after /stream reported the end"
+            )
+        return classify_run(state)
+
+    async def stream(self, endpoint_id: str, run_id: str) -> tuple[RunStatus, list[Any]]:
+        """`GET /stream/{id}`: the job's status and the parts produced since the previous read (the
+        service keeps the cursor: a part is answered once)."""
+        _check_id(endpoint_id, "endpoint_id")
+        _check_id(run_id, "run_id")
+        what = f"GET /{endpoint_id}/stream/{run_id}"
+        data = await self._request("GET", endpoint_id, "stream", f"/{endpoint_id}/stream/{run_id}", what)
+        body = self._parse(_StreamAnswer, data, what)
+        status = self._status(body.status, run_id, what)
+        return status, [part.output for part in body.stream]
 
     async def cancel(self, endpoint_id: str, run_id: str) -> RunState:
         _check_id(endpoint_id, "endpoint_id")
@@ -584,10 +710,7 @@ class RunPodCompute:
         body = self._parse(_StatusObject, data, what)
         if run_id is not None and body.id != run_id:
             raise BadResponse(f"{what}: the response is about job {body.id!r}, not {run_id!r}")
-        try:
-            status = RunStatus(body.status)
-        except ValueError:
-            raise BadResponse(f"{what}: unknown job status {body.status!r}") from None
+        status = self._status(body.status, body.id, what)
         error = body.error
         if error is not None and not isinstance(error, str):
             error = json.dumps(error)
@@ -600,7 +723,52 @@ class RunPodCompute:
             delay_ms=None if body.delayTime is None else round(body.delayTime),
             execution_ms=None if body.executionTime is None else round(body.executionTime),
             worker_id=body.workerId,
+            reported=None if body.status == status.value else body.status,
         )
+
+    def _status(self, word: str, run_id: str, what: str) -> RunStatus:
+        """A known status; an unknown word is a job still running (warned about once per run)."""
+        try:
+            return RunStatus(word)
+        except ValueError:
+            pass
+        if not _STATUS_WORD.match(word):
+            raise BadResponse(f"{what}: {word[:40]!r} is not a job status")
+        if run_id not in self._warned:
+            self._warned[run_id] = None
+            while len(self._warned) > WARNED_KEPT:
+                self._warned.popitem(last=False)
+            log.warning(
+                "runpod.unknown_status",
+                request=what,
+                run_id=run_id,
+                status=word,
+                meaning="not one of the known statuses: taken as still running",
+            )
+        return RunStatus.IN_PROGRESS
+
+
+class _Progress:
+    """The progress values one `wait()` has seen: each distinct one goes to the callback once."""
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self._callback = callback
+        self._seen: set[str] = set()
+        self._last: str | None = None
+
+    async def seen(self, value: Any) -> None:
+        if self._callback is None:
+            return
+        try:
+            key = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError):
+            return  # not JSON (a NaN): nothing that could be recorded
+        if key == self._last or key in self._seen:
+            return
+        self._last = key
+        if len(self._seen) < PROGRESS_SEEN_KEPT:
+            self._seen.add(key)
+        await self._callback(value)
 
 
 def input_json(job_input: bytes | dict[str, Any]) -> bytes:

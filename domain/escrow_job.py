@@ -33,10 +33,16 @@ from typing import Any, NamedTuple
 from eventsourcing.domain import Aggregate, event
 
 from podsettle.domain import rules
+from podsettle.domain.digests import canonical_json, digest_bytes
 from podsettle.domain.errors import ClaimLost, ConflictingOutcome, IllegalTransition, InvalidInput
 from podsettle.domain.lifecycle import State, Status, rests, status_of
 from podsettle.domain.money import ZERO, Money, fmt, to_money
 
+# Progress a running job reports: at most this many values are recorded per job (a handler may report
+# thousands; the log keeps a bounded trace, the first ones), each value's JSON text only up to
+# PROGRESS_TEXT_MAX characters (a longer one is recorded by its digest and size alone).
+MAX_PROGRESS = 32
+PROGRESS_TEXT_MAX = 256
 JOB_NAMESPACE = uuid.UUID("6f1c1d5e-8a4b-4f0e-9a57-2f6f3c1e7b11")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$")
 
@@ -97,6 +103,16 @@ class Failure(NamedTuple):
     stage: str  # start, run, output, acceptance, cancel, release
     runpod_status: str | None
     reason: str
+
+
+class Progress(NamedTuple):
+    """A progress value a running job reported: its canonical JSON's digest, the JSON text itself
+    when short (else None), its size in bytes, and when the engine saw it."""
+
+    digest: str
+    value: str | None
+    size: int
+    at: datetime | None
 
 
 class BonusTerms(NamedTuple):
@@ -219,6 +235,7 @@ class JobView(NamedTuple):
     delay_ms: int | None
     worker_id: str | None
     metrics: dict[str, str]
+    progress: tuple[Progress, ...]
     bonus_amount: Money | None
     bonus_escrow_id: str | None
     bonus_funded: BonusFunding | None
@@ -319,6 +336,12 @@ class EscrowJob(Aggregate):
     class CancelRequested(Event):
         key: str
         reason: str
+
+    class Progressed(Event):
+        digest: str
+        value: str | None
+        size: int
+        at: datetime | None
 
     class Completed(Event):
         output_digest: str
@@ -431,6 +454,7 @@ class EscrowJob(Aggregate):
         self.delay_ms: int | None = None
         self.worker_id: str | None = None
         self.metrics: dict[str, str] = {}
+        self.progress: tuple[Progress, ...] = ()
         self.failure: Failure | None = None
         self.released: Release | None = None
         self.refunded: Refund | None = None
@@ -675,6 +699,28 @@ class EscrowJob(Aggregate):
     def _cancel_requested(self, key: str, reason: str) -> None:
         self.cancel_reason = reason
         self.intent = Intent(Step.CANCEL, key)
+
+    def record_progress(self, value: Any, at: datetime | None = None) -> bool:
+        """A running job reported progress (`value`, any JSON). Recorded once per distinct value and
+        at most MAX_PROGRESS times per job; a value seen before, one beyond the bound, or one that
+        arrives when the run is no longer RUNNING (a poll that raced its end) records nothing.
+        Returns whether it was recorded."""
+        if self.state != State.RUNNING or len(self.progress) >= MAX_PROGRESS:
+            return False
+        text = canonical_json(value, "progress")
+        value_digest = digest_bytes(text)
+        if any(seen.digest == value_digest for seen in self.progress):
+            return False
+        short = text.decode() if len(text) <= PROGRESS_TEXT_MAX else None
+        self.trigger_event(self.Progressed, digest=value_digest, value=short, size=len(text), at=at)
+        return True
+
+    @event(Progressed)
+    def _progressed(self, digest: str, value: str | None, size: int, at: datetime | None) -> None:
+        self._order(self._seen("Started"), "Progressed without Started")
+        self._order(not (self._seen("Completed") or self._seen("Failed")), "Progressed after the run ended")
+        self._order(all(seen.digest != digest for seen in self.progress), "the same Progressed twice")
+        self.progress = (*self.progress, Progress(digest, value, size, at))
 
     def record_completed(
         self,
@@ -1021,6 +1067,8 @@ class EscrowJob(Aggregate):
             refund = self.refunded
             if funded is None or refund.returned + refund.fee_kept != funded:
                 found.append("refunded + fee kept is not the funded amount")
+        if len(self.progress) > MAX_PROGRESS:
+            found.append(f"Progressed recorded {len(self.progress)} times, over the bound of {MAX_PROGRESS}")
         if self.bonus_amount is not None:
             terms = self.bonus_terms
             if terms is not None and self.bonus_amount > terms.pool:
@@ -1096,5 +1144,19 @@ def job_json(view: JobView) -> dict[str, Any]:
     data["reason"] = reason_of(view)
     data["attention"] = view.attention
     data["intent"] = None if view.intent is None else str(view.intent.step)
+    data["progress"] = progress_json(view)
     data["version"] = view.version
     return data
+
+
+def progress_json(view: JobView) -> list[dict[str, Any]]:
+    """The progress values the job reported, in the order they were seen (the `status` timeline)."""
+    return [
+        {
+            "at": None if item.at is None else item.at.isoformat(),
+            "value": item.value,
+            "size": item.size,
+            "digest": item.digest,
+        }
+        for item in view.progress
+    ]

@@ -132,6 +132,7 @@ def engine_from_settings(settings: Settings) -> Engine:
         poll=PollPolicy(initial_s=settings.runpod_poll_s, factor=1.5, max_s=max(5.0, settings.runpod_poll_s)),
         max_connections=HTTP_CONNECTIONS,
         sync=SyncPolicy(wait_ms=settings.runpod_runsync_ms) if settings.runpod_runsync_ms else None,
+        streaming=settings.runpod_streaming,
     )
     engine = Engine(
         Settlements(settings.store),

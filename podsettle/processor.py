@@ -630,8 +630,26 @@ class Processor:
         remaining = (view.deadline - self.clock()).total_seconds()
         if remaining <= 0:
             return await self._past_deadline(view)
+        job_id = view.job_id
+        recorded = 0
+
+        async def on_progress(value: Any) -> None:
+            # One event per distinct value (the aggregate refuses repeats and bounds the count).
+            nonlocal recorded
+            try:
+                now = self.clock()
+                done, _ = await self.store.execute(job_id, lambda job: job.record_progress(value, now))
+            except DomainError as error:  # not JSON, or the job moved on: progress only informs
+                log.warning("runpod.progress_not_recorded", **self._ids(view), error=str(error))
+                return
+            if done:
+                recorded += 1
+                self._info("runpod.progress", view, progress=recorded)
+
         wait = asyncio.ensure_future(
-            self.compute.wait(view.endpoint_id, view.runpod_job_id, timeout_s=remaining)
+            self.compute.wait(
+                view.endpoint_id, view.runpod_job_id, timeout_s=remaining, on_progress=on_progress
+            )
         )
         self._waits[view.job_id] = wait
         try:
@@ -654,6 +672,9 @@ class Processor:
             )
         finally:
             self._waits.pop(view.job_id, None)
+        if recorded:
+            # The progress events moved the job's version: the outcome is recorded after them.
+            view = await self.store.view(view.job_id)
         if not outcome.succeeded and outcome.reason == "deadline passed":
             return await self._past_deadline(view)
         return await self._record(view, self._outcome_command(view, outcome))
@@ -700,7 +721,7 @@ class Processor:
         reason = view.cancel_reason or "cancelled"
         async with self._compute_slots:
             state = await self.compute.cancel(view.endpoint_id, view.runpod_job_id)
-        if state.status == RunStatus.COMPLETED and state.has_output:
+        if state.status == RunStatus.COMPLETED and state.delivered:
             # It finished before the cancel arrived: judge it like any finished run.
             outcome = RunOutcome(state=state, succeeded=True, reason="completed")
             return self._outcome_command(view, outcome)

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     runpod_runsync_ms: int = Field(
         default=1000, ge=0, le=300_000, validation_alias="PODSETTLE_RUNPOD_RUNSYNC_MS"
     )
+    # Endpoints whose handlers are generators, read through /stream and paid for the parts it
+    # delivered (`gen,other` in the environment); none by default. Elsewhere COMPLETED with the empty
+    # aggregate [] (a generator without return_aggregate_stream) is no output, and is refunded.
+    runpod_streaming: Annotated[frozenset[str], NoDecode] = Field(
+        default_factory=frozenset, validation_alias="PODSETTLE_RUNPOD_STREAMING"
+    )
     # structlog's level; the composition root and the command line hand it to `configure_logging`.
     log_level: LogLevel = Field(default="WARNING", validation_alias="PODSETTLE_LOG_LEVEL")
     # Where the command line keeps the read models (default: next to a SQLite store, else the cwd).
@@ -130,6 +136,16 @@ class Settings(BaseSettings):
                     raise ValueError(f"{pair!r} is not route=calls_per_minute")
                 limits[route.strip()] = int(number)
             return limits
+        return value
+
+    @field_validator("runpod_streaming", mode="before")
+    @classmethod
+    def _parse_streaming(cls, value: Any) -> Any:
+        """`gen,other` in the environment; any collection of endpoint ids from Python."""
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list | tuple | set | frozenset):
+            return frozenset(check_id(item, "endpoint id") for item in value)
         return value
 
     @field_validator("payees", mode="before")

@@ -54,6 +54,7 @@ _CHECK_AFTER: frozenset[type] = frozenset(
     {
         EscrowJob.Funded,
         EscrowJob.FundingRejected,
+        EscrowJob.Progressed,  # its bound (MAX_PROGRESS per job)
         EscrowJob.Completed,
         EscrowJob.Failed,
         EscrowJob.Released,

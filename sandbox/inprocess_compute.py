@@ -20,7 +20,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from podsettle.adapters.ports import NotFound, RateLimited, Rejected, RunOutcome, RunState, Unavailable
+from podsettle.adapters.ports import (
+    NotFound,
+    ProgressCallback,
+    RateLimited,
+    Rejected,
+    RunOutcome,
+    RunState,
+    Unavailable,
+)
 from podsettle.adapters.runpod import (
     MAX_INPUT_BYTES,
     body_size,
@@ -161,7 +169,16 @@ class InProcessCompute:
             raise Unavailable(f"GET /{endpoint_id}/status/{run_id}: response dropped (injected)")
         return _snapshot(job)
 
-    async def wait(self, endpoint_id: str, run_id: str, *, timeout_s: float) -> RunOutcome:
+    async def wait(
+        self,
+        endpoint_id: str,
+        run_id: str,
+        *,
+        timeout_s: float,
+        on_progress: ProgressCallback | None = None,
+    ) -> RunOutcome:
+        """Woken by the job's end, not by polls. `on_progress` is accepted for the port and not
+        called: no status read happens here to see a progress value in."""
         runtime = self._runtime(endpoint_id)
         job = runtime.get(run_id)
         if job is None:

@@ -143,9 +143,9 @@ class FaultyCompute:
     async def status(self, endpoint_id: str, run_id: str) -> Any:
         return await self.inner.status(endpoint_id, run_id)
 
-    async def wait(self, endpoint_id: str, run_id: str, *, timeout_s: float) -> Any:
+    async def wait(self, endpoint_id: str, run_id: str, *, timeout_s: float, **kwargs: Any) -> Any:
         return await self.plan.around(
-            "wait", False, lambda: self.inner.wait(endpoint_id, run_id, timeout_s=timeout_s)
+            "wait", False, lambda: self.inner.wait(endpoint_id, run_id, timeout_s=timeout_s, **kwargs)
         )
 
     async def cancel(self, endpoint_id: str, run_id: str) -> Any:

@@ -386,9 +386,11 @@ def status(
     if json_output:
         emit_json(summary)
     else:
-        from podsettle.cli.console import print_mapping
+        from podsettle.cli.console import print_mapping, print_progress
 
+        progress = summary.pop("progress")
         print_mapping(summary, title=f"job {job.id}")
+        print_progress(progress)
 
 
 @app.command()

@@ -44,11 +44,13 @@ def progress(total: int, label: str, *, enabled: bool) -> Iterator[Callable[[], 
 
 def print_job(result: Any) -> None:
     table = Table(title=f"job {result.job_id}", show_header=False)
-    for name, value in result.to_json().items():
-        if name == "output":
+    data = result.to_json()
+    for name, value in data.items():
+        if name in ("output", "progress"):
             continue
         table.add_row(name, "" if value is None else str(value))
     out.print(table)
+    print_progress(data.get("progress") or [])
 
 
 def print_totals(totals: Any, *, title: str) -> None:
@@ -65,6 +67,23 @@ def print_mapping(data: Mapping[str, Any], *, title: str) -> None:
     table = Table(title=title, show_header=False)
     for name, value in data.items():
         table.add_row(str(name), _money(value) if not isinstance(value, dict) else str(value))
+    out.print(table)
+
+
+def print_progress(progress: list[dict[str, Any]]) -> None:
+    """The progress a running job reported, as a timeline (nothing when it reported none)."""
+    if not progress:
+        return
+    table = Table(title="progress")
+    for column in ("at", "progress"):
+        table.add_column(column)
+    for item in progress:
+        shown = (
+            item["value"]
+            if item["value"] is not None
+            else f"{item['size']} bytes, sha256 {item['digest'][:12]}"
+        )
+        table.add_row(item["at"] or "", shown)
     out.print(table)
 
 

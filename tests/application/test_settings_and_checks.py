@@ -160,3 +160,25 @@ def test_bad_rules_name_the_field(rule: dict, field: str) -> None:  # type: igno
     with pytest.raises(InvalidInput) as caught:
         checks.validate(rule)
     assert caught.value.field == field
+
+
+async def test_streaming_endpoints_are_a_setting_off_by_default_and_reach_the_client() -> None:
+    from podsettle.bootstrap import engine_from_settings
+
+    assert Settings.from_env({}).runpod_streaming == frozenset()
+    env = {
+        "PODSETTLE_RUNPOD_STREAMING": " gen, llm ,",
+        "PF_API_KEY": "pf_key",
+        "RUNPOD_API_KEY": "rp_key",
+        "PODSETTLE_PAYER": "ag_payer",
+        "PODSETTLE_STORE": "memory",
+    }
+    settings = Settings.from_env(env)
+    assert settings.runpod_streaming == frozenset({"gen", "llm"})
+    engine = engine_from_settings(settings)
+    try:
+        assert engine.compute.streaming == frozenset({"gen", "llm"})
+    finally:
+        await engine.aclose()
+    with pytest.raises(ConfigError, match="PODSETTLE_RUNPOD_STREAMING"):
+        Settings.from_env({"PODSETTLE_RUNPOD_STREAMING": "gen,bad id"})
