@@ -420,3 +420,14 @@ def test_the_sandbox_command_refuses_what_it_cannot_mount(option: str, message: 
 
     result = CliRunner().invoke(app, ["sandbox", "--port", "0", "--endpoint", option])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_the_mount_route_takes_a_worker_file(emulator: BackgroundServer) -> None:
+    with http(emulator) as c:
+        mounted = c.put(
+            "/mounted/_endpoint", json={"handler": worker("stream_aggregate_worker.py"), "workers": 1}
+        )
+        assert mounted.json()["return_aggregate_stream"] is True
+        assert c.post("/mounted/runsync", json={"input": {"text": "x y"}}).json()["output"] == ["X", "Y"]
+        refused = c.put("/exits/_endpoint", json={"handler": worker("exiting_worker.py")})
+        assert refused.status_code == 400 and "called exit(1)" in refused.json()["error"]
