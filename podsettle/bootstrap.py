@@ -165,7 +165,10 @@ def sandbox_engine(
     processor: ProcessorConfig | None = None,
 ) -> Engine:
     """The engine over real loopback HTTP to a sandbox served in this process: the same adapters as
-    production, a funded payer agent and a worker agent created through the admin routes."""
+    production, a funded payer agent and a worker agent created through the admin routes.
+
+    `endpoints` add RunPod endpoints: {name: "path/to/worker.py"} serves a RunPod worker file
+    unchanged (or a handler, `"package.module:function"`, an `EndpointConfig`)."""
     from podsettle.adapters.purpleflea import purple_flea
     from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
     from podsettle.sandbox.app import Sandbox

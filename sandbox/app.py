@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from podsettle.sandbox.escrow_server import create_escrow_app
+from podsettle.sandbox.handlers import Handler
 from podsettle.sandbox.http_server import BackgroundServer
 from podsettle.sandbox.runpod_emulator import create_runpod_app
 from podsettle.sandbox.runpod_worker import EndpointConfig
@@ -25,13 +26,17 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 class SandboxApp:
-    """One ASGI app routing by path prefix to the RunPod emulator or the escrow sandbox."""
+    """One ASGI app routing by path prefix to the RunPod emulator or the escrow sandbox.
+
+    `endpoints` add RunPod endpoints to the built-in ones: an `EndpointConfig`, a handler,
+    `"package.module:function"`, or the path of a RunPod worker file (or its folder), imported now
+    (a `WorkerFileError` says why one cannot be)."""
 
     def __init__(
         self,
         *,
         ledger_path: str | None = None,
-        endpoints: Mapping[str, EndpointConfig] | None = None,
+        endpoints: Mapping[str, EndpointConfig | str | Handler] | None = None,
         seed: int = 0,
         escrow_options: Mapping[str, Any] | None = None,
         runpod_options: Mapping[str, Any] | None = None,

@@ -54,6 +54,8 @@ WebhookSink = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 
 
 def _snapshot(job: JobRecord) -> RunState:
+    """The status object's fields (a running job's progress as its output, its executionTime so far)."""
+    payload = job.payload()
     return RunState(
         run_id=job.id,
         status=job.status,
@@ -61,7 +63,7 @@ def _snapshot(job: JobRecord) -> RunState:
         has_output=job.has_output,
         error=job.error,
         delay_ms=job.delay_ms,
-        execution_ms=job.execution_ms,
+        execution_ms=payload.get("executionTime"),
         worker_id=job.worker_id,
     )
 

@@ -2,18 +2,34 @@
 
 `create_runpod_app()` serves, under `/v2/{endpoint_id}/`:
 
-    POST run | runsync          GET|POST status/{id} | stream/{id}
+    POST run | runsync          GET|POST status/{id} | stream/{id}       GET status-sync/{id}
     POST cancel/{id} | retry/{id} | purge-queue          GET health
 
-with `Authorization: Bearer <any non-empty key>` (401 otherwise), the documented per-route rate limits
-(429), body limits (413), queues and workers per endpoint (see `runpod_worker`), webhooks with the
-documented retries, and per-endpoint fault injection. Admin routes (bearer auth, never faulted or
-rate limited) change a running emulator:
+with `Authorization: Bearer <any non-empty key>` or the bare key (as the docs' curl examples send it;
+401 otherwise), the documented per-route rate limits (429), body limits (413), queues and workers per
+endpoint (see `runpod_worker`), webhooks with the documented retries, and per-endpoint fault
+injection.
+
+What RunPod's SDKs and docs establish, and so the emulator does:
+- `/runsync` ids are `sync-<uuid>-u1` (`/run` ids `<uuid>-u1`); an unfinished `/runsync` answers 200
+  with `{id, status}`, and the JS SDK then long-polls `status-sync`;
+- long polls: `GET status/{id}?wait=ms`, `GET status-sync/{id}?wait=ms` (default 90000) and
+  `GET stream/{id}?wait=ms` answer as soon as the job ends or changes (status, a progress update, a
+  stream part; for `stream`, an unread part), at most `wait` ms later (0..300000); without `wait`
+  `status` and `stream` answer at once;
+- `/stream` hands each part out once (one cursor per job) as `{"status", "stream": [{"output"}]}`;
+- a request's `s3Config` and `webhookV2` are handed to the handler's job as they came;
+- `/health` counts workers as idle, initializing, ready, running, throttled and unhealthy.
+
+Admin routes (bearer auth, never faulted or rate limited) change a running emulator:
 
     GET|POST|DELETE /v2/{endpoint_id}/_faults   read / merge changes into / reset the endpoint's Faults
     GET  /v2/{endpoint_id}/_jobs/{job_id}       a job's internals: executions, completions, fault plan
-    PUT  /v2/{endpoint_id}/_endpoint            mount an endpoint: {"handler": "pkg.mod:func", "workers": n,
-                                                "faults": {...}}
+    PUT  /v2/{endpoint_id}/_endpoint            mount an endpoint: {"handler": "pkg.mod:func" or the path
+                                                of a RunPod worker file or folder, "workers": n,
+                                                "faults": {...}, "return_aggregate_stream"?: bool,
+                                                "refresh_worker"?: bool}; a worker file's own
+                                                `start` config wins over the last two
 
 `app.state.runpod` is the `EmulatorState` (endpoints, request counts, webhook deliveries).
 """
@@ -36,6 +52,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from podsettle.sandbox.handlers import Handler
 from podsettle.sandbox.runpod_worker import (
     Clock,
     EndpointConfig,
@@ -55,6 +72,8 @@ log = get_logger(__name__)
 MAX_RUN_BYTES = 10 * 1024 * 1024
 MAX_RUNSYNC_BYTES = 20 * 1024 * 1024
 RUNSYNC_DEFAULT_WAIT_MS = 90_000
+STATUS_SYNC_DEFAULT_WAIT_MS = 90_000
+MAX_LONG_POLL_MS = 300_000
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,7 @@ ROUTE_GROUP = {
     "run": "run",
     "runsync": "runsync",
     "status": "status",
+    "status-sync": "status",
     "stream": "status",
     "cancel": "cancel",
     "purge-queue": "purge-queue",
@@ -111,7 +131,7 @@ class EmulatorState(RunPodState):
 
     def __init__(
         self,
-        endpoints: Mapping[str, EndpointConfig] | None,
+        endpoints: Mapping[str, EndpointConfig | str | Handler] | None,
         *,
         seed: int,
         clock: Clock | None,
@@ -224,8 +244,12 @@ def _error(status_code: int, message: str, headers: dict[str, str] | None = None
 
 
 def _authorized(request: Request) -> bool:
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and bool(key.strip())
+    """`Bearer <key>` or the bare key: the docs' curl examples send `authorization: $RUNPOD_API_KEY`."""
+    value = request.headers.get("authorization", "").strip()
+    scheme, _, key = value.partition(" ")
+    if scheme.lower() == "bearer":
+        return bool(key.strip())
+    return bool(value) and " " not in value
 
 
 async def _json_body(request: Request, max_bytes: int | None = None) -> Any:
@@ -249,6 +273,17 @@ class _HTTPProblem(Exception):
         super().__init__(message)
 
 
+def _wait_ms(request: Request, default: int) -> int:
+    raw = request.query_params.get("wait")
+    if raw is None:
+        return default
+    try:
+        wait = int(raw)
+    except ValueError:
+        raise _HTTPProblem(400, "'wait' must be an integer number of milliseconds") from None
+    return min(max(wait, 0), MAX_LONG_POLL_MS)
+
+
 def _job_or_404(runtime: EndpointRuntime, job_id: str) -> JobRecord:
     job = runtime.get(job_id)
     if job is None:
@@ -258,7 +293,7 @@ def _job_or_404(runtime: EndpointRuntime, job_id: str) -> JobRecord:
 
 def create_runpod_app(
     *,
-    endpoints: dict[str, EndpointConfig] | None = None,
+    endpoints: Mapping[str, EndpointConfig | str | Handler] | None = None,
     seed: int = 0,
     clock: Clock | None = None,
     policy_bounds: PolicyBounds | None = None,
@@ -272,7 +307,8 @@ def create_runpod_app(
     runsync_default_wait_ms: int = RUNSYNC_DEFAULT_WAIT_MS,
     sync_handlers_in_thread: bool = True,
 ) -> Starlette:
-    """The emulator app. `endpoints` add to (or override) the built-in demo endpoints; `rate_limits`
+    """The emulator app. `endpoints` add to (or override) the built-in demo endpoints (an endpoint is
+    an `EndpointConfig`, a handler, `"package.module:function"` or a worker file's path); `rate_limits`
     default to the documented ones (pass `{}` for none); `clock` (seconds, monotonic) drives ttl,
     retention, delayTime and executionTime."""
     state = EmulatorState(
@@ -328,6 +364,7 @@ def create_runpod_app(
             raise _HTTPProblem(400, "the body must be a JSON object with an 'input' field")
         policy = body.get("policy") or {}
         webhook = body.get("webhook")
+        extras = {name: body[name] for name in ("s3Config", "webhookV2") if body.get(name) is not None}
         if not isinstance(policy, dict):
             raise _HTTPProblem(400, "'policy' must be an object")
         if webhook is not None and not isinstance(webhook, str):
@@ -340,6 +377,7 @@ def create_runpod_app(
                 low_priority=bool(policy.get("lowPriority", False)),
                 webhook=webhook,
                 sync=sync,
+                extras=extras,
             )
         except PolicyError as exc:
             raise _HTTPProblem(400, str(exc)) from None
@@ -358,10 +396,26 @@ def create_runpod_app(
         return JSONResponse(job.payload())
 
     async def status(request: Request, runtime: EndpointRuntime) -> Response:
-        return JSONResponse(_job_or_404(runtime, request.path_params["job_id"]).payload())
+        return await long_poll_status(request, runtime, _wait_ms(request, 0))
+
+    async def status_sync(request: Request, runtime: EndpointRuntime) -> Response:
+        return await long_poll_status(request, runtime, _wait_ms(request, STATUS_SYNC_DEFAULT_WAIT_MS))
+
+    async def long_poll_status(request: Request, runtime: EndpointRuntime, wait_ms: int) -> Response:
+        job_id = request.path_params["job_id"]
+        job = _job_or_404(runtime, job_id)
+        if wait_ms:
+            await runtime.wait_change(job, wait_ms / 1000.0)
+            job = _job_or_404(runtime, job_id)
+        return JSONResponse(job.payload())
 
     async def stream(request: Request, runtime: EndpointRuntime) -> Response:
-        job = _job_or_404(runtime, request.path_params["job_id"])
+        job_id = request.path_params["job_id"]
+        job = _job_or_404(runtime, job_id)
+        wait_ms = _wait_ms(request, 0)
+        if wait_ms:
+            await runtime.wait_stream(job, wait_ms / 1000.0)
+            job = _job_or_404(runtime, job_id)
         return JSONResponse({"status": job.status.value, "stream": runtime.take_stream(job)})
 
     async def cancel(request: Request, runtime: EndpointRuntime) -> Response:
@@ -438,25 +492,51 @@ def create_runpod_app(
     async def mount(request: Request) -> Response:
         if not _authorized(request):
             return _error(401, "Unauthorized: send 'Authorization: Bearer <api key>'")
-        body = await _json_body(request)
+        try:
+            body = await _json_body(request)
+        except _HTTPProblem as problem:
+            return _error(problem.status_code, problem.message)
         if not isinstance(body, dict) or not isinstance(body.get("handler"), str):
-            return _error(400, "send {'handler': 'package.module:function', 'workers'?: n, 'faults'?: {...}}")
+            return _error(
+                400,
+                "send {'handler': 'package.module:function' or 'path/to/worker.py', "
+                "'workers'?: n, 'faults'?: {...}}",
+            )
+        endpoint_id = request.path_params["endpoint_id"]
         try:
             config = EndpointConfig(
                 handler=body["handler"],
                 workers=int(body.get("workers", 4)),
                 faults=Faults.model_validate(body.get("faults") or {}),
+                return_aggregate_stream=bool(body.get("return_aggregate_stream", False)),
+                refresh_worker=bool(body.get("refresh_worker", False)),
             )
-            state.add_endpoint(request.path_params["endpoint_id"], config)
+            # A worker file is imported here, and its module-level code may take a while (a model
+            # load): off the event loop, so the other endpoints keep answering.
+            runtime = await asyncio.to_thread(state.make_endpoint, endpoint_id, config)
         except (ValueError, TypeError) as exc:
             return _error(400, str(exc))
-        return JSONResponse({"endpoint_id": request.path_params["endpoint_id"], "handler": body["handler"]})
+        state.mount(runtime)
+        spec = runtime.spec
+        return JSONResponse(
+            {
+                "endpoint_id": endpoint_id,
+                "handler": body["handler"],
+                "workers": config.workers,
+                "return_aggregate_stream": spec.return_aggregate_stream,
+                "concurrency_modifier": spec.concurrency_modifier is not None,
+                "refresh_worker": spec.refresh_worker,
+            }
+        )
 
     prefix = "/v2/{endpoint_id}"
     routes = [
         Route(f"{prefix}/run", job_route("run", run), methods=["POST"]),
         Route(f"{prefix}/runsync", job_route("runsync", runsync), methods=["POST"]),
         Route(f"{prefix}/status/{{job_id}}", job_route("status", status), methods=["GET", "POST"]),
+        Route(
+            f"{prefix}/status-sync/{{job_id}}", job_route("status-sync", status_sync), methods=["GET", "POST"]
+        ),
         Route(f"{prefix}/stream/{{job_id}}", job_route("stream", stream), methods=["GET", "POST"]),
         Route(f"{prefix}/cancel/{{job_id}}", job_route("cancel", cancel), methods=["POST"]),
         Route(f"{prefix}/retry/{{job_id}}", job_route("retry", retry), methods=["POST"]),

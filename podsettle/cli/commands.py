@@ -190,6 +190,14 @@ def sandbox(
     ledger: Annotated[
         str | None, typer.Option(help="SQLite file for the escrow ledger (default: memory).")
     ] = None,
+    endpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--endpoint",
+            metavar="NAME=PATH",
+            help="Serve a RunPod worker file (or its folder) unchanged as endpoint NAME; repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the RunPod-compatible and Purple Flea-compatible sandbox APIs on one port."""
     with user_errors():
@@ -197,13 +205,33 @@ def sandbox(
 
         from podsettle.sandbox.app import SandboxApp
 
-        sandbox_app = SandboxApp(ledger_path=ledger)
+        mounted = _endpoint_options(endpoint or [])
+        try:
+            sandbox_app = SandboxApp(ledger_path=ledger, endpoints=mounted)
+        except ValueError as error:  # a worker file that cannot be mounted, a bad endpoint name
+            fail(str(error))
         base = f"http://{host}:{port}"
+        for name, path in mounted.items():
+            typer.echo(f"Endpoint {name}: {path}  ->  {base}/v2/{name}/run")
         typer.echo(f"RunPod serverless API:  {base}/v2   (RUNPOD_ENDPOINT_BASE_URL; any non-empty key)")
         typer.echo(f"Purple Flea escrow API: {base}       (PODSETTLE_ESCROW_URL; dialects v1 and seed)")
         typer.echo(f'Admin: POST {base}/sandbox/agents {{"balance": "100.00"}} ; GET {base}/sandbox/ledger')
         sys.stdout.flush()
         uvicorn.run(sandbox_app, host=host, port=port, log_level="warning", lifespan="off")
+
+
+def _endpoint_options(values: list[str]) -> dict[str, str]:
+    """`--endpoint NAME=PATH` options as {name: path}; a name given twice is a usage error."""
+    mounted: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            fail(f"--endpoint takes NAME=path/to/worker.py, got {value!r}")
+        if name in mounted:
+            fail(f"--endpoint {name} is given twice")
+        mounted[name] = path
+    return mounted
 
 
 # ---------------------------------------------------------------------------------------- jobs

@@ -58,8 +58,12 @@ def emulator() -> Iterator[BackgroundServer]:
             "count": EndpointConfig(handler="tests.runpod_user_handlers:count", workers=2),
             "serial": EndpointConfig(handler="tests.runpod_user_handlers:tagged_sleep", workers=1),
             "async-double": EndpointConfig(handler="tests.runpod_user_handlers:async_double"),
-            "tokens": EndpointConfig(handler="tests.runpod_user_handlers:tokens"),
-            "async-tokens": EndpointConfig(handler="tests.runpod_user_handlers:async_tokens"),
+            "tokens": EndpointConfig(
+                handler="tests.runpod_user_handlers:tokens", return_aggregate_stream=True
+            ),
+            "async-tokens": EndpointConfig(
+                handler="tests.runpod_user_handlers:async_tokens", return_aggregate_stream=True
+            ),
             "broken-stream": EndpointConfig(handler="tests.runpod_user_handlers:broken_stream"),
             "error-object": EndpointConfig(handler="tests.runpod_user_handlers:error_object"),
             "error-text": EndpointConfig(handler="tests.runpod_user_handlers:error_text"),

@@ -31,7 +31,9 @@ class ShiftableClock:
 async def compute() -> AsyncIterator[InProcessCompute]:
     endpoints = {
         "count": EndpointConfig(handler="tests.runpod_user_handlers:count"),
-        "tokens": EndpointConfig(handler="tests.runpod_user_handlers:async_tokens"),
+        "tokens": EndpointConfig(
+            handler="tests.runpod_user_handlers:async_tokens", return_aggregate_stream=True
+        ),
         "sync-tokens": EndpointConfig(handler=user.tokens),
     }
     async with InProcessCompute(endpoints, seed=1, policy_bounds=SHORT) as gateway:
@@ -125,8 +127,13 @@ async def test_http_faults_surface_as_the_adapters_errors(compute: InProcessComp
 
 async def test_generators_and_callables_as_handlers(compute: InProcessCompute) -> None:
     a = await compute.wait("tokens", await compute.submit("tokens", {"text": "x y"}), timeout_s=5)
-    b = await compute.wait("sync-tokens", await compute.submit("sync-tokens", {"text": "x y"}), timeout_s=5)
-    assert a.state.output == ["X", "Y"] and b.state.output == ["x", "y"]
+    b_id = await compute.submit("sync-tokens", {"text": "x y"})
+    b = await compute.wait("sync-tokens", b_id, timeout_s=5)
+    assert a.state.output == ["X", "Y"]  # return_aggregate_stream: the parts are the output
+    # Without it, as on RunPod: COMPLETED with output [], the parts only on /stream.
+    assert (b.state.status, b.state.has_output, b.state.output) == (RunStatus.COMPLETED, True, [])
+    job = compute.state.endpoints["sync-tokens"].jobs[b_id]
+    assert compute.state.endpoints["sync-tokens"].take_stream(job) == [{"output": "x"}, {"output": "y"}]
 
 
 async def test_webhooks_go_to_the_sink(compute: InProcessCompute) -> None:
