@@ -9,6 +9,7 @@ in-process and sandbox wirings must not pick up an operator's production keys). 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -21,7 +22,9 @@ from pydantic_settings import (
 )
 
 from podsettle.adapters.persistence import DEFAULT_STORE
+from podsettle.domain.errors import InvalidInput
 from podsettle.domain.escrow_job import check_id
+from podsettle.domain.money import to_money
 
 
 class ConfigError(ValueError):
@@ -99,6 +102,20 @@ class Settings(BaseSettings):
     # The agent registration and faucet services that `podsettle onboard` calls.
     casino_url: str = Field(default="https://casino.purpleflea.com", validation_alias="PODSETTLE_CASINO_URL")
     faucet_url: str = Field(default="https://faucet.purpleflea.com", validation_alias="PODSETTLE_FAUCET_URL")
+    # Spending limits for agents (the MCP tools), set by the operator; unset means no limit of that
+    # kind. Checked before anything is opened or funded (podsettle/limits.py).
+    limit_max_budget: Decimal | None = Field(default=None, validation_alias="PODSETTLE_LIMIT_MAX_BUDGET")
+    limit_daily_total: Decimal | None = Field(default=None, validation_alias="PODSETTLE_LIMIT_DAILY_TOTAL")
+    # NoDecode: `a,b` in the environment, not JSON.
+    limit_endpoints: Annotated[frozenset[str] | None, NoDecode] = Field(
+        default=None, validation_alias="PODSETTLE_LIMIT_ENDPOINTS"
+    )
+    limit_payees: Annotated[frozenset[str] | None, NoDecode] = Field(
+        default=None, validation_alias="PODSETTLE_LIMIT_PAYEES"
+    )
+    # `podsettle mcp` on the embedded sandbox of both services (loopback HTTP, a funded payer of its
+    # own, no keys) instead of Purple Flea and RunPod: for trying the tools, and for their tests.
+    sandbox: bool = Field(default=False, validation_alias="PODSETTLE_SANDBOX")
 
     @classmethod
     def settings_customise_sources(
@@ -162,6 +179,29 @@ class Settings(BaseSettings):
                 parsed[endpoint.strip()] = payee.strip()
             return parsed
         return value
+
+    @field_validator("limit_max_budget", "limit_daily_total", mode="before")
+    @classmethod
+    def _limit_amount(cls, value: Any) -> Any:
+        """A USDC amount given as text (never a float), checked like every amount."""
+        if value is None:
+            return None
+        try:
+            return to_money(value.strip() if isinstance(value, str) else value, "limit", allow_zero=False)
+        except InvalidInput as error:
+            raise ValueError(error.reason) from None
+
+    @field_validator("limit_endpoints", "limit_payees", mode="before")
+    @classmethod
+    def _parse_names(cls, value: Any) -> Any:
+        """`a,b` in the environment; any collection of names from Python; empty names are refused."""
+        if value is None:
+            return None
+        names = value.split(",") if isinstance(value, str) else list(value)
+        cleaned = frozenset(str(name).strip() for name in names)
+        if not cleaned or "" in cleaned:
+            raise ValueError("must name at least one id, separated by commas, with no empty names")
+        return cleaned
 
     @field_validator("payer", "payee")
     @classmethod

@@ -599,6 +599,27 @@ def onboard(
         typer.echo(f"faucet: {result['faucet']}")
 
 
+@app.command("mcp")
+def mcp_server(
+    store: StoreOption = None,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox", help="Run on the embedded sandbox (no keys, no network; $PODSETTLE_SANDBOX)."
+        ),
+    ] = False,
+) -> None:
+    """Serve the MCP tools on stdin/stdout, for an MCP client that starts podsettle as a subprocess
+    (spending limits: $PODSETTLE_LIMIT_MAX_BUDGET, _DAILY_TOTAL, _ENDPOINTS, _PAYEES)."""
+    from podsettle.mcp.stdio import serve_stdio
+    from podsettle.settings import Settings
+
+    with user_errors():
+        settings = Settings.from_env(store=store, sandbox=True if sandbox else None)
+        _store(settings.store)
+    run(serve_stdio(settings))
+
+
 def main() -> None:
     app()
 

@@ -32,6 +32,7 @@ LAYER_OF = {
     "podsettle.results": "application",
     "podsettle.engine": "application",
     "podsettle.settings": "application",
+    "podsettle.limits": "application",
     "podsettle.bootstrap": "bootstrap",
     # The front ends: the command line now; the MCP server and the dashboard when they land.
     "podsettle.cli": "frontend",
