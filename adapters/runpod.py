@@ -229,6 +229,11 @@ class _HealthJobs(_Body):
 class _HealthWorkers(_Body):
     idle: int = 0
     running: int = 0
+    # RunPod also reports workers that are starting, ready, throttled by capacity, or failing.
+    initializing: int = 0
+    ready: int = 0
+    throttled: int = 0
+    unhealthy: int = 0
 
 
 class _Health(_Body):

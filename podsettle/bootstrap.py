@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from podsettle.application import Settlements
@@ -163,12 +163,14 @@ def sandbox_engine(
     job_timeout_s: int = 600,
     sandbox_options: Mapping[str, Any] | None = None,
     processor: ProcessorConfig | None = None,
+    streaming: Collection[str] = (),
 ) -> Engine:
     """The engine over real loopback HTTP to a sandbox served in this process: the same adapters as
     production, a funded payer agent and a worker agent created through the admin routes.
 
     `endpoints` add RunPod endpoints: {name: "path/to/worker.py"} serves a RunPod worker file
-    unchanged (or a handler, `"package.module:function"`, an `EndpointConfig`)."""
+    unchanged (or a handler, `"package.module:function"`, an `EndpointConfig`); `streaming` names
+    the endpoints whose output is what `/stream` delivered (PODSETTLE_RUNPOD_STREAMING)."""
     from podsettle.adapters.purpleflea import purple_flea
     from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
     from podsettle.sandbox.app import Sandbox
@@ -195,6 +197,7 @@ def sandbox_engine(
             seed=seed,
             poll=PollPolicy(initial_s=0.05, factor=1.5),
             sync=SyncPolicy(),  # runsync with the contract's minimum wait, as production by default
+            streaming=streaming,
         )
     except BaseException:
         sandbox.stop()
@@ -206,6 +209,7 @@ def sandbox_engine(
         escrow_url=sandbox.url,
         escrow_dialect=dialect,  # type: ignore[arg-type]
         runpod_base_url=sandbox.runpod_url,
+        runpod_streaming=frozenset(streaming),
         concurrency=concurrency,
         job_timeout_s=job_timeout_s,
     )

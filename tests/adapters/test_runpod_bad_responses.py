@@ -587,3 +587,14 @@ async def test_a_short_key_is_redacted_as_a_word_and_never_cuts_letters_out_of_o
         with pytest.raises(GatewayError) as raised:
             await compute.status("echo", RUN_ID)
     assert "does not exist for key [redacted]" in str(raised.value)
+
+
+async def test_health_keeps_every_worker_count_runpod_reports() -> None:
+    workers = {"idle": 1, "running": 2, "initializing": 3, "ready": 4, "throttled": 5, "unhealthy": 6}
+    body = {
+        "jobs": {"completed": 7, "failed": 0, "inProgress": 2, "inQueue": 1, "retried": 0},
+        "workers": workers,
+    }
+    async with client(json_reply(body)) as compute:
+        health = await compute.health("echo")
+    assert health["workers"] == workers and health["jobs"]["completed"] == 7

@@ -117,3 +117,24 @@ async def test_three_progress_values_over_many_polls_are_three_events(tmp_path: 
     assert [item["value"] for item in progress] == ['{"pct":10}', '{"pct":50}', '{"pct":90}']
     human = runner.invoke(cli, ["status", str(result.job_id), "--store", f"sqlite:///{store}"])
     assert human.exit_code == 0 and "progress" in human.stdout and '{"pct":90}' in human.stdout
+
+
+WORKERS = Path(__file__).parents[1] / "data" / "runpod_workers"
+
+
+async def test_a_real_generator_worker_on_the_sandbox_is_refunded_unless_its_stream_is_read(
+    tmp_path: Path,
+) -> None:
+    """End to end: RunPod's documented generator file (no `return_aggregate_stream`) ends COMPLETED
+    with `[]` in the sandbox as on RunPod; the engine refunds it, and pays it once it reads `/stream`."""
+    text = {"text": "one two three"}
+    endpoints = {"gen": str(WORKERS / "stream_worker.py")}
+    async with Engine.sandbox(f"sqlite:///{tmp_path / 'a.db'}", endpoints=endpoints) as engine:
+        refunded = await engine.run_paid_job("gen", text, "0.50", acceptance=LISTS_PASS)
+    assert refunded.status == "refunded" and "empty aggregate" in (refunded.reason or "")
+    async with Engine.sandbox(
+        f"sqlite:///{tmp_path / 'b.db'}", endpoints=endpoints, streaming=["gen"]
+    ) as engine:
+        paid = await engine.run_paid_job("gen", text, "0.50", acceptance=LISTS_PASS)
+    assert paid.status == "paid"
+    assert paid.output == [{"token": "one"}, {"token": "two"}, {"token": "three"}]
