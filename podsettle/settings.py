@@ -28,6 +28,7 @@ class ConfigError(ValueError):
     """The configuration is incomplete or wrong; the message names the setting (never its secret)."""
 
 
+MIN_TOKEN_LENGTH = 16
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -93,6 +94,9 @@ class Settings(BaseSettings):
     # The agent registration and faucet services that `podsettle onboard` calls.
     casino_url: str = Field(default="https://casino.purpleflea.com", validation_alias="PODSETTLE_CASINO_URL")
     faucet_url: str = Field(default="https://faucet.purpleflea.com", validation_alias="PODSETTLE_FAUCET_URL")
+    # The bearer token `podsettle serve` asks of every request when set; without one it serves loopback
+    # only. Long enough that it cannot be guessed over the network.
+    token: SecretStr | None = Field(default=None, validation_alias="PODSETTLE_TOKEN")
 
     @classmethod
     def settings_customise_sources(
@@ -145,6 +149,13 @@ class Settings(BaseSettings):
                     raise ValueError(f"{pair!r} is not endpoint=payee")
                 parsed[endpoint.strip()] = payee.strip()
             return parsed
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters")
         return value
 
     @field_validator("payer", "payee")
