@@ -31,6 +31,7 @@ class ConfigError(ValueError):
     """The configuration is incomplete or wrong; the message names the setting (never its secret)."""
 
 
+MIN_TOKEN_LENGTH = 16
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -116,6 +117,9 @@ class Settings(BaseSettings):
     # `podsettle mcp` on the embedded sandbox of both services (loopback HTTP, a funded payer of its
     # own, no keys) instead of Purple Flea and RunPod: for trying the tools, and for their tests.
     sandbox: bool = Field(default=False, validation_alias="PODSETTLE_SANDBOX")
+    # The bearer token `podsettle serve` asks of every request when set; without one it serves loopback
+    # only. Long enough that it cannot be guessed over the network.
+    token: SecretStr | None = Field(default=None, validation_alias="PODSETTLE_TOKEN")
 
     @classmethod
     def settings_customise_sources(
@@ -202,6 +206,13 @@ class Settings(BaseSettings):
         if not cleaned or "" in cleaned:
             raise ValueError("must name at least one id, separated by commas, with no empty names")
         return cleaned
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters")
+        return value
 
     @field_validator("payer", "payee")
     @classmethod

@@ -234,6 +234,59 @@ def _endpoint_options(values: list[str]) -> dict[str, str]:
     return mounted
 
 
+# ---------------------------------------------------------------------------------------- serve
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (loopback by default; any other needs PODSETTLE_TOKEN).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8788,
+    store: StoreOption = None,
+) -> None:
+    """Serve the live dashboard of a store and its JSON API (and the MCP endpoint at /mcp)."""
+    import socket
+
+    from podsettle.web.security import InsecureBind, require_token_off_loopback
+
+    settings = _settings()
+    with user_errors():
+        try:
+            require_token_off_loopback(host, settings.token.get_secret_value() if settings.token else None)
+        except InsecureBind as error:
+            fail(str(error))
+    settlements = _settlements(store)
+    with user_errors():
+        import uvicorn
+
+        from podsettle.web.app import serve_app
+
+        # Bound here, before the app is built: its Host check needs the port (0 picks one).
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as error:
+            sock.close()
+            fail(f"--host {host} --port {port}: {error.strerror or error}", EXIT_FAILURE)
+        bound = sock.getsockname()[1]
+        web = serve_app(settlements, settings, host=host, port=bound)
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        typer.echo(f"podsettle dashboard: http://{shown}:{bound}/   (JSON API under /api; Ctrl-C stops)")
+        sys.stdout.flush()
+        config = uvicorn.Config(
+            web,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            proxy_headers=False,  # no proxy to trust: the Host check must see what the client sent
+            server_header=False,
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+
+
 # ---------------------------------------------------------------------------------------- jobs
 
 
