@@ -260,7 +260,7 @@ def serve(
     with user_errors():
         import uvicorn
 
-        from podsettle.web.app import serve_app
+        from podsettle.web.app import mcp_configured, serve_app
 
         # Bound here, before the app is built: its Host check needs the port (0 picks one).
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -275,6 +275,10 @@ def serve(
         web = serve_app(settlements, settings, host=host, port=bound)
         shown = f"[{host.strip('[]')}]" if ":" in host else host
         typer.echo(f"podsettle dashboard: http://{shown}:{bound}/   (JSON API under /api; Ctrl-C stops)")
+        if mcp_configured(settings):
+            typer.echo(f"MCP (StreamableHTTP): http://{shown}:{bound}/mcp")
+        else:
+            typer.echo("MCP at /mcp: off (needs PF_API_KEY and RUNPOD_API_KEY, or PODSETTLE_SANDBOX=1)")
         sys.stdout.flush()
         config = uvicorn.Config(
             web,

@@ -49,6 +49,12 @@ def mcp_app(settings: Settings, *, host: str, port: int) -> ASGIApp:
     )
 
 
+def mcp_configured(settings: Settings) -> bool:
+    """Whether the MCP tools have an engine to run: the embedded sandbox, or both services' keys.
+    Without one, `serve` serves the dashboard alone (it only reads the store)."""
+    return settings.sandbox or (settings.pf_api_key is not None and settings.runpod_api_key is not None)
+
+
 def create_app(
     settlements: Settlements,
     *,
@@ -85,7 +91,7 @@ def create_app(
 def serve_app(settlements: Settlements, settings: Settings, *, host: str, port: int) -> ASGIApp:
     """`create_app` as `podsettle serve` runs it: the token from the settings, the MCP app if any."""
     token = settings.token.get_secret_value() if settings.token is not None else None
-    mcp = mcp_app(settings, host=host, port=port)
+    mcp = mcp_app(settings, host=host, port=port) if mcp_configured(settings) else None
     return create_app(settlements, port=port, loopback=is_loopback(host), token=token, mcp=mcp)
 
 
