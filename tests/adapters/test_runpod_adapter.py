@@ -225,7 +225,14 @@ async def test_health_and_purge_queue(compute: RunPodCompute, emulator: Backgrou
     await until_running(compute, endpoint_id, first)
     health = await compute.health(endpoint_id)
     assert health["jobs"]["inQueue"] == 3 and health["jobs"]["inProgress"] == 1
-    assert health["workers"] == {"idle": 0, "running": 1}
+    assert health["workers"] == {
+        "idle": 0,
+        "running": 1,
+        "initializing": 0,
+        "ready": 0,
+        "throttled": 0,
+        "unhealthy": 0,
+    }
     assert await compute.purge_queue(endpoint_id) == 3
     assert [(await compute.status(endpoint_id, r)).status for r in queued] == [RunStatus.CANCELLED] * 3
     assert (await compute.status(endpoint_id, first)).status is RunStatus.IN_PROGRESS
