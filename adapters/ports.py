@@ -118,6 +118,7 @@ class EscrowReceipt:
     amount: Money
     fee: Money
     net: Money
+    payer: str | None = None  # the agent the service charged (v1's `creator_id`), when it says
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,17 @@ class EscrowGateway(Protocol):
     async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement: ...
 
     async def refund(
-        self, escrow_id: str, *, key: str, reason: str, expected: FeeSplit | None = None
+        self,
+        escrow_id: str,
+        *,
+        key: str,
+        reason: str,
+        expected: FeeSplit | None = None,
+        method: str | None = None,
     ) -> Settlement:
         """Return the money to the payer; raises `EscrowPending` while the service has not yet.
-        `expected` is the escrow's split as the engine recorded it, for services that report no amounts."""
+        `expected` is the escrow's split as the engine recorded it, for services that report no amounts;
+        `method` the job's recorded refund method (a service without a cancel route follows it)."""
         ...
 
     async def get(self, escrow_id: str) -> EscrowView: ...

@@ -23,6 +23,7 @@ from podsettle.domain.digests import canonical_json, digest_bytes
 from podsettle.domain.errors import InvalidInput
 from podsettle.domain.escrow_job import check_id
 from podsettle.domain.money import Money, fmt, to_money
+from podsettle.domain.rules import is_referral_code
 
 MIN_TIMEOUT_S = 5  # RunPod's smallest executionTimeout
 MAX_TIMEOUT_S = 7 * 24 * 3600  # RunPod's largest executionTimeout and ttl
@@ -51,6 +52,8 @@ class JobRequest:
     # The JSON value of `input_bytes` (so that encoding it again gives the same bytes), kept with the
     # job to submit it again after a crash.
     job_input: Mapping[str, Any] | None = None
+    dialect: str | None = None  # the escrow dialect whose fee rule the job's figures follow
+    refund_method: str | None = None  # how a refund is asked for (escrow_job.REFUND_METHODS)
 
 
 def build_request(
@@ -70,10 +73,14 @@ def build_request(
     known_checks: Mapping[str, object] | None = None,
     max_body_bytes: int = BODY_LIMITS["run"],
     description: str = "job",
+    dialect: str | None = None,
+    refund_method: str | None = None,
+    referral_codes: bool = False,
 ) -> JobRequest:
     """Check a caller's raw arguments and make them a `JobRequest`, or raise `InvalidInput` naming
     the field. `max_body_bytes` is the compute adapter's limit of the route it may use (/run's unless
-    the engine is sure of /runsync); `description` is the escrow's description as it will be sent."""
+    the engine is sure of /runsync); `description` is the escrow's description as it will be sent;
+    `referral_codes`: the escrow service takes only its own referral codes (`ref_` and 8 hex digits)."""
     check_id(job_key, "job_key")
     check_id(endpoint_id, "endpoint_id")
     if not isinstance(job_input, Mapping):
@@ -99,6 +106,12 @@ def build_request(
             "description",
             f"the escrow needs at least {MIN_DESCRIPTION_CHARS} characters, got {description!r}",
         )
+    if referral and referral_codes and not is_referral_code(referral):
+        raise InvalidInput(
+            "referral",
+            f"{referral!r} is not a Purple Flea referral code (ref_ and 8 lowercase hex digits, as the "
+            "referrer got it at registration); the service would ignore it and pay no referrer",
+        )
     rule = checks.validate(acceptance) if acceptance is not None else None
     if rule is not None and rule["kind"] == "custom" and rule["name"] not in (known_checks or {}):
         raise InvalidInput(
@@ -118,4 +131,6 @@ def build_request(
         acceptance=rule,
         bonus_pool=pool,
         job_input=json.loads(data),
+        dialect=dialect,
+        refund_method=refund_method,
     )
