@@ -232,12 +232,12 @@ async def test_codes_are_the_casinos_form_and_an_agent_id_is_refused_before_send
     sandbox: Sandbox,
 ) -> None:
     code_owner, _ = sandbox.agent("0")
-    payer, payer_key = sandbox.agent("10.00")
+    _, payer_key = sandbox.agent("10.00")
     worker, _ = sandbox.agent("0")
     assert len(sandbox.codes[code_owner]) == 12 and sandbox.codes[code_owner].startswith("ref_")
     before = sandbox.ledger()
     async with sandbox.adapter(payer_key) as pf:
-        with pytest.raises(Rejected, match="invalid_referral.*nothing was sent"):
+        with pytest.raises(Rejected, match=r"invalid_referral.*nothing was sent"):
             await _create(pf, worker, "1.00", referral=code_owner)  # an agent id, not its code
     assert sandbox.ledger() == before
 
