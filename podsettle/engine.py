@@ -537,17 +537,17 @@ class EngineCore:
         (`PayerMismatch`) when some were opened under another payer than this engine's: this key
         would pay for them under the wrong name."""
         await self.start()
-        ids = await self.writer.call(self._unfinished_jobs)
-        views = [await self.writer.view(job_id, fresh=True) for job_id in ids[0]]
-        others = sorted({view.payer for view in views if view.payer != self.payer})
+        ids, _ = await self.writer.call(self._unfinished_jobs)
+        payers: list[str] = await self.writer.call(lambda: [self.app.get_job(i).payer for i in ids])
+        others = sorted({payer for payer in payers if payer != self.payer})
         if others:
-            count = sum(1 for view in views if view.payer != self.payer)
+            count = sum(1 for payer in payers if payer != self.payer)
             raise PayerMismatch(
                 f"{count} unfinished job(s) were opened under payer {', '.join(others)}, and this "
                 f"engine pays as {self.payer} (PODSETTLE_PAYER and PF_API_KEY): resume them with that "
                 "payer's key; nothing was done"
             )
-        return [await self.wait(view.job_id) for view in views]
+        return [await self.wait(job_id) for job_id in ids]
 
     async def _check_payer(self) -> None:
         """Before any money moves: the configured payer must be the agent the escrow key belongs to
