@@ -181,7 +181,13 @@ class LedgerEscrow:
         raise Conflict(f"escrow {escrow_id} expired before the release and was refunded", status="refunded")
 
     async def refund(
-        self, escrow_id: str, *, key: str, reason: str, expected: FeeSplit | None = None
+        self,
+        escrow_id: str,
+        *,
+        key: str,
+        reason: str,
+        expected: FeeSplit | None = None,
+        method: str | None = None,  # the ledger cancels: every method returns the whole amount at once
     ) -> Settlement:
         with self.ledger.transaction() as tx:
             try:

@@ -114,6 +114,8 @@ class EscrowCapabilities:
     # What the service refuses to create, so that the engine refuses such a job before recording it.
     min_amount: Money = SMALLEST_AMOUNT
     min_description_chars: int = 0
+    # Referrals are the service's own codes (`ref_` and 8 hex digits), checked before anything is sent.
+    referral_codes: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class EscrowReceipt:
     amount: Money
     fee: Money
     net: Money
+    payer: str | None = None  # the agent the service charged (v1's `creator_id`), when it says
 
 
 @dataclass(frozen=True)
@@ -190,10 +193,17 @@ class EscrowGateway(Protocol):
     async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement: ...
 
     async def refund(
-        self, escrow_id: str, *, key: str, reason: str, expected: FeeSplit | None = None
+        self,
+        escrow_id: str,
+        *,
+        key: str,
+        reason: str,
+        expected: FeeSplit | None = None,
+        method: str | None = None,
     ) -> Settlement:
         """Return the money to the payer; raises `EscrowPending` while the service has not yet.
-        `expected` is the escrow's split as the engine recorded it, for services that report no amounts."""
+        `expected` is the escrow's split as the engine recorded it, for services that report no amounts;
+        `method` the job's recorded refund method (a service without a cancel route follows it)."""
         ...
 
     async def get(self, escrow_id: str) -> EscrowView: ...

@@ -6,8 +6,12 @@
 - `"v1"` (`PurpleFleaV1`), the routes the published server implements: `POST /escrow/create`,
   `/escrow/complete/{id}`, `/escrow/release/{id}`, `/escrow/dispute/{id}`, `GET /escrow/{id}`. It has
   no idempotency key, no lookup by key and no cancel: money comes back to the payer only through the
-  timeout sweep (or an operator after a dispute), so `refund()` asks for it (`refund_method`) and
-  reports the refund only once a read shows the escrow `refunded`, raising `EscrowPending` until then.
+  timeout sweep (the escrow's timeout plus up to 5 minutes, the commission kept; the default) or, after
+  a dispute, through Purple Flea's staff (the published service has no route that resolves one), so
+  `refund()` asks for it by the job's recorded method (`method`, else `refund_method`) and reports the
+  refund only once a read shows the escrow `refunded`, raising `EscrowPending` until then. Its amounts
+  follow the service's float arithmetic (rules.py, dialect "v1"). `verify_payer()` tells whether the
+  key belongs to an agent without being able to fund anything (contracts/purpleflea-escrow.md).
 - `"seed"` (`PurpleFleaSeed`), the routes of the product page: `POST /api/escrow/create|release|cancel`.
   Its responses carry no amounts and it has no read route, so the adapter computes the split itself
   from the fee rules, `get()` raises NotImplementedError, and after a create nothing is read back.
@@ -17,7 +21,9 @@
 Every response is validated with pydantic (unknown fields such as `_info` ignored). Amounts arrive as
 JSON numbers; the raw text is parsed with `parse_float=Decimal`, so a float never holds them. An
 amount that is not valid money (negative, more than 6 decimals, not a number) makes the body
-untrustworthy; valid amounts that differ from `rules.split` raise `AmountMismatch`.
+untrustworthy; valid amounts that differ from the dialect's `rules.split` raise `AmountMismatch`. A
+referral code that is not in the service's own form (`ref_` and 8 hex digits) is refused before sending:
+the service would ignore it without a word.
 
 What the engine can act on (statuses and transport failures map through adapters/http.py's table):
 - create: 400/402/404 `Rejected` (nothing moved); 401 `Unauthorized`; 403 `Forbidden`;
@@ -71,8 +77,8 @@ from podsettle.adapters.ports import (
     Unavailable,
 )
 from podsettle.domain.errors import InvalidAmount
-from podsettle.domain.money import ZERO, Money, fmt, to_money
-from podsettle.domain.rules import FeeSplit, referral_fee, split
+from podsettle.domain.money import MAX_AMOUNT, ZERO, Money, fmt, to_money
+from podsettle.domain.rules import FeeSplit, is_referral_code, referral_fee, split
 from podsettle.support.logs import Redactor, get_logger
 
 log = get_logger(__name__)
@@ -87,7 +93,11 @@ DEFAULT_BASE_URL = "https://escrow.purpleflea.com"
 MIN_AMOUNT = Money(Decimal("0.100000"))
 MIN_DESCRIPTION_CHARS = 3
 MAX_TIMEOUT_HOURS = 720
-SERVICE_MINIMUMS: dict[str, Any] = {"min_amount": MIN_AMOUNT, "min_description_chars": MIN_DESCRIPTION_CHARS}
+SERVICE_MINIMUMS: dict[str, Any] = {
+    "min_amount": MIN_AMOUNT,
+    "min_description_chars": MIN_DESCRIPTION_CHARS,
+    "referral_codes": True,
+}
 DEFAULT_RATE_LIMITS: dict[str, int] = {
     "create": 20,
     "complete": 30,
@@ -263,9 +273,15 @@ class PurpleFleaEscrow(ABC):
 
     @abstractmethod
     async def refund(
-        self, escrow_id: str, *, key: str, reason: str, expected: FeeSplit | None = None
+        self,
+        escrow_id: str,
+        *,
+        key: str,
+        reason: str,
+        expected: FeeSplit | None = None,
+        method: str | None = None,
     ) -> Settlement:
-        """Get the money back to the payer."""
+        """Get the money back to the payer (by `method`, the job's recorded refund method)."""
 
     @abstractmethod
     async def get(self, escrow_id: str) -> EscrowView:
@@ -294,9 +310,11 @@ class PurpleFleaEscrow(ABC):
 
     # v1 pays agents only; the seed dialect pays any wallet.
     payee_prefix: ClassVar[str | None] = None
+    # Purple Flea matches `referral_code` against its agents' own codes only (the engine's edge checks
+    # the form too, so that a job with a code the service would ignore is never recorded).
 
     def _refuse_what_the_service_would(
-        self, payee: str, amount: Money, description: str, timeout_hours: int
+        self, payee: str, amount: Money, description: str, timeout_hours: int, referral: str | None = None
     ) -> None:
         """The service's own checks, made here so that a create it would refuse is never sent."""
         refusal = None
@@ -308,6 +326,11 @@ class PurpleFleaEscrow(ABC):
             refusal = "invalid_timeout", f"timeout_hours must be 1..{MAX_TIMEOUT_HOURS}"
         elif self.payee_prefix and not payee.startswith(self.payee_prefix):
             refusal = "invalid_counterparty", f"the counterparty must be an agent id ({self.payee_prefix}...)"
+        elif referral and not is_referral_code(referral):
+            refusal = (
+                "invalid_referral",
+                "a referral code is ref_ and 8 lowercase hex digits; the service ignores any other",
+            )
         if refusal is not None:
             raise Rejected(f"create: {refusal[0]}: {refusal[1]}; nothing was sent", code=refusal[0])
 
@@ -442,12 +465,13 @@ class PurpleFleaV1(PurpleFleaEscrow):
     payee_prefix: ClassVar[str | None] = "ag_"
 
     def __init__(
-        self, base_url: str = DEFAULT_BASE_URL, *, refund_method: RefundMethod = "dispute", **options: Any
+        self, base_url: str = DEFAULT_BASE_URL, *, refund_method: RefundMethod = "timeout", **options: Any
     ) -> None:
         if refund_method not in ("dispute", "timeout"):
             raise ValueError(f"refund_method: must be 'dispute' or 'timeout', not {refund_method!r}")
         super().__init__(base_url, **options)
         self.refund_method: RefundMethod = refund_method
+        self._payer_checks: dict[str, bool] = {}  # agent id -> whether this adapter's key is theirs
         self.capabilities = EscrowCapabilities(
             idempotent_create=False, lookup_by_key=False, cancel=False, **SERVICE_MINIMUMS
         )
@@ -465,8 +489,8 @@ class PurpleFleaV1(PurpleFleaEscrow):
         send_within_s: float | None = None,
     ) -> EscrowReceipt:
         value = amount
-        self._refuse_what_the_service_would(payee, value, description, timeout_hours)
-        expected = split(value)
+        self._refuse_what_the_service_would(payee, value, description, timeout_hours, referral)
+        expected = split(value, dialect=self.dialect)
         body: dict[str, Any] = {
             "amount_usd": value,
             "description": description,
@@ -495,15 +519,63 @@ class PurpleFleaV1(PurpleFleaEscrow):
             raise AmountMismatch(
                 f"escrow {created.escrow_id} was created with amount {reported['amount']}, "
                 f"fee {reported['fee']}, net {reported['net']}; "
-                f"expected {fmt(expected.amount)}, {fmt(expected.fee)}, {fmt(expected.net)}",
-                reported=reported,
+                f"expected {fmt(expected.amount)}, {fmt(expected.fee)}, {fmt(expected.net)} "
+                "(the v1 rule)",
+                reported={
+                    **reported,
+                    "expected_fee": fmt(expected.fee),
+                    "expected_net": fmt(expected.net),
+                    "creator_id": created.creator_id or "",
+                },
             )
         if created.status is not EscrowStatus.FUNDED:
             self._untrusted(
                 f"escrow {created.escrow_id} was created with status {created.status.value!r}", True
             )
         log.info("escrow.created", key=key, escrow_id=created.escrow_id, amount=fmt(value), dialect="v1")
-        return EscrowReceipt(created.escrow_id, expected.amount, expected.fee, expected.net)
+        # The service's own figures (checked above against the rule) and the agent it charged.
+        return EscrowReceipt(
+            created.escrow_id,
+            Money(created.amount_usd),
+            Money(created.commission_usd),
+            Money(created.net_to_counterparty),
+            payer=created.creator_id,
+        )
+
+    async def verify_payer(self, agent_id: str) -> bool:
+        """Whether the key belongs to `agent_id`, by the one call that can tell without funding: a
+        create naming `agent_id` as counterparty for more than any balance holds. The service checks
+        `self_escrow` (the counterparty is the key's agent) before the counterparty, the balance and
+        any money: 400 self_escrow means yes; 404 counterparty_not_found or 402 means no. It uses one
+        slot of the create limit, once per agent asked about (the answer is kept). Raises
+        `Unauthorized` for a key the service does not know."""
+        known = self._payer_checks.get(agent_id)
+        if known is not None:
+            return known
+        body: dict[str, Any] = {
+            "amount_usd": MAX_AMOUNT,
+            "description": "podsettle payer check (never funded)",
+            "counterparty_agent_id": agent_id,
+            "timeout_hours": 1,
+        }
+        response = await self._call("create", "POST", "/escrow/create", body=body, money=False)
+        code = self._error_text(response)[0] if response.status >= 400 else ""
+        if response.status == 400 and code == "self_escrow":
+            self._payer_checks[agent_id] = True
+            return True
+        if response.status == 402 or (response.status == 404 and code == "counterparty_not_found"):
+            self._payer_checks[agent_id] = False
+            return False
+        if 200 <= response.status < 300:
+            # A balance above a billion: the probe was funded. Say so loudly; never silently.
+            created = self._json(response, "payer check", money=True)
+            escrow_id = created.get("escrow_id") if isinstance(created, dict) else None
+            log.error("escrow.payer_check_funded", escrow_id=escrow_id)
+            raise OutcomeUnknown(
+                f"the payer check created escrow {escrow_id}: its amount is locked until its timeout"
+            )
+        self._expect_status(response, "payer check", (), money=False)
+        raise BadResponse(f"payer check: HTTP {response.status} {code} does not tell the key's agent")
 
     async def release(self, escrow_id: str, *, key: str, expected: FeeSplit) -> Settlement:
         """Checks the reported net and fee against `expected`; the referral fee reported is accepted
@@ -526,7 +598,7 @@ class PurpleFleaV1(PurpleFleaEscrow):
             "fee": fmt(released.commission),
             "referral_fee": fmt(released.referral_commission),
         }
-        allowed_referral = {ZERO, referral_fee(Money(released.commission))}
+        allowed_referral = {ZERO, referral_fee(Money(released.commission), self.dialect)}
         if (
             released.amount_released != expected.net
             or released.commission != expected.fee
@@ -549,12 +621,19 @@ class PurpleFleaV1(PurpleFleaEscrow):
         )
 
     async def refund(
-        self, escrow_id: str, *, key: str, reason: str, expected: FeeSplit | None = None
+        self,
+        escrow_id: str,
+        *,
+        key: str,
+        reason: str,
+        expected: FeeSplit | None = None,
+        method: str | None = None,
     ) -> Settlement:
         """Reads the escrow: `refunded` gives the Settlement (returned = amount - commission, the
-        commission kept); `funded`/`completed` asks for the refund by `refund_method` (`dispute`:
-        POST /escrow/dispute, `timeout`: nothing, the sweep refunds after auto_release_at) and raises
-        `EscrowPending`; `disputed` raises `EscrowPending`; `released` raises `Conflict`."""
+        commission kept); `funded`/`completed` asks for the refund by `method` (the job's; else this
+        adapter's `refund_method`): `timeout` does nothing (the sweep refunds after auto_release_at),
+        `dispute` POSTs /escrow/dispute (Purple Flea's staff must then act: no route resolves it), and
+        raises `EscrowPending`; `disputed` raises `EscrowPending`; `released` raises `Conflict`."""
         _check_id(escrow_id)
         view = await self.get(escrow_id)
         if view.status is EscrowStatus.REFUNDED:
@@ -569,7 +648,7 @@ class PurpleFleaV1(PurpleFleaEscrow):
                 escrow_id=escrow_id,
                 status=view.status.value,
             )
-        if self.refund_method == "timeout":
+        if (method or self.refund_method) != "dispute":
             when = view.auto_release_at.isoformat() if view.auto_release_at else "its timeout"
             raise EscrowPending(
                 f"escrow {escrow_id} is {view.status.value}: the timeout sweep refunds it after {when}",
@@ -651,7 +730,7 @@ class PurpleFleaV1(PurpleFleaEscrow):
         )
 
     def _check_view(self, view: EscrowView, amount: Money) -> None:
-        expected = split(amount)
+        expected = split(amount, dialect=self.dialect)
         if (view.amount, view.fee, view.net) != (expected.amount, expected.fee, expected.net):
             reported = {
                 "escrow_id": view.escrow_id,
@@ -706,8 +785,8 @@ class PurpleFleaSeed(PurpleFleaEscrow):
         send_within_s: float | None = None,
     ) -> EscrowReceipt:
         value = amount
-        self._refuse_what_the_service_would(payee, value, description, timeout_hours)
-        expected = split(value)
+        self._refuse_what_the_service_would(payee, value, description, timeout_hours, referral)
+        expected = split(value, dialect=self.dialect)
         body: dict[str, Any] = {
             "payer_wallet": self.payer_id,
             "payee_wallet": payee,
@@ -734,9 +813,15 @@ class PurpleFleaSeed(PurpleFleaEscrow):
         return _released(escrow_id, expected)
 
     async def refund(
-        self, escrow_id: str, *, key: str, reason: str, expected: FeeSplit | None = None
+        self,
+        escrow_id: str,
+        *,
+        key: str,
+        reason: str,
+        expected: FeeSplit | None = None,
+        method: str | None = None,
     ) -> Settlement:
-        """`POST /api/escrow/cancel`: the whole amount back."""
+        """`POST /api/escrow/cancel`: the whole amount back (whatever `method` says: seed has cancel)."""
         _check_id(escrow_id)
         if expected is not None and escrow_id not in self._amounts:
             self.expect(escrow_id, expected.amount)  # created before this adapter existed
@@ -786,7 +871,7 @@ def purple_flea(
     *,
     dialect: Dialect = "v1",
     payer_id: str | None = None,
-    refund_method: RefundMethod = "dispute",
+    refund_method: RefundMethod = "timeout",
     **options: Any,
 ) -> PurpleFleaEscrow:
     """The escrow adapter for `dialect` ("v1" or "seed"); `refund_method` is v1's, `payer_id` seed's.

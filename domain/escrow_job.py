@@ -45,6 +45,15 @@ MAX_PROGRESS = 32
 PROGRESS_TEXT_MAX = 256
 JOB_NAMESPACE = uuid.UUID("6f1c1d5e-8a4b-4f0e-9a57-2f6f3c1e7b11")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$")
+# How a failed job's escrow comes back to the payer, chosen when the job opens (`EscrowJob.refund_method`):
+# "timeout" waits for the v1 service's sweep (the only path the published service completes: the
+# escrow's timeout plus up to 5 minutes, the commission kept); "dispute" asks Purple Flea's staff
+# (the published service has no route that resolves a dispute); "cancel" is a service's own cancel
+# route (seed dialect, local ledger: the whole amount back at once).
+REFUND_METHODS = ("timeout", "dispute", "cancel")
+# Jobs recorded before the choice was (refund_method None) are refunded by the path that returns
+# money on the published service.
+DEFAULT_REFUND_METHOD = "timeout"
 
 
 class Step(StrEnum):
@@ -240,6 +249,10 @@ class JobView(NamedTuple):
     bonus_escrow_id: str | None
     bonus_funded: BonusFunding | None
     bonus_awarded: BonusAward | None
+    # The escrow dialect whose fee rule the job's figures follow, and how a refund is asked for
+    # (REFUND_METHODS); both None for a job recorded before they were.
+    dialect: str | None
+    refund_method: str | None
     version: int
 
     @property
@@ -250,6 +263,11 @@ class JobView(NamedTuple):
     @property
     def status(self) -> Status:
         return status_of(self.state)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the caller should know though nothing is wrong with the money (not ATTENTION)."""
+        return warnings_of(self.referral, self.released)
 
     @property
     def funding(self) -> Funding | None:
@@ -294,7 +312,7 @@ class EscrowJob(Aggregate):
         class_version = 1
 
     class Opened(Aggregate.Created):
-        class_version = 1
+        class_version = 2
         job_key: str
         batch_id: str | None
         endpoint_id: str
@@ -306,6 +324,15 @@ class EscrowJob(Aggregate):
         acceptance: dict[str, Any]
         bonus_pool: Decimal | None
         deadline: datetime
+        dialect: str | None
+        refund_method: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            """Release 0.1.0 recorded neither: its figures were checked with the exact half-up rule
+            (dialect None keeps that rule), and its refunds follow the default path."""
+            state["dialect"] = None
+            state["refund_method"] = None
 
     class FundingRequested(Event):
         key: str
@@ -425,6 +452,8 @@ class EscrowJob(Aggregate):
         acceptance: dict[str, Any],
         bonus_pool: Money | None,
         deadline: datetime,
+        dialect: str | None,
+        refund_method: str | None,
     ) -> None:
         self.job_key = job_key
         self.batch_id = batch_id
@@ -437,6 +466,8 @@ class EscrowJob(Aggregate):
         self.acceptance = acceptance
         self.bonus_pool = bonus_pool
         self.deadline = deadline
+        self.dialect = dialect
+        self.refund_method = refund_method
         self.state = State.OPENED
         self.intent: Intent | None = None
         self.state_before_attention: State | None = None
@@ -484,9 +515,13 @@ class EscrowJob(Aggregate):
         referral: str | None = None,
         acceptance: dict[str, Any] | None = None,
         bonus_pool: Money | None = None,
+        dialect: str | None = None,
+        refund_method: str | None = DEFAULT_REFUND_METHOD,
     ) -> EscrowJob:
         """Open a job and, in the same save, ask for its escrow to be funded. The amounts arrive
-        parsed (`JobRequest`); they are checked again only as the job's invariants (positive, 6 places)."""
+        parsed (`JobRequest`); they are checked again only as the job's invariants (positive, 6 places).
+        `dialect` names the fee rule the service's figures must follow (rules.py); `refund_method`
+        how a refund will be asked for, whichever engine carries it out (REFUND_METHODS)."""
         check_id(job_key, "job_key")
         check_id(endpoint_id, "endpoint_id")
         check_id(payer, "payer")
@@ -499,6 +534,12 @@ class EscrowJob(Aggregate):
             raise InvalidInput("input_digest", "must be a sha256 hex digest")
         if deadline.tzinfo is None:
             raise InvalidInput("deadline", "must carry a time zone")
+        if dialect is not None and dialect not in rules.DIALECTS:
+            raise InvalidInput("dialect", f"must be one of {', '.join(rules.DIALECTS)}, not {dialect!r}")
+        if refund_method is not None and refund_method not in REFUND_METHODS:
+            raise InvalidInput(
+                "refund_method", f"must be one of {', '.join(REFUND_METHODS)}, not {refund_method!r}"
+            )
         amount = to_money(budget, "budget", allow_zero=False)
         pool = None if bonus_pool is None else to_money(bonus_pool, "bonus_pool")
         job = cls(
@@ -513,6 +554,8 @@ class EscrowJob(Aggregate):
             acceptance=dict(acceptance or {"kind": "non_empty"}),
             bonus_pool=pool,
             deadline=deadline,
+            dialect=dialect,
+            refund_method=refund_method,
         )
         job.trigger_event(cls.FundingRequested, key=f"{job_key}:fund")
         return job
@@ -625,7 +668,7 @@ class EscrowJob(Aggregate):
             raise self._conflict(
                 "record funded", f"escrow holds {fmt(amount_)}, budget is {fmt(self.budget)}"
             )
-        expected = rules.split(amount_)
+        expected = rules.split(amount_, dialect=self.dialect)
         if (fee_, net_) != (expected.fee, expected.net):
             raise self._conflict(
                 "record funded",
@@ -780,7 +823,10 @@ class EscrowJob(Aggregate):
             raise self._conflict("record failed", "the job already completed")
         self._guard("record failed", State.FUNDED, State.RUNNING)
         self.trigger_event(self.Failed, stage=stage, runpod_status=runpod_status, reason=reason)
-        self.trigger_event(self.RefundRequested, key=f"{self.job_key}:refund", method="refund")
+        # The method the job was opened with: the log says how the refund is asked for.
+        self.trigger_event(
+            self.RefundRequested, key=f"{self.job_key}:refund", method=self.refund_method or "refund"
+        )
 
     @event(Failed)
     def _failed(self, stage: str, runpod_status: str | None, reason: str) -> None:
@@ -942,7 +988,7 @@ class EscrowJob(Aggregate):
         self._refuse_during_attention("record bonus funded")
         if self.intent is None or self.intent.step != Step.BONUS_FUND:
             raise IllegalTransition(self.id, self.state, "record bonus funded", "no bonus is being funded")
-        expected = rules.split(amount_)
+        expected = rules.split(amount_, dialect=self.dialect)
         if amount_ != self.bonus_amount or (fee_, net_) != (expected.fee, expected.net):
             raise self._conflict(
                 "record bonus funded",
@@ -1057,6 +1103,12 @@ class EscrowJob(Aggregate):
                 found.append(f"funded {fmt(funded)} is not the budget {fmt(self.budget)}")
             if self.fee is not None and self.net is not None and self.fee + self.net != funded:
                 found.append("fee + net is not the funded amount")
+            expected = rules.split(funded, dialect=self.dialect)
+            if (self.fee, self.net) != (expected.fee, expected.net):
+                found.append(
+                    f"funded fee {fmt(self.fee or ZERO)} / net {fmt(self.net or ZERO)} are not the "
+                    f"{self.dialect or 'exact'} rule's {fmt(expected.fee)} / {fmt(expected.net)}"
+                )
         if self.released is not None:
             release = self.released
             if funded is None or release.to_payee + release.fee + release.returned != funded:
@@ -1115,6 +1167,14 @@ RESTING_EVENTS = (
 )
 
 
+def warnings_of(referral: str | None, released: Release | None) -> list[str]:
+    """A referral code the service ignored: the release paid no referrer its share (the service
+    matches only its agents' `ref_` codes, and says nothing when a code matches none)."""
+    if referral and released is not None and released.referral_fee == 0 and released.fee > 0:
+        return [f"referral code {referral!r} earned no share: the escrow service ignored it"]
+    return []
+
+
 def reason_of(view: JobView) -> str | None:
     """Why the job is not (yet) paid: the operator's question, the failure, or the rejection."""
     if view.attention:
@@ -1142,6 +1202,7 @@ def job_json(view: JobView) -> dict[str, Any]:
     }
     data.update({name: fmt(value) for name, value in zip(JobMoney._fields, view.money, strict=True)})
     data["reason"] = reason_of(view)
+    data["warnings"] = view.warnings
     data["attention"] = view.attention
     data["intent"] = None if view.intent is None else str(view.intent.step)
     data["progress"] = progress_json(view)

@@ -1,9 +1,22 @@
-"""Fee and bonus rules of the escrow service and the product page."""
+"""Fee and bonus rules of the escrow service and the product page.
+
+The fee rule belongs to the escrow dialect a job was opened under (`EscrowJob.dialect`):
+
+- `"v1"`, the published service: it computes in JavaScript on binary floats,
+  `commission = parseFloat((amount * 0.01).toFixed(6))`, `net = parseFloat((amount - commission).toFixed(6))`,
+  and the referrer's share `parseFloat((commission * 0.15).toFixed(6))`. For 0.10045 the float product is
+  0.00100449999..., so the service takes 0.001004 where exact half-up gives 0.001005. This module
+  reproduces those figures exactly (tests/data/v1-amounts holds a table node computed) and returns
+  them as Money; the floats stay inside `_js_fixed6`'s callers.
+- `"seed"` (and jobs recorded before the dialect was, `None`): exact decimal arithmetic rounded half up.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Final
 
 from podsettle.domain.errors import InvalidInput
 from podsettle.domain.money import QUANTUM, ZERO, Money, quantize, to_money
@@ -11,6 +24,15 @@ from podsettle.domain.money import QUANTUM, ZERO, Money, quantize, to_money
 COMMISSION_RATE = Decimal("0.01")
 REFERRAL_SHARE = Decimal("0.15")
 BONUS_THRESHOLD = Decimal("1.10")
+# The dialects whose fee rule differs; any other name (and None, for jobs recorded before the dialect
+# was) takes the exact half-up rule.
+V1: Final = "v1"
+SEED: Final = "seed"
+DIALECTS: Final = (V1, SEED)
+# A Purple Flea referral code as the casino generates it at registration: `ref_` and 4 random bytes in
+# lowercase hex. The escrow service matches `referral_code` against these codes only (an agent id or
+# any other text is silently ignored, and no referrer is paid).
+REFERRAL_CODE = re.compile(r"ref_[0-9a-f]{8}")
 
 
 @dataclass(frozen=True)
@@ -23,25 +45,63 @@ class FeeSplit:
     referral_fee: Money
 
 
-def commission(amount: Money) -> Money:
-    """1% of the amount, rounded half up to 6 places (the escrow service's `round(amount * 0.01, 6)`)."""
+def commission(amount: Money, dialect: str | None = None) -> Money:
+    """1% of the amount to 6 places by the dialect's rule (v1: the service's float arithmetic;
+    otherwise exact, rounded half up)."""
+    if dialect == V1:
+        return _js_fixed6(float(amount) * _JS_COMMISSION_RATE)  # float-ok: the service's own arithmetic
     return quantize(amount * COMMISSION_RATE)
 
 
-def referral_fee(fee: Money) -> Money:
-    """The referrer's 15% share of the commission, rounded half up to 6 places."""
+def referral_fee(fee: Money, dialect: str | None = None) -> Money:
+    """The referrer's 15% share of the commission to 6 places, by the dialect's rule."""
+    if dialect == V1:
+        return _js_fixed6(float(fee) * _JS_REFERRAL_RATE)  # float-ok: the service's own arithmetic
     return quantize(fee * REFERRAL_SHARE)
 
 
-def split(amount: Money, *, referred: bool = True) -> FeeSplit:
-    """The split of an escrow: fee + net == amount exactly; the referral share comes out of the fee."""
-    fee = commission(amount)
+def net_of(amount: Money, fee: Money, dialect: str | None = None) -> Money:
+    """What the payee gets: amount - fee (v1 subtracts in floats and rounds with toFixed(6), which
+    gives the exact difference for every amount the engine accepts; computed the service's way all
+    the same, so that a difference would show in the tests against node's figures)."""
+    if dialect == V1:
+        return _js_fixed6(float(amount) - float(fee))  # float-ok: the service's own arithmetic
+    return Money(amount - fee)
+
+
+def split(amount: Money, *, referred: bool = True, dialect: str | None = None) -> FeeSplit:
+    """The split of an escrow by the dialect's rule; the referral share comes out of the fee."""
+    fee = commission(amount, dialect)
     return FeeSplit(
         amount=amount,
         fee=fee,
-        net=Money(amount - fee),
-        referral_fee=referral_fee(fee) if referred else ZERO,
+        net=net_of(amount, fee, dialect),
+        referral_fee=referral_fee(fee, dialect) if referred else ZERO,
     )
+
+
+def is_referral_code(code: str) -> bool:
+    """`code` has the form of a Purple Flea referral code (`ref_` and 8 lowercase hex digits)."""
+    return REFERRAL_CODE.fullmatch(code) is not None
+
+
+# The service's rates as the JavaScript literals 0.01 and 0.15: IEEE-754 doubles, the same in Python.
+_JS_COMMISSION_RATE: Final = 0.01  # float-ok: the service multiplies by this double
+_JS_REFERRAL_RATE: Final = 0.15  # float-ok: the service multiplies by this double
+
+
+def _js_fixed6(value: float) -> Money:  # float-ok: reads a double the service computed, returns Money
+    """JavaScript's `parseFloat(value.toFixed(6))` for a non-negative double, as Money.
+
+    `toFixed(6)` picks the integer n nearest to value x 10^6 computed on the double's *exact* binary
+    value, the larger n on a tie: exact half-up rounding of `Decimal(value)`, which is that exact value.
+    `parseFloat` then gives the double nearest to those 6 decimals, which prints back as the same
+    6 decimals: so the Money is the 6-decimal text itself. (Python's float is the same IEEE-754 double
+    as JavaScript's Number, and its `*` and `-` round the same way.)
+    """
+    if not value >= 0 or value >= 1e21:  # toFixed switches to exponent notation there; NaN fails too
+        raise ValueError(f"{value!r} is outside the amounts the escrow service computes with")
+    return Money(Decimal(value).quantize(QUANTUM, rounding=ROUND_HALF_UP))
 
 
 def to_metric(value: object, field: str) -> Decimal:

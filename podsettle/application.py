@@ -120,6 +120,8 @@ class Settlements(Application[UUID]):
             referral=spec.referral,
             acceptance=dict(spec.acceptance) if spec.acceptance is not None else None,
             bonus_pool=spec.bonus_pool,
+            dialect=spec.dialect,
+            refund_method=spec.refund_method,
         )
 
     def matches_existing(self, job: EscrowJob) -> bool:
@@ -173,6 +175,18 @@ class Settlements(Application[UUID]):
                         continue
                 originator = notification.originator_id
                 yield originator if isinstance(originator, UUID) else UUID(str(originator))
+
+    def payers(self) -> list[str]:
+        """The payers jobs were opened under, in the order they first appear (read from the Opened
+        events; used only to name the agent a key belongs to when it is not the configured payer)."""
+        found: dict[str, None] = {}
+        opened = LogFollower(self.recorder, topics=[self._opened_topic], page_size=500)
+        for page in opened.pages_after(0):
+            for notification in page.notifications:
+                payer = getattr(self.mapper.to_domain_event(notification), "payer", None)
+                if isinstance(payer, str):
+                    found[payer] = None
+        return list(found)
 
     def list_jobs(self, *, state: State | str | None = None, batch_id: str | None = None) -> list[EscrowJob]:
         wanted = None if state is None else State(str(state).upper())

@@ -14,10 +14,12 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from podsettle.application import Settlements
-from podsettle.engine import EngineCore
+from podsettle.engine import REFUND_BY_DISPUTE_WARNING, EngineCore
 from podsettle.processor import ProcessorConfig
 from podsettle.settings import ConfigError, Settings
-from podsettle.support.logs import configure_logging, hide
+from podsettle.support.logs import configure_logging, get_logger, hide
+
+log = get_logger("podsettle.bootstrap")
 
 # Connections per service (kept alive by adapters/http.py); a runsync holds one for the length of its
 # wait, so there are more than the default 32 jobs in flight.
@@ -116,6 +118,8 @@ def engine_from_settings(settings: Settings) -> Engine:
         raise ConfigError("PODSETTLE_PAYER: the payer's agent id (ag_...) is required")
     keys = (settings.pf_api_key, settings.pf_worker_key, settings.runpod_api_key)
     hide(*(key.get_secret_value() for key in keys if key is not None))
+    if settings.escrow_dialect == "v1" and settings.refund_method == "dispute":
+        log.warning("engine.refund_by_dispute", detail=REFUND_BY_DISPUTE_WARNING)
     escrow = purple_flea(
         settings.escrow_url,
         payer_key=settings.pf_api_key.get_secret_value(),
@@ -189,6 +193,9 @@ def sandbox_engine(
             worker_key=worker.api_key,
             dialect=dialect,  # type: ignore[arg-type]
             payer_id=payer.agent_id,
+            # This sandbox reviews a dispute at once (dispute_review above), so a dispute is its
+            # quickest refund; the published service never resolves one (see Settings.refund_method).
+            refund_method="dispute",
             rate_limits=SANDBOX_RATE_LIMITS,
         )
         compute = RunPodCompute(
@@ -208,6 +215,7 @@ def sandbox_engine(
         payee=worker.agent_id,
         escrow_url=sandbox.url,
         escrow_dialect=dialect,  # type: ignore[arg-type]
+        refund_method="dispute",
         runpod_base_url=sandbox.runpod_url,
         runpod_streaming=frozenset(streaming),
         concurrency=concurrency,

@@ -34,7 +34,7 @@ from podsettle.processor import Processor, ProcessorConfig
 from podsettle.projections.follower import LogFollower, Page, TrackedPosition
 from podsettle.projections.rows import Totals as Totals  # the batch result's totals, re-exported
 from podsettle.requests import JobRequest, build_request
-from podsettle.settings import Settings
+from podsettle.settings import ConfigError, Settings
 from podsettle.support.logs import configure_logging, get_logger
 from podsettle.writer import JobWriter
 
@@ -62,6 +62,32 @@ RESTING_TOPICS = frozenset(get_topic(cls) for cls in RESTING_EVENTS)
 JOB_TOPIC_PREFIX = get_topic(EscrowJob) + "."
 
 
+class PayerMismatch(ConfigError):
+    """The configured payer is not the agent the escrow key belongs to (or the log's jobs were opened
+    under another payer than this engine's): nothing is funded under a name the service would not
+    charge. The message names both agents."""
+
+
+REFUND_BY_DISPUTE_WARNING = (
+    "refunds are asked for by dispute: the published Purple Flea service has no route that resolves "
+    "a dispute, and its timeout sweep skips disputed escrows; the money comes back only if Purple "
+    "Flea's staff act. The default, PODSETTLE_REFUND_METHOD=timeout, lets the sweep return it."
+)
+
+
+def refund_terms(method: str, *, cancel: bool) -> str:
+    """How long a refund takes on the escrow service and what it costs, in one line for the user."""
+    if cancel:
+        return "a failed job's escrow is cancelled: the whole amount comes back at once"
+    if method == "dispute":
+        return "a failed job's escrow is disputed: " + REFUND_BY_DISPUTE_WARNING
+    return (
+        "a failed job's escrow comes back through the service's timeout sweep: after the escrow's "
+        "timeout (the job's deadline plus an hour, rounded up to whole hours) and up to 5 minutes "
+        "more, less the 1% commission, which the service keeps"
+    )
+
+
 @dataclass(frozen=True)
 class JobResult:
     """A job as its caller sees it: its status (`Status`), and where its money is (`JobMoney`)."""
@@ -82,7 +108,12 @@ class JobResult:
     reason: str | None
     attention: dict[str, str] | None
     execution_ms: int | None
-    view: JobView = field(repr=False, compare=False)  # for `to_json`, built only when it is asked for
+    view: JobView = field(repr=False, compare=False)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the caller should know though the money is right (a referral code the service ignored)."""
+        return self.view.warnings  # for `to_json`, built only when it is asked for
 
     @property
     def paid(self) -> bool:
@@ -191,6 +222,10 @@ class EngineCore:
         self.compute = compute
         self.payer = check_id(payer, "payer") or payer
         self.settings = settings or Settings()
+        # Recorded on every job this engine opens: the fee rule the service's figures follow, and
+        # how a refund will be asked for, whichever engine later carries it out.
+        self.dialect: str | None = getattr(escrow, "dialect", None)
+        self.refund_method = "cancel" if escrow.capabilities.cancel else self.settings.refund_method
         self.clock = clock
         self.follow_interval_s = follow_interval_s
         self.recover_on_start = recover_on_start
@@ -205,6 +240,7 @@ class EngineCore:
             checks=self._checks,
             clock=clock,
         )
+        self.processor.payer = self.payer
         self._driving: dict[uuid.UUID, asyncio.Task[JobView]] = {}
         self._background: list[asyncio.Task[Any]] = []
         self._closers = _Closers()
@@ -234,6 +270,11 @@ class EngineCore:
         self._started = True
         configure_logging(self.settings.log_level)
         self.writer.start()
+        try:
+            await self._check_payer()
+        except BaseException:
+            self._started = False
+            raise
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self._measure_stalls(), name="podsettle-stalls"))
         position = 0
@@ -298,6 +339,8 @@ class EngineCore:
             body_and_limit=self.compute.body_and_limit,
             escrow=self.escrow.capabilities,
             description=self.processor.config.description.format(endpoint_id=endpoint_id, job_key=job_key),
+            dialect=self.dialect,
+            refund_method=self.refund_method,
         )
 
     async def submit(
@@ -482,10 +525,39 @@ class EngineCore:
         await self.compute.health(endpoint_id)
 
     async def resume(self) -> list[JobResult]:
-        """Finish every job that is not resting (the CLI's `resume`); their results."""
+        """Finish every job that is not resting (the CLI's `resume`); their results. Refuses
+        (`PayerMismatch`) when some were opened under another payer than this engine's: this key
+        would pay for them under the wrong name."""
         await self.start()
-        ids = await self.writer.call(self._unfinished_jobs)
-        return [await self.wait(job_id) for job_id in ids[0]]
+        ids, _ = await self.writer.call(self._unfinished_jobs)
+        payers: list[str] = await self.writer.call(lambda: [self.app.get_job(i).payer for i in ids])
+        others = sorted({payer for payer in payers if payer != self.payer})
+        if others:
+            count = sum(1 for payer in payers if payer != self.payer)
+            raise PayerMismatch(
+                f"{count} unfinished job(s) were opened under payer {', '.join(others)}, and this "
+                f"engine pays as {self.payer} (PODSETTLE_PAYER and PF_API_KEY): resume them with that "
+                "payer's key; nothing was done"
+            )
+        return [await self.wait(job_id) for job_id in ids]
+
+    async def _check_payer(self) -> None:
+        """Before any money moves: the configured payer must be the agent the escrow key belongs to
+        (learned once per key through a call that cannot fund anything, when the service has one)."""
+        verify = getattr(self.escrow, "verify_payer", None)
+        if verify is None or await verify(self.payer):
+            return
+        known: list[str] = await self.writer.call(self.app.payers)
+        owner = None
+        for agent in known:
+            if agent != self.payer and await verify(agent):
+                owner = agent
+                break
+        whose = f"to agent {owner}" if owner else "to another agent"
+        raise PayerMismatch(
+            f"PODSETTLE_PAYER is {self.payer}, but PF_API_KEY belongs {whose}: the service would charge "
+            "that agent while the log named this one; nothing was funded"
+        )
 
     # ------------------------------------------------------------------ driving
 

@@ -45,9 +45,9 @@ from podsettle.domain import EscrowJob, State, Step
 from podsettle.domain.acceptance import CustomCheck, evaluate
 from podsettle.domain.digests import canonical_json, digest, digest_bytes
 from podsettle.domain.errors import ClaimLost, DomainError, InvalidInput
-from podsettle.domain.escrow_job import Intent, JobView
-from podsettle.domain.money import ZERO, fmt
-from podsettle.domain.rules import split
+from podsettle.domain.escrow_job import DEFAULT_REFUND_METHOD, Intent, JobView
+from podsettle.domain.money import ZERO, Money, fmt
+from podsettle.domain.rules import FeeSplit, referral_fee, split
 from podsettle.support import logs
 from podsettle.support.logs import get_logger
 
@@ -139,6 +139,9 @@ class Processor:
         self._random = random.Random(self.config.seed)
         self._waits: dict[UUID, asyncio.Future[RunOutcome]] = {}
         self.pending_refunds: set[UUID] = set()
+        # The agent this processor's escrow key pays as (set by the engine): jobs opened under another
+        # payer are left alone, for an engine holding that payer's key.
+        self.payer: str | None = None
         self.claims_lost = 0  # races for an intent that another processor won
         self.deferred = 0  # times this processor left an intent to the processor holding its claim
         # Attempts this processor claimed together with the outcome before them, not yet carried out.
@@ -168,6 +171,9 @@ class Processor:
         """Carry out the job's intents until it rests (settled, rejected, or waiting for an operator).
         `fresh`: start from the store, not this engine's cache (another process wrote the job)."""
         view = await self.store.view(job_id, fresh=fresh)
+        if self.payer is not None and view.payer != self.payer and not view.rests:
+            log.warning("job.other_payer", **self._ids(view), payer=view.payer, engine_payer=self.payer)
+            return view
         waited_s = 0.0
         while not view.rests:
             intent = view.intent
@@ -372,6 +378,32 @@ class Processor:
                 Step.FUND, f"escrow reported other amounts: {error}", error.reported
             )
         escrow_id, amount, fee, net = receipt.escrow_id, receipt.amount, receipt.fee, receipt.net
+        # The create answer is checked before anything else moves (the start is recorded in the same
+        # save as the funding): the service's figures are the facts, and only a difference that the
+        # job's dialect's rule cannot explain, or another payer charged, waits for an operator.
+        expected = split(view.budget, dialect=view.dialect)
+        known = {
+            "escrow_id": escrow_id,
+            "amount": fmt(amount),
+            "fee": fmt(fee),
+            "net": fmt(net),
+            "expected_fee": fmt(expected.fee),
+            "expected_net": fmt(expected.net),
+        }
+        if (amount, fee, net) != (expected.amount, expected.fee, expected.net):
+            return self._attention_command(
+                Step.FUND,
+                f"escrow {escrow_id} holds {fmt(amount)} with fee {fmt(fee)} / net {fmt(net)}; the "
+                f"{view.dialect or 'exact'} rule gives {fmt(expected.amount)} with fee "
+                f"{fmt(expected.fee)} / net {fmt(expected.net)}",
+                known,
+            )
+        if receipt.payer is not None and receipt.payer != view.payer:
+            return self._attention_command(
+                Step.FUND,
+                f"escrow {escrow_id} was charged to agent {receipt.payer}, not the job's payer {view.payer}",
+                {**known, "creator_id": receipt.payer},
+            )
         self._info("escrow.funded", view, escrow_id=escrow_id, amount=fmt(amount))
         return lambda job: job.record_funded(escrow_id, amount, fee, net)
 
@@ -408,7 +440,7 @@ class Processor:
                 settlement = await self.escrow.release(
                     view.escrow_id,
                     key=self._key(view),
-                    expected=split(view.funded_amount),
+                    expected=self._recorded_split(view),
                 )
         except Conflict:
             command = await self._confirm_release(view)
@@ -426,6 +458,14 @@ class Processor:
                 Step.RELEASE, f"release refused: {type(error).__name__}: {error}", {}
             )
         self._info("escrow.released", view, to_payee=fmt(settlement.to_payee))
+        if view.referral and settlement.referral_fee == 0 and settlement.fee > 0:
+            # Not a money problem (the fee is the same): the referrer was simply not paid.
+            log.warning(
+                "escrow.referral_ignored",
+                **self._ids(view),
+                referral=view.referral,
+                detail="the escrow service paid no referral share: it matched no agent's referral code",
+            )
         return self._settled_command(settlement)
 
     async def _confirm_release(self, view: JobView) -> Command | None:
@@ -434,9 +474,11 @@ class Processor:
         back first."""
         assert view.escrow_id is not None
         escrow = await self.escrow.get(view.escrow_id)
+        if (other := self._other_creator(view, escrow, Step.RELEASE)) is not None:
+            return other
         if escrow.status == EscrowStatus.RELEASED:
-            parts = split(escrow.amount, referred=True)
-            referral = parts.referral_fee if view.referral else Decimal(0)
+            # A read does not say what the referrer got: the rule's share when a code was given.
+            referral = referral_fee(escrow.fee, view.dialect) if view.referral else Decimal(0)
             to_payee, fee = escrow.net, escrow.fee
             return lambda job: job.record_released(to_payee, fee, referral)
         if escrow.status in (EscrowStatus.FUNDED, EscrowStatus.COMPLETED):
@@ -457,7 +499,9 @@ class Processor:
                     view.escrow_id,
                     key=self._key(view),
                     reason=reason,
-                    expected=split(view.funded_amount) if view.funded_amount is not None else None,
+                    expected=self._recorded_split(view) if view.funded_amount is not None else None,
+                    # The path chosen when the job opened, whatever this engine's default is.
+                    method=view.refund_method or DEFAULT_REFUND_METHOD,
                 )
         except EscrowPending as pending:
             self._info("escrow.refund_pending", view, status=pending.status)
@@ -483,6 +527,8 @@ class Processor:
     async def _confirm_refund(self, view: JobView) -> Command | None:
         assert view.escrow_id is not None
         escrow = await self.escrow.get(view.escrow_id)
+        if (other := self._other_creator(view, escrow, Step.REFUND)) is not None:
+            return other
         if escrow.status == EscrowStatus.REFUNDED:
             returned, kept = self._refund_amounts(view, escrow)
             return lambda job: job.record_refunded(returned, kept)
@@ -532,7 +578,7 @@ class Processor:
                     view.bonus_escrow_id,
                     key=self._key(view),
                     # The bonus escrow holds exactly the granted amount (record_bonus_funded checks it).
-                    expected=split(view.bonus_amount or ZERO),
+                    expected=split(view.bonus_amount or ZERO, dialect=view.dialect),
                 )
         except Conflict:
             command = await self._confirm_bonus_release(view)
@@ -546,7 +592,7 @@ class Processor:
         assert view.bonus_escrow_id is not None
         escrow = await self.escrow.get(view.bonus_escrow_id)
         if escrow.status == EscrowStatus.RELEASED:
-            referral = split(escrow.amount).referral_fee if view.referral else Decimal(0)
+            referral = referral_fee(escrow.fee, view.dialect) if view.referral else Decimal(0)
             to_payee, fee = escrow.net, escrow.fee
             return lambda job: job.record_bonus_awarded(to_payee, fee, referral)
         if escrow.status in (EscrowStatus.FUNDED, EscrowStatus.COMPLETED):
@@ -729,6 +775,27 @@ class Processor:
         return lambda job: job.record_failed("cancel", status, reason)
 
     # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _recorded_split(view: JobView) -> FeeSplit:
+        """The job's escrow as funded: the service's figures recorded then, the referral share by the
+        job's dialect's rule (the service computed it at create, and reports it only on release)."""
+        assert view.funded_amount is not None
+        if view.fee is None or view.net is None:
+            return split(view.funded_amount, dialect=view.dialect)
+        fee, net = Money(view.fee), Money(view.net)
+        return FeeSplit(view.funded_amount, fee, net, referral_fee(fee, view.dialect))
+
+    def _other_creator(self, view: JobView, escrow: EscrowView, step: Step) -> Command | None:
+        """An answer about the job's escrow that names another creator than the job's payer: the
+        escrow is not the one the log says this payer funded; an operator must look."""
+        if escrow.payer is None or escrow.payer == view.payer:
+            return None
+        return self._attention_command(
+            step,
+            f"escrow {escrow.escrow_id} names creator {escrow.payer}, not the job's payer {view.payer}",
+            {"escrow_id": escrow.escrow_id, "creator_id": escrow.payer, "payer": view.payer},
+        )
 
     @staticmethod
     def _key(view: JobView) -> str:

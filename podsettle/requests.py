@@ -22,6 +22,7 @@ from podsettle.domain.digests import canonical_json, digest_bytes
 from podsettle.domain.errors import InvalidInput
 from podsettle.domain.escrow_job import check_id
 from podsettle.domain.money import Money, fmt, to_money
+from podsettle.domain.rules import is_referral_code
 
 MIN_TIMEOUT_S = 5  # RunPod's smallest executionTimeout
 MAX_TIMEOUT_S = 7 * 24 * 3600  # RunPod's largest executionTimeout and ttl
@@ -54,6 +55,8 @@ class JobRequest:
     # The JSON value of `input_bytes` (so that encoding it again gives the same bytes), kept with the
     # job to submit it again after a crash.
     job_input: Mapping[str, Any] | None = None
+    dialect: str | None = None  # the escrow dialect whose fee rule the job's figures follow
+    refund_method: str | None = None  # how a refund is asked for (escrow_job.REFUND_METHODS)
 
 
 def build_request(
@@ -74,6 +77,8 @@ def build_request(
     body_and_limit: BodyAndLimit,
     escrow: EscrowCapabilities,
     description: str = "job",
+    dialect: str | None = None,
+    refund_method: str | None = None,
 ) -> JobRequest:
     """Check a caller's raw arguments and make them a `JobRequest`, or raise `InvalidInput` naming
     the field. `body_and_limit` is the compute gateway's (the body an input makes, and the largest
@@ -108,6 +113,12 @@ def build_request(
             "description",
             f"the escrow needs at least {escrow.min_description_chars} characters, got {description!r}",
         )
+    if referral and escrow.referral_codes and not is_referral_code(referral):
+        raise InvalidInput(
+            "referral",
+            f"{referral!r} is not a Purple Flea referral code (ref_ and 8 lowercase hex digits, as the "
+            "referrer got it at registration); the service would ignore it and pay no referrer",
+        )
     rule = checks.validate(acceptance) if acceptance is not None else None
     if rule is not None and rule["kind"] == "custom" and rule["name"] not in (known_checks or {}):
         raise InvalidInput(
@@ -127,4 +138,6 @@ def build_request(
         acceptance=rule,
         bonus_pool=pool,
         job_input=json.loads(data),
+        dialect=dialect,
+        refund_method=refund_method,
     )

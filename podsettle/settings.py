@@ -49,8 +49,12 @@ class Settings(BaseSettings):
     store: str = Field(default=DEFAULT_STORE, validation_alias="PODSETTLE_STORE")
     escrow_url: str = Field(default="https://escrow.purpleflea.com", validation_alias="PODSETTLE_ESCROW_URL")
     escrow_dialect: Literal["v1", "seed"] = Field(default="v1", validation_alias="PODSETTLE_ESCROW_DIALECT")
+    # How a failed job's escrow is asked back on the v1 service, recorded on each job when it opens:
+    # "timeout" (the default) waits for the service's sweep, the one path its code completes (the
+    # escrow's timeout plus up to 5 minutes, the 1% commission kept); "dispute" freezes the escrow for
+    # Purple Flea's staff, and the published service has no route that resolves it.
     refund_method: Literal["dispute", "timeout"] = Field(
-        default="dispute", validation_alias="PODSETTLE_REFUND_METHOD"
+        default="timeout", validation_alias="PODSETTLE_REFUND_METHOD"
     )
     pf_api_key: SecretStr | None = Field(default=None, validation_alias="PF_API_KEY")
     pf_worker_key: SecretStr | None = Field(default=None, validation_alias="PF_WORKER_KEY")

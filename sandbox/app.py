@@ -68,6 +68,7 @@ async def _no_lifespan(receive: Receive, send: Send) -> None:
 class Agent:
     agent_id: str
     api_key: str
+    referral_code: str | None = None  # the agent's own code, which others name as referral_code
 
     def __repr__(self) -> str:  # the key stays out of logs and tracebacks
         return f"Agent(agent_id={self.agent_id!r}, api_key='***')"
@@ -109,7 +110,7 @@ class Sandbox:
         response = httpx.post(f"{self.url}/sandbox/agents", json={"balance": balance}, timeout=10)
         response.raise_for_status()
         body = response.json()
-        return Agent(body["agent_id"], body["api_key"])
+        return Agent(body["agent_id"], body["api_key"], body.get("referral_code"))
 
     def ledger(self) -> dict[str, Any]:
         response = httpx.get(f"{self.url}/sandbox/ledger", timeout=10)

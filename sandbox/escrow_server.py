@@ -7,10 +7,13 @@ seed dialect (`/api/escrow/create|release|cancel`); `/health`; and the onboardin
 digits (never through a float) and are kept in the ledger as integer micro-units.
 
 Semantics, as the published service has them:
-- create takes the amount from the creator's balance into a hold; commission is 1% rounded half up
-  to 6 places; release pays `amount - commission` to the counterparty, 15% of the commission to the
-  referrer (the create's `referral_code`, which is a referrer's agent id, else the creator's own
-  referrer), the rest of the commission to the `fees` account;
+- create takes the amount from the creator's balance into a hold; the commission is 1% by the
+  escrow's dialect's rule (rules.py: v1 as the service computes it in JavaScript floats, seed exact
+  half up); release pays `amount - commission` to the counterparty, the referrer's share (15% of the
+  commission, by the same rule) to the referrer, the rest of the commission to the `fees` account.
+  The referrer, as the published code finds it: a create's `referral_code` is matched against the
+  agents' own codes (`ref_` and 8 hex digits, made when the agent is created; an agent id or an
+  unknown code matches nothing, and no referrer is paid); without a code, the creator's own referrer;
 - the timeout sweep refunds funded and completed escrows whose `auto_release_at` has passed,
   crediting `amount - commission` to the creator (the commission is kept). It runs lazily: before
   any request, when `sweep_interval_s` (default 300, the service's five minutes) of the injectable
@@ -117,6 +120,10 @@ CREATE TABLE IF NOT EXISTS sandbox_events (
     actor_id TEXT,
     note TEXT NOT NULL,
     created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sandbox_referral_codes (
+    code TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL UNIQUE
 );
 CREATE TABLE IF NOT EXISTS sandbox_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sandbox_faucet_claims (ip TEXT NOT NULL, claimed_at TEXT NOT NULL);
@@ -364,10 +371,23 @@ class EscrowSandbox:
                 (agent_id, _hash_key(api_key), referrer, tx.now.isoformat()),
             )
             tx.open_account(agent_id)
+            # The casino gives every agent a code at registration: `ref_` and 4 random bytes in hex.
+            tx.execute(
+                "INSERT INTO sandbox_referral_codes (code, agent_id) VALUES (?, ?)",
+                (f"ref_{secrets.token_hex(4)}", agent_id),
+            )
             if amount > 0:
                 tx.mint(agent_id, amount, key=f"sandbox:agent:{agent_id}")
         log.debug("sandbox.agent_created", agent_id=agent_id, balance=fmt(amount))
         return agent_id, api_key
+
+    def referral_code(self, agent_id: str) -> str | None:
+        """The agent's own referral code (None for an agent the sandbox made before it gave codes)."""
+        with self.ledger.transaction() as tx:
+            row = tx.execute(
+                "SELECT code FROM sandbox_referral_codes WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+        return None if row is None else str(row[0])
 
     def agent_for_key(self, api_key: str) -> str | None:
         key_hash = _hash_key(api_key)
@@ -458,7 +478,7 @@ class EscrowSandbox:
                 )
             referrer = self._referrer(tx, creator, referral_code)
             escrow_id = self._next_id(tx, "escrow", "esc_", 16)
-            fee = commission(amount)
+            fee = commission(amount, dialect)
             now = tx.now
             auto_release_at = now + timedelta(hours=timeout_hours)
             tx.hold(key=f"sandbox:create:{escrow_id}", payer=creator, amount=amount, hold_id=escrow_id)
@@ -495,12 +515,13 @@ class EscrowSandbox:
         return row
 
     def _referrer(self, tx: LedgerTx, creator: str, referral_code: Any) -> str | None:
-        if isinstance(referral_code, str) and referral_code != creator:
+        if referral_code:
+            # As the published code: a code given is the only way to a referrer; one that matches
+            # no agent's code (an agent id, a typo) or the creator's own is ignored without a word.
             found = tx.execute(
-                "SELECT agent_id FROM sandbox_agents WHERE agent_id = ?", (referral_code,)
+                "SELECT agent_id FROM sandbox_referral_codes WHERE code = ?", (str(referral_code),)
             ).fetchone()
-            if found is not None:
-                return str(found[0])
+            return str(found[0]) if found is not None and found[0] != creator else None
         own = tx.execute("SELECT referrer FROM sandbox_agents WHERE agent_id = ?", (creator,)).fetchone()
         return None if own is None or own[0] is None else str(own[0])
 
@@ -562,7 +583,7 @@ class EscrowSandbox:
         amount = _money(row["amount"])
         fee = _money(row["commission"])
         referrer = row["referrer"]
-        share = referral_fee(fee) if referrer else ZERO
+        share = referral_fee(fee, row["dialect"]) if referrer else ZERO
         tx.post(
             row["escrow_id"],
             key=f"sandbox:release:{row['escrow_id']}",
@@ -962,8 +983,17 @@ async def cancel_seed(request: Request) -> Response:
 @_api()
 async def register(request: Request) -> Response:
     await _json(request, optional=True)
-    agent_id, api_key = _state(request).create_agent()
-    return _body({"agent_id": agent_id, "api_key": api_key, "balance_usd": ZERO}, 201)
+    state = _state(request)
+    agent_id, api_key = state.create_agent()
+    return _body(
+        {
+            "agent_id": agent_id,
+            "api_key": api_key,
+            "referral_code": state.referral_code(agent_id),
+            "balance_usd": ZERO,
+        },
+        201,
+    )
 
 
 @_api()
@@ -988,8 +1018,12 @@ async def admin_agents(request: Request) -> Response:
     referrer = body.get("referrer")
     if referrer is not None and not isinstance(referrer, str):
         raise ApiError(400, "invalid_referrer", "referrer must be an agent id")
-    agent_id, api_key = _state(request).create_agent(amount, referrer)
-    return JSONOut({"agent_id": agent_id, "api_key": api_key}, status_code=201)
+    state = _state(request)
+    agent_id, api_key = state.create_agent(amount, referrer)
+    return JSONOut(
+        {"agent_id": agent_id, "api_key": api_key, "referral_code": state.referral_code(agent_id)},
+        status_code=201,
+    )
 
 
 @_api()

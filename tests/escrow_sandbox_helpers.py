@@ -23,6 +23,7 @@ class Sandbox:
         self.app = app
         self.url = server.url
         self.http = httpx.Client(base_url=server.url, timeout=10.0)
+        self.codes: dict[str, str] = {}  # each agent's own referral code, as the admin route made it
 
     def agent(self, balance: str = "100.00", referrer: str | None = None) -> tuple[str, str]:
         body: dict[str, Any] = {"balance": balance}
@@ -31,6 +32,7 @@ class Sandbox:
         response = self.http.post("/sandbox/agents", json=body)
         assert response.status_code == 201, response.text
         data = response.json()
+        self.codes[data["agent_id"]] = data["referral_code"]
         return data["agent_id"], data["api_key"]
 
     def ledger(self) -> dict[str, Any]:

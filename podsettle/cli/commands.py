@@ -309,7 +309,12 @@ def run_job(
     store: StoreOption = None,
     json_output: JsonFlag = False,
 ) -> None:
-    """Fund an escrow, run one job, and pay the worker (exit 0) or refund (exit 1)."""
+    """Fund an escrow, run one job, and pay the worker (exit 0) or refund (exit 1).
+
+    On the published Purple Flea service a refund comes back through its timeout sweep: after the
+    escrow's timeout (the job's deadline plus an hour, in whole hours) and up to 5 minutes more, less
+    the 1% commission, which the service keeps (PODSETTLE_REFUND_METHOD=dispute instead freezes the
+    escrow for Purple Flea's staff: no route of the service resolves a dispute)."""
     from podsettle.domain.money import to_money
 
     job_input = _parse_json_object(input_json, "--input")
@@ -330,7 +335,24 @@ def run_job(
         from podsettle.cli.console import print_job
 
         print_job(result)
+    _explain_refunds([result])
     raise typer.Exit(0 if result.paid else EXIT_FAILURE)
+
+
+def _explain_refunds(results: list[Any]) -> None:
+    """On stderr (stdout may be JSON): how the refunds still due will come back, and warnings."""
+    for warning in {w for result in results for w in result.warnings}:
+        typer.echo(f"podsettle: warning: {warning}", err=True)
+    waiting = [r for r in results if r.state == "REFUNDING"]
+    if waiting:
+        from podsettle.engine import refund_terms
+
+        method = waiting[0].view.refund_method or "timeout"
+        terms = refund_terms(method, cancel=method == "cancel")
+        typer.echo(
+            f"podsettle: {len(waiting)} refund(s) still due: {terms}; `podsettle resume` records them",
+            err=True,
+        )
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -363,7 +385,11 @@ def batch(
     store: StoreOption = None,
     json_output: JsonFlag = False,
 ) -> None:
-    """Run a batch of jobs and settle each; prints the totals. Exit 1 when any job was not paid."""
+    """Run a batch of jobs and settle each; prints the totals. Exit 1 when any job was not paid.
+
+    Refunds on the published Purple Flea service come back through its timeout sweep: after each
+    escrow's timeout (the job's deadline plus an hour, in whole hours) and up to 5 minutes more, less
+    the 1% commission, which the service keeps."""
     from podsettle.domain.money import to_money
 
     jobs = _read_jsonl(file)
@@ -393,6 +419,7 @@ def batch(
         from podsettle.cli.console import print_totals
 
         print_totals(result.totals, title=f"batch {result.batch_id}")
+    _explain_refunds(result.results)
     raise typer.Exit(0 if result.totals.paid_jobs == result.totals.jobs else EXIT_FAILURE)
 
 

@@ -222,16 +222,84 @@ async def test_explicit_referral_code_wins_over_the_creators_referrer(sandbox: S
     _, payer_key = sandbox.agent("10.00", referrer=own)
     worker, _ = sandbox.agent("0")
     async with sandbox.adapter(payer_key) as pf:
-        receipt = await _create(pf, worker, "1.00", referral=code_owner)
+        receipt = await _create(pf, worker, "1.00", referral=sandbox.codes[code_owner])
         await pf.release(receipt.escrow_id, key="r", expected=split(to_money("1.00")))
     assert sandbox.balance(code_owner) == "0.001500"
     assert sandbox.balance(own) == "0.000000"
 
 
+async def test_codes_are_the_casinos_form_and_an_agent_id_is_refused_before_sending(
+    sandbox: Sandbox,
+) -> None:
+    code_owner, _ = sandbox.agent("0")
+    _, payer_key = sandbox.agent("10.00")
+    worker, _ = sandbox.agent("0")
+    assert len(sandbox.codes[code_owner]) == 12 and sandbox.codes[code_owner].startswith("ref_")
+    before = sandbox.ledger()
+    async with sandbox.adapter(payer_key) as pf:
+        with pytest.raises(Rejected, match=r"invalid_referral.*nothing was sent"):
+            await _create(pf, worker, "1.00", referral=code_owner)  # an agent id, not its code
+    assert sandbox.ledger() == before
+
+
+async def test_an_unknown_code_is_ignored_as_the_service_does(sandbox: Sandbox) -> None:
+    """A code that matches no agent pays no referrer, not even the creator's own (the published
+    code looks at the creator's referrer only when no code is given), and says nothing."""
+    own, _ = sandbox.agent("0")
+    _, payer_key = sandbox.agent("10.00", referrer=own)
+    worker, _ = sandbox.agent("0")
+    async with sandbox.adapter(payer_key) as pf:
+        receipt = await _create(pf, worker, "1.00", referral="ref_00000000")
+        settlement = await pf.release(receipt.escrow_id, key="r", expected=split(to_money("1.00")))
+    assert settlement.referral_fee == 0 and settlement.fee == Decimal("0.01")
+    assert sandbox.balance(own) == "0.000000"
+    _conserved(sandbox)
+
+
+@pytest.mark.parametrize(
+    ("amount", "fee", "net", "share"),
+    [("0.100450", "0.001004", "0.099446", "0"), ("0.101", "0.00101", "0.09999", "0.000151")],
+)
+async def test_v1_amounts_are_the_services_float_figures(
+    sandbox: Sandbox, amount: str, fee: str, net: str, share: str
+) -> None:
+    code_owner, _ = sandbox.agent("0")
+    payer, payer_key = sandbox.agent("10.00")
+    worker, _ = sandbox.agent("0")
+    referral = sandbox.codes[code_owner] if share != "0" else None
+    async with sandbox.adapter(payer_key) as pf:
+        receipt = await _create(pf, worker, amount, referral=referral)
+        assert (receipt.fee, receipt.net, receipt.payer) == (Decimal(fee), Decimal(net), payer)
+        settlement = await pf.release(
+            receipt.escrow_id, key="r", expected=split(to_money(amount), dialect="v1")
+        )
+    assert (settlement.to_payee, settlement.fee, settlement.referral_fee) == (
+        Decimal(net),
+        Decimal(fee),
+        Decimal(share),
+    )
+    assert Decimal(sandbox.balance(code_owner)) == Decimal(share)
+    _conserved(sandbox)
+
+
+async def test_verify_payer_tells_the_keys_agent_without_funding(sandbox: Sandbox) -> None:
+    payer, payer_key = sandbox.agent("10.00")
+    other, _ = sandbox.agent("0")
+    before = sandbox.ledger()
+    async with sandbox.adapter(payer_key) as pf:
+        assert await pf.verify_payer(payer) is True
+        assert await pf.verify_payer(other) is False  # exists: the balance check answers 402
+        assert await pf.verify_payer("ag_nobody") is False  # 404 counterparty_not_found
+    async with sandbox.adapter("pf_live_unknown") as pf:
+        with pytest.raises(Unauthorized):
+            await pf.verify_payer(payer)
+    assert sandbox.ledger() == before
+
+
 async def test_v1_refund_by_dispute_is_pending_until_the_review_refunds(sandbox: Sandbox) -> None:
     payer, payer_key = sandbox.agent("5.00")
     worker, _ = sandbox.agent("0")
-    async with sandbox.adapter(payer_key) as pf:
+    async with sandbox.adapter(payer_key, refund_method="dispute") as pf:  # only when asked for
         assert pf.capabilities.cancel is False
         receipt = await _create(pf, worker)
         with pytest.raises(EscrowPending) as pending:

@@ -22,7 +22,9 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[Sandbox]:
-    with Sandbox(escrow_options={"dispute_review": "refund"}) as served:
+    # Limits lifted: every command that may move money first checks the payer (one create slot).
+    limits = {"create": 10_000, "complete": 10_000, "release": 10_000, "dispute": 10_000}
+    with Sandbox(escrow_options={"dispute_review": "refund", "rate_limits": limits}) as served:
         yield served
 
 
@@ -43,6 +45,9 @@ def env(sandbox: Sandbox, tmp_path: Path) -> dict[str, str]:
         "PODSETTLE_JOB_TIMEOUT_S": "60",
         "PODSETTLE_REFUND_WAIT_S": "10",
         "PODSETTLE_REFUND_POLL_S": "0.05",
+        # This sandbox reviews a dispute at once (dispute_review): the quickest refund here. The
+        # default, the timeout sweep, is tested on its own below.
+        "PODSETTLE_REFUND_METHOD": "dispute",
     }
 
 
@@ -110,6 +115,49 @@ def test_run_exits_1_when_the_job_is_refunded(env: dict[str, str]) -> None:
     result = invoke(env, "run", "--endpoint", "fail", "--input", "{}", "--budget", "0.50", "--json")
     assert result.exit_code == 1
     assert json.loads(result.stdout)["status"] == "refunded"
+
+
+def test_by_default_a_refund_waits_for_the_sweep_and_run_says_what_it_costs(env: dict[str, str]) -> None:
+    del env["PODSETTLE_REFUND_METHOD"]
+    env["PODSETTLE_REFUND_WAIT_S"] = "0"
+    result = invoke(env, "run", "--endpoint", "fail", "--input", "{}", "--budget", "0.50", "--json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["status"] == "refunding" and data["still_held"] == "0.500000"
+    assert "timeout sweep" in result.stderr and "1% commission" in result.stderr
+    shown = invoke(env, "status", data["job_id"], "--json")
+    assert json.loads(shown.stdout)["state"] == "REFUNDING"
+
+
+def test_a_payer_that_is_not_the_keys_agent_is_refused_and_nothing_moves(
+    env: dict[str, str], sandbox: Sandbox
+) -> None:
+    other = sandbox.create_agent("0")
+    env["PODSETTLE_PAYER"] = other.agent_id
+    before = sandbox.ledger()
+    result = invoke(env, "run", "--endpoint", "echo", "--input", "{}", "--budget", "0.50")
+    assert result.exit_code == 2
+    one_error_line(result, other.agent_id)
+    assert sandbox.ledger() == before
+    assert env["PF_API_KEY"] not in result.stderr
+
+
+def test_a_resume_with_another_key_is_refused_for_jobs_of_another_payer(
+    env: dict[str, str], sandbox: Sandbox
+) -> None:
+    env["PODSETTLE_REFUND_WAIT_S"] = "0"
+    del env["PODSETTLE_REFUND_METHOD"]  # the job rests REFUNDING, waiting for the sweep
+    first = invoke(env, "run", "--endpoint", "fail", "--input", "{}", "--budget", "0.50", "--json")
+    assert json.loads(first.stdout)["state"] == "REFUNDING"
+    payer = env["PODSETTLE_PAYER"]
+    other = sandbox.create_agent("5")
+    env["PF_API_KEY"], env["PODSETTLE_PAYER"] = other.api_key, other.agent_id
+    before = sandbox.ledger()
+    result = invoke(env, "resume")
+    assert result.exit_code == 2
+    one_error_line(result, payer)
+    assert other.agent_id in result.stderr.splitlines()[-1]
+    assert sandbox.ledger() == before
 
 
 @pytest.mark.parametrize(
@@ -256,6 +304,8 @@ def test_reconcile_lists_and_resolves_attention(env: dict[str, str], sandbox: Sa
     # Lose the answer to the next create: v1 has no lookup, so the job waits for an operator.
     import httpx
 
+    # (The first create is the engine's payer check, which cannot fund: it passes untouched.)
+    httpx.post(f"{sandbox.url}/sandbox/faults", json={"route": "create", "mode": "delay", "delay_s": 0})
     httpx.post(f"{sandbox.url}/sandbox/faults", json={"route": "create", "mode": "drop_after", "count": 1})
     result = invoke(env, "run", "--endpoint", "echo", "--input", '{"x": 1}', "--budget", "0.50", "--json")
     assert result.exit_code == 1
