@@ -194,8 +194,9 @@ class Bounty(Aggregate):
 
     @property
     def reserved(self) -> Decimal:
-        """What the payer has set aside for this bounty and not yet paid out or got back."""
-        return self.amount if self.state in (BountyState.POSTED, BountyState.CLAIMED) else ZERO
+        """What the payer has set aside for this bounty and not yet paid out or got back (a bounty
+        waiting in ATTENTION stays reserved)."""
+        return ZERO if self.state in (BountyState.PAID, BountyState.EXPIRED) else self.amount
 
     @property
     def rests(self) -> bool:
