@@ -643,7 +643,8 @@ class Auditor:
                 if known is not None:
                     self.find("tamper", "bounty posted twice", position=position, job_id=originator_id)
                     return
-                known = self.bounties[originator_id] = (event.mutate(None), set())
+                created: Any = event.mutate(None)  # the library types it loosely: a Bounty
+                known = self.bounties[originator_id] = (created, set())
             elif known is None:
                 self.find(
                     "tamper",

@@ -194,3 +194,29 @@ def test_the_audit_flags_a_bounty_paid_twice() -> None:
     bounty.record_paid("0.99", "0.01", "0")
     bounty.trigger_event(Bounty.Paid, escrow_id="esc_1", to_payee=D("0.99"), fee=D("0.01"), referral_fee=D(0))
     assert "bounty Paid recorded 2 times" in bounty.violations()
+
+
+def test_the_store_audit_replays_bounties_and_reports_a_double_payment() -> None:
+    from podsettle import Settlements
+
+    app = Settlements("memory")
+    bounty = Bounty.post(
+        bounty_key="b2",
+        payer="ag_payer",
+        endpoint_id="train",
+        amount="1",
+        metric="accuracy",
+        target="0.9",
+        deadline=datetime.now(UTC) + timedelta(minutes=1),
+    )
+    bounty.enter("a", "run-a", "ag_worker")
+    bounty.claim_with([BountyReport("run-a", "a", "ag_worker", D("0.95"), datetime.now(UTC))])
+    bounty.record_attempt(bounty.step)  # type: ignore[arg-type]
+    bounty.record_funded("esc_1", "1", "0.01", "0.99")
+    bounty.record_paid("0.99", "0.01", "0")
+    app.save(bounty)
+    assert audit(app).ok
+    bounty.trigger_event(Bounty.Paid, escrow_id="esc_1", to_payee=D("0.99"), fee=D("0.01"), referral_fee=D(0))
+    app.save(bounty)
+    rules = [finding.rule for finding in audit(app).findings]
+    assert rules == ["bounty Paid recorded 2 times"]
