@@ -24,12 +24,22 @@ _EXPORTS = {
     "Settings": "podsettle.settings",
     "ClaimLost": "podsettle.domain.errors",
     "JobNotFound": "podsettle.domain.errors",
+    "Pod": "podsettle.bounties",
+    "BountyResult": "podsettle.bounties",
+    "BountyReport": "podsettle.domain.bounty",
+    "BountyState": "podsettle.domain.bounty",
+    "BudgetExceeded": "podsettle.bounties",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # the names, for type checkers and editors; at run time __getattr__ loads them
     from podsettle.application import Settlements as Settlements
     from podsettle.bootstrap import Engine as Engine
+    from podsettle.bounties import BountyResult as BountyResult
+    from podsettle.bounties import BudgetExceeded as BudgetExceeded
+    from podsettle.bounties import Pod as Pod
+    from podsettle.domain.bounty import BountyReport as BountyReport
+    from podsettle.domain.bounty import BountyState as BountyState
     from podsettle.domain.errors import ClaimLost as ClaimLost
     from podsettle.domain.errors import JobNotFound as JobNotFound
     from podsettle.engine import BatchResult as BatchResult

@@ -23,9 +23,11 @@ from eventsourcing.utils import get_topic
 
 from podsettle.adapters.ports import ComputeGateway, EscrowGateway
 from podsettle.application import Settlements
+from podsettle.bounties import Bounties, BountyResult, BudgetGuard, Pod, bounty_deadline
 from podsettle.domain import EscrowJob
 from podsettle.domain import acceptance as checks
-from podsettle.domain.errors import InvalidInput
+from podsettle.domain.bounty import Bounty, Report
+from podsettle.domain.errors import InvalidInput, JobNotFound
 from podsettle.domain.escrow_job import RESTING_EVENTS, JobMoney, JobView, check_id, job_json, reason_of
 from podsettle.domain.lifecycle import Status
 from podsettle.domain.money import ZERO, fmt, to_money
@@ -241,6 +243,10 @@ class EngineCore:
             clock=clock,
         )
         self.processor.payer = self.payer
+        self.budget = BudgetGuard(settlements, self.payer, self.settings.payer_budget, self.writer.call)
+        self.bounties = Bounties(
+            settlements, escrow, compute, payer=self.payer, call=self.writer.call, clock=clock
+        )
         self._driving: dict[uuid.UUID, asyncio.Task[JobView]] = {}
         self._background: list[asyncio.Task[Any]] = []
         self._closers = _Closers()
@@ -370,9 +376,30 @@ class EngineCore:
             timeout_s=timeout_s,
         )
         await self.start()
-        (job_id,) = await self.writer.open([spec])
+        (job_id,) = await self._open([spec])
         self._drive(job_id)
         return job_id
+
+    async def _open(self, specs: list[JobRequest]) -> list[uuid.UUID]:
+        """Open jobs, refused (`BudgetExceeded`) when the new ones would pass the payer's budget."""
+        if self.budget.budget is None:
+            return await self.writer.open(specs)
+
+        def new_ones() -> list[JobRequest]:
+            fresh = []
+            for spec in specs:
+                try:
+                    self.app.find_job(spec.job_key)
+                except JobNotFound:
+                    fresh.append(spec)
+            return fresh
+
+        fresh: list[JobRequest] = await self.writer.call(new_ones)
+        asked = sum((spec.budget for spec in fresh), ZERO)
+        ids: list[uuid.UUID] = await self.budget.admit(
+            asked, lambda: self.writer.open(specs), new=bool(fresh)
+        )
+        return ids
 
     async def run_paid_job(
         self,
@@ -452,7 +479,7 @@ class EngineCore:
         # Validating and hashing thousands of inputs is CPU work: off the event loop.
         specs = await asyncio.to_thread(build) if len(jobs) > 100 else build()
         await self.start()
-        ids = await self.writer.open(specs)
+        ids = await self._open(specs)
         slots = asyncio.Semaphore(limit)
 
         async def one(job_id: uuid.UUID) -> JobResult:
@@ -517,6 +544,61 @@ class EngineCore:
             )
         status = Status.ATTENTION if view.status == Status.ATTENTION else Status.IN_FLIGHT
         return BonusResult(uid, decision.amount, decision.reason, status, view.bonus_escrow_id)
+
+    # ------------------------------------------------------------------ bounties
+
+    async def post_bounty(
+        self,
+        endpoint_id: str,
+        amount: object,
+        *,
+        target: object,
+        metric: str = "accuracy",
+        deadline_s: float = 600,
+        bounty_key: str | None = None,
+    ) -> uuid.UUID:
+        """Reserve `amount` for the first pod whose reported `metric` reaches `target` before the
+        deadline (podsettle/bounties.py). The reservation is in the log and counts against the
+        payer's budget until the bounty is paid or expires; nothing is funded yet. Posting the same
+        `bounty_key` again finds the first bounty."""
+        bounty = Bounty.post(
+            bounty_key=bounty_key or f"bounty-{uuid.uuid4().hex[:12]}",
+            payer=self.payer,
+            endpoint_id=endpoint_id,
+            amount=amount,
+            metric=metric,
+            target=_metric_text(target),
+            deadline=bounty_deadline(self.clock(), deadline_s),
+        )
+        if bounty.amount < self.escrow.capabilities.min_amount:
+            raise InvalidInput(
+                "amount",
+                f"{fmt(bounty.amount)} is below the escrow's minimum of "
+                f"{fmt(self.escrow.capabilities.min_amount)} USDC",
+            )
+        await self.start()
+        known = await self.writer.call(lambda: bounty.id in self.app.repository)
+        bounty_id: uuid.UUID = await self.budget.admit(
+            bounty.amount, lambda: self.bounties.post(bounty), new=not known
+        )
+        return bounty_id
+
+    async def race_bounty(self, bounty_id: uuid.UUID | str, pods: Sequence[Pod]) -> BountyResult:
+        """Run `pods` on the bounty's endpoint; the first to report the target is paid the bounty,
+        the others are cancelled and not paid; with no winner by the deadline the bounty expires."""
+        await self.start()
+        payee = self.settings.payee_for((await self.bounties.load(_uid(bounty_id))).endpoint_id, None)
+        return await self.bounties.race(_uid(bounty_id), pods, payee)
+
+    async def claim_bounty(self, bounty_id: uuid.UUID | str, reports: Sequence[Report]) -> BountyResult:
+        """Claim with reports that reached the target (earliest wins, a tie to the smaller RunPod
+        job id) and pay the winner; a bounty already claimed keeps its winner and is paid once."""
+        await self.start()
+        return await self.bounties.claim(_uid(bounty_id), reports)
+
+    async def bounty(self, bounty_id: uuid.UUID | str) -> BountyResult:
+        """The bounty as the log has it now (no waiting)."""
+        return BountyResult.of(await self.bounties.load(_uid(bounty_id)))
 
     async def check_services(self, endpoint_id: str) -> None:
         """Fail fast, before anything is opened, when the escrow service or the endpoint cannot be
@@ -661,6 +743,10 @@ class EngineCore:
             await asyncio.sleep(interval)
             stall = loop.time() - before - interval
             self.stats.longest_stall_s = max(self.stats.longest_stall_s, stall)
+
+
+def _uid(value: uuid.UUID | str) -> uuid.UUID:
+    return Settlements._uuid(value)
 
 
 def _metric_text(value: object) -> object:

@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     limit_payees: Annotated[frozenset[str] | None, NoDecode] = Field(
         default=None, validation_alias="PODSETTLE_LIMIT_PAYEES"
     )
+    # What this payer entrusts to the engine over the store's life: jobs' budgets and reserved
+    # bounties count against it (podsettle/bounties.py, `Commitments`); unset: no such budget.
+    payer_budget: Decimal | None = Field(default=None, validation_alias="PODSETTLE_PAYER_BUDGET")
     # `podsettle mcp` on the embedded sandbox of both services (loopback HTTP, a funded payer of its
     # own, no keys) instead of Purple Flea and RunPod: for trying the tools, and for their tests.
     sandbox: bool = Field(default=False, validation_alias="PODSETTLE_SANDBOX")
@@ -188,7 +191,7 @@ class Settings(BaseSettings):
             return parsed
         return value
 
-    @field_validator("limit_max_budget", "limit_daily_total", mode="before")
+    @field_validator("limit_max_budget", "limit_daily_total", "payer_budget", mode="before")
     @classmethod
     def _limit_amount(cls, value: Any) -> Any:
         """A USDC amount given as text (never a float), checked like every amount."""

@@ -30,6 +30,7 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import JSONTranscoder
 
 from podsettle.domain import EscrowJob
+from podsettle.domain.bounty import BOUNTY_TOPIC_PREFIX, Bounty
 from podsettle.projections import Checkpoint, JobRow, Projector, ReadModel, ViewStore, is_job_topic
 from podsettle.projections.apply import Applier, Creator, applier, creator, event_method
 from podsettle.projections.views import VIEWS, row_from_record
@@ -266,6 +267,8 @@ class Auditor:
         # Jobs let go of while still open: what their quiescent check would say if nothing follows.
         self.evicted: dict[str, tuple[int, list[str]]] = {}
         self._job_topics: dict[str, bool] = {}
+        # Bounties (domain/bounty.py) are few: each is kept whole and checked after every event.
+        self.bounties: dict[str, tuple[Bounty, set[str]]] = {}
         self._appliers: dict[type, Applier | None] = {}
         self._fasts: dict[str, _Fast | None] = {}
         self._creators: dict[type, Creator | None] = {}
@@ -368,6 +371,8 @@ class Auditor:
             if job_topic is None:
                 job_topic = job_topics[topic] = is_job_topic(topic)
             if not job_topic:
+                if topic.startswith(BOUNTY_TOPIC_PREFIX):
+                    self._bounty(topic, originator_id, version, state, position)
                 self._rest(originator_id, stream)
                 continue
             job = stream.job
@@ -498,6 +503,8 @@ class Auditor:
         if job_topic:
             self._apply(stream, topic, version, body, position, originator_id)
         else:
+            if topic.startswith(BOUNTY_TOPIC_PREFIX):
+                self._bounty(topic, originator_id, version, body, position)
             self._rest(originator_id, stream)  # other aggregates (a job's input): only chained
 
     def _stream(self, originator_id: str, version: int, position: int) -> _Stream:
@@ -616,6 +623,53 @@ class Auditor:
         if job is not None and not quiet and job.rests:
             self._rest(originator_id, stream)
 
+    def _bounty(self, topic: str, originator_id: str, version: int, body: bytes, position: int) -> None:
+        """Apply a bounty's event with the aggregate's own code and report what it breaks."""
+        try:
+            event: Any = self.decoder.decode(topic, UUID(originator_id), version, body)
+        except Exception as error:
+            self.find(
+                "tamper",
+                "event cannot be decoded",
+                str(error)[:200],
+                position=position,
+                job_id=originator_id,
+                version=version,
+            )
+            return
+        known = self.bounties.get(originator_id)
+        try:
+            if isinstance(event, Bounty.Posted):
+                if known is not None:
+                    self.find("tamper", "bounty posted twice", position=position, job_id=originator_id)
+                    return
+                created: Any = event.mutate(None)  # the library types it loosely: a Bounty
+                known = self.bounties[originator_id] = (created, set())
+            elif known is None:
+                self.find(
+                    "tamper",
+                    "bounty's history does not start with Posted",
+                    type(event).__name__,
+                    position=position,
+                    job_id=originator_id,
+                    version=version,
+                )
+                return
+            else:
+                known[0].version = version - 1
+                event.mutate(known[0])
+        except Exception as error:
+            self._misfit(error, False, position, originator_id, version)
+            return
+        self._check_bounty(originator_id, position)
+
+    def _check_bounty(self, originator_id: str, position: int | None, *, quiescent: bool = False) -> None:
+        bounty, reported = self.bounties[originator_id]
+        for rule in bounty.violations(quiescent=quiescent):
+            if rule not in reported:
+                reported.add(rule)
+                self.find("invariant", rule, position=position, job_id=originator_id, version=bounty.version)
+
     def _misfit(
         self, error: Exception, quiet: bool, position: int | None, originator_id: str, version: int
     ) -> None:
@@ -696,6 +750,8 @@ class Auditor:
         for originator_id, stream in list(self.open.items()) + list(self.recent.items()):
             self._check(stream, originator_id, stream.position, quiescent=self.quiescent)
             self._project(stream)
+        for originator_id in self.bounties:
+            self._check_bounty(originator_id, None, quiescent=self.quiescent)
         for originator_id, (position, rules) in self.evicted.items():
             for rule in rules:
                 self.find("invariant", rule, position=position, job_id=originator_id)
