@@ -120,6 +120,8 @@ class Settlements(Application[UUID]):
             referral=spec.referral,
             acceptance=dict(spec.acceptance) if spec.acceptance is not None else None,
             bonus_pool=spec.bonus_pool,
+            price_per_item=spec.price_per_item,
+            retry_of=spec.retry_of,
         )
 
     def matches_existing(self, job: EscrowJob) -> bool:
@@ -130,7 +132,17 @@ class Settlements(Application[UUID]):
             return False
         same = all(
             getattr(existing, name) == getattr(job, name)
-            for name in ("endpoint_id", "input_digest", "payer", "payee", "budget", "batch_id", "referral")
+            for name in (
+                "endpoint_id",
+                "input_digest",
+                "payer",
+                "payee",
+                "budget",
+                "batch_id",
+                "referral",
+                "price_per_item",
+                "retry_of",
+            )
         )
         if not same:
             raise ConflictingOutcome(

@@ -46,8 +46,8 @@ from podsettle.domain.acceptance import CustomCheck, evaluate
 from podsettle.domain.digests import canonical_json, digest, digest_bytes
 from podsettle.domain.errors import ClaimLost, DomainError, InvalidInput
 from podsettle.domain.escrow_job import Intent, JobView
-from podsettle.domain.money import ZERO, fmt
-from podsettle.domain.rules import split
+from podsettle.domain.money import ZERO, Money, fmt
+from podsettle.domain.rules import metered_payout, split
 from podsettle.support import logs
 from podsettle.support.logs import get_logger
 
@@ -408,7 +408,8 @@ class Processor:
                 settlement = await self.escrow.release(
                     view.escrow_id,
                     key=self._key(view),
-                    expected=split(view.funded_amount),
+                    # All of the escrow, or what a metered job earned (the rest goes back).
+                    expected=split(Money(view.payout)),
                 )
         except Conflict:
             command = await self._confirm_release(view)
@@ -435,6 +436,12 @@ class Processor:
         assert view.escrow_id is not None
         escrow = await self.escrow.get(view.escrow_id)
         if escrow.status == EscrowStatus.RELEASED:
+            if view.metering is not None:
+                # A partial release: the service reports the escrow's amounts, not what was posted.
+                parts = split(Money(view.payout), referred=True)
+                referral = parts.referral_fee if view.referral else Decimal(0)
+                paid, cut, back = parts.net, parts.fee, escrow.amount - parts.amount
+                return lambda job: job.record_released(paid, cut, referral, back)
             parts = split(escrow.amount, referred=True)
             referral = parts.referral_fee if view.referral else Decimal(0)
             to_payee, fee = escrow.net, escrow.fee
@@ -707,6 +714,16 @@ class Processor:
         except InvalidInput as error:  # e.g. a NaN read from the response: not a result to pay for
             problem = f"the output is not JSON: {error}"
             return lambda job: job.record_failed("acceptance", RunStatus.COMPLETED.value, problem)
+        items: int | None = None
+        if view.price_per_item is not None:
+            # Metered: one item per part the run delivered (a streaming endpoint's parts, in order).
+            if not isinstance(state.output, list):
+                problem = f"a metered job's output must be a list of items, not {type(state.output).__name__}"
+                return lambda job: job.record_failed("acceptance", RunStatus.COMPLETED.value, problem)
+            items = len(state.output)
+            if metered_payout(view.budget, view.price_per_item, items) == 0:
+                nothing = f"{items} items delivered earn nothing at {fmt(view.price_per_item)} per item"
+                return lambda job: job.record_failed("acceptance", RunStatus.COMPLETED.value, nothing)
         self.outputs.by_job[view.job_id] = state.output
         execution_ms, delay_ms, worker_id, metrics = (
             state.execution_ms,
@@ -714,7 +731,9 @@ class Processor:
             state.worker_id,
             check.metrics,
         )
-        return lambda job: job.record_completed(output_digest, execution_ms, delay_ms, worker_id, metrics)
+        return lambda job: job.record_completed(
+            output_digest, execution_ms, delay_ms, worker_id, metrics, items
+        )
 
     async def _cancel(self, view: JobView, attempt: int) -> Command:
         assert view.runpod_job_id is not None
