@@ -26,6 +26,7 @@ from podsettle.adapters.ports import ComputeGateway, EscrowGateway
 from podsettle.application import Settlements
 from podsettle.domain import EscrowJob
 from podsettle.domain import acceptance as checks
+from podsettle.domain.digests import canonical_json
 from podsettle.domain.errors import IllegalTransition, InvalidInput
 from podsettle.domain.escrow_job import RESTING_EVENTS, JobMoney, JobView, check_id, job_json, reason_of
 from podsettle.domain.lifecycle import Status
@@ -538,6 +539,23 @@ class EngineCore:
             )
         status = Status.ATTENTION if view.status == Status.ATTENTION else Status.IN_FLIGHT
         return BonusResult(uid, decision.amount, decision.reason, status, view.bonus_escrow_id)
+
+    async def run_unpaid(
+        self, endpoint_id: str, job_input: Mapping[str, Any], *, timeout_s: float | None = None
+    ) -> Any:
+        """The RunPod call a paid job makes (the same gateway, input bytes and streaming), with no
+        escrow and nothing recorded: its output, or `RuntimeError` with RunPod's reason. What the
+        engine's own cost per paid call is measured against (bench/billing_bench.py)."""
+        check_id(endpoint_id, "endpoint_id")
+        data = canonical_json(dict(job_input), "job_input")
+        limit_s = self.settings.job_timeout_s if timeout_s is None else timeout_s
+        run_id = await self.compute.submit(
+            endpoint_id, data, execution_timeout_ms=int(limit_s * 1000), ttl_ms=int(limit_s * 1000) + 60_000
+        )
+        outcome = await self.compute.wait(endpoint_id, run_id, timeout_s=limit_s)
+        if not outcome.succeeded:
+            raise RuntimeError(f"RunPod job {run_id} on {endpoint_id}: {outcome.reason}")
+        return outcome.state.output
 
     async def check_services(self, endpoint_id: str) -> None:
         """Fail fast, before anything is opened, when the escrow service or the endpoint cannot be
