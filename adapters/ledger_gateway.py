@@ -61,7 +61,9 @@ _STATUS = {
 class LedgerEscrow:
     """The escrow port on a `Ledger`, paying from one payer account."""
 
-    capabilities = EscrowCapabilities(idempotent_create=True, lookup_by_key=True, cancel=True)
+    capabilities = EscrowCapabilities(
+        idempotent_create=True, lookup_by_key=True, cancel=True, partial_release=True
+    )
 
     def __init__(
         self,

@@ -111,6 +111,8 @@ class EscrowCapabilities:
     idempotent_create: bool  # create with the same key twice gives the same escrow
     lookup_by_key: bool  # an escrow can be found by the key it was created with
     cancel: bool  # the payer can get the money back at once
+    # A release may pay out less than the escrow holds, the rest back to the payer (metered jobs).
+    partial_release: bool = False
     # What the service refuses to create, so that the engine refuses such a job before recording it.
     min_amount: Money = SMALLEST_AMOUNT
     min_description_chars: int = 0

@@ -124,6 +124,14 @@ class Progress(NamedTuple):
     at: datetime | None
 
 
+class Metering(NamedTuple):
+    """What a metered job delivered and earns: `items` counted off its output, `payout` =
+    min(budget, items x price_per_item) rounded down (the release pays it; the rest goes back)."""
+
+    items: int
+    payout: Decimal
+
+
 class BonusTerms(NamedTuple):
     """What a granted bonus was computed from (as the BonusRequested event has them)."""
 
@@ -253,6 +261,9 @@ class JobView(NamedTuple):
     # (REFUND_METHODS); both None for a job recorded before they were.
     dialect: str | None
     refund_method: str | None
+    price_per_item: Money | None
+    retry_of: str | None
+    metering: Metering | None
     version: int
 
     @property
@@ -281,6 +292,19 @@ class JobView(NamedTuple):
         return money_of(
             self.funded_amount, self.released, self.refunded, self.bonus_funded, self.bonus_awarded
         )
+
+    @property
+    def payout(self) -> Decimal:
+        """What the release pays out of the escrow: all of it, or a metered job's earned part."""
+        return release_amount(self.funded_amount, self.metering)
+
+
+def release_amount(funded_amount: Decimal | None, metering: Metering | None) -> Decimal:
+    """What a release takes out of the escrow (fee included): the funded amount, or what a metered
+    job earned; the escrow's rest goes back to the payer."""
+    if metering is not None:
+        return metering.payout
+    return funded_amount if funded_amount is not None else ZERO
 
 
 # The values of a view, read from the aggregate in one call (the acceptance dict is never changed in
@@ -326,13 +350,20 @@ class EscrowJob(Aggregate):
         deadline: datetime
         dialect: str | None
         refund_method: str | None
+        # A metered job's price per delivered item (None: the whole budget on success), and the key
+        # of the refunded job this one runs again (None: a first attempt).
+        price_per_item: Decimal | None
+        retry_of: str | None
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:
-            """Release 0.1.0 recorded neither: its figures were checked with the exact half-up rule
-            (dialect None keeps that rule), and its refunds follow the default path."""
+            """Release 0.1.0 recorded none of these: its figures were checked with the exact half-up
+            rule (dialect None keeps that rule), its refunds follow the default path, and its jobs
+            were unmetered first attempts."""
             state["dialect"] = None
             state["refund_method"] = None
+            state["price_per_item"] = None
+            state["retry_of"] = None
 
     class FundingRequested(Event):
         key: str
@@ -376,6 +407,10 @@ class EscrowJob(Aggregate):
         delay_ms: int | None
         worker_id: str | None
         metrics: dict[str, str]
+
+    class Metered(Event):
+        items: int
+        payout: Decimal
 
     class Failed(Event):
         stage: str
@@ -454,6 +489,8 @@ class EscrowJob(Aggregate):
         deadline: datetime,
         dialect: str | None,
         refund_method: str | None,
+        price_per_item: Money | None = None,
+        retry_of: str | None = None,
     ) -> None:
         self.job_key = job_key
         self.batch_id = batch_id
@@ -468,6 +505,9 @@ class EscrowJob(Aggregate):
         self.deadline = deadline
         self.dialect = dialect
         self.refund_method = refund_method
+        self.price_per_item = price_per_item
+        self.retry_of = retry_of
+        self.metering: Metering | None = None
         self.state = State.OPENED
         self.intent: Intent | None = None
         self.state_before_attention: State | None = None
@@ -517,6 +557,8 @@ class EscrowJob(Aggregate):
         bonus_pool: Money | None = None,
         dialect: str | None = None,
         refund_method: str | None = DEFAULT_REFUND_METHOD,
+        price_per_item: Money | None = None,
+        retry_of: str | None = None,
     ) -> EscrowJob:
         """Open a job and, in the same save, ask for its escrow to be funded. The amounts arrive
         parsed (`JobRequest`); they are checked again only as the job's invariants (positive, 6 places).
@@ -542,6 +584,10 @@ class EscrowJob(Aggregate):
             )
         amount = to_money(budget, "budget", allow_zero=False)
         pool = None if bonus_pool is None else to_money(bonus_pool, "bonus_pool")
+        price = None
+        if price_per_item is not None:
+            price = to_money(price_per_item, "price_per_item", allow_zero=False)
+        check_id(retry_of, "retry_of", optional=True)
         job = cls(
             job_key=job_key,
             batch_id=batch_id,
@@ -556,6 +602,8 @@ class EscrowJob(Aggregate):
             deadline=deadline,
             dialect=dialect,
             refund_method=refund_method,
+            price_per_item=price,
+            retry_of=retry_of or None,
         )
         job.trigger_event(cls.FundingRequested, key=f"{job_key}:fund")
         return job
@@ -772,8 +820,13 @@ class EscrowJob(Aggregate):
         delay_ms: int | None = None,
         worker_id: str | None = None,
         metrics: dict[str, str] | None = None,
+        items: int | None = None,
     ) -> None:
-        """RunPod finished with output that passed the acceptance check. Next: release."""
+        """RunPod finished with output that passed the acceptance check. Next: release.
+
+        A metered job (`price_per_item`) also records the `items` its output delivered and what they
+        earn; it is released for that much, and an output that earns nothing is a failure
+        (`record_failed`), not a completion."""
         if self.output_digest is not None:
             if self.output_digest == output_digest:
                 return
@@ -781,6 +834,13 @@ class EscrowJob(Aggregate):
         if self.failure is not None:
             raise self._conflict("record completed", f"the job already failed ({self.failure.reason})")
         self._guard("record completed", State.RUNNING)
+        payout: Money | None = None
+        if self.price_per_item is not None:
+            if items is None:
+                raise InvalidInput("items", "a metered job's completion must say how many items it delivered")
+            payout = rules.metered_payout(self.budget, self.price_per_item, items)
+            if payout == 0:
+                raise self._conflict("record completed", f"{items} items earn nothing: record a failure")
         self.trigger_event(
             self.Completed,
             output_digest=output_digest,
@@ -789,6 +849,8 @@ class EscrowJob(Aggregate):
             worker_id=worker_id,
             metrics=dict(metrics or {}),
         )
+        if payout is not None:
+            self.trigger_event(self.Metered, items=items, payout=payout)
         self.trigger_event(self.ReleaseRequested, key=f"{self.job_key}:release", method="release")
 
     @event(Completed)
@@ -809,6 +871,13 @@ class EscrowJob(Aggregate):
         self.metrics = metrics
         self.state = State.COMPLETED
         self.intent = None
+
+    @event(Metered)
+    def _metered(self, items: int, payout: Decimal) -> None:
+        self._count("Metered")
+        self._order(self._seen("Completed"), "Metered without Completed")
+        self._order(self.price_per_item is not None, "Metered on a job without a price per item")
+        self.metering = Metering(items, payout)
 
     def record_failed(self, stage: str, runpod_status: str | None, reason: str) -> None:
         """The job did not succeed (RunPod failure, timeout, cancel, no output, rejected output).
@@ -1089,7 +1158,16 @@ class EscrowJob(Aggregate):
         released, refunded or in ATTENTION.
         """
         found = list(self.order_violations)
-        for name in ("Funded", "Released", "Refunded", "Completed", "Failed", "BonusFunded", "BonusAwarded"):
+        for name in (
+            "Funded",
+            "Released",
+            "Refunded",
+            "Completed",
+            "Metered",
+            "Failed",
+            "BonusFunded",
+            "BonusAwarded",
+        ):
             if self.counts.get(name, 0) > 1:
                 found.append(f"{name} recorded {self.counts[name]} times")
         if self._seen("Released") and self._seen("Refunded"):
@@ -1109,10 +1187,27 @@ class EscrowJob(Aggregate):
                     f"funded fee {fmt(self.fee or ZERO)} / net {fmt(self.net or ZERO)} are not the "
                     f"{self.dialect or 'exact'} rule's {fmt(expected.fee)} / {fmt(expected.net)}"
                 )
+        if self.metering is not None and self.price_per_item is not None:
+            items, payout = self.metering
+            if payout != rules.metered_payout(self.budget, self.price_per_item, items):
+                found.append(
+                    f"metered payout {fmt(payout)} is not min(budget, {items} items x "
+                    f"{fmt(self.price_per_item)})"
+                )
         if self.released is not None:
             release = self.released
             if funded is None or release.to_payee + release.fee + release.returned != funded:
                 found.append("released to payee + fee + returned is not the funded amount")
+            # A metered job's release pays exactly what it earned. (An unmetered one may be released
+            # in part by an operator's settlement: its split is checked above.)
+            earned = release_amount(funded, self.metering)
+            if self.price_per_item is not None and self.metering is None:
+                found.append("a metered job released without its Metered count")
+            elif self.metering is not None and release.to_payee + release.fee != earned:
+                found.append(
+                    f"released {fmt(release.to_payee + release.fee)} (payee + fee), not the "
+                    f"{fmt(earned)} the job earned"
+                )
             if release.referral_fee > release.fee:
                 found.append("referral share above the fee")
         if self.refunded is not None:

@@ -150,3 +150,13 @@ def bonus(
     raw = min(pool * (achieved - baseline) / baseline, pool)
     amount = Money(raw.quantize(QUANTUM, rounding=ROUND_DOWN))
     return BonusDecision(amount, "capped at the pool" if amount == pool else "above threshold")
+
+
+def metered_payout(budget: Money, price_per_item: Money, items: int) -> Money:
+    """What a metered job earns for `items` delivered: min(budget, items x price), rounded *down* to
+    6 places (a whole micro-USDC never paid for a fraction of one); the rest of the budget goes back
+    to the payer."""
+    if isinstance(items, bool) or not isinstance(items, int) or items < 0:
+        raise InvalidInput("items", f"must be a whole number >= 0, got {items!r}")
+    earned = Money((price_per_item * items).quantize(QUANTUM, rounding=ROUND_DOWN))
+    return min(budget, earned)

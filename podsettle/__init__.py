@@ -19,6 +19,7 @@ _EXPORTS = {
     "BatchResult": "podsettle.engine",
     "Totals": "podsettle.engine",
     "BonusResult": "podsettle.engine",
+    "batch_totals": "podsettle.engine",
     "Settlements": "podsettle.application",
     "JobRequest": "podsettle.requests",
     "Settings": "podsettle.settings",
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # the names, for type checkers and editors; at run time __get
     from podsettle.engine import BonusResult as BonusResult
     from podsettle.engine import JobResult as JobResult
     from podsettle.engine import Totals as Totals
+    from podsettle.engine import batch_totals as batch_totals
     from podsettle.requests import JobRequest as JobRequest
     from podsettle.settings import Settings as Settings
 

@@ -122,6 +122,8 @@ class Settlements(Application[UUID]):
             bonus_pool=spec.bonus_pool,
             dialect=spec.dialect,
             refund_method=spec.refund_method,
+            price_per_item=spec.price_per_item,
+            retry_of=spec.retry_of,
         )
 
     def matches_existing(self, job: EscrowJob) -> bool:
@@ -132,7 +134,17 @@ class Settlements(Application[UUID]):
             return False
         same = all(
             getattr(existing, name) == getattr(job, name)
-            for name in ("endpoint_id", "input_digest", "payer", "payee", "budget", "batch_id", "referral")
+            for name in (
+                "endpoint_id",
+                "input_digest",
+                "payer",
+                "payee",
+                "budget",
+                "batch_id",
+                "referral",
+                "price_per_item",
+                "retry_of",
+            )
         )
         if not same:
             raise ConflictingOutcome(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from podsettle.application import Settlements
 from podsettle.engine import REFUND_BY_DISPUTE_WARNING, EngineCore
@@ -168,13 +168,23 @@ def sandbox_engine(
     sandbox_options: Mapping[str, Any] | None = None,
     processor: ProcessorConfig | None = None,
     streaming: Collection[str] = (),
+    escrow: Literal["purpleflea", "ledger"] = "purpleflea",
+    payees: Collection[str] = (),
 ) -> Engine:
     """The engine over real loopback HTTP to a sandbox served in this process: the same adapters as
     production, a funded payer agent and a worker agent created through the admin routes.
 
     `endpoints` add RunPod endpoints: {name: "path/to/worker.py"} serves a RunPod worker file
     unchanged (or a handler, `"package.module:function"`, an `EndpointConfig`); `streaming` names
-    the endpoints whose output is what `/stream` delivered (PODSETTLE_RUNPOD_STREAMING)."""
+    the endpoints whose output is what `/stream` delivered (PODSETTLE_RUNPOD_STREAMING).
+
+    `escrow="ledger"` pays through the local two-phase ledger directly (the sandbox's own ledger,
+    the one `GET /sandbox/ledger` reports), not through the escrow API over HTTP: no 0.10 minimum,
+    no create rate limit, and partial releases (metered jobs, `price_per_item`); RunPod stays HTTP.
+    `payees` names endpoints whose jobs pay a worker agent of their own (one is created for each),
+    instead of the one default worker (PODSETTLE_PAYEES)."""
+    from podsettle.adapters.ledger_gateway import LedgerEscrow
+    from podsettle.adapters.ports import EscrowGateway
     from podsettle.adapters.purpleflea import purple_flea
     from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
     from podsettle.sandbox.app import Sandbox
@@ -183,21 +193,28 @@ def sandbox_engine(
     options = dict(sandbox_options or {})
     escrow_options = {"rate_limits": SANDBOX_RATE_LIMITS, "dispute_review": "refund"}
     escrow_options.update(options.pop("escrow_options", {}))
+    if escrow not in ("purpleflea", "ledger"):
+        raise ConfigError(f"escrow must be 'purpleflea' or 'ledger', got {escrow!r}")
     sandbox = Sandbox(endpoints=endpoints, seed=seed, escrow_options=escrow_options, **options).start()
     try:
         payer = sandbox.create_agent(balance)
         worker = sandbox.create_agent("0")
-        escrow = purple_flea(
-            sandbox.url,
-            payer_key=payer.api_key,
-            worker_key=worker.api_key,
-            dialect=dialect,  # type: ignore[arg-type]
-            payer_id=payer.agent_id,
-            # This sandbox reviews a dispute at once (dispute_review above), so a dispute is its
-            # quickest refund; the published service never resolves one (see Settings.refund_method).
-            refund_method="dispute",
-            rate_limits=SANDBOX_RATE_LIMITS,
-        )
+        own_payees = {name: sandbox.create_agent("0").agent_id for name in payees}
+        gateway: EscrowGateway
+        if escrow == "ledger":
+            gateway = LedgerEscrow(sandbox.app.escrow.state.escrow.ledger, payer=payer.agent_id)
+        else:
+            gateway = purple_flea(
+                sandbox.url,
+                payer_key=payer.api_key,
+                worker_key=worker.api_key,
+                dialect=dialect,  # type: ignore[arg-type]
+                payer_id=payer.agent_id,
+                # This sandbox reviews a dispute at once (dispute_review above), so a dispute is its
+                # quickest refund; the published service never resolves one (Settings.refund_method).
+                refund_method="dispute",
+                rate_limits=SANDBOX_RATE_LIMITS,
+            )
         compute = RunPodCompute(
             "sandbox-key",
             base_url=sandbox.runpod_url,
@@ -213,6 +230,7 @@ def sandbox_engine(
         store=store,
         payer=payer.agent_id,
         payee=worker.agent_id,
+        payees=own_payees,
         escrow_url=sandbox.url,
         escrow_dialect=dialect,  # type: ignore[arg-type]
         refund_method="dispute",
@@ -223,7 +241,7 @@ def sandbox_engine(
     )
     engine = Engine(
         Settlements(store),
-        escrow,
+        gateway,
         compute,
         payer=payer.agent_id,
         settings=settings,
@@ -233,7 +251,7 @@ def sandbox_engine(
     engine.sandbox_server = sandbox
     engine.on_close(sandbox.stop)
     engine.on_close(compute.aclose)
-    engine.on_close(escrow.aclose)
+    engine.on_close(gateway.aclose)
     return engine
 
 

@@ -11,6 +11,7 @@ every job that an earlier engine left unfinished.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from podsettle.bounties import Bounties, BountyResult, BudgetGuard, Pod, bounty_
 from podsettle.domain import EscrowJob
 from podsettle.domain import acceptance as checks
 from podsettle.domain.bounty import Bounty, Report
-from podsettle.domain.errors import InvalidInput, JobNotFound
+from podsettle.domain.digests import canonical_json
+from podsettle.domain.errors import IllegalTransition, InvalidInput, JobNotFound
 from podsettle.domain.escrow_job import RESTING_EVENTS, JobMoney, JobView, check_id, job_json, reason_of
 from podsettle.domain.lifecycle import Status
 from podsettle.domain.money import ZERO, fmt, to_money
@@ -117,6 +119,10 @@ class JobResult:
         """What the caller should know though the money is right (a referral code the service ignored)."""
         return self.view.warnings  # for `to_json`, built only when it is asked for
 
+    # A metered job (`price_per_item`): the items its output delivered, as the log recorded them.
+    items: int | None = None
+    retry_of: str | None = None  # the key of the refunded job this one ran again
+
     @property
     def paid(self) -> bool:
         return self.status == Status.PAID
@@ -141,6 +147,8 @@ class JobResult:
             attention=view.attention,
             execution_ms=view.execution_ms,
             view=view,
+            items=None if view.metering is None else view.metering.items,
+            retry_of=view.retry_of,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -326,6 +334,8 @@ class EngineCore:
         bonus_pool: object,
         batch_id: str | None,
         timeout_s: float | None,
+        price_per_item: object = None,
+        retry_of: str | None = None,
     ) -> JobRequest:
         """The caller's raw arguments as one validated request (nothing recorded or funded yet)."""
         return build_request(
@@ -342,6 +352,8 @@ class EngineCore:
             acceptance=acceptance,
             bonus_pool=bonus_pool,
             known_checks=self._checks,
+            price_per_item=price_per_item,
+            retry_of=retry_of,
             body_and_limit=self.compute.body_and_limit,
             escrow=self.escrow.capabilities,
             description=self.processor.config.description.format(endpoint_id=endpoint_id, job_key=job_key),
@@ -361,8 +373,14 @@ class EngineCore:
         bonus_pool: object = None,
         job_key: str | None = None,
         timeout_s: float | None = None,
+        price_per_item: object = None,
     ) -> uuid.UUID:
-        """Open a job and start settling it in the background; returns its id."""
+        """Open a job and start settling it in the background; returns its id.
+
+        `price_per_item` meters the job: its output must be a list (a streaming endpoint's parts),
+        and the release pays min(budget, len(output) x price), rounded down to the micro-USDC,
+        returning the rest of the budget to the payer; an output that earns nothing is refunded.
+        It needs an escrow that can release part of an escrow (the local ledger)."""
         spec = self._spec(
             endpoint_id,
             job_input,
@@ -374,6 +392,7 @@ class EngineCore:
             bonus_pool=bonus_pool,
             batch_id=None,
             timeout_s=timeout_s,
+            price_per_item=price_per_item,
         )
         await self.start()
         (job_id,) = await self._open([spec])
@@ -413,12 +432,14 @@ class EngineCore:
         bonus_pool: object = None,
         job_key: str | None = None,
         timeout_s: float | None = None,
+        price_per_item: object = None,
     ) -> JobResult:
         """Fund an escrow, run the job on RunPod, and release on success or refund on failure.
 
         Returns when the job rests: paid, refunded, rejected (nothing funded), attention (an operator
         must look), or refunding (the escrow service returns the money on its own schedule).
         Passing the same `job_key` again returns the same job instead of paying twice.
+        With `price_per_item` the job is paid by what it delivered (see `submit`).
         """
         job_id = await self.submit(
             endpoint_id,
@@ -430,6 +451,7 @@ class EngineCore:
             bonus_pool=bonus_pool,
             job_key=job_key,
             timeout_s=timeout_s,
+            price_per_item=price_per_item,
         )
         return await self.wait(job_id)
 
@@ -513,6 +535,50 @@ class EngineCore:
         await self.writer.execute(uid, lambda job: job.request_cancel(reason))
         self.processor.interrupt_wait(uid)
         return await self.wait(uid)
+
+    async def retry(
+        self,
+        job_id: uuid.UUID | str,
+        endpoint_id: str | None = None,
+        *,
+        payee: str | None = None,
+        timeout_s: float | None = None,
+    ) -> JobResult:
+        """Run a refunded (or rejected) job again as a new paid job, linked to it (`retry_of`).
+
+        The new job has the first one's input, budget, acceptance check, pricing, referral and batch,
+        its own escrow and its own fee, and runs on `endpoint_id` (default: the same endpoint). Its
+        payee is `payee`, else the first job's on the same endpoint, else the endpoint's configured
+        payee. Its key is the first one's with `:rN` (N the attempt, from 2): retrying the same job
+        again returns that job instead of paying twice. Returns when the new job rests."""
+        first = await self.writer.view(Settlements._uuid(job_id), fresh=True)
+        if first.status not in (Status.REFUNDED, Status.REJECTED):
+            raise IllegalTransition(
+                first.job_id, first.state, "retry", "only a refunded or rejected job runs again"
+            )
+        target = endpoint_id or first.endpoint_id
+        job_input = await self.writer.job_input(first.job_key)
+        if job_input is None:
+            raise InvalidInput("job_id", f"the input of {first.job_key!r} is not in the store")
+        if payee is None and target == first.endpoint_id:
+            payee = first.payee
+        spec = self._spec(
+            target,
+            job_input,
+            first.budget,
+            job_key=retry_key(first.job_key),
+            payee=payee,
+            referral=first.referral,
+            acceptance=first.acceptance,
+            bonus_pool=None,
+            batch_id=first.batch_id,
+            timeout_s=timeout_s,
+            price_per_item=first.price_per_item,
+            retry_of=first.job_key,
+        )
+        await self.start()
+        (retry_id,) = await self.writer.open([spec])
+        return await self.wait(retry_id)
 
     async def award_bonus(
         self,
@@ -599,6 +665,23 @@ class EngineCore:
     async def bounty(self, bounty_id: uuid.UUID | str) -> BountyResult:
         """The bounty as the log has it now (no waiting)."""
         return BountyResult.of(await self.bounties.load(_uid(bounty_id)))
+
+    async def run_unpaid(
+        self, endpoint_id: str, job_input: Mapping[str, Any], *, timeout_s: float | None = None
+    ) -> Any:
+        """The RunPod call a paid job makes (the same gateway, input bytes and streaming), with no
+        escrow and nothing recorded: its output, or `RuntimeError` with RunPod's reason. What the
+        engine's own cost per paid call is measured against (bench/billing_bench.py)."""
+        check_id(endpoint_id, "endpoint_id")
+        data = canonical_json(dict(job_input), "job_input")
+        limit_s = self.settings.job_timeout_s if timeout_s is None else timeout_s
+        run_id = await self.compute.submit(
+            endpoint_id, data, execution_timeout_ms=int(limit_s * 1000), ttl_ms=int(limit_s * 1000) + 60_000
+        )
+        outcome = await self.compute.wait(endpoint_id, run_id, timeout_s=limit_s)
+        if not outcome.succeeded:
+            raise RuntimeError(f"RunPod job {run_id} on {endpoint_id}: {outcome.reason}")
+        return outcome.state.output
 
     async def check_services(self, endpoint_id: str) -> None:
         """Fail fast, before anything is opened, when the escrow service or the endpoint cannot be
@@ -747,6 +830,17 @@ class EngineCore:
 
 def _uid(value: uuid.UUID | str) -> uuid.UUID:
     return Settlements._uuid(value)
+
+
+_RETRY_KEY = re.compile(r"^(?P<base>.+):r(?P<attempt>[0-9]+)$")
+
+
+def retry_key(job_key: str) -> str:
+    """The key of the job that runs `job_key` again: `KEY:r2` for a first job, `KEY:r3` after it."""
+    found = _RETRY_KEY.match(job_key)
+    if found is None:
+        return f"{job_key}:r2"
+    return f"{found['base']}:r{int(found['attempt']) + 1}"
 
 
 def _metric_text(value: object) -> object:

@@ -47,7 +47,7 @@ from podsettle.domain.digests import canonical_json, digest, digest_bytes
 from podsettle.domain.errors import ClaimLost, DomainError, InvalidInput
 from podsettle.domain.escrow_job import DEFAULT_REFUND_METHOD, Intent, JobView
 from podsettle.domain.money import ZERO, Money, fmt
-from podsettle.domain.rules import FeeSplit, referral_fee, split
+from podsettle.domain.rules import FeeSplit, metered_payout, referral_fee, split
 from podsettle.support import logs
 from podsettle.support.logs import get_logger
 
@@ -440,7 +440,8 @@ class Processor:
                 settlement = await self.escrow.release(
                     view.escrow_id,
                     key=self._key(view),
-                    expected=self._recorded_split(view),
+                    # All of the escrow as funded, or what a metered job earned (the rest goes back).
+                    expected=self._release_split(view),
                 )
         except Conflict:
             command = await self._confirm_release(view)
@@ -477,6 +478,12 @@ class Processor:
         if (other := self._other_creator(view, escrow, Step.RELEASE)) is not None:
             return other
         if escrow.status == EscrowStatus.RELEASED:
+            if view.metering is not None:
+                # A partial release: the service reports the escrow's amounts, not what was posted.
+                parts = split(Money(view.payout), dialect=view.dialect)
+                referral = parts.referral_fee if view.referral else Decimal(0)
+                paid, cut, back = parts.net, parts.fee, escrow.amount - parts.amount
+                return lambda job: job.record_released(paid, cut, referral, back)
             # A read does not say what the referrer got: the rule's share when a code was given.
             referral = referral_fee(escrow.fee, view.dialect) if view.referral else Decimal(0)
             to_payee, fee = escrow.net, escrow.fee
@@ -753,6 +760,16 @@ class Processor:
         except InvalidInput as error:  # e.g. a NaN read from the response: not a result to pay for
             problem = f"the output is not JSON: {error}"
             return lambda job: job.record_failed("acceptance", RunStatus.COMPLETED.value, problem)
+        items: int | None = None
+        if view.price_per_item is not None:
+            # Metered: one item per part the run delivered (a streaming endpoint's parts, in order).
+            if not isinstance(state.output, list):
+                problem = f"a metered job's output must be a list of items, not {type(state.output).__name__}"
+                return lambda job: job.record_failed("acceptance", RunStatus.COMPLETED.value, problem)
+            items = len(state.output)
+            if metered_payout(view.budget, view.price_per_item, items) == 0:
+                nothing = f"{items} items delivered earn nothing at {fmt(view.price_per_item)} per item"
+                return lambda job: job.record_failed("acceptance", RunStatus.COMPLETED.value, nothing)
         self.outputs.by_job[view.job_id] = state.output
         execution_ms, delay_ms, worker_id, metrics = (
             state.execution_ms,
@@ -760,7 +777,9 @@ class Processor:
             state.worker_id,
             check.metrics,
         )
-        return lambda job: job.record_completed(output_digest, execution_ms, delay_ms, worker_id, metrics)
+        return lambda job: job.record_completed(
+            output_digest, execution_ms, delay_ms, worker_id, metrics, items
+        )
 
     async def _cancel(self, view: JobView, attempt: int) -> Command:
         assert view.runpod_job_id is not None
@@ -775,6 +794,14 @@ class Processor:
         return lambda job: job.record_failed("cancel", status, reason)
 
     # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _release_split(view: JobView) -> FeeSplit:
+        """What a release moves: a metered job's earnings by its dialect's rule, else the escrow as
+        funded."""
+        if view.metering is not None:
+            return split(Money(view.payout), dialect=view.dialect)
+        return Processor._recorded_split(view)
 
     @staticmethod
     def _recorded_split(view: JobView) -> FeeSplit:

@@ -57,6 +57,9 @@ class JobRequest:
     job_input: Mapping[str, Any] | None = None
     dialect: str | None = None  # the escrow dialect whose fee rule the job's figures follow
     refund_method: str | None = None  # how a refund is asked for (escrow_job.REFUND_METHODS)
+    # Metered pricing: paid min(budget, items delivered x price), the rest returned (None: the budget).
+    price_per_item: Money | None = None
+    retry_of: str | None = None  # the key of the refunded job this one runs again
 
 
 def build_request(
@@ -74,6 +77,8 @@ def build_request(
     acceptance: Mapping[str, Any] | None = None,
     bonus_pool: object = None,
     known_checks: Mapping[str, object] | None = None,
+    price_per_item: object = None,
+    retry_of: str | None = None,
     body_and_limit: BodyAndLimit,
     escrow: EscrowCapabilities,
     description: str = "job",
@@ -108,6 +113,14 @@ def build_request(
             "budget", f"{fmt(amount)} is below the escrow's minimum of {fmt(escrow.min_amount)} USDC"
         )
     pool = None if bonus_pool is None else to_money(bonus_pool, "bonus_pool")
+    price = None if price_per_item is None else to_money(price_per_item, "price_per_item", allow_zero=False)
+    if price is not None and not escrow.partial_release:
+        raise InvalidInput(
+            "price_per_item",
+            "this escrow service releases an escrow whole: a metered job needs one that can release "
+            "part of it (the local ledger)",
+        )
+    check_id(retry_of, "retry_of", optional=True)
     if len(description.strip()) < escrow.min_description_chars:
         raise InvalidInput(
             "description",
@@ -140,4 +153,6 @@ def build_request(
         job_input=json.loads(data),
         dialect=dialect,
         refund_method=refund_method,
+        price_per_item=price,
+        retry_of=retry_of,
     )

@@ -57,6 +57,7 @@ _CHECK_AFTER: frozenset[type] = frozenset(
         EscrowJob.FundingRejected,
         EscrowJob.Progressed,  # its bound (MAX_PROGRESS per job)
         EscrowJob.Completed,
+        EscrowJob.Metered,  # the payout against the job's price per item
         EscrowJob.Failed,
         EscrowJob.Released,
         EscrowJob.Refunded,
