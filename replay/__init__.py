@@ -7,7 +7,7 @@ a hash-chained export, and reconciliation with the escrow service.
     report = await reconcile(app, escrow_gateway)   # report.ok, report.differences
 """
 
-from podsettle.replay.audit import Auditor, AuditReport, Finding, audit
+from podsettle.replay.audit import Auditor, AuditReport, Finding, InFlight, audit, waiting_on_service
 from podsettle.replay.export import ExportSummary, audit_export, export
 from podsettle.replay.reconcile import Difference, ReconcileReport, reconcile
 from podsettle.replay.source import Decoder, Seals
@@ -19,10 +19,12 @@ __all__ = [
     "Difference",
     "ExportSummary",
     "Finding",
+    "InFlight",
     "ReconcileReport",
     "Seals",
     "audit",
     "audit_export",
     "export",
     "reconcile",
+    "waiting_on_service",
 ]
