@@ -280,6 +280,13 @@ class Processor:
             return await self._execute(view, intent)  # known not to have happened, or safe to redo
         return await self._record(view, command)
 
+    async def confirm(self, view: JobView) -> Command | None:
+        """What the escrow service says became of the job's open intent, as the command recovery
+        records (`reconcile --apply` records it the same way); None when it has not happened."""
+        if view.intent is None:
+            return None
+        return await self._confirms[view.intent.step](view)
+
     def _unconfirmable(self, view: JobView, step: Step) -> Command | None:
         if step in (Step.RELEASE, Step.REFUND, Step.BONUS_RELEASE, Step.START, Step.CANCEL):
             return None  # these act on one escrow (or are compute): repeating them cannot move money twice

@@ -9,7 +9,7 @@ a hash-chained export, and reconciliation with the escrow service.
 
 from podsettle.replay.audit import Auditor, AuditReport, Finding, InFlight, audit, waiting_on_service
 from podsettle.replay.export import ExportSummary, audit_export, export
-from podsettle.replay.reconcile import Difference, ReconcileReport, reconcile
+from podsettle.replay.reconcile import Difference, ReconcileReport, Waiting, reconcile, waiting_jobs
 from podsettle.replay.source import Decoder, Seals
 
 __all__ = [
@@ -22,9 +22,11 @@ __all__ = [
     "InFlight",
     "ReconcileReport",
     "Seals",
+    "Waiting",
     "audit",
     "audit_export",
     "export",
     "reconcile",
+    "waiting_jobs",
     "waiting_on_service",
 ]

@@ -19,18 +19,8 @@ from podsettle.domain import EscrowJob, State
 from podsettle.projections import ReadModel
 from podsettle.replay import audit, audit_export, export, waiting_on_service
 from podsettle.replay.audit import SWEEP_PERIOD
-from tests.histories import Plan, history, open_job, steps
+from tests.histories import Plan, drive_history, history, open_job, steps
 from tests.jobs import DEADLINE
-
-
-def drive(app: Settlements, plan: Plan, upto: int | None = None) -> EscrowJob:
-    job = open_job(plan)
-    app.save(job)
-    for save in steps(plan)[:upto]:
-        for command in save:
-            command(job)
-        app.save(job)
-    return job
 
 
 def busy_store(app: Settlements) -> dict[str, EscrowJob]:
@@ -38,9 +28,9 @@ def busy_store(app: Settlements) -> dict[str, EscrowJob]:
     attempted), a release (attempted), and one still running."""
     history(app, 8, seed=3)
     return {
-        "refund": drive(app, Plan("waits-refund", "refunded"), upto=6),
-        "release": drive(app, Plan("waits-release", "released"), upto=6),
-        "compute": drive(app, Plan("waits-compute", "released"), upto=4),
+        "refund": drive_history(app, Plan("waits-refund", "refunded"), upto=6),
+        "release": drive_history(app, Plan("waits-release", "released"), upto=6),
+        "compute": drive_history(app, Plan("waits-compute", "released"), upto=4),
     }
 
 
@@ -117,7 +107,7 @@ def test_a_tampered_or_inconsistent_log_fails_whatever_waits(tmp_path: Path) -> 
     path = tmp_path / "store.db"
     app = Settlements(f"sqlite:///{path}")
     jobs = busy_store(app)
-    released = drive(app, Plan("twice", "released"))
+    released = drive_history(app, Plan("twice", "released"))
     released._released(*released.released._replace(returned=0))  # a second Released
     app.save(released)
     calm = at(DEADLINE - timedelta(minutes=1))
@@ -155,7 +145,7 @@ def test_the_bound_of_an_escrow_follows_the_engines_escrow_timeout() -> None:
     # Never more than the service's 720 hours.
     early = DEADLINE - timedelta(hours=2000)
     assert waiting_on_service(job, early) == ("refund", early + timedelta(hours=720) + SWEEP_PERIOD)
-    settled = drive(Settlements("memory"), Plan("done", "refunded"))
+    settled = drive_history(Settlements("memory"), Plan("done", "refunded"))
     assert waiting_on_service(settled, funded) is None
 
 
@@ -164,8 +154,8 @@ def test_the_replay_command_passes_a_busy_log_and_settled_fails_it(app: Settleme
     # hour has not passed), so the log is busy, not broken.
     history(app, 8, seed=3)
     waiting = {
-        drive(app, Plan("waits-refund", "refunded"), upto=6).id.hex,
-        drive(app, Plan("waits-release", "released"), upto=6).id.hex,
+        drive_history(app, Plan("waits-refund", "refunded"), upto=6).id.hex,
+        drive_history(app, Plan("waits-release", "released"), upto=6).id.hex,
     }
     env = {"PODSETTLE_STORE": f"sqlite:///{tmp_path / 'store.db'}", "PODSETTLE_LOG_LEVEL": "ERROR"}
     runner = CliRunner()
