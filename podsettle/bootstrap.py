@@ -8,14 +8,12 @@ stays light, and the adapters and the sandbox are imported inside each wiring.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Mapping
 from typing import Any
 
 from podsettle.application import Settlements
 from podsettle.engine import EngineCore
-from podsettle.processor import ProcessorConfig
+from podsettle.processor import ProcessorConfig, local_processor_id
 from podsettle.settings import ConfigError, Settings
 from podsettle.support.logs import configure_logging, hide
 
@@ -140,7 +138,7 @@ def engine_from_settings(settings: Settings) -> Engine:
         payer=settings.payer,
         settings=settings,
         processor=ProcessorConfig(
-            processor_id=f"{socket.gethostname()}:{os.getpid()}",
+            processor_id=local_processor_id(),
             claim_lease_s=settings.claim_lease_s,
             refund_wait_s=settings.refund_wait_s,
             pending_refund_poll_s=settings.refund_poll_s,

@@ -337,10 +337,18 @@ def bonus(
 
 @app.command()
 def resume(store: StoreOption = None, json_output: JsonFlag = False) -> None:
-    """Finish every job an engine left unfinished (after a crash or a stop)."""
+    """Finish every job an engine left unfinished (after a crash or a stop). An escrow service that
+    cannot be reached fails it as it fails `run` (exit 1), before any job is touched."""
 
     async def go() -> Any:
-        async with _engine(store=_store(store)) as engine:
+        engine = _engine(store=_store(store))
+        try:
+            # As `run` checks before it opens anything: the engine starts (and resumes) only after.
+            await engine.escrow.health()
+        except BaseException:
+            await engine.aclose()
+            raise
+        async with engine:
             return await engine.resume()
 
     results = run(go())
