@@ -162,7 +162,10 @@ def sandbox_engine(
     processor: ProcessorConfig | None = None,
 ) -> Engine:
     """The engine over real loopback HTTP to a sandbox served in this process: the same adapters as
-    production, a funded payer agent and a worker agent created through the admin routes."""
+    production, a funded payer agent and a worker agent created through the admin routes.
+
+    Relaxed from the published server for one local engine: its rate limits are lifted and its
+    disputes are reviewed at once (`sandbox_options={"escrow_options": {...}}` overrides both)."""
     from podsettle.adapters.purpleflea import purple_flea
     from podsettle.adapters.runpod import PollPolicy, RunPodCompute, SyncPolicy
     from podsettle.sandbox.app import Sandbox
