@@ -8,14 +8,12 @@ stays light, and the adapters and the sandbox are imported inside each wiring.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 from podsettle.application import Settlements
 from podsettle.engine import REFUND_BY_DISPUTE_WARNING, EngineCore
-from podsettle.processor import ProcessorConfig
+from podsettle.processor import ProcessorConfig, local_processor_id
 from podsettle.settings import ConfigError, Settings
 from podsettle.support.logs import configure_logging, get_logger, hide
 
@@ -145,7 +143,7 @@ def engine_from_settings(settings: Settings) -> Engine:
         payer=settings.payer,
         settings=settings,
         processor=ProcessorConfig(
-            processor_id=f"{socket.gethostname()}:{os.getpid()}",
+            processor_id=local_processor_id(),
             claim_lease_s=settings.claim_lease_s,
             refund_wait_s=settings.refund_wait_s,
             pending_refund_poll_s=settings.refund_poll_s,
@@ -182,7 +180,10 @@ def sandbox_engine(
     the one `GET /sandbox/ledger` reports), not through the escrow API over HTTP: no 0.10 minimum,
     no create rate limit, and partial releases (metered jobs, `price_per_item`); RunPod stays HTTP.
     `payees` names endpoints whose jobs pay a worker agent of their own (one is created for each),
-    instead of the one default worker (PODSETTLE_PAYEES)."""
+    instead of the one default worker (PODSETTLE_PAYEES).
+
+    Relaxed from the published server for one local engine: its rate limits are lifted and its
+    disputes are reviewed at once (`sandbox_options={"escrow_options": {...}}` overrides both)."""
     from podsettle.adapters.ledger_gateway import LedgerEscrow
     from podsettle.adapters.ports import EscrowGateway
     from podsettle.adapters.purpleflea import purple_flea

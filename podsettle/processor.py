@@ -12,11 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
+import re
+import socket
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -60,6 +65,66 @@ RUNPOD_TIMEOUT_SLACK_MS = 2000  # RunPod's executionTimeout runs this much past 
 MAX_ESCROW_HOURS = 720
 
 
+PROC = Path("/proc")
+_LOCAL_ID = re.compile(
+    r"^[^/]*/pid-(?P<pid>\d+)/start-(?P<start>\d+)/boot-(?P<boot>[0-9a-f-]+)/ns-(?P<ns>\d+)(/[^/]*)?$"
+)
+
+
+def _process_start(pid: int, proc: Path) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), or None."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count fields after its last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _boot_and_namespace(proc: Path) -> tuple[str, str] | None:
+    """This machine's boot id and this process's pid namespace, or None without /proc."""
+    try:
+        boot = (proc / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
+        namespace = os.readlink(proc / "self" / "ns" / "pid")
+    except OSError:
+        return None
+    digits = "".join(c for c in namespace if c.isdigit())
+    return (boot, digits) if boot and digits else None
+
+
+def local_processor_id(proc: Path = PROC) -> str:
+    """The id this process records on its claims (`Attempted`): host, pid, the process's start time,
+    the machine's boot id and the pid namespace, so that another process on this machine can tell
+    for sure that the claimer has exited (a reused pid has another start time); plus a tag of its
+    own, for two engines in one process. Without /proc: host, pid and the tag (never judged gone)."""
+    host = socket.gethostname().replace("/", "-")[:32] or "host"
+    tag = uuid.uuid4().hex[:8]
+    pid = os.getpid()
+    start = _process_start(pid, proc)
+    found = _boot_and_namespace(proc)
+    if start is None or found is None:
+        return f"{host}:{pid}:{tag}"
+    boot, namespace = found
+    return f"{host}/pid-{pid}/start-{start}/boot-{boot}/ns-{namespace}/{tag}"
+
+
+def process_gone(processor_id: str, proc: Path = PROC) -> bool:
+    """True only when `processor_id` names a process of this machine and pid namespace (same boot id
+    and namespace) that no longer runs: its pid is free, or taken by a process started at another
+    time. Another machine, another namespace, no /proc or an id of another form: False (unsure)."""
+    match = _LOCAL_ID.match(processor_id)
+    if match is None:
+        return False
+    here = _boot_and_namespace(proc)
+    if here is None or here != (match["boot"], match["ns"]):
+        return False
+    return _process_start(int(match["pid"]), proc) != int(match["start"])
+
+
 class RefundPending(Exception):
     """The escrow service will return the money on its own (dispute review, timeout sweep): the job
     stays REFUNDING and is looked at again later."""
@@ -90,6 +155,8 @@ class ProcessorConfig:
     # An attempt made by another processor is its to finish for this long (it may be alive and
     # waiting for an answer); after that it counts as abandoned and is confirmed or redone here.
     claim_lease_s: float = 30.0
+    # Whether a claimer is a process of this machine that has exited: its claim is not waited for.
+    claimer_gone: Callable[[str], bool] = process_gone
     # How long `drive` waits for a refund the service makes on its own (v1: dispute review, timeout
     # sweep) before it returns the job as "refunding" and leaves it to the background watcher.
     refund_wait_s: float = 0.0
@@ -205,10 +272,17 @@ class Processor:
         return view
 
     def _held_by_another(self, intent: Intent) -> bool:
-        """Another processor's attempt that is still within its lease: that processor may be alive."""
-        if intent.claimed_by in (None, self.config.processor_id) or intent.claimed_at is None:
+        """Another processor's attempt that is still within its lease: that processor may be alive
+        (unless it is a process of this machine known to have exited)."""
+        claimer = intent.claimed_by
+        if claimer in (None, self.config.processor_id) or intent.claimed_at is None:
             return False
-        return (self.clock() - intent.claimed_at).total_seconds() < self.config.claim_lease_s
+        if (self.clock() - intent.claimed_at).total_seconds() >= self.config.claim_lease_s:
+            return False
+        if self.config.claimer_gone(claimer):
+            log.info("claim.claimer_gone", processor=claimer)
+            return False
+        return True
 
     def interrupt_wait(self, job_id: UUID) -> None:
         """Stop waiting for the job's run (a cancel was requested): the drive loop re-reads the job."""
@@ -285,6 +359,13 @@ class Processor:
         if command is None:
             return await self._execute(view, intent)  # known not to have happened, or safe to redo
         return await self._record(view, command)
+
+    async def confirm(self, view: JobView) -> Command | None:
+        """What the escrow service says became of the job's open intent, as the command recovery
+        records (`reconcile --apply` records it the same way); None when it has not happened."""
+        if view.intent is None:
+            return None
+        return await self._confirms[view.intent.step](view)
 
     def _unconfirmable(self, view: JobView, step: Step) -> Command | None:
         if step in (Step.RELEASE, Step.REFUND, Step.BONUS_RELEASE, Step.START, Step.CANCEL):

@@ -7,9 +7,9 @@ a hash-chained export, and reconciliation with the escrow service.
     report = await reconcile(app, escrow_gateway)   # report.ok, report.differences
 """
 
-from podsettle.replay.audit import Auditor, AuditReport, Finding, audit
+from podsettle.replay.audit import Auditor, AuditReport, Finding, InFlight, audit, waiting_on_service
 from podsettle.replay.export import ExportSummary, audit_export, export
-from podsettle.replay.reconcile import Difference, ReconcileReport, reconcile
+from podsettle.replay.reconcile import Difference, ReconcileReport, Waiting, reconcile, waiting_jobs
 from podsettle.replay.source import Decoder, Seals
 
 __all__ = [
@@ -19,10 +19,14 @@ __all__ = [
     "Difference",
     "ExportSummary",
     "Finding",
+    "InFlight",
     "ReconcileReport",
     "Seals",
+    "Waiting",
     "audit",
     "audit_export",
     "export",
     "reconcile",
+    "waiting_jobs",
+    "waiting_on_service",
 ]

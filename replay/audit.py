@@ -8,6 +8,11 @@ For each record, in log order:
   invariant, so a violation is reported at the event that caused it;
 - the running log digest is recomputed and compared with the read model's checkpoints.
 
+A busy log is not a broken one: a funded job that waits on a service (its compute running, a
+release in flight, a refund the escrow service's timeout sweep will make) is reported in flight,
+not as a violation, until the bound its own log fixes (`waiting_on_service`); past that bound, or
+with `settled=True` (every job must have settled), it is the quiescent rule's violation.
+
 Memory: only jobs that are still open are kept (bounded by `max_open`), plus a bounded set of recently
 finished ones (a bonus usually follows a release). A job met again after it was let go is rebuilt from
 its own history (`history`); a finished job is projected into the scratch views when it is let go.
@@ -21,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -29,7 +34,7 @@ from uuid import UUID
 from eventsourcing.application import Application
 from eventsourcing.persistence import JSONTranscoder
 
-from podsettle.domain import EscrowJob
+from podsettle.domain import EscrowJob, State
 from podsettle.domain.bounty import BOUNTY_TOPIC_PREFIX, Bounty
 from podsettle.projections import Checkpoint, JobRow, Projector, ReadModel, ViewStore, is_job_topic
 from podsettle.projections.apply import Applier, Creator, applier, creator, event_method
@@ -50,6 +55,15 @@ ROW_FIELDS = tuple(f.name for f in fields(JobRow))
 DEFAULT_MAX_OPEN = 5_000
 DEFAULT_RECENT = 2_048
 DEFAULT_MAX_FINDINGS = 1_000
+# The published escrow service's timeout sweep runs every five minutes.
+SWEEP_PERIOD = timedelta(minutes=5)
+# How long the engine funds an escrow (the processor's rule, read here as the log's bound): past the
+# job's deadline by an hour's margin, in whole hours (so up to one more), at least 1, at most 720.
+ESCROW_PAST_DEADLINE = timedelta(hours=2)
+ESCROW_MIN = timedelta(hours=1)
+ESCROW_MAX = timedelta(hours=720)
+LEFT_IN_FLIGHT = "funded job left in "  # the quiescent rule's words (EscrowJob.violations)
+Clock = Callable[[], datetime]
 # Events after which an invariant can newly break (besides any order violation the apply recorded).
 _CHECK_AFTER: frozenset[type] = frozenset(
     {
@@ -103,6 +117,50 @@ class Finding:
         return f"[{self.kind}] {place}: {self.rule}" + (f" ({self.detail})" if self.detail else "")
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """A funded job waiting on a service, within the bound its log fixes: busy, not broken."""
+
+    job_id: str
+    state: str
+    waiting_for: str  # "compute" | "release" | "refund"
+    until: datetime
+    position: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "state": self.state,
+            "waiting_for": self.waiting_for,
+            "until": self.until.isoformat(),
+            "position": self.position,
+        }
+
+    def render(self) -> str:
+        until = f"{self.until.astimezone(UTC):%Y-%m-%d %H:%M}Z"
+        return f"job {self.job_id} {self.state}: waiting for its {self.waiting_for} until {until}"
+
+
+def waiting_on_service(job: EscrowJob, funded_at: datetime | None) -> tuple[str, datetime] | None:
+    """What a funded, unsettled job waits for and the latest moment its log allows for it, or None.
+
+    Compute ends by the job's deadline. A release or a refund ends, at the latest, when the escrow's
+    timeout sweep has run after the escrow expired: the escrow was created before it was recorded
+    funded, for at most the hours the engine gives it (ESCROW_PAST_DEADLINE and its limits)."""
+    state = job.state
+    if state in (State.FUNDED, State.RUNNING):
+        return "compute", job.deadline
+    if state in (State.COMPLETED, State.RELEASING):
+        waiting = "release"
+    elif state in (State.FAILED, State.REFUNDING):
+        waiting = "refund"
+    else:
+        return None
+    created = funded_at or job.modified_on or job.created_on
+    expiry = min(max(created + ESCROW_MIN, job.deadline + ESCROW_PAST_DEADLINE), created + ESCROW_MAX)
+    return waiting, expiry + SWEEP_PERIOD
+
+
 @dataclass
 class AuditReport:
     """What the audit found. `ok` is False on any finding: the CLI exits non-zero on it."""
@@ -117,6 +175,8 @@ class AuditReport:
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     views_compared: bool = False
+    in_flight: list[InFlight] = field(default_factory=list)
+    settled_required: bool = False
 
     @property
     def ok(self) -> bool:
@@ -151,6 +211,9 @@ class AuditReport:
             "findings": [f.to_json() for f in self.findings],
             "findings_left_out": self.findings_left_out,
             "notes": list(self.notes),
+            "settled_required": self.settled_required,
+            "in_flight_count": len(self.in_flight),
+            "in_flight": [job.to_json() for job in self.in_flight[:DEFAULT_MAX_FINDINGS]],
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
@@ -162,6 +225,14 @@ class AuditReport:
             f"  read model compared with a rebuild: {'yes' if self.views_compared else 'no'}",
         ]
         lines.extend(f"  note: {note}" for note in self.notes)
+        if self.in_flight:
+            lines.append(
+                f"  {len(self.in_flight)} job(s) in flight, waiting on a service within the bound their log "
+                "fixes (`replay --settled` counts them as violations):"
+            )
+            lines.extend(f"    {job.render()}" for job in self.in_flight[:20])
+            if len(self.in_flight) > 20:
+                lines.append(f"    ... and {len(self.in_flight) - 20} more")
         if self.findings:
             first = self.first_bad
             if first is not None:
@@ -245,8 +316,12 @@ class Auditor:
         recent: int = DEFAULT_RECENT,
         max_findings: int = DEFAULT_MAX_FINDINGS,
         decrypt: bool = False,
+        settled: bool = False,
+        now: Clock | None = None,
     ) -> None:
-        self.report = AuditReport(source)
+        self.report = AuditReport(source, settled_required=settled)
+        self.settled = settled
+        self.now = now or (lambda: datetime.now(UTC))
         self.decoder = decoder
         self.seals = seals
         self.history = history
@@ -265,8 +340,9 @@ class Auditor:
         self.open: dict[str, _Stream] = {}
         # Oldest first; an OrderedDict lets the oldest go in O(1) (a dict would scan its deleted slots).
         self.recent: OrderedDict[str, _Stream] = OrderedDict()
-        # Jobs let go of while still open: what their quiescent check would say if nothing follows.
-        self.evicted: dict[str, tuple[int, list[str]]] = {}
+        # Jobs let go of while still open: what their quiescent check would say if nothing follows,
+        # and what they wait for (if anything) until when.
+        self.evicted: dict[str, tuple[int, list[str], tuple[str, datetime] | None, str]] = {}
         self._job_topics: dict[str, bool] = {}
         # Bounties (domain/bounty.py) are few: each is kept whole and checked after every event.
         self.bounties: dict[str, tuple[Bounty, set[str]]] = {}
@@ -274,6 +350,7 @@ class Auditor:
         self._fasts: dict[str, _Fast | None] = {}
         self._creators: dict[type, Creator | None] = {}
         self.started = time.perf_counter()
+        self._moment: datetime | None = None  # "now", read once when the log's end is checked
 
     # ------------------------------------------------------------------ findings
 
@@ -699,7 +776,12 @@ class Auditor:
         job = stream.job
         if job is None:
             return
-        for rule in job.violations(quiescent=quiescent):
+        rules = job.violations(quiescent=quiescent)
+        if quiescent and self._busy(
+            originator_id, job.state, waiting_on_service(job, stream.funded_at), position
+        ):
+            rules = [rule for rule in rules if not rule.startswith(LEFT_IN_FLIGHT)]
+        for rule in rules:
             reported = stream.reported
             if reported is None:
                 reported = stream.reported = set()
@@ -722,8 +804,24 @@ class Auditor:
             now = set(job.violations())
             later = [rule for rule in job.violations(quiescent=True) if rule not in now]
             if later:
-                self.evicted[originator_id] = (stream.position, later)
+                waiting = waiting_on_service(job, stream.funded_at)
+                self.evicted[originator_id] = (stream.position, later, waiting, str(job.state))
         self._project(stream)
+
+    def _busy(
+        self, originator_id: str, state: str, waiting: tuple[str, datetime] | None, position: int | None
+    ) -> bool:
+        """Whether a job the quiescent rule flags is only busy: it waits on a service and its bound
+        has not passed (then it is reported in flight), unless every job must have settled."""
+        if waiting is None or self.settled:
+            return False
+        what, until = waiting
+        if self._moment is None:
+            self._moment = self.now()
+        if self._moment > until:
+            return False
+        self.report.in_flight.append(InFlight(originator_id, str(state), what, until, position))
+        return True
 
     def _project(self, stream: _Stream) -> None:
         if self.projector is not None and stream.job is not None:
@@ -753,7 +851,9 @@ class Auditor:
             self._project(stream)
         for originator_id in self.bounties:
             self._check_bounty(originator_id, None, quiescent=self.quiescent)
-        for originator_id, (position, rules) in self.evicted.items():
+        for originator_id, (position, rules, waiting, state) in self.evicted.items():
+            if self._busy(originator_id, state, waiting, position):
+                rules = [rule for rule in rules if not rule.startswith(LEFT_IN_FLIGHT)]
             for rule in rules:
                 self.find("invariant", rule, position=position, job_id=originator_id)
         self.open.clear()
@@ -786,13 +886,18 @@ def audit(
     quiescent: bool = True,
     page_size: int = DEFAULT_PAGE_SIZE,
     max_open: int = DEFAULT_MAX_OPEN,
+    settled: bool = False,
+    now: Clock | None = None,
 ) -> AuditReport:
     """Audit the whole store of `app` (see the module docstring); never raises on a bad log.
 
     With `read_model`, it is first caught up to the end of the log, then compared with a rebuild of
     every view into a scratch database, and its log checkpoints with the log as it is now.
     `seals` defaults to the application's mapper when it seals events (the chain mapper).
-    `quiescent` adds the rule that holds when no engine is running: no funded job left in flight.
+    `quiescent` adds the rule that holds when no engine is running: no funded job left in flight,
+    except a job waiting on a service within the bound its log fixes (reported in `in_flight`);
+    `settled` makes that rule strict (every funded job released, refunded or in ATTENTION). `now`
+    (default: the wall clock) is the moment the bounds are compared with.
     """
     seals = seals if seals is not None else seals_of(app)
     mapper = app.mapper
@@ -822,6 +927,8 @@ def audit(
             gaps_are_tampering=type(recorder).__module__ != "eventsourcing.postgres",
             max_open=max_open,
             decrypt=bool(mapper.cipher or mapper.compressor),
+            settled=settled,
+            now=now,
         )
         if stop:
             for page in store_pages(app, stop=stop, page_size=page_size):

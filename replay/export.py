@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -166,10 +167,13 @@ def audit_export(
     transcoder: JSONTranscoder | None = None,
     quiescent: bool = True,
     max_open: int = DEFAULT_MAX_OPEN,
+    settled: bool = False,
+    now: Callable[[], datetime] | None = None,
 ) -> AuditReport:
     """Audit an export with no database: its line chain and checkpoints, then every event as the
     store audit would (contiguous job versions, the per-job seals when `seals` is given, and every
-    invariant through the aggregate's own code). Line numbers in findings count from 0 (the header).
+    invariant through the aggregate's own code; `settled` and `now` as for `audit`). Line numbers
+    in findings count from 0 (the header).
     """
     source = Path(path)
     history = _ExportHistory(source)
@@ -180,6 +184,8 @@ def audit_export(
         history=history,
         quiescent=quiescent,
         max_open=max_open,
+        settled=settled,
+        now=now,
     )
     started = time.perf_counter()
     prev_hash = GENESIS

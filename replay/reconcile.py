@@ -3,14 +3,21 @@
 The log is the truth of what the engine knows; the service is the truth of where the money is.
 They can drift apart without anyone in the engine doing wrong: the service refunds an escrow on its
 timeout sweep while the log still says funded, a response was lost after the escrow was created, an
-operator released an escrow by hand. Every such difference is listed; nothing is changed.
+operator released an escrow by hand. Every such difference is listed; nothing is changed here.
+
+A difference the engine itself would record on its next look at the job (the escrow was released,
+or refunded by the service's timeout sweep, while the job waits for that outcome) is marked with
+what it `settles`: `podsettle reconcile --check-escrow --apply` records it through the engine's own
+commands. Jobs that wait on a service are listed with the bound their log (or the service's expiry)
+fixes, and whether it has passed.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -20,6 +27,7 @@ from eventsourcing.utils import get_topic
 
 from podsettle.adapters.ports import EscrowGateway, EscrowStatus, EscrowView, GatewayError, NotFound
 from podsettle.domain import EscrowJob, State, Step, fmt
+from podsettle.replay.audit import SWEEP_PERIOD, waiting_on_service
 from podsettle.support.logs import get_logger
 
 log = get_logger(__name__)
@@ -38,6 +46,12 @@ _EXPECTED: dict[State, frozenset[EscrowStatus]] = {
     State.RELEASED: frozenset({EscrowStatus.RELEASED}),
     State.REFUNDED: frozenset({EscrowStatus.REFUNDED}),
 }
+# The outcome the service's status settles for a job waiting on it (what the engine would record).
+_SETTLES: dict[tuple[State, EscrowStatus], str] = {
+    (State.RELEASING, EscrowStatus.RELEASED): "released",
+    (State.RELEASING, EscrowStatus.REFUNDED): "refunded",  # the sweep came first
+    (State.REFUNDING, EscrowStatus.REFUNDED): "refunded",
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,7 @@ class Difference:
     log: str  # what the log says
     service: str  # what the service says
     detail: str = ""
+    settles: str | None = None  # "released" | "refunded": the outcome the engine would record
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +76,7 @@ class Difference:
             "log": self.log,
             "service": self.service,
             "detail": self.detail,
+            "settles": self.settles,
         }
 
     def render(self) -> str:
@@ -69,7 +85,30 @@ class Difference:
             f"job {self.job_key} ({self.job_id}){escrow}: {self.kind}: "
             f"log says {self.log}, service says {self.service}"
         )
-        return text + (f" ({self.detail})" if self.detail else "")
+        text += f" ({self.detail})" if self.detail else ""
+        return text + (f"; the service settles it: {self.settles}" if self.settles else "")
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A funded job waiting on a service, and the latest moment that wait may last."""
+
+    job_id: str
+    job_key: str
+    state: str
+    waiting_for: str  # "compute" | "release" | "refund"
+    until: datetime
+    past_bound: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "job_key": self.job_key,
+            "state": self.state,
+            "waiting_for": self.waiting_for,
+            "until": self.until.isoformat(),
+            "past_bound": self.past_bound,
+        }
 
 
 @dataclass
@@ -77,10 +116,15 @@ class ReconcileReport:
     jobs: int = 0
     escrows_checked: int = 0
     differences: list[Difference] = field(default_factory=list)
+    waiting: list[Waiting] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.differences
+
+    @property
+    def past_bound(self) -> list[Waiting]:
+        return [job for job in self.waiting if job.past_bound]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +132,7 @@ class ReconcileReport:
             "jobs": self.jobs,
             "escrows_checked": self.escrows_checked,
             "differences": [d.to_json() for d in self.differences],
+            "waiting": [w.to_json() for w in self.waiting],
         }
 
     def render(self) -> str:
@@ -112,19 +157,65 @@ def _jobs(app: Application[Any]) -> Iterator[UUID]:
         start = page[-1].id + 1
 
 
+def funded_at(app: Application[Any], job: EscrowJob) -> datetime | None:
+    """When the log recorded the job's escrow funded (its Funded event's time)."""
+    for event in app.repository.event_store.get(job.id):
+        if isinstance(event, EscrowJob.Funded):
+            stamp: datetime = event.timestamp
+            return stamp
+    return None
+
+
+def waiting(
+    app: Application[Any], job: EscrowJob, now: datetime, expires: datetime | None = None
+) -> Waiting | None:
+    """The job's wait on a service and its bound: the log's (`waiting_on_service`), or for a release
+    or a refund the escrow's own expiry when the service reported it (`expires`), plus the sweep."""
+    if job.funded_amount is None:
+        return None
+    found = waiting_on_service(job, funded_at(app, job))
+    if found is None:
+        return None
+    what, until = found
+    if expires is not None and what != "compute":
+        until = expires + SWEEP_PERIOD
+    return Waiting(str(job.id), job.job_key, str(job.state), what, until, now > until)
+
+
+def waiting_jobs(app: Application[Any], *, now: Callable[[], datetime] | None = None) -> list[Waiting]:
+    """Every funded job that waits on a service, with its bound from the log alone."""
+    moment = (now or (lambda: datetime.now(UTC)))()
+    found = []
+    for job_id in _jobs(app):
+        job: EscrowJob = app.repository.get(job_id)
+        wait = waiting(app, job, moment)
+        if wait is not None:
+            found.append(wait)
+    return found
+
+
 async def reconcile(
-    app: Application[Any], gateway: EscrowGateway, *, concurrency: int = DEFAULT_CONCURRENCY
+    app: Application[Any],
+    gateway: EscrowGateway,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    now: Callable[[], datetime] | None = None,
 ) -> ReconcileReport:
-    """Compare every job's escrow (and bonus escrow) in `app`'s log with `gateway.get`."""
+    """Compare every job's escrow (and bonus escrow) in `app`'s log with `gateway.get`; list the jobs
+    that wait on a service with their bound (against `now`, by default the wall clock)."""
     report = ReconcileReport()
     limit = asyncio.Semaphore(concurrency)
     batch: list[EscrowJob] = []
+    moment = (now or (lambda: datetime.now(UTC)))()
 
     async def check_batch() -> None:
         results = await asyncio.gather(*(_check(job, gateway, limit) for job in batch))
-        for checked, differences in results:
+        for job, (checked, differences, expires) in zip(batch, results, strict=True):
             report.escrows_checked += checked
             report.differences.extend(differences)
+            wait = waiting(app, job, moment, expires)
+            if wait is not None and not any(d.settles for d in differences):
+                report.waiting.append(wait)
         batch.clear()
 
     for job_id in _jobs(app):
@@ -143,12 +234,21 @@ async def reconcile(
 
 async def _check(
     job: EscrowJob, gateway: EscrowGateway, limit: asyncio.Semaphore
-) -> tuple[int, list[Difference]]:
+) -> tuple[int, list[Difference], datetime | None]:
+    """The job's differences, and its escrow's expiry as the service reports it."""
     found: list[Difference] = []
     checked = 0
+    expires: datetime | None = None
 
-    def differ(kind: str, escrow_id: str | None, says: str, service: str, detail: str = "") -> None:
-        found.append(Difference(str(job.id), job.job_key, escrow_id, kind, says, service, detail))
+    def differ(
+        kind: str,
+        escrow_id: str | None,
+        says: str,
+        service: str,
+        detail: str = "",
+        settles: str | None = None,
+    ) -> None:
+        found.append(Difference(str(job.id), job.job_key, escrow_id, kind, says, service, detail, settles))
 
     async def read(escrow_id: str) -> EscrowView | None:
         nonlocal checked
@@ -192,10 +292,11 @@ async def _check(
                     "not funded (funding attempted, outcome unknown)",
                     f"{view.status} escrow of {fmt(view.amount)}",
                 )
-        return checked, found
+        return checked, found, expires
 
     view = await read(job.escrow_id)
     if view is not None:
+        expires = view.auto_release_at
         expected = _EXPECTED.get(job.state)
         if expected is not None and view.status not in expected:
             differ(
@@ -205,6 +306,7 @@ async def _check(
                 str(view.status),
                 f"job is {job.state}"
                 + (f", {job.intent.step} in flight" if job.awaiting_outcome and job.intent else ""),
+                _SETTLES.get((job.state, view.status)),
             )
         elif expected is None and job.state == State.ATTENTION:
             differ(
@@ -234,7 +336,7 @@ async def _check(
                     f"bonus escrow of {fmt(job.bonus_funded.amount)}",
                     f"{fmt(bonus.amount)}",
                 )
-    return checked, found
+    return checked, found, expires
 
 
 def _where(state: State) -> str:

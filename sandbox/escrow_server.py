@@ -1,12 +1,19 @@
 """A Purple Flea-compatible escrow server for tests, demos and benchmarks, backed by the local ledger.
 
 It speaks the contract in contracts/purpleflea-escrow.md: the v1 routes (`/escrow/...`) with their
-status codes, error bodies (`{error, message}` plus `_info`) and per-IP, per-route rate limits; the
-seed dialect (`/api/escrow/create|release|cancel`); `/health`; and the onboarding routes
+status codes, error bodies (`{error, message}` plus `_info`, as `application/json; charset=UTF-8`)
+and rate limits; the seed dialect (`/api/escrow/create|release|cancel`); `/health`; and the onboarding routes
 (`/api/v1/auth/register`, `/faucet/claim`). Amounts go out as JSON numbers written from `Decimal`
 digits (never through a float) and are kept in the ledger as integer micro-units.
 
-Semantics, as the published service has them:
+Semantics, as the published service has them (by default; the options that relax them are named):
+- rate limits: a fixed window of `rate_limit_window_s` (60 s) per path and client IP, opened by its
+  first call; the IP comes from X-Forwarded-For (its first entry) or X-Real-IP, else every client
+  shares the bucket "unknown"; release, complete and dispute paths hold the escrow id, so each
+  escrow has its own bucket; the limit is checked before the key (a 401 uses a slot); a refused call
+  answers 429 "Too many requests. Limit: 20 per 60s" with no Retry-After. The window runs on the
+  sandbox's clock, so advancing it (`POST /sandbox/clock`) opens new windows. `rate_limits` lifts
+  the limits;
 - create takes the amount from the creator's balance into a hold; the commission is 1% by the
   escrow's dialect's rule (rules.py: v1 as the service computes it in JavaScript floats, seed exact
   half up); release pays `amount - commission` to the counterparty, the referrer's share (15% of the
@@ -15,12 +22,16 @@ Semantics, as the published service has them:
   agents' own codes (`ref_` and 8 hex digits, made when the agent is created; an agent id or an
   unknown code matches nothing, and no referrer is paid); without a code, the creator's own referrer;
 - the timeout sweep refunds funded and completed escrows whose `auto_release_at` has passed,
-  crediting `amount - commission` to the creator (the commission is kept). It runs lazily: before
-  any request, when `sweep_interval_s` (default 300, the service's five minutes) of the injectable
-  clock has passed since the last sweep; `POST /sandbox/sweep` runs it at once; pass
+  crediting `amount - commission` to the creator and the referrer its share of the commission (the
+  rest is kept). It runs at startup and then every `sweep_interval_s` (300, the service's five
+  minutes) of the injectable clock, on the same timetable as the service's timer: each sweep
+  refunds what was due at its tick. It is played lazily, before each request, so a clock advanced
+  past a tick sees that tick's sweep; `POST /sandbox/sweep` runs it at once; pass
   `sweep_interval_s=math.inf` to sweep only on that route;
-- a disputed escrow stays locked; `POST /sandbox/disputes/{id}/resolve {"outcome": "refund"|"release"}`
-  plays the operator's manual review (refund: `amount - commission` back, like the sweep);
+- a dispute is permanent, as on the published service (nothing resolves it, the sweep skips it).
+  The sandbox's own relaxations: `POST /sandbox/disputes/{id}/resolve {"outcome": "refund"|"release"}`
+  plays Purple Flea's manual review (refund: `amount - commission` back, like the sweep), and
+  `dispute_review` decides every dispute at once;
 - seed: `auto_release` on create is the timeout in hours; cancel gives the creator the *whole*
   amount back (no commission); responses carry no amounts; a 409 carries the escrow's `status`.
 
@@ -41,7 +52,6 @@ import json
 import math
 import secrets
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +94,9 @@ FAUCET_AMOUNT = Decimal("1.00")
 FAULT_ROUTES = frozenset({"create", "complete", "release", "cancel", "dispute", "get"})
 FAULT_MODES = frozenset({"error_before", "drop_after", "rate_limit", "delay"})
 STATE_KEY = "podsettle.escrow_sandbox"
+RATE_LIMIT_WINDOW_S = 60.0
+SWEEP_INTERVAL_S = 300.0
+JSON_TYPE = "application/json; charset=UTF-8"
 UNAUTHORIZED_MESSAGE = "Bearer {casino_api_key} required. Register at casino.purpleflea.com."
 
 _SCHEMA = """
@@ -153,7 +166,7 @@ def _encode(value: Any) -> str:
 
 
 class JSONOut(Response):
-    media_type = "application/json"
+    media_type = JSON_TYPE
 
     def render(self, content: Any) -> bytes:
         return dumps(content)
@@ -166,7 +179,7 @@ def _body(content: dict[str, Any], status_code: int = 200, headers: dict[str, st
     """A JSON object answer with the service's `_info` last (written once, not per response)."""
     text = _encode({k: v for k, v in content.items() if k != "_info"} if "_info" in content else content)
     body = (text[:-1] + _INFO_TAIL) if text != "{}" else "{" + _INFO_TAIL[1:]
-    return Response(body.encode(), status_code=status_code, headers=headers, media_type="application/json")
+    return Response(body.encode(), status_code=status_code, headers=headers, media_type=JSON_TYPE)
 
 
 class ApiError(Exception):
@@ -244,21 +257,24 @@ class Fault:
     close: bool = False
 
 
-class SlidingWindow:
+class FixedWindow:
+    """The published server's limiter: per key, a window that opens with the key's first call and
+    lasts `period_s`; every call counts, refused ones too, and the window only ends with time."""
+
     def __init__(self) -> None:
-        self._calls: dict[tuple[str, str], deque[float]] = {}
+        self._buckets: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
-    def admit(self, route: str, ip: str, limit: int, period_s: float, now: float) -> float | None:
-        """None when admitted, else the seconds until the next call would be."""
+    def admit(self, key: str, limit: int, period_s: float, now: float) -> bool:
         with self._lock:
-            calls = self._calls.setdefault((route, ip), deque())
-            while calls and calls[0] <= now - period_s:
-                calls.popleft()
-            if len(calls) >= limit:
-                return max(calls[0] + period_s - now, 0.001)
-            calls.append(now)
-            return None
+            bucket = self._buckets.get(key)
+            # The service opens a new window only once more than the period has passed.
+            if bucket is None or now - bucket[0] > period_s:
+                self._buckets[key] = (now, 1)
+                return True
+            opened, count = bucket[0], bucket[1] + 1
+            self._buckets[key] = (opened, count)
+            return count <= limit
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -274,9 +290,12 @@ class EscrowSandbox:
         clock: Callable[[], datetime] | None = None,
         rate_limits: dict[str, int] | None = None,
         sweep_interval_s: float | None = None,
+        rate_limit_window_s: float = RATE_LIMIT_WINDOW_S,
         seed: int = 0,
         dispute_review: str | None = None,
     ) -> None:
+        if rate_limit_window_s <= 0:
+            raise ValueError(f"rate_limit_window_s must be > 0, got {rate_limit_window_s!r}")
         if dispute_review not in (None, "refund", "release"):
             raise ValueError(f"dispute_review must be None, 'refund' or 'release', got {dispute_review!r}")
         # Stands in for Purple Flea's manual review of disputes: None leaves them locked until
@@ -289,10 +308,13 @@ class EscrowSandbox:
         for route, limit in self.rate_limits.items():
             if not isinstance(limit, int) or limit < 1:
                 raise ValueError(f"rate_limits[{route!r}] must be an integer >= 1, got {limit!r}")
-        self.sweep_interval_s = 300.0 if sweep_interval_s is None else sweep_interval_s
+        self.sweep_interval_s = SWEEP_INTERVAL_S if sweep_interval_s is None else sweep_interval_s
+        if not self.sweep_interval_s > 0:
+            raise ValueError(f"sweep_interval_s must be > 0, got {sweep_interval_s!r}")
+        self.rate_limit_window_s = rate_limit_window_s
         self.ledger = Ledger(ledger_path, clock=self.now)
         self.faults: dict[str, deque[Fault]] = {}
-        self._windows = SlidingWindow()
+        self._windows = FixedWindow()
         # Agents by key hash, filled on first use: an agent and its key never change once created,
         # so a request need not open a transaction only to learn who is calling.
         self._agents_by_key: dict[str, str] = {}
@@ -304,7 +326,11 @@ class EscrowSandbox:
             row = tx.execute("SELECT value FROM sandbox_counters WHERE name = 'clock_offset_us'").fetchone()
             if row is not None:
                 self._offset = timedelta(microseconds=row[0])
-        self._last_sweep = self.now()
+        # The service's timer: a sweep at startup, then one every interval from then on.
+        self._sweep_origin = self.now()
+        self._sweep_ticks = 0
+        if not math.isinf(self.sweep_interval_s):
+            self.sweep()
 
     def __repr__(self) -> str:
         return f"EscrowSandbox(ledger={self.ledger!r})"
@@ -334,18 +360,14 @@ class EscrowSandbox:
         ).fetchone()[0]
         return prefix + hashlib.sha256(f"{self.seed}:{kind}:{n}".encode()).hexdigest()[:hex_chars]
 
-    def admit(self, route: str, ip: str) -> None:
+    def admit(self, route: str, path: str, ip: str) -> None:
+        """The route's limit on the bucket of this path and client IP (as the service keys it)."""
         limit = self.rate_limits.get(route)
         if limit is None:
             return
-        wait = self._windows.admit(route, ip, limit, 60.0, time.monotonic())
-        if wait is not None:
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"Too many requests. Limit: {limit} per minute.",
-                retry_after=math.ceil(wait),
-            )
+        window = self.rate_limit_window_s
+        if not self._windows.admit(f"{path}:{ip}", limit, window, self.now().timestamp()):
+            raise ApiError(429, "rate_limited", f"Too many requests. Limit: {limit} per {window:g}s")
 
     def take_fault(self, route: str) -> Fault | None:
         queue = self.faults.get(route)
@@ -582,8 +604,7 @@ class EscrowSandbox:
     def _pay_out(self, tx: LedgerTx, row: dict[str, Any], actor: str | None) -> dict[str, Any]:
         amount = _money(row["amount"])
         fee = _money(row["commission"])
-        referrer = row["referrer"]
-        share = referral_fee(fee, row["dialect"]) if referrer else ZERO
+        referrer, share = self._referral_share(row)
         tx.post(
             row["escrow_id"],
             key=f"sandbox:release:{row['escrow_id']}",
@@ -611,15 +632,25 @@ class EscrowSandbox:
             "message": f"${_dollars(amount - fee)} released to counterparty.",
         }
 
-    def _refund_less_commission(self, tx: LedgerTx, row: dict[str, Any], note: str) -> None:
+    def _referral_share(self, row: dict[str, Any]) -> tuple[str | None, Money]:
+        """The escrow's referrer and the share of the commission it is paid (release or timeout)."""
+        referrer: str | None = row["referrer"]
+        return referrer, referral_fee(_money(row["commission"]), row["dialect"]) if referrer else ZERO
+
+    def _refund_less_commission(
+        self, tx: LedgerTx, row: dict[str, Any], note: str, *, pay_referrer: bool
+    ) -> None:
         amount = _money(row["amount"])
         fee = _money(row["commission"])
+        referrer, share = self._referral_share(row) if pay_referrer else (None, ZERO)
         tx.post(
             row["escrow_id"],
             key=f"sandbox:refund:{row['escrow_id']}",
             payee=row["creator_id"],
             net=amount - fee,
             fee=fee,
+            referrer=referrer,
+            referral_fee=share,
         )
         # The published service stamps released_at on a refund too (see the recorded example).
         tx.execute(
@@ -661,7 +692,7 @@ class EscrowSandbox:
             if outcome == "release":
                 self._pay_out(tx, row, None)
             else:
-                self._refund_less_commission(tx, row, "Refunded after manual review")
+                self._refund_less_commission(tx, row, "Refunded after manual review", pay_referrer=False)
             return self._row(tx, escrow_id)
 
     def cancel(self, escrow_id: Any, actor: str) -> dict[str, Any]:
@@ -747,29 +778,37 @@ class EscrowSandbox:
             "referral_commission_rate": "15% of fees",
         }
 
-    def sweep(self) -> list[str]:
-        """Refund every funded or completed escrow past its auto_release_at (commission kept)."""
+    def sweep(self, at: datetime | None = None) -> list[str]:
+        """Refund every funded or completed escrow due by `at` (default now): `amount - commission`
+        to the creator, the referrer's share to the referrer, the rest of the commission kept."""
         with self.ledger.transaction() as tx:
+            cutoff = tx.now if at is None else at
             due = tx.execute(
                 "SELECT escrow_id FROM sandbox_escrows WHERE status IN ('funded', 'completed') "
                 "AND auto_release_at <= ? ORDER BY auto_release_at",
-                (tx.now.isoformat(),),
+                (cutoff.isoformat(),),
             ).fetchall()
             refunded = []
             for (escrow_id,) in due:
                 row = self._row(tx, escrow_id)
-                self._refund_less_commission(tx, row, f"Auto-refunded after {row['timeout_hours']}h timeout")
+                self._refund_less_commission(
+                    tx, row, f"Auto-refunded after {row['timeout_hours']}h timeout", pay_referrer=True
+                )
                 refunded.append(str(escrow_id))
-        self._last_sweep = self.now()
         if refunded:
             log.info("sandbox.swept", refunded=refunded)
         return refunded
 
     def maybe_sweep(self) -> None:
+        """Play the timer's ticks that passed since the last one: the latest tick's sweep refunds what
+        was due at that tick (an earlier tick's would have refunded a subset of it)."""
         if math.isinf(self.sweep_interval_s):
             return
-        if (self.now() - self._last_sweep).total_seconds() >= self.sweep_interval_s:
-            self.sweep()
+        elapsed = (self.now() - self._sweep_origin).total_seconds()
+        ticks = math.floor(elapsed / self.sweep_interval_s)
+        if ticks > self._sweep_ticks:
+            self._sweep_ticks = ticks
+            self.sweep(self._sweep_origin + timedelta(seconds=ticks * self.sweep_interval_s))
 
     def ledger_report(self) -> dict[str, Any]:
         report = self.ledger.conservation()
@@ -831,22 +870,28 @@ def _ip(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def _limit_ip(request: Request) -> str:
+    """The client IP as the escrow service's limiter reads it: the proxy headers only, so callers
+    without them (every local client) share one bucket, "unknown"."""
+    forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
+    return forwarded or request.headers.get("x-real-ip") or "unknown"
+
+
 Handler = Callable[[Request], Any]
 
 
 def _api(route: str | None = None) -> Callable[[Handler], Handler]:
-    """Rate limit (per IP and route) and turn ApiError into its JSON answer."""
+    """Rate limit (before anything else, the key included) and turn ApiError into its JSON answer."""
 
     def wrap(handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
             try:
                 if route is not None:
-                    _state(request).admit(route, _ip(request))
+                    _state(request).admit(route, request.url.path, _limit_ip(request))
                 result: Response = await handler(request)
                 return result
             except ApiError as e:
-                retry = e.extra.get("retry_after")
-                return e.response({"Retry-After": str(retry)} if retry is not None else None)
+                return e.response()
 
         return endpoint
 
@@ -1130,8 +1175,8 @@ class SandboxMiddleware:
         if fault.mode == "error_before":
             await _send(send, ApiError(500, "internal_error", "Injected fault: nothing was done").response())
         elif fault.mode == "rate_limit":
-            error = ApiError(429, "rate_limited", "Too many requests (injected).", retry_after=1)
-            await _send(send, error.response({"Retry-After": "1"}))
+            # Shaped as the service's own 429: no Retry-After, no retry_after in the body.
+            await _send(send, ApiError(429, "rate_limited", "Too many requests (injected).").response())
         elif fault.mode == "delay":
             # Read the request first: the work must still happen when the client gives up meanwhile.
             replay = await _buffered(receive)
@@ -1199,22 +1244,26 @@ def create_escrow_app(
     clock: Callable[[], datetime] | None = None,
     rate_limits: dict[str, int] | None = None,
     sweep_interval_s: float | None = None,
+    rate_limit_window_s: float = RATE_LIMIT_WINDOW_S,
     seed: int = 0,
     dispute_review: str | None = None,
 ) -> Starlette:
     """The sandbox escrow server; its state is `app.state.escrow` (an `EscrowSandbox`).
 
-    `ledger_path` None keeps everything in memory; a file path survives a restart. `rate_limits`
-    overrides the per-minute limits per route (`create`, `complete`, `release`, `dispute`, `cancel`)
-    and the faucet's claims per IP per 24 h (`faucet`). `seed` makes agent and escrow ids reproducible.
+    By default it behaves as the published server (module docstring). `ledger_path` None keeps
+    everything in memory; a file path survives a restart. `rate_limits` overrides the limits per
+    window of `rate_limit_window_s` per route (`create`, `complete`, `release`, `dispute`, `cancel`)
+    and the faucet's claims per IP per 24 h (`faucet`). `sweep_interval_s` sets the sweep's timer
+    (math.inf: only `POST /sandbox/sweep`). `seed` makes agent and escrow ids reproducible.
     `dispute_review` ("refund" or "release") decides every dispute at once, as Purple Flea's review
-    would; None leaves disputes locked until the admin route resolves them.
+    would; None (the published behaviour) leaves disputes locked (the admin route can resolve one).
     """
     state = EscrowSandbox(
         ledger_path=ledger_path,
         clock=clock,
         rate_limits=rate_limits,
         sweep_interval_s=sweep_interval_s,
+        rate_limit_window_s=rate_limit_window_s,
         seed=seed,
         dispute_review=dispute_review,
     )

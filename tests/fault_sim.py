@@ -4,6 +4,10 @@ Faults are injected at the ports: crashes before and after every effect (the eng
 mid-flight and a new one starts on the same store), lost responses (the call happened, the answer
 did not arrive), 429s, 5xx before anything happened, timeouts, duplicate deliveries, and, on the
 compute side, jobs executed twice and COMPLETED without output. The same seed replays the same run.
+
+`simulate_published` is the family "v1 as published": the real v1 adapter over HTTP against the
+escrow sandbox with every default of the published server (disputes never resolved, one shared
+rate-limit bucket, the timeout sweep on its 5-minute timer, on a clock the simulation moves).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from podsettle.adapters.ledger import Ledger
+from podsettle.adapters.ledger import MICRO, Ledger
 from podsettle.adapters.ledger_gateway import LedgerEscrow
 from podsettle.adapters.ports import (
     EscrowCapabilities,
@@ -293,3 +298,238 @@ def resolve_from_ledger(app: Settlements, job: EscrowJob, escrow: LedgerEscrow, 
         act(app, job.id, found)
         return
     act(app, job.id, lambda j: j.resolve(finding, "operator", retry=True))
+
+
+# ---------------------------------------------------------------------------------- v1 as published
+
+
+class SimClock:
+    """The escrow service's clock: the simulation moves it (a rate-limit window passing, the hours
+    until the timeout sweep refunds); the engine keeps the wall clock."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class PublishedEscrow(FaultyEscrow):
+    """The real v1 adapter against the escrow sandbox as published (one shared rate-limit bucket,
+    the 5-minute sweep on the simulation's clock, disputes never resolved), with the plan's faults.
+    A 429 is the limiter's window at work (creates share one bucket; a release is counted per
+    escrow): the service's clock moves past the window, as the wall clock would."""
+
+    def __init__(self, inner: Any, plan: FaultPlan, clock: SimClock) -> None:
+        super().__init__(inner, plan, inner.capabilities)
+        self.clock = clock
+        self.rate_limited = 0
+
+    async def _limited(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except RateLimited:
+            self.rate_limited += 1
+            self.clock.now += timedelta(seconds=61)
+            raise RateLimited("429: Limit per 60s", retry_after=0.0) from None
+
+    async def create(self, **kwargs: Any) -> Any:
+        return await self._limited(super().create(**kwargs))
+
+    async def release(self, escrow_id: str, **kwargs: Any) -> Any:
+        return await self._limited(super().release(escrow_id, **kwargs))
+
+    async def refund(self, escrow_id: str, **kwargs: Any) -> Any:
+        return await self._limited(super().refund(escrow_id, **kwargs))
+
+
+@dataclass
+class PublishedResult:
+    seed: int
+    jobs: list[EscrowJob]
+    sandbox: Any  # the EscrowSandbox state
+    payer: str
+    worker: str
+    neighbour: str
+    restarts: int
+    faults: list[str]
+    operator_resolutions: int
+    rate_limited: int
+    sweeps_waited: int
+
+
+async def simulate_published(seed: int, tmp: Path, *, jobs: int = 6) -> PublishedResult:
+    """The engine against v1 as published, through crashes and lost answers; the refund path is the
+    timeout sweep (configured: the one that returns money on the published service)."""
+    from podsettle.adapters.purpleflea import purple_flea
+    from podsettle.sandbox.escrow_server import create_escrow_app
+    from podsettle.sandbox.http_server import BackgroundServer
+
+    rng = random.Random(seed)
+    clock = SimClock()
+    app = create_escrow_app(clock=clock, seed=seed)  # every default as published
+    state = app.state.escrow
+    payer, payer_key = state.create_agent(Decimal("100"))
+    worker, _ = state.create_agent()
+    neighbour, neighbour_key = state.create_agent(Decimal("100"))
+    # No duplicate deliveries: a create delivered twice makes two escrows on a service without keys,
+    # which is the network's doing, not the engine's.
+    plan = FaultPlan(rng, duplicate_rate=0.0)
+    store = f"sqlite:///{tmp / f'published-{seed}.db'}"
+    settings = Settings(store=store, payer=payer, payee=worker, job_timeout_s=60)
+    config = ProcessorConfig(
+        retry_base_s=0.0005, retry_cap_s=0.002, pending_refund_poll_s=0.01, seed=seed, claim_lease_s=0
+    )
+    faults = Faults(failure_rate=0.3, no_output_rate=0.1, latency_ms=0.0)
+    compute = InProcessCompute({"sim": EndpointConfig(handler=sim_handler, faults=faults)}, seed=seed)
+    budgets = [rng.choice(["0.10", "0.50", "1.234567", "2", "5000"]) for _ in range(jobs)]
+    batch_id = f"published-{seed}"
+    restarts = resolutions = sweeps = 0
+    lifted = dict.fromkeys(("create", "complete", "release", "dispute"), 10**9)
+    with BackgroundServer(app) as server:
+        # A neighbour behind the same address (no proxy header: the one "unknown" bucket) has used
+        # most of this window's creates.
+        async with purple_flea(server.url, payer_key=neighbour_key, rate_limits=lifted) as other:
+            for n in range(rng.randrange(10, 20)):
+                await other.create(
+                    key=f"n{n}",
+                    payee=worker,
+                    amount=Decimal("0.10"),
+                    description="neighbour",
+                    timeout_hours=1,
+                )
+        adapter = purple_flea(
+            server.url, payer_key=payer_key, payer_id=payer, refund_method="timeout", rate_limits=lifted
+        )
+        escrow = PublishedEscrow(adapter, plan, clock)
+
+        def new_engine() -> Engine:
+            return Engine(
+                Settlements(store),
+                escrow,
+                FaultyCompute(compute, plan),
+                payer=payer,
+                settings=settings,
+                processor=replace(config, processor_id=f"engine-{restarts}"),
+                follow_interval_s=0.01,
+            )
+
+        opened = False
+        try:
+            while True:
+                engine = new_engine()
+                try:
+                    await engine.start()
+                    if not opened:
+                        for index, budget in enumerate(budgets):
+                            spec = engine._spec(
+                                "sim",
+                                {"value": rng.randrange(1000)},
+                                budget,
+                                job_key=f"{batch_id}-{index:03d}",
+                                payee=None,
+                                referral=None,
+                                acceptance={"kind": "non_empty"},
+                                bonus_pool="1" if index % 2 else None,
+                                batch_id=batch_id,
+                                timeout_s=60,
+                            )
+                            await engine.writer.open([spec])
+                        opened = True
+                    results = await engine.resume()
+                    for result in results:
+                        if result.status == "paid" and result.job_id.int % 2 == 0:
+                            await engine.award_bonus(result.job_id, "0.5", "0.9", pool="1")
+                    leftovers = await engine.writer.call(lambda e=engine: e._unfinished_jobs()[0])
+                    await engine.aclose()
+                except SimulatedCrash:
+                    engine.abandon()
+                    await asyncio.sleep(0)
+                    restarts += 1
+                    continue
+                log_app = Settlements(store)
+                waiting = [log_app.get_job(job_id) for job_id in leftovers]
+                if any(job.state not in (State.REFUNDING, State.RELEASING) for job in waiting):
+                    raise AssertionError(
+                        f"seed {seed}: jobs left unfinished: {[j.summary() for j in waiting]}"
+                    )
+                if waiting:
+                    # Refunds by the timeout sweep: the service's hours pass (the escrows last at
+                    # most 2 h here), then its next 5-minute tick refunds them.
+                    clock.now += timedelta(hours=2, minutes=6)
+                    state.maybe_sweep()
+                    sweeps += 1
+                    restarts += 1
+                    continue
+                resolved = [
+                    job
+                    for job in log_app.list_jobs(state=State.ATTENTION)
+                    if resolve_from_service(log_app, job, state)
+                ]
+                if not resolved:
+                    break  # what is left in ATTENTION has no outcome an operator could record
+                resolutions += len(resolved)
+                restarts += 1
+                if restarts > 100:
+                    raise AssertionError(f"seed {seed}: no end after {restarts} rounds")
+        finally:
+            await adapter.aclose()
+    final = Settlements(store).list_jobs(batch_id=batch_id)
+    return PublishedResult(
+        seed,
+        final,
+        state,
+        payer,
+        worker,
+        neighbour,
+        restarts,
+        plan.log,
+        resolutions,
+        escrow.rate_limited,
+        sweeps,
+    )
+
+
+def published_escrows(state: Any, job_key: str) -> list[dict[str, Any]]:
+    """The escrows the service holds for a job (found by their description, as on its dashboard)."""
+    with state.ledger.transaction() as tx:
+        cursor = tx.execute(
+            "SELECT escrow_id, description, status, amount, commission FROM sandbox_escrows "
+            "WHERE description LIKE ?",
+            (f"%{job_key}%",),
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def resolve_from_service(app: Settlements, job: EscrowJob, state: Any) -> bool:
+    """What an operator does with the service's records: find the job's escrow, or retry a call
+    that can still act; False when neither applies (the escrow already ended otherwise: a bonus
+    escrow the sweep refunded has no outcome to record, the job stays in ATTENTION)."""
+    assert job.intent is not None
+    step = job.intent.step
+    finding = f"checked the escrow service for {job.job_key}"
+    if step in (Step.FUND, Step.BONUS_FUND):
+        bonus = step == Step.BONUS_FUND
+        found = [
+            e for e in published_escrows(state, job.job_key) if e["description"].startswith("Perf") == bonus
+        ]
+        if found:
+            (escrow,) = found
+            amount = Decimal(escrow["amount"]) / MICRO
+            fee = Decimal(escrow["commission"]) / MICRO
+
+            def funded(j: EscrowJob) -> None:
+                j.resolve(f"{finding}: found {escrow['escrow_id']}", "operator")
+                record = j.record_bonus_funded if bonus else j.record_funded
+                record(escrow["escrow_id"], amount, fee, amount - fee)
+
+            act(app, job.id, funded)
+            return True
+    elif step in (Step.RELEASE, Step.REFUND, Step.BONUS_RELEASE):
+        escrow_id = job.bonus_escrow_id if step == Step.BONUS_RELEASE else job.escrow_id
+        assert escrow_id is not None
+        if state.view(escrow_id, None)["status"] not in ("funded", "completed"):
+            return False
+    act(app, job.id, lambda j: j.resolve(f"{finding}: nothing moved", "operator", retry=True))
+    return True

@@ -167,6 +167,17 @@ def steps(plan: Plan) -> list[list[Command]]:
     raise ValueError(outcome)
 
 
+def drive_history(app: Settlements, plan: Plan, *, upto: int | None = None) -> EscrowJob:
+    """Open one job and make its saves (all, or the first `upto`), one save each."""
+    job = open_job(plan)
+    app.save(job)
+    for save in steps(plan)[:upto]:
+        for command in save:
+            command(job)
+        app.save(job)
+    return job
+
+
 def random_plans(rng: random.Random, n: int, *, prefix: str = "job") -> list[Plan]:
     return [
         Plan(

@@ -449,10 +449,18 @@ def bonus(
 
 @app.command()
 def resume(store: StoreOption = None, json_output: JsonFlag = False) -> None:
-    """Finish every job an engine left unfinished (after a crash or a stop)."""
+    """Finish every job an engine left unfinished (after a crash or a stop). An escrow service that
+    cannot be reached fails it as it fails `run` (exit 1), before any job is touched."""
 
     async def go() -> Any:
-        async with _engine(store=_store(store)) as engine:
+        engine = _engine(store=_store(store))
+        try:
+            # As `run` checks before it opens anything: the engine starts (and resumes) only after.
+            await engine.escrow.health()
+        except BaseException:
+            await engine.aclose()
+            raise
+        async with engine:
             return await engine.resume()
 
     results = run(go())
@@ -567,11 +575,17 @@ def replay(
     log: Annotated[
         Path | None, typer.Option("--log", help="Audit an exported JSON Lines file instead of the store.")
     ] = None,
+    settled: Annotated[
+        bool,
+        typer.Option("--settled", help="Fail unless every funded job has settled (none in flight)."),
+    ] = False,
     store: StoreOption = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Audit the whole history: re-apply every event, check every invariant and the hash chains,
-    rebuild the read models and compare. Exit 1 on any violation."""
+    rebuild the read models and compare. Exit 1 on any violation. A job waiting on a service (its
+    compute, a release, a refund the escrow's timeout sweep will make) is reported in flight, not a
+    violation, until the bound its log fixes; `--settled` fails on it."""
     from podsettle.adapters.chain import SEALS
     from podsettle.cli.console import audit_report
 
@@ -581,7 +595,7 @@ def replay(
 
             if not log.exists():
                 fail(f"--log: {log} does not exist")
-            report = audit_export(log, seals=SEALS)
+            report = audit_export(log, seals=SEALS, settled=settled)
         else:
             from podsettle.cli.console import views_path
             from podsettle.projections import ReadModel
@@ -590,7 +604,7 @@ def replay(
             settlements = _settlements(store)
             url = _store(store)
             views = ReadModel(settlements, views_path(url, _settings().views))
-            report = audit(settlements, read_model=views, seals=SEALS)
+            report = audit(settlements, read_model=views, seals=SEALS, settled=settled)
     if json_output:
         emit_json(report.to_json())
     else:
@@ -629,11 +643,20 @@ def reconcile(
     check_escrow: Annotated[
         bool, typer.Option("--check-escrow", help="Also compare with the escrow service.")
     ] = False,
+    apply: Annotated[
+        bool,
+        typer.Option(
+            "--apply",
+            help="With --check-escrow: record what the service confirms (a release, a refund by its "
+            "timeout sweep) as the engine would.",
+        ),
+    ] = False,
     store: StoreOption = None,
     json_output: JsonFlag = False,
 ) -> None:
-    """List ATTENTION jobs (and, with --check-escrow, every difference with the escrow service), or
-    resolve one with an operator's finding."""
+    """List ATTENTION jobs, jobs waiting on a service (with the bound their log fixes) and, with
+    --check-escrow, every difference with the escrow service; or resolve one ATTENTION job with an
+    operator's finding. Exit 1 when anything waits for an operator or a wait is past its bound."""
     from podsettle.cli.reconcile import list_attention, resolve_job
 
     settlements = _settlements(store)
@@ -649,14 +672,31 @@ def reconcile(
             else:
                 typer.echo(f"job {resolve}: resolved, now {summary['state']}")
             return
-        listing = run(list_attention(settlements, check_escrow=check_escrow, engine_factory=_engine))
+        if apply and not check_escrow:
+            fail("--apply needs --check-escrow (it records what the escrow service confirms)")
+        listing = run(
+            list_attention(settlements, check_escrow=check_escrow, engine_factory=_engine, apply=apply)
+        )
+    # A difference the service settles is recorded by --apply or the next resume: not an operator's.
+    for_operator = [d for d in listing["differences"] if not d["settles"]]
+    for_operator += [a for a in listing["applied"] if a["recorded"] is None]
+    past_bound = [w for w in listing["waiting"] if w["past_bound"]]
     if json_output:
         emit_json(listing)
     else:
         from podsettle.cli.console import print_attention
 
         print_attention(listing)
-    raise typer.Exit(0 if not listing["attention"] and not listing["differences"] else EXIT_FAILURE)
+        for applied in listing["applied"]:
+            done = f"recorded, now {applied['recorded']}" if applied["recorded"] else applied["error"]
+            typer.echo(
+                f"applied: job {applied['job_key']} ({applied['job_id']}): {applied['settles']}: {done}"
+            )
+        for wait in listing["waiting"]:
+            late = "PAST ITS BOUND" if wait["past_bound"] else "within its bound"
+            job = f"job {wait['job_key']} ({wait['job_id']}) {wait['state']}"
+            typer.echo(f"waiting: {job}: its {wait['waiting_for']} until {wait['until']} ({late})")
+    raise typer.Exit(EXIT_FAILURE if listing["attention"] or for_operator or past_bound else 0)
 
 
 @app.command()

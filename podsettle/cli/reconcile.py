@@ -1,26 +1,41 @@
-"""Operator tools behind `podsettle reconcile`: list what waits for an operator, and record an
-operator's finding on an ATTENTION job (with the outcome it implies, in the same save, made through
-a job writer like every other command)."""
+"""Operator tools behind `podsettle reconcile`: list what waits for an operator or on a service,
+record what the escrow service confirms (`--apply`), and record an operator's finding on an
+ATTENTION job (with the outcome it implies, in the same save). Every change is made through a job
+writer, like every other command."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
+from podsettle.adapters.ports import GatewayError
 from podsettle.application import Settlements
 from podsettle.domain import EscrowJob, State, Step
-from podsettle.domain.errors import IllegalTransition, InvalidInput
+from podsettle.domain.errors import DomainError, IllegalTransition, InvalidInput
 from podsettle.domain.money import ZERO
 from podsettle.domain.rules import split
+from podsettle.processor import RefundPending
 from podsettle.writer import run_command
 
 OUTCOMES = "funded:ESCROW_ID, not-funded, released, refunded, refunded-less-fee, retry"
 
 
 async def list_attention(
-    settlements: Settlements, *, check_escrow: bool, engine_factory: Callable[..., Any]
+    settlements: Settlements,
+    *,
+    check_escrow: bool,
+    engine_factory: Callable[..., Any],
+    apply: bool = False,
+    now: Callable[[], datetime] | None = None,
 ) -> dict[str, Any]:
+    """What waits for an operator (ATTENTION jobs; with `check_escrow`, every difference with the
+    escrow service), and every job waiting on a service with its bound. With `apply`, what the
+    service confirms (a release, a refund by its sweep) is recorded as the engine records it."""
+    from podsettle.replay import reconcile, waiting_jobs
+
     attention = []
     for job in settlements.list_jobs(state=State.ATTENTION):
         summary = job.summary()
@@ -31,14 +46,54 @@ async def list_attention(
                 "reason": (job.attention or {}).get("reason"),
             }
         )
-    differences: list[Any] = []
+    differences: list[dict[str, Any]] = []
+    applied: list[dict[str, Any]] = []
     if check_escrow:
-        from podsettle.replay import reconcile
+        # The engine is not started: a listing must not drive (nor resume) any job.
+        engine = engine_factory(store=settlements.store.url if settlements.store else None)
+        try:
+            report = await reconcile(settlements, engine.escrow, now=now)
+            for difference in report.differences:
+                if apply and difference.settles:
+                    applied.append(await _apply(settlements, engine.processor, difference))
+                else:
+                    differences.append(difference.to_json())
+        finally:
+            await engine.aclose()
+        waiting = report.waiting
+    else:
+        waiting = waiting_jobs(settlements, now=now)
+    return {
+        "attention": attention,
+        "differences": differences,
+        "applied": applied,
+        "waiting": [w.to_json() for w in waiting],
+    }
 
-        async with engine_factory(store=settlements.store.url if settlements.store else None) as engine:
-            report = await reconcile(settlements, engine.escrow)
-        differences = [d.to_json() if hasattr(d, "to_json") else str(d) for d in report.differences]
-    return {"attention": attention, "differences": differences}
+
+async def _apply(settlements: Settlements, processor: Any, difference: Any) -> dict[str, Any]:
+    """Record what the service confirmed for one job, with the command the engine's recovery makes,
+    through a job writer (`run_command`); a job another process moved meanwhile is left as it is."""
+    job_id = UUID(difference.job_id)
+    view = settlements.get_job(job_id).view()
+    try:
+        command = await processor.confirm(view)
+    except (GatewayError, RefundPending) as error:
+        return {**difference.to_json(), "recorded": None, "error": f"{type(error).__name__}: {error}"}
+    if command is None:
+        return {**difference.to_json(), "recorded": None, "error": "the service no longer confirms it"}
+
+    def record(job: EscrowJob) -> str:
+        if job.version != view.version:
+            raise IllegalTransition(job.id, job.state, "reconcile", "the job changed meanwhile")
+        command(job)
+        return str(job.state)
+
+    try:
+        state, _ = await run_command(settlements, job_id, record)
+    except DomainError as error:
+        return {**difference.to_json(), "recorded": None, "error": str(error)}
+    return {**difference.to_json(), "recorded": state, "error": None}
 
 
 async def resolve_job(

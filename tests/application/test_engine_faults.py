@@ -15,7 +15,16 @@ from pathlib import Path
 import pytest
 
 from podsettle.domain import State
-from tests.fault_sim import MINTED, PAYEE, PAYER, SimResult, simulate
+from tests.fault_sim import (
+    MINTED,
+    PAYEE,
+    PAYER,
+    PublishedResult,
+    SimResult,
+    published_escrows,
+    simulate,
+    simulate_published,
+)
 
 SEEDS = int(os.environ.get("PODSETTLE_FAULT_SEEDS", "300"))
 CHUNKS = 10
@@ -72,3 +81,60 @@ async def test_a_v1_like_escrow_parks_unknown_creates_for_an_operator(tmp_path: 
         check(result)
         parked += result.operator_resolutions
     assert parked > 0, "no run exercised the ATTENTION path"
+
+
+def check_published(result: PublishedResult) -> None:
+    """Nothing locked for good by the engine's choice, nothing paid twice, every job settled (or in
+    ATTENTION with a reason), and the worker's balance on the service is what the log paid."""
+    where = f"published seed {result.seed} (faults: {result.faults})"
+    state = result.sandbox
+    assert state.ledger.conservation().conserved, f"{where}: the service's ledger lost or made money"
+    with state.ledger.transaction() as tx:
+        statuses = [
+            row[0]
+            for row in tx.execute("SELECT status FROM sandbox_escrows WHERE creator_id = ?", (result.payer,))
+        ]
+    assert "disputed" not in statuses, f"{where}: an escrow was disputed: locked for good"
+    assert not {"funded", "completed"} & set(statuses), f"{where}: money still held: {statuses}"
+    paid = Decimal(0)
+    for job in result.jobs:
+        assert job.violations(quiescent=True) == [], f"{where}: {job.violations(quiescent=True)}"
+        escrows = published_escrows(state, job.job_key)
+        mine = [e for e in escrows if not e["description"].startswith("Perf")]
+        bonuses = [e for e in escrows if e["description"].startswith("Perf")]
+        assert len(mine) <= 1 and len(bonuses) <= 1, f"{where}: {job.job_key} funded twice: {escrows}"
+        if job.released:
+            paid += job.released.to_payee
+            assert mine[0]["status"] == "released", f"{where}: {job.summary()} vs {mine}"
+        if job.refunded:
+            assert mine[0]["status"] == "refunded", f"{where}: {job.summary()} vs {mine}"
+        if job.bonus_awarded:
+            paid += job.bonus_awarded.to_payee
+            assert bonuses[0]["status"] == "released", f"{where}: {job.summary()} vs {bonuses}"
+        if job.state == State.ATTENTION:
+            assert job.attention and job.attention.get("reason"), f"{where}: {job.summary()}"
+            continue
+        assert job.state in (State.RELEASED, State.REFUNDED, State.REJECTED), f"{where}: {job.summary()}"
+        assert job.intent is None, f"{where}: {job.summary()}"
+        if job.state == State.REJECTED:
+            assert mine == [], f"{where}: a rejected job has an escrow"
+    assert state.ledger.balance(result.worker) == paid, (
+        f"{where}: the worker was paid other than the log says"
+    )
+
+
+PUBLISHED_SEEDS = int(os.environ.get("PODSETTLE_PUBLISHED_SEEDS", "24"))
+
+
+@pytest.mark.parametrize("chunk", range(3))
+async def test_fault_simulation_v1_as_published(chunk: int, tmp_path: Path) -> None:
+    """v1 as published: disputes never resolved, one rate-limit bucket shared with a neighbour, the
+    timeout sweep every 5 minutes on the service's clock; the refund path is the sweep."""
+    refunded_by_sweep = rate_limited = 0
+    for seed in range(chunk, PUBLISHED_SEEDS, 3):
+        result = await simulate_published(seed, tmp_path)
+        check_published(result)
+        refunded_by_sweep += result.sweeps_waited
+        rate_limited += result.rate_limited
+    assert refunded_by_sweep > 0, "no run waited for the timeout sweep"
+    assert rate_limited > 0, "no run met the shared rate-limit bucket"

@@ -155,6 +155,7 @@ def test_the_quiescent_rule_flags_a_funded_job_left_running(app: Settlements) ->
     report = audit(app)
     last = app.recorder.max_notification_id()
     assert invariant_findings(report) == [("funded job left in RUNNING", last, job.id.hex)]
+    assert invariant_findings(audit(app, settled=True)) == invariant_findings(report)
     assert audit(app, quiescent=False).ok  # an engine may still be working on it
 
 
@@ -199,11 +200,11 @@ async def test_the_audit_passes_on_logs_of_the_engine_fault_simulation(seed: int
     result = await simulate(seed, tmp_path)
     app = Settlements(f"sqlite:///{tmp_path / f'sim-{seed}.db'}")
     model = ReadModel(app)
-    report = audit(app, read_model=model)
+    report = audit(app, read_model=model, settled=True)  # every job has settled by the end
     assert report.ok, f"seed {seed} (faults {result.faults}): {report.render()}"
     assert report.views_compared and report.jobs >= len(result.jobs)
     export(app, tmp_path / "sim.jsonl")
-    assert audit_export(tmp_path / "sim.jsonl", seals=SEALS).ok
+    assert audit_export(tmp_path / "sim.jsonl", seals=SEALS, settled=True).ok
     # And the log agrees with the ledger the escrows were really held in.
     from podsettle.adapters.ledger_gateway import LedgerEscrow
     from podsettle.replay import reconcile
