@@ -37,7 +37,7 @@ def box() -> Iterator[Sandbox]:
         yield running
 
 
-def waiting_job(app: Settlements, escrow_id: str, payee: str, *, failed: bool) -> EscrowJob:
+def waiting_job(app: Settlements, escrow_id: str, payee: str, *, failed: bool, payer: str) -> EscrowJob:
     """A job funded with `escrow_id`, then failed (its refund asked for and attempted) or completed
     (its release attempted): the log waits for the service's answer."""
     parts = split(BUDGET)
@@ -45,7 +45,7 @@ def waiting_job(app: Settlements, escrow_id: str, payee: str, *, failed: bool) -
         job_key=f"job-{escrow_id}",
         endpoint_id="echo",
         input_digest=digest({"k": escrow_id}),
-        payer="ag_payer",
+        payer=payer,  # the agent the service charged: an escrow of another creator is not the job's
         payee=payee,
         budget=BUDGET,
         deadline=datetime.now(UTC) + timedelta(minutes=10),
@@ -96,9 +96,9 @@ async def test_a_refund_by_the_sweep_and_a_release_are_recorded_as_the_engine_re
         released = await pf.create(key="b", payee=worker, amount=BUDGET, description="job b", timeout_hours=5)
         kept = await pf.create(key="c", payee=worker, amount=BUDGET, description="job c", timeout_hours=5)
         await pf.release(released.escrow_id, key="b", expected=split(BUDGET))
-    refunding = waiting_job(app, swept.escrow_id, worker, failed=True)
-    releasing = waiting_job(app, released.escrow_id, worker, failed=False)
-    still = waiting_job(app, kept.escrow_id, worker, failed=True)
+    refunding = waiting_job(app, swept.escrow_id, worker, failed=True, payer=payer)
+    releasing = waiting_job(app, released.escrow_id, worker, failed=False, payer=payer)
+    still = waiting_job(app, kept.escrow_id, worker, failed=True, payer=payer)
     box.http.post("/sandbox/clock", json={"advance_s": 2 * 3600})
     assert box.http.post("/sandbox/sweep").json() == {"refunded": [swept.escrow_id]}
     make = factory(box, payer, payer_key, store)
