@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eventsourcing.utils import get_topic
@@ -57,6 +58,26 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str,
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+class HeldUntil:
+    """An escrow gateway whose calls wait for `event` first."""
+
+    def __init__(self, inner: LedgerEscrow, event: asyncio.Event) -> None:
+        self.inner = inner
+        self.event = event
+        self.capabilities = inner.capabilities
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if not asyncio.iscoroutinefunction(attribute):
+            return attribute
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            await self.event.wait()
+            return await attribute(*args, **kwargs)
+
+        return held
+
+
 async def test_two_engines_never_execute_one_intent_twice(store: tuple[str, dict[str, str]]) -> None:
     url, env = store
     ledger = Ledger(None)
@@ -64,7 +85,8 @@ async def test_two_engines_never_execute_one_intent_twice(store: tuple[str, dict
         tx.open_account(PAYER)
         tx.open_account(PAYEE)
     ledger.mint(PAYER, "1000", key="mint")
-    escrow = LedgerEscrow(ledger, payer=PAYER)
+    both_resuming = asyncio.Event()
+    escrow = HeldUntil(LedgerEscrow(ledger, payer=PAYER), both_resuming)
     compute = InProcessCompute(seed=3)
     settings = Settings(store="memory", payer=PAYER, payee=PAYEE)
 
@@ -100,7 +122,17 @@ async def test_two_engines_never_execute_one_intent_twice(store: tuple[str, dict
     # each going through the same jobs in the same order: every job is raced for.
     Settlements(url, env={**env, "CREATE_TABLE": "y"}).open_jobs(specs)
     await asyncio.gather(first.start(), second.start())
-    results_a, results_b = await asyncio.wait_for(asyncio.gather(first.resume(), second.resume()), 60)
+    resuming: list[Engine] = []
+
+    async def resume(engine: Engine) -> list[Any]:
+        # The first engine's escrow calls wait until the second engine resumes too: whatever the
+        # machine's load, both engines are working the batch at the same time.
+        resuming.append(engine)
+        if len(resuming) == 2:
+            both_resuming.set()
+        return await engine.resume()
+
+    results_a, results_b = await asyncio.wait_for(asyncio.gather(resume(first), resume(second)), 60)
     results = results_a or results_b
     await first.aclose()
     await second.aclose()
