@@ -15,8 +15,8 @@ from podsettle.adapters.ports import GatewayError
 from podsettle.application import Settlements
 from podsettle.domain import EscrowJob, State, Step
 from podsettle.domain.errors import DomainError, IllegalTransition, InvalidInput
-from podsettle.domain.money import ZERO
-from podsettle.domain.rules import split
+from podsettle.domain.money import ZERO, Money
+from podsettle.domain.rules import FeeSplit, referral_fee, split
 from podsettle.processor import RefundPending
 from podsettle.writer import run_command
 
@@ -123,7 +123,11 @@ async def resolve_job(
 def _outcome(job: EscrowJob, step: Step, outcome: str) -> Callable[[EscrowJob], object]:
     kind, _, argument = outcome.partition(":")
     amount = job.budget if step in (Step.FUND, Step.RELEASE, Step.REFUND) else (job.bonus_amount or ZERO)
-    parts = split(amount)
+    # The service's figures: by the job's dialect's rule (the service's own arithmetic), and for a
+    # release what the service reported when it funded the escrow.
+    parts = split(amount, dialect=job.dialect)
+    if step == Step.RELEASE and job.fee is not None and job.net is not None:
+        parts = FeeSplit(amount, Money(job.fee), Money(job.net), referral_fee(Money(job.fee), job.dialect))
     referral = parts.referral_fee if job.referral else Decimal(0)
     if kind == "funded" and step in (Step.FUND, Step.BONUS_FUND):
         if not argument:

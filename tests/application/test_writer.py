@@ -111,3 +111,29 @@ async def test_run_command_retries_an_outcome_that_lost_a_race(
     )
     assert view.state == State.FUNDED
     assert theirs.get_job(job_id).counts["Funded"] == 1
+
+
+async def test_an_operator_release_records_the_services_figures_not_podsettles_own(tmp_path: Path) -> None:
+    """Issue 13's example: budget 0.100450 on v1, where the service's float arithmetic gives fee
+    0.001004 / net 0.099446 and exact half-up would give 0.001005 / 0.099445."""
+    from dataclasses import replace
+
+    from podsettle.cli.reconcile import resolve_job
+    from podsettle.domain.digests import digest
+    from podsettle.domain.money import to_money
+
+    app = Settlements(f"sqlite:///{tmp_path / 'store.db'}")
+    request = replace(spec("v1-release"), budget=to_money("0.100450"), dialect="v1")
+    job_id = app.open_job(request)
+    act(app, job_id, lambda j: j.record_attempt(Step.FUND, "p1"))
+    act(app, job_id, lambda j: j.record_funded("esc_1", to_money("0.100450"), "0.001004", "0.099446"))
+    act(app, job_id, lambda j: j.record_attempt(Step.START, "p1"))
+    act(app, job_id, lambda j: j.record_started("rp-1"))
+    act(app, job_id, lambda j: j.record_completed(digest({"out": 1})))
+    act(app, job_id, lambda j: j.record_attempt(Step.RELEASE, "p1"))
+    act(app, job_id, lambda j: j.raise_attention(Step.RELEASE, "release answered 500"))
+    summary = await resolve_job(app, str(job_id), "released in the dashboard", "released", "operator-1")
+    job = app.get_job(job_id)
+    assert summary["state"] == "RELEASED" and job.released is not None
+    assert (job.released.to_payee, job.released.fee) == (to_money("0.099446"), to_money("0.001004"))
+    assert job.violations(quiescent=True) == []
