@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
+from functools import lru_cache
 from typing import Final
 
 from podsettle.domain.errors import InvalidInput
@@ -69,8 +70,10 @@ def net_of(amount: Money, fee: Money, dialect: str | None = None) -> Money:
     return Money(amount - fee)
 
 
+@lru_cache(maxsize=4096)
 def split(amount: Money, *, referred: bool = True, dialect: str | None = None) -> FeeSplit:
-    """The split of an escrow by the dialect's rule; the referral share comes out of the fee."""
+    """The split of an escrow by the dialect's rule; the referral share comes out of the fee.
+    (Kept for repeated amounts: the audit checks every job's split, and a batch's budgets repeat.)"""
     fee = commission(amount, dialect)
     return FeeSplit(
         amount=amount,
