@@ -231,3 +231,20 @@ def test_the_audit_finds_a_verdict_that_contradicts_its_score() -> None:
         reason="forged",
     )
     assert "evaluation of score 0.10 against 0.85 recorded as passed" in job.violations()
+
+
+async def test_an_evaluator_waiting_for_an_operator_parks_the_job_in_attention() -> None:
+    stuck = gated_job("someone-elses-evaluator")
+    stuck.raise_attention(Step.EVALUATE, "stuck for the test", {})
+
+    async def evaluator_in_attention(view: Any) -> Any:
+        return stuck.view()
+
+    async with gated_engine() as engine:
+        engine.processor.evaluator = evaluator_in_attention
+        result = await engine.run_paid_job("train", {"accuracy": 0.9}, "1.00", acceptance=GATE, job_key="l5")
+        assert result.status == "attention" and result.attention is not None
+        assert result.attention["step"] == "evaluate" and result.evaluation is None
+        assert result.attention["evaluator_job_id"] == str(stuck.id)
+        assert result.money.still_held == D("1.00")  # nothing released or refunded: an operator decides
+        audited(engine.app)
