@@ -247,4 +247,12 @@ async def test_an_evaluator_waiting_for_an_operator_parks_the_job_in_attention()
         assert result.attention["step"] == "evaluate" and result.evaluation is None
         assert result.attention["evaluator_job_id"] == str(stuck.id)
         assert result.money.still_held == D("1.00")  # nothing released or refunded: an operator decides
+
+        # Once the evaluator is settled, the operator's retry has the job read its verdict.
+        engine.processor.evaluator = engine._run_evaluator
+        await engine.writer.execute(
+            result.job_id, lambda job: job.resolve("evaluator settled", "ops", retry=True)
+        )
+        after = await engine.wait(result.job_id)
+        assert after.paid and after.evaluation is not None and after.evaluation.score == "0.9"
         audited(engine.app)
