@@ -18,7 +18,7 @@ from podsettle.adapters.ledger import Ledger
 from podsettle.adapters.ledger_gateway import LedgerEscrow
 from podsettle.domain import EscrowJob, InvalidInput
 from podsettle.domain import acceptance as checks
-from podsettle.domain.errors import ConflictingOutcome
+from podsettle.domain.errors import ConflictingOutcome, JobNotFound
 from podsettle.domain.escrow_job import Step
 from podsettle.domain.money import Money
 from podsettle.processor import ProcessorConfig
@@ -147,8 +147,11 @@ async def test_a_restart_mid_evaluation_waits_on_the_same_evaluator_job(tmp_path
         await asyncio.sleep(0.01)
     evaluator_id = EscrowJob.create_id(checks.evaluator_key("lora-4"))
     for _ in range(500):
-        if (await first.job(evaluator_id)).state == "RUNNING":
-            break
+        try:
+            if (await first.job(evaluator_id)).state == "RUNNING":
+                break
+        except JobNotFound:
+            pass  # the evaluator is not opened yet
         await asyncio.sleep(0.01)
     assert (await first.job(evaluator_id)).state == "RUNNING"
     first.abandon()  # dies while the evaluator runs: the gate's intent and the evaluator are in the log
