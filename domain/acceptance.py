@@ -4,6 +4,10 @@ A check is described by plain data (stored in the job's `Opened` event, so the a
 rule was applied) and evaluated on the output: pass or fail with a reason, plus any metric it read.
 Built-ins: `non_empty`, `json_schema`, `metric` (a threshold). A custom check is a callable that
 the engine registers under a name; the job records the name.
+
+`evaluated_by` is a gate that is itself a paid job: a non-empty output is not released at once; the
+engine opens an evaluator job on another endpoint (its own escrow, budget and fee, paid by the same
+payer), waits for its score, and releases at or above the threshold, refunds below it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from podsettle.domain.errors import InvalidInput
+from podsettle.domain.money import to_money
+
+EVALUATED = "evaluated"
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,47 @@ def custom(name: str) -> dict[str, Any]:
     return {"kind": "custom", "name": name}
 
 
+def evaluated_by(endpoint: str, budget: object, threshold: object, metric: str = "score") -> dict[str, Any]:
+    """Release only when an evaluator job on `endpoint` (paid `budget` out of its own escrow) scores
+    the output at or above `threshold`, read from the evaluator output's numeric field `metric`."""
+    if not endpoint:
+        raise InvalidInput("acceptance.endpoint", "is required")
+    if not metric:
+        raise InvalidInput("acceptance.metric", "is required")
+    price = to_money(budget, "acceptance.budget", allow_zero=False)
+    return {
+        "kind": EVALUATED,
+        "endpoint": endpoint,
+        "budget": str(price),
+        "threshold": str(_number(threshold, "acceptance.threshold")),
+        "metric": metric,
+    }
+
+
+def evaluator_key(job_key: str) -> str:
+    """The evaluator job's key, derived from the evaluated job's: opening it again finds the same
+    job, so an engine that restarts mid-evaluation never pays for a second evaluation."""
+    return f"{job_key}:eval"
+
+
+def evaluator_input(
+    job_key: str, output_digest: str, metrics: Mapping[str, str], metric: str
+) -> dict[str, Any]:
+    """What the evaluator is sent: the candidate's key, the digest of its output and the metrics it
+    reported, all from the log (so a restarted engine sends the same bytes), and the field to score."""
+    return {"candidate": job_key, "output_digest": output_digest, "metrics": dict(metrics), "metric": metric}
+
+
+def evaluator_acceptance(metric: str) -> dict[str, Any]:
+    """The evaluator's own check: it is paid only for an output that carries the score as a number."""
+    return json_schema({"type": "object", "required": [metric], "properties": {metric: {"type": "number"}}})
+
+
+def score_text(value: object) -> str:
+    """An evaluator's score as exact decimal text (a JSON float read by its shortest text)."""
+    return str(_number(value, "score"))
+
+
 def validate(rule: Mapping[str, Any]) -> dict[str, Any]:
     """Check that a rule given as data (e.g. from JSON) is one podsettle knows."""
     kind = rule.get("kind")
@@ -61,7 +109,16 @@ def validate(rule: Mapping[str, Any]) -> dict[str, Any]:
         return metric_at_least(str(rule.get("metric") or ""), rule.get("min"))
     if kind == "custom":
         return custom(str(rule.get("name") or ""))
-    raise InvalidInput("acceptance.kind", f"{kind!r} is not one of non_empty, json_schema, metric, custom")
+    if kind == EVALUATED:
+        return evaluated_by(
+            str(rule.get("endpoint") or ""),
+            rule.get("budget"),
+            rule.get("threshold"),
+            str(rule.get("metric") or "score"),
+        )
+    raise InvalidInput(
+        "acceptance.kind", f"{kind!r} is not one of non_empty, json_schema, metric, custom, {EVALUATED}"
+    )
 
 
 def evaluate(
@@ -90,6 +147,9 @@ def evaluate(
         if value < minimum:
             return CheckResult(False, f"{name} {value} is below the required {minimum}", metrics)
         return CheckResult(True, f"{name} {value} meets {minimum}", metrics)
+    if kind == EVALUATED:
+        # The output goes on to the evaluator: the gate that decides is its score (the processor).
+        return CheckResult(True, f"output sent to the evaluator on {rule['endpoint']}", metrics)
     if kind == "custom":
         check = (customs or {}).get(rule["name"])
         if check is None:

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 from eventsourcing.domain import Aggregate, event
 
 from podsettle.domain import rules
+from podsettle.domain.acceptance import EVALUATED, score_text
 from podsettle.domain.digests import canonical_json, digest_bytes
 from podsettle.domain.errors import ClaimLost, ConflictingOutcome, IllegalTransition, InvalidInput
 from podsettle.domain.lifecycle import State, Status, rests, status_of
@@ -66,10 +67,13 @@ class Step(StrEnum):
     REFUND = "refund"  # return the escrow to the payer
     BONUS_FUND = "bonus_fund"  # create the bonus escrow
     BONUS_RELEASE = "bonus_release"  # release the bonus escrow
+    # Open the evaluator job that scores the output and wait for its score (the evaluator is its own
+    # paid job with its own escrow: this step moves no money of this job's escrow).
+    EVALUATE = "evaluate"
 
     @property
     def moves_money(self) -> bool:
-        return self not in (Step.START, Step.CANCEL)
+        return self not in (Step.START, Step.CANCEL, Step.EVALUATE)
 
 
 class Intent(NamedTuple):
@@ -130,6 +134,23 @@ class Metering(NamedTuple):
 
     items: int
     payout: Decimal
+
+
+class Evaluation(NamedTuple):
+    """The evaluator job's verdict on an output gated by `acceptance.evaluated_by`: its job id, the
+    score it reported (None when the evaluator gave none: it failed and was refunded), the threshold
+    and whether the output passed (score at or above the threshold)."""
+
+    evaluator_job_id: str
+    score: str | None
+    threshold: str
+    passed: bool
+    reason: str
+
+
+def evaluation_passes(score: str | None, threshold: str) -> bool:
+    """The gate's rule: a score at or above the threshold passes; no score never passes."""
+    return score is not None and Decimal(score) >= Decimal(threshold)
 
 
 class BonusTerms(NamedTuple):
@@ -264,6 +285,7 @@ class JobView(NamedTuple):
     price_per_item: Money | None
     retry_of: str | None
     metering: Metering | None
+    evaluation: Evaluation | None
     version: int
 
     @property
@@ -456,6 +478,16 @@ class EscrowJob(Aggregate):
         fee: Decimal
         referral_fee: Decimal
 
+    class EvaluationRequested(Event):
+        key: str
+
+    class Evaluated(Event):
+        evaluator_job_id: str
+        score: str | None
+        threshold: str
+        passed: bool
+        reason: str
+
     class AttentionRaised(Event):
         step: str
         reason: str
@@ -508,6 +540,7 @@ class EscrowJob(Aggregate):
         self.price_per_item = price_per_item
         self.retry_of = retry_of
         self.metering: Metering | None = None
+        self.evaluation: Evaluation | None = None
         self.state = State.OPENED
         self.intent: Intent | None = None
         self.state_before_attention: State | None = None
@@ -644,6 +677,9 @@ class EscrowJob(Aggregate):
         # an outcome found while parked is recorded after `resolve`, in the same save.
         if self.state == State.ATTENTION:
             raise IllegalTransition(self.id, self.state, command, "resolve the attention first")
+
+    def _evaluation_passed(self) -> bool:
+        return self.evaluation is not None and self.evaluation.passed
 
     def _conflict(self, command: str, detail: str) -> ConflictingOutcome:
         return ConflictingOutcome(self.id, self.state, command, detail)
@@ -822,7 +858,8 @@ class EscrowJob(Aggregate):
         metrics: dict[str, str] | None = None,
         items: int | None = None,
     ) -> None:
-        """RunPod finished with output that passed the acceptance check. Next: release.
+        """RunPod finished with output that passed the acceptance check. Next: release, or, for a
+        job gated by an evaluator (`acceptance.evaluated_by`), its evaluation.
 
         A metered job (`price_per_item`) also records the `items` its output delivered and what they
         earn; it is released for that much, and an output that earns nothing is a failure
@@ -851,6 +888,9 @@ class EscrowJob(Aggregate):
         )
         if payout is not None:
             self.trigger_event(self.Metered, items=items, payout=payout)
+        if self.acceptance.get("kind") == EVALUATED:
+            self.trigger_event(self.EvaluationRequested, key=f"{self.job_key}:evaluate")
+            return
         self.trigger_event(self.ReleaseRequested, key=f"{self.job_key}:release", method="release")
 
     @event(Completed)
@@ -878,6 +918,55 @@ class EscrowJob(Aggregate):
         self._order(self._seen("Completed"), "Metered without Completed")
         self._order(self.price_per_item is not None, "Metered on a job without a price per item")
         self.metering = Metering(items, payout)
+
+    @event(EvaluationRequested)
+    def _evaluation_requested(self, key: str) -> None:
+        self._order(self._seen("Completed"), "EvaluationRequested without Completed")
+        self.intent = Intent(Step.EVALUATE, key)
+
+    def record_evaluated(self, evaluator_job_id: str, score: object | None, reason: str = "") -> None:
+        """The evaluator job ended: its score (None when it gave none) against the job's threshold.
+        At or above it, next: release; below it, or without a score, next: refund."""
+        score_ = None if score is None else score_text(score)
+        threshold = str(self.acceptance.get("threshold", ""))
+        passed = evaluation_passes(score_, threshold)
+        if not reason:
+            reason = (
+                "the evaluator gave no score"
+                if score_ is None
+                else f"score {score_} {'meets' if passed else 'is below'} the threshold {threshold}"
+            )
+        if self.evaluation is not None:
+            if self.evaluation == (evaluator_job_id, score_, threshold, passed, reason):
+                return
+            raise self._conflict("record evaluated", "a different evaluation was already recorded")
+        self._guard("record evaluated", State.COMPLETED)
+        if self.intent is None or self.intent.step != Step.EVALUATE:
+            raise self._conflict("record evaluated", "the job is not waiting for an evaluation")
+        self.trigger_event(
+            self.Evaluated,
+            evaluator_job_id=evaluator_job_id,
+            score=score_,
+            threshold=threshold,
+            passed=passed,
+            reason=reason,
+        )
+        if passed:
+            self.trigger_event(self.ReleaseRequested, key=f"{self.job_key}:release", method="release")
+        else:
+            self.trigger_event(
+                self.RefundRequested, key=f"{self.job_key}:refund", method=self.refund_method or "refund"
+            )
+
+    @event(Evaluated)
+    def _evaluated(
+        self, evaluator_job_id: str, score: str | None, threshold: str, passed: bool, reason: str
+    ) -> None:
+        self._count("Evaluated")
+        self._order(self._seen("Completed"), "Evaluated without Completed")
+        self._order(self.acceptance.get("kind") == EVALUATED, "Evaluated on a job without an evaluator")
+        self.evaluation = Evaluation(evaluator_job_id, score, threshold, passed, reason)
+        self.intent = None
 
     def record_failed(self, stage: str, runpod_status: str | None, reason: str) -> None:
         """The job did not succeed (RunPod failure, timeout, cancel, no output, rejected output).
@@ -942,6 +1031,10 @@ class EscrowJob(Aggregate):
     def _released(self, to_payee: Decimal, fee: Decimal, referral_fee: Decimal, returned: Decimal) -> None:
         self._count("Released")
         self._order(self._seen("Completed"), "Released without Completed")
+        self._order(
+            self.acceptance.get("kind") != EVALUATED or self._evaluation_passed(),
+            "Released without a passing Evaluated",
+        )
         self._order(self._seen("Funded"), "Released without Funded")
         self._order(not self._seen("Refunded"), "Released after Refunded")
         self.released = Release(to_payee, fee, referral_fee, returned)
@@ -975,7 +1068,10 @@ class EscrowJob(Aggregate):
     @event(Refunded)
     def _refunded(self, returned: Decimal, fee_kept: Decimal) -> None:
         self._count("Refunded")
-        self._order(self._seen("Failed"), "Refunded without Failed")
+        self._order(
+            self._seen("Failed") or (self.evaluation is not None and not self.evaluation.passed),
+            "Refunded without Failed or a failing Evaluated",
+        )
         self._order(self._seen("Funded"), "Refunded without Funded")
         self._order(not self._seen("Released"), "Refunded after Released")
         self.refunded = Refund(returned, fee_kept)
@@ -1167,6 +1263,7 @@ class EscrowJob(Aggregate):
             "Failed",
             "BonusFunded",
             "BonusAwarded",
+            "Evaluated",
         ):
             if self.counts.get(name, 0) > 1:
                 found.append(f"{name} recorded {self.counts[name]} times")
@@ -1210,6 +1307,15 @@ class EscrowJob(Aggregate):
                 )
             if release.referral_fee > release.fee:
                 found.append("referral share above the fee")
+        if self.evaluation is not None:
+            verdict = self.evaluation
+            if verdict.passed != evaluation_passes(verdict.score, verdict.threshold):
+                found.append(
+                    f"evaluation of score {verdict.score} against {verdict.threshold} recorded as "
+                    f"{'passed' if verdict.passed else 'failed'}"
+                )
+            if verdict.threshold != str(self.acceptance.get("threshold", "")):
+                found.append("evaluated against another threshold than the job's")
         if self.refunded is not None:
             refund = self.refunded
             if funded is None or refund.returned + refund.fee_kept != funded:
@@ -1276,6 +1382,8 @@ def reason_of(view: JobView) -> str | None:
         return view.attention.get("reason")
     if view.failure is not None:
         return view.failure.reason
+    if view.evaluation is not None and not view.evaluation.passed:
+        return view.evaluation.reason
     return view.rejection
 
 
@@ -1301,6 +1409,7 @@ def job_json(view: JobView) -> dict[str, Any]:
     data["attention"] = view.attention
     data["intent"] = None if view.intent is None else str(view.intent.step)
     data["progress"] = progress_json(view)
+    data["evaluation"] = None if view.evaluation is None else view.evaluation._asdict()
     data["version"] = view.version
     return data
 

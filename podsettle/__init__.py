@@ -30,6 +30,8 @@ _EXPORTS = {
     "BountyReport": "podsettle.domain.bounty",
     "BountyState": "podsettle.domain.bounty",
     "BudgetExceeded": "podsettle.bounties",
+    "evaluated_by": "podsettle.domain.acceptance",
+    "Evaluation": "podsettle.domain.escrow_job",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -39,10 +41,12 @@ if TYPE_CHECKING:  # the names, for type checkers and editors; at run time __get
     from podsettle.bounties import BountyResult as BountyResult
     from podsettle.bounties import BudgetExceeded as BudgetExceeded
     from podsettle.bounties import Pod as Pod
+    from podsettle.domain.acceptance import evaluated_by as evaluated_by
     from podsettle.domain.bounty import BountyReport as BountyReport
     from podsettle.domain.bounty import BountyState as BountyState
     from podsettle.domain.errors import ClaimLost as ClaimLost
     from podsettle.domain.errors import JobNotFound as JobNotFound
+    from podsettle.domain.escrow_job import Evaluation as Evaluation
     from podsettle.engine import BatchResult as BatchResult
     from podsettle.engine import BonusResult as BonusResult
     from podsettle.engine import JobResult as JobResult

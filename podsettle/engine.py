@@ -30,7 +30,15 @@ from podsettle.domain import acceptance as checks
 from podsettle.domain.bounty import Bounty, Report
 from podsettle.domain.digests import canonical_json
 from podsettle.domain.errors import IllegalTransition, InvalidInput, JobNotFound
-from podsettle.domain.escrow_job import RESTING_EVENTS, JobMoney, JobView, check_id, job_json, reason_of
+from podsettle.domain.escrow_job import (
+    RESTING_EVENTS,
+    Evaluation,
+    JobMoney,
+    JobView,
+    check_id,
+    job_json,
+    reason_of,
+)
 from podsettle.domain.lifecycle import Status
 from podsettle.domain.money import ZERO, fmt, to_money
 from podsettle.domain.rules import BONUS_THRESHOLD, to_metric
@@ -57,6 +65,7 @@ INTENT_TOPICS = [
         EscrowJob.RefundRequested,
         EscrowJob.BonusRequested,
         EscrowJob.BonusFunded,
+        EscrowJob.EvaluationRequested,
         EscrowJob.Resolved,
         EscrowJob.Started,
     )
@@ -122,6 +131,8 @@ class JobResult:
     # A metered job (`price_per_item`): the items its output delivered, as the log recorded them.
     items: int | None = None
     retry_of: str | None = None  # the key of the refunded job this one ran again
+    # A job gated by `acceptance.evaluated_by`: its evaluator job's id, score and the decision.
+    evaluation: Evaluation | None = None
 
     @property
     def paid(self) -> bool:
@@ -149,6 +160,7 @@ class JobResult:
             view=view,
             items=None if view.metering is None else view.metering.items,
             retry_of=view.retry_of,
+            evaluation=view.evaluation,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -251,6 +263,7 @@ class EngineCore:
             clock=clock,
         )
         self.processor.payer = self.payer
+        self.processor.evaluator = self._run_evaluator
         self.budget = BudgetGuard(settlements, self.payer, self.settings.payer_budget, self.writer.call)
         self.bounties = Bounties(
             settlements, escrow, compute, payer=self.payer, call=self.writer.call, clock=clock
@@ -579,6 +592,28 @@ class EngineCore:
         await self.start()
         (retry_id,) = await self.writer.open([spec])
         return await self.wait(retry_id)
+
+    async def _run_evaluator(self, view: JobView) -> JobView:
+        """The evaluator job of a job gated by `acceptance.evaluated_by`: opened under this engine's
+        payer (the buyer pays the evaluation, out of its own escrow with its own fee), keyed by the
+        evaluated job's key so that opening it again finds it, and driven until it rests."""
+        rule = view.acceptance
+        metric = str(rule["metric"])
+        assert view.output_digest is not None  # evaluation is requested only after a completion
+        spec = self._spec(
+            str(rule["endpoint"]),
+            checks.evaluator_input(view.job_key, view.output_digest, view.metrics, metric),
+            rule["budget"],
+            job_key=checks.evaluator_key(view.job_key),
+            payee=None,
+            referral=None,
+            acceptance=checks.evaluator_acceptance(metric),
+            bonus_pool=None,
+            batch_id=view.batch_id,
+            timeout_s=None,
+        )
+        (evaluator_id,) = await self._open([spec])
+        return await self._drive(evaluator_id)
 
     async def award_bonus(
         self,

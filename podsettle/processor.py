@@ -5,6 +5,10 @@ port, record the outcome through a command. The aggregate decides what comes nex
 decides how to read what the gateway answered. An attempt found without an outcome (after a crash)
 is confirmed through the gateway where it can be; a money call whose outcome cannot be known is
 parked in ATTENTION with what is known. Compute may run twice; money moves at most once.
+
+One step waits on another job rather than a gateway: EVALUATE (`acceptance.evaluated_by`) has the
+engine open the evaluator, a paid job of its own keyed by the evaluated job's key, and waits for it
+to rest; its score decides release or refund. Opening it again (after a restart) finds the same job.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from podsettle.domain.acceptance import CustomCheck, evaluate
 from podsettle.domain.digests import canonical_json, digest, digest_bytes
 from podsettle.domain.errors import ClaimLost, DomainError, InvalidInput
 from podsettle.domain.escrow_job import DEFAULT_REFUND_METHOD, Intent, JobView
+from podsettle.domain.lifecycle import Status
 from podsettle.domain.money import ZERO, Money, fmt
 from podsettle.domain.rules import FeeSplit, metered_payout, referral_fee, split
 from podsettle.support import logs
@@ -58,6 +63,8 @@ from podsettle.support.logs import get_logger
 
 log = get_logger("podsettle.processor")
 Command = Callable[[EscrowJob], Any]
+# Opens (or finds) the evaluator job of an evaluated job and drives it until it rests: the engine's.
+Evaluator = Callable[[JobView], Awaitable[JobView]]
 # The escrow must outlive the job: it may not auto-refund while the job can still succeed, and the
 # engine needs time to release after the job ends.
 ESCROW_MARGIN_S = 3600
@@ -209,6 +216,8 @@ class Processor:
         # The agent this processor's escrow key pays as (set by the engine): jobs opened under another
         # payer are left alone, for an engine holding that payer's key.
         self.payer: str | None = None
+        # Runs the evaluator job of a job gated by `acceptance.evaluated_by` (set by the engine).
+        self.evaluator: Evaluator | None = None
         self.claims_lost = 0  # races for an intent that another processor won
         self.deferred = 0  # times this processor left an intent to the processor holding its claim
         # Attempts this processor claimed together with the outcome before them, not yet carried out.
@@ -221,6 +230,7 @@ class Processor:
             Step.REFUND: self._refund,
             Step.BONUS_FUND: self._bonus_fund,
             Step.BONUS_RELEASE: self._bonus_release,
+            Step.EVALUATE: self._evaluate,
         }
         self._confirms: dict[Step, Callable[[JobView], Awaitable[Command | None]]] = {
             Step.FUND: self._confirm_fund,
@@ -230,6 +240,7 @@ class Processor:
             Step.REFUND: self._confirm_refund,
             Step.BONUS_FUND: self._confirm_bonus_fund,
             Step.BONUS_RELEASE: self._confirm_bonus_release,
+            Step.EVALUATE: self._confirm_redo,
         }
 
     # ------------------------------------------------------------------ driving a job
@@ -699,6 +710,40 @@ class Processor:
             return lambda job: job.record_released(to_payee, fee, referral, returned)
         returned, kept = settlement.returned, settlement.fee
         return lambda job: job.record_refunded(returned, kept)
+
+    # ------------------------------------------------------------------ the evaluation gate
+
+    async def _evaluate(self, view: JobView, attempt: int) -> Command:
+        """Run the evaluator job (open it, or find it after a restart) and record its verdict.
+
+        Its score is read off the evaluator's recorded metrics, so a verdict needs nothing held in
+        memory. An evaluator that was not paid (refunded, rejected, or being refunded) gave no score:
+        the evaluated job is refunded too (no score, no release). One in ATTENTION parks this job."""
+        if self.evaluator is None:
+            return self._attention_command(Step.EVALUATE, "no engine is set to open the evaluator job", {})
+        try:
+            evaluator = await self.evaluator(view)
+        except DomainError as error:  # the payer's budget, an endpoint without a payee, ...
+            reason = f"the evaluator job could not be opened: {error}"
+            return self._attention_command(Step.EVALUATE, reason, {})
+        evaluator_id, status = str(evaluator.job_id), evaluator.status
+        if status == Status.PAID:
+            metric = str(view.acceptance.get("metric", "score"))
+            score = evaluator.metrics.get(metric)
+            if score is None:  # its own check requires the score: a release without it is an anomaly
+                reason = f"evaluator job {evaluator.job_key} was paid without a {metric!r} score"
+                return self._attention_command(Step.EVALUATE, reason, {"evaluator_job_id": evaluator_id})
+            self._info("evaluation.scored", view, evaluator_job_id=evaluator_id, score=score)
+            return lambda job: job.record_evaluated(evaluator_id, score)
+        if status in (Status.REFUNDED, Status.REJECTED, Status.REFUNDING):
+            why = evaluator.failure.reason if evaluator.failure else evaluator.rejection or str(status)
+            reason = f"the evaluator job {evaluator.job_key} gave no score ({status}: {why})"
+            return lambda job: job.record_evaluated(evaluator_id, None, reason)
+        if status == Status.ATTENTION:
+            reason = f"the evaluator job {evaluator.job_key} waits for an operator"
+            return self._attention_command(Step.EVALUATE, reason, {"evaluator_job_id": evaluator_id})
+        # Still in flight (driven by another engine): look again after a pause, as a new attempt.
+        raise Unavailable(f"the evaluator job {evaluator.job_key} is still {evaluator.state}")
 
     # ------------------------------------------------------------------ compute effects
 

@@ -72,6 +72,7 @@ _CHECK_AFTER: frozenset[type] = frozenset(
         EscrowJob.Progressed,  # its bound (MAX_PROGRESS per job)
         EscrowJob.Completed,
         EscrowJob.Metered,  # the payout against the job's price per item
+        EscrowJob.Evaluated,  # the verdict against the score and the job's threshold
         EscrowJob.Failed,
         EscrowJob.Released,
         EscrowJob.Refunded,

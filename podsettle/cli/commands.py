@@ -506,11 +506,12 @@ def status(
     if json_output:
         emit_json(summary)
     else:
-        from podsettle.cli.console import print_mapping, print_progress
+        from podsettle.cli.console import print_evaluation, print_mapping, print_progress
 
-        progress = summary.pop("progress")
+        progress, evaluation = summary.pop("progress"), summary.pop("evaluation")
         print_mapping(summary, title=f"job {job.id}")
         print_progress(progress)
+        print_evaluation(evaluation)
 
 
 @app.command()

@@ -46,11 +46,12 @@ def print_job(result: Any) -> None:
     table = Table(title=f"job {result.job_id}", show_header=False)
     data = result.to_json()
     for name, value in data.items():
-        if name in ("output", "progress"):
+        if name in ("output", "progress", "evaluation"):
             continue
         table.add_row(name, "" if value is None else str(value))
     out.print(table)
     print_progress(data.get("progress") or [])
+    print_evaluation(data.get("evaluation"))
 
 
 def print_totals(totals: Any, *, title: str) -> None:
@@ -84,6 +85,20 @@ def print_progress(progress: list[dict[str, Any]]) -> None:
             else f"{item['size']} bytes, sha256 {item['digest'][:12]}"
         )
         table.add_row(item["at"] or "", shown)
+    out.print(table)
+
+
+def print_evaluation(evaluation: Mapping[str, Any] | None) -> None:
+    """The evaluator's verdict on a job gated by `evaluated_by`: which job scored it, the score
+    against the threshold, and the decision it led to (nothing for a job without an evaluator)."""
+    if not evaluation:
+        return
+    table = Table(title="evaluation", show_header=False)
+    decision = "released" if evaluation["passed"] else "refunded"
+    table.add_row("evaluator job", str(evaluation["evaluator_job_id"]))
+    table.add_row("score", "none" if evaluation["score"] is None else str(evaluation["score"]))
+    table.add_row("threshold", str(evaluation["threshold"]))
+    table.add_row("decision", f"{decision}: {evaluation['reason']}")
     out.print(table)
 
 
