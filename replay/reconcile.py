@@ -317,6 +317,9 @@ async def _check(
                 f"parked at {(job.attention or {}).get('step', '?')}: the service's status settles it",
             )
         _amounts(job, view, differ)
+        if view.payer is not None and view.payer != job.payer:
+            # The service charged another agent than the log's payer: not the escrow this job funded.
+            differ("creator", job.escrow_id, f"funded by {job.payer}", f"created by {view.payer}")
 
     if job.bonus_escrow_id is not None:
         bonus = await read(job.bonus_escrow_id)

@@ -175,3 +175,16 @@ async def test_every_kind_of_difference_is_listed() -> None:
     amount = next(d for d in report.differences if d.kind == "amount")
     assert (amount.log, amount.service) == ("amount 0.500000", "amount 0.400000")
     assert all(isinstance(d.to_json()["log"], str) for d in report.differences)
+
+
+async def test_an_escrow_created_by_another_agent_than_the_jobs_payer_is_listed() -> None:
+    """The payer in the log is the agent the service charged: an escrow whose `creator_id` names
+    another agent is a difference (issue 13: a resume under another key)."""
+    app = Settlements("memory")
+    escrows = settled(app)
+    fake = FakeEscrow()
+    mirror(app, fake)
+    fake.escrows[escrows["paid"]] = replace(fake.escrows[escrows["paid"]], payer="ag_someone_else")
+    report = await reconcile(app, fake, concurrency=2)
+    creators = [(d.job_key, d.service) for d in report.differences if d.kind == "creator"]
+    assert creators == [("paid", "created by ag_someone_else")]
