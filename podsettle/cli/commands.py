@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # The configuration of the command being run: read from the environment once, before it runs.
 _SETTINGS: ContextVar[Settings | None] = ContextVar("podsettle_cli_settings", default=None)
+# The store the command opened (shown without its password), to name it when it fails later.
+_STORE_SHOWN: ContextVar[str | None] = ContextVar("podsettle_cli_store", default=None)
 
 
 class _Commands(TyperGroup):
@@ -111,6 +113,28 @@ def user_errors() -> Iterator[None]:
         _die(str(error), EXIT_FAILURE)
     except OSError as error:
         _die(f"{error.strerror or error}: {getattr(error, 'filename', '') or ''}".rstrip(": "), EXIT_FAILURE)
+    except Exception as error:
+        cause = _store_failure(error)
+        if cause is None:
+            raise
+        _die(cause, EXIT_USAGE)
+
+
+def _store_failure(error: Exception) -> str | None:
+    """One line for a failure of the event store met after it was opened (a file replaced, a server
+    gone), naming the store; None when `error` is not the store's."""
+    import sqlite3
+
+    persistence = sys.modules.get("eventsourcing.persistence")
+    ours = isinstance(error, sqlite3.Error) or (
+        persistence is not None and isinstance(error, persistence.PersistenceError)
+    )
+    if not ours:
+        return None
+    from podsettle.adapters.persistence import postgres_cause
+
+    store = _STORE_SHOWN.get() or "(the configured store)"
+    return f"store {store}: {postgres_cause(error)}"
 
 
 def _die(message: str, code: int) -> NoReturn:
@@ -132,11 +156,58 @@ def show_progress(json_output: bool) -> bool:
 
 
 def _store(store: str | None) -> str:
-    from podsettle.adapters.persistence import store_from_url
+    """The store's URL, checked: a wrong URL or a store that cannot be opened (not a database, not
+    writable, its server down, its database missing, credentials refused) is one line and exit 2,
+    within seconds, before any command touches it."""
+    from podsettle.adapters.persistence import check_store, store_from_url
 
     url = store or _settings().store
-    store_from_url(url)  # validates, with a message naming PODSETTLE_STORE
+    parsed = store_from_url(url)  # validates, with a message naming PODSETTLE_STORE
+    _STORE_SHOWN.set(parsed.url)
+    check_store(parsed)
     return url
+
+
+def _paying_store(store: str | None, command: str) -> str:
+    """The store for a command that moves money: never `memory`, whose log is gone when the command
+    exits, so the same `--key` (or batch) run again would fund and pay a second time."""
+    from podsettle.adapters.persistence import store_from_url
+
+    url = _store(store)
+    if store_from_url(url).kind == "popo":
+        fail(
+            f"{command}: a memory store keeps no log after this command, so a key could be paid twice; "
+            "use --store sqlite:///podsettle.db (or PODSETTLE_STORE) for commands that move money"
+        )
+    return url
+
+
+async def _check_services(engine: Any, endpoint: str) -> None:
+    """The services answer, and the endpoint exists (an unknown one is a usage error: exit 2)."""
+    from podsettle.adapters.ports import NotFound
+
+    try:
+        await engine.check_services(endpoint)
+    except NotFound:
+        fail(f"--endpoint {endpoint}: the RunPod service has no such endpoint (check the endpoint id)")
+
+
+@contextmanager
+def _reused(option: str, value: str | None) -> Iterator[None]:
+    """A key or batch id already used for a different job: say which option to change."""
+    from podsettle.domain.errors import ConflictingOutcome
+
+    try:
+        yield
+    except ConflictingOutcome as error:
+        if error.command != "open":
+            raise
+        shown = f" {value!r}" if value else ""
+        fail(
+            f"{option}{shown} was already used for a different job (another input, budget, payee or "
+            f"endpoint), which is now {error.state}: give a new {option}, or the same input to see "
+            "that job again"
+        )
 
 
 def _parse_json_object(text: str, what: str) -> dict[str, Any]:
@@ -321,12 +392,15 @@ def run_job(
     with user_errors():
         to_money(budget, "--budget", allow_zero=False)
 
+    url = _paying_store(store, "run")
+
     async def go() -> Any:
-        async with _engine(store=_store(store)) as engine:
-            await engine.check_services(endpoint)
-            return await engine.run_paid_job(
-                endpoint, job_input, budget, payee=payee, referral=referral, job_key=key
-            )
+        async with _engine(store=url) as engine:
+            await _check_services(engine, endpoint)
+            with _reused("--key", key):
+                return await engine.run_paid_job(
+                    endpoint, job_input, budget, payee=payee, referral=referral, job_key=key
+                )
 
     result = run(go())
     if json_output:
@@ -396,12 +470,17 @@ def batch(
     with user_errors():
         to_money(budget, "--budget", allow_zero=False)
 
+    url = _paying_store(store, "batch")
+
     async def go() -> Any:
         from podsettle.cli.console import progress
 
-        async with _engine(store=_store(store)) as engine:
-            await engine.check_services(endpoint)
-            with progress(len(jobs), "settling", enabled=show_progress(json_output)) as advance:
+        async with _engine(store=url) as engine:
+            await _check_services(engine, endpoint)
+            with (
+                _reused("--batch-id", batch_id),
+                progress(len(jobs), "settling", enabled=show_progress(json_output)) as advance,
+            ):
                 return await engine.run_batch(
                     endpoint,
                     jobs,
@@ -434,10 +513,19 @@ def bonus(
     json_output: JsonFlag = False,
 ) -> None:
     """Pay the performance bonus on a paid job (once)."""
+    from podsettle.domain.errors import InvalidInput
+
+    url = _paying_store(store, "bonus")
 
     async def go() -> Any:
-        async with _engine(store=_store(store)) as engine:
-            return await engine.award_bonus(job_id, baseline, achieved, pool, threshold=threshold)
+        async with _engine(store=url) as engine:
+            try:
+                return await engine.award_bonus(job_id, baseline, achieved, pool, threshold=threshold)
+            except InvalidInput as error:  # named as the user typed it, not as the engine calls it
+                flag = _BONUS_FLAGS.get(error.field)
+                if flag is None:
+                    raise
+                fail(f"{flag}: {error.reason}")
 
     result = run(go())
     if json_output:
@@ -447,12 +535,86 @@ def bonus(
     raise typer.Exit(0 if result.status in ("awarded", "none") else EXIT_FAILURE)
 
 
+_BONUS_FLAGS = {
+    "base_metric": "--baseline",
+    "achieved_metric": "--achieved",
+    "threshold": "--threshold",
+    "pool": "--pool",
+    "job_id": "JOB_ID",
+}
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str | None, typer.Argument(help="The job to cancel (its id).")] = None,
+    batch: Annotated[
+        str | None, typer.Option("--batch", help="Cancel every job of this batch that can be.")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why (kept in the log).")] = "cancelled by the user",
+    store: StoreOption = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Cancel a funded or running job (or those of a batch) on RunPod and refund its escrow; works
+    while the batch runs in another terminal. Exit 1 when any job could not be cancelled or ended
+    other than refunded."""
+    from podsettle.domain.lifecycle import State, status_of
+
+    if (job_id is None) == (batch is None):
+        fail("cancel takes a JOB_ID or --batch BATCH_ID (one of them)")
+    url = _paying_store(store, "cancel")
+    settlements = _settlements(url)
+    cancellable = (State.FUNDED, State.RUNNING)
+    with user_errors():
+        if job_id is not None:
+            job = settlements.get_job(_job_id(settlements, job_id))
+            if job.state not in cancellable:
+                fail(
+                    f"job {job.id} is {job.state}: only a FUNDED or RUNNING job can be cancelled",
+                    EXIT_FAILURE,
+                )
+            targets, skipped = [job.id], []
+        else:
+            found = [settlements.get_job(i) for i in settlements.job_ids(batch_id=batch)]
+            if not found:
+                fail(f"--batch {batch}: no job of that batch is in the store")
+            targets = [job.id for job in found if job.state in cancellable]
+            skipped = [
+                job for job in found if job.state not in cancellable and status_of(job.state) == "in_flight"
+            ]
+
+    async def go() -> list[Any]:
+        async with _engine(store=url) as engine:
+            # Only these jobs: the engine must not pick up the store's other unfinished jobs.
+            engine.recover_on_start = False
+            return [await engine.cancel(target, reason) for target in targets]
+
+    results = run(go()) if targets else []
+    if json_output:
+        emit_json([r.to_json() for r in results])
+    else:
+        for result in results:
+            typer.echo(f"{result.job_id}  {result.status}")
+        if batch is not None and not targets:
+            typer.echo(f"batch {batch}: no job is funded or running; nothing to cancel")
+    if skipped:
+        states = ", ".join(sorted({job.state for job in skipped}))
+        typer.echo(
+            f"podsettle: {len(skipped)} job(s) of batch {batch} could not be cancelled now ({states}): "
+            "run cancel again once they run",
+            err=True,
+        )
+    _explain_refunds(results)
+    ok = not skipped and all(r.status in ("refunded", "refunding", "rejected") for r in results)
+    raise typer.Exit(0 if ok else EXIT_FAILURE)
+
+
 @app.command()
 def resume(store: StoreOption = None, json_output: JsonFlag = False) -> None:
     """Finish every job an engine left unfinished (after a crash or a stop)."""
+    url = _paying_store(store, "resume")
 
     async def go() -> Any:
-        async with _engine(store=_store(store)) as engine:
+        async with _engine(store=url) as engine:
             return await engine.resume()
 
     results = run(go())
@@ -478,6 +640,21 @@ def _settlements(store: str | None) -> Any:
         return Settlements(url)
 
 
+def _job_id(settlements: Any, text: str) -> str:
+    """A job id, or a unique prefix of one (as `jobs` shows them): the full id."""
+    import re
+
+    candidate = text.strip().lower()
+    if len(candidate) == 36 or not re.fullmatch(r"[0-9a-f-]{4,35}", candidate):
+        return text  # a full id, or something the store will reject by name
+    matches = [str(i) for i in settlements.job_ids() if str(i).startswith(candidate)]
+    if len(matches) > 1:
+        fail(f"job id {text!r} is the start of {len(matches)} jobs' ids: give more of it")
+    if not matches:
+        fail(f"job {text!r}: no job id starts with it")
+    return matches[0]
+
+
 def _read_model(store: str | None) -> Any:
     from podsettle.cli.console import read_model
 
@@ -486,14 +663,14 @@ def _read_model(store: str | None) -> Any:
 
 @app.command()
 def status(
-    job_id: Annotated[str, typer.Argument(help="The job id (a UUID).")],
+    job_id: Annotated[str, typer.Argument(help="The job id, or the start of it as `jobs` shows it.")],
     store: StoreOption = None,
     json_output: JsonFlag = False,
 ) -> None:
     """One job as the log has it."""
     settlements = _settlements(store)
     with user_errors():
-        job = settlements.get_job(job_id)
+        job = settlements.get_job(_job_id(settlements, job_id))
     summary = job.summary()
     if json_output:
         emit_json(summary)
@@ -681,6 +858,13 @@ def onboard(
         typer.echo(f"agent:  {result['agent_id']}")
         typer.echo(f"key:    {result['api_key']}   (shown once: keep it as PF_API_KEY)")
         typer.echo(f"faucet: {result['faucet']}")
+    if not result["claimed"]:
+        typer.echo(
+            "podsettle: error: the faucet refused the claim: the agent above exists and its key works, "
+            "but it holds no USDC yet",
+            err=True,
+        )
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command("mcp")
