@@ -402,7 +402,10 @@ def run_job(
                     endpoint, job_input, budget, payee=payee, referral=referral, job_key=key
                 )
 
-    result = run(go())
+    from podsettle.cli.stopping import outage_lines
+
+    with outage_lines(_user_log_level()):
+        result = run(go())
     if json_output:
         emit_json(result.to_json())
     else:
@@ -411,6 +414,25 @@ def run_job(
         print_job(result)
     _explain_refunds([result])
     raise typer.Exit(0 if result.paid else EXIT_FAILURE)
+
+
+def _user_log_level() -> str | None:
+    """PODSETTLE_LOG_LEVEL when the user set it (then the engine's JSON lines are wanted), else None."""
+    settings = _settings()
+    return settings.log_level if "log_level" in settings.model_fields_set else None
+
+
+def _report_stop(signal_name: str, finished: int, total: int, store: str | None) -> None:
+    """After a stop by a signal: what is done, what is left, and the command that finishes it."""
+    left = total - finished
+    typer.echo(
+        f"podsettle: stopped by {signal_name}: {finished} of {total} job(s) finished, {left} left "
+        "(each one's escrow and progress are in the log)",
+        err=True,
+    )
+    if left:
+        resume = "podsettle resume" + (f" --store {store}" if store else "")
+        typer.echo(f"podsettle: to finish them: {resume}", err=True)
 
 
 def _explain_refunds(results: list[Any]) -> None:
@@ -471,26 +493,49 @@ def batch(
         to_money(budget, "--budget", allow_zero=False)
 
     url = _paying_store(store, "batch")
+    from podsettle.cli.stopping import Stop, outage_lines
+
+    stop = Stop()
+    finished = 0
+
+    def one_done(advance: Any) -> None:
+        nonlocal finished
+        finished += 1
+        advance()
 
     async def go() -> Any:
         from podsettle.cli.console import progress
 
-        async with _engine(store=url) as engine:
-            await _check_services(engine, endpoint)
-            with (
-                _reused("--batch-id", batch_id),
-                progress(len(jobs), "settling", enabled=show_progress(json_output)) as advance,
-            ):
-                return await engine.run_batch(
-                    endpoint,
-                    jobs,
-                    budget,
-                    payee=payee,
-                    concurrency=concurrency,
-                    batch_id=batch_id,
-                    on_result=lambda _: advance(),
-                )
+        with stop.catching():
+            try:
+                async with _engine(store=url) as engine:
+                    await _check_services(engine, endpoint)
+                    with (
+                        _reused("--batch-id", batch_id),
+                        progress(len(jobs), "settling", enabled=show_progress(json_output)) as advance,
+                    ):
+                        return await engine.run_batch(
+                            endpoint,
+                            jobs,
+                            budget,
+                            payee=payee,
+                            concurrency=concurrency,
+                            batch_id=batch_id,
+                            on_result=lambda _: one_done(advance),
+                        )
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if stop.signal is None or task is None:
+                    raise
+                task.uncancel()  # stopped by a signal: the engine has saved what it had
+                return None
 
+    with outage_lines(_user_log_level()):
+        result = run(go())
+    if result is None:
+        assert stop.signal is not None
+        _report_stop(stop.signal.name, finished, len(jobs), store)
+        raise typer.Exit(stop.exit_code)
     result = run(go())
     if json_output:
         emit_json(result.to_json())
