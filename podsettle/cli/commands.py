@@ -254,6 +254,11 @@ def demo(
 # ---------------------------------------------------------------------------------------- sandbox
 
 
+_ESCROW_ROUTES = ("create", "complete", "release", "dispute", "cancel", "faucet")
+# "Off": a limit no sandbox run reaches (the escrow sandbox takes a number per route, not none).
+_NO_LIMIT = 1_000_000_000
+
+
 @app.command()
 def sandbox(
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
@@ -269,26 +274,191 @@ def sandbox(
             help="Serve a RunPod worker file (or its folder) unchanged as endpoint NAME; repeatable.",
         ),
     ] = None,
+    rate_limits: Annotated[
+        str,
+        typer.Option(
+            "--rate-limits",
+            metavar="faithful|off|ROUTE=N,...",
+            help="Escrow calls per minute: as the service (faithful: 20 creates a minute), off (no limits,"
+            " RunPod's either), or per route, e.g. create=1000,release=1000.",
+        ),
+    ] = "faithful",
+    dispute_review: Annotated[
+        str,
+        typer.Option(
+            "--dispute-review",
+            metavar="manual|refund|release",
+            help="A dispute waits for POST /sandbox/disputes/ID/resolve (manual, as the service's staff)"
+            " or is decided at once.",
+        ),
+    ] = "manual",
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, max=1000, help="Workers of every endpoint (default 4).")
+    ] = None,
+    faults: Annotated[
+        str | None,
+        typer.Option(
+            "--faults",
+            metavar="SEED[/NAME=VALUE,...]",
+            help="Seeded RunPod faults on every endpoint, e.g. 7/failure_rate=0.1,http_5xx_rate=0.02"
+            " (names: GET /v2/ENDPOINT/_faults).",
+        ),
+    ] = None,
+    sweep_every: Annotated[
+        float | None,
+        typer.Option(
+            "--sweep-every",
+            min=0.001,
+            metavar="SECONDS",
+            help="Run the escrow timeout sweep every SECONDS of the sandbox clock (the service: 300).",
+        ),
+    ] = None,
+    clock_speed: Annotated[
+        float,
+        typer.Option(
+            "--clock-speed",
+            min=1.0,
+            max=100_000.0,
+            metavar="X",
+            help="The escrow clock runs X times faster, so escrows reach their timeout (an hour or"
+            " more) and the sweep refunds them in minutes (60: an hour a minute).",
+        ),
+    ] = 1.0,
 ) -> None:
     """Serve the RunPod-compatible and Purple Flea-compatible sandbox APIs on one port."""
     with user_errors():
+        import socket
+
         import uvicorn
 
         from podsettle.sandbox.app import SandboxApp
 
         mounted = _endpoint_options(endpoint or [])
+        escrow_options, runpod_options, seed = _sandbox_options(
+            rate_limits, dispute_review, sweep_every, clock_speed
+        )
+        endpoints, seed = _sandbox_endpoints(mounted, workers, faults, seed)
         try:
-            sandbox_app = SandboxApp(ledger_path=ledger, endpoints=mounted)
+            sandbox_app = SandboxApp(
+                ledger_path=ledger,
+                endpoints=endpoints,
+                seed=seed,
+                escrow_options=escrow_options,
+                runpod_options=runpod_options,
+            )
         except ValueError as error:  # a worker file that cannot be mounted, a bad endpoint name
             fail(str(error))
-        base = f"http://{host}:{port}"
-        for name, path in mounted.items():
-            typer.echo(f"Endpoint {name}: {path}  ->  {base}/v2/{name}/run")
-        typer.echo(f"RunPod serverless API:  {base}/v2   (RUNPOD_ENDPOINT_BASE_URL; any non-empty key)")
-        typer.echo(f"Purple Flea escrow API: {base}       (PODSETTLE_ESCROW_URL; dialects v1 and seed)")
-        typer.echo(f'Admin: POST {base}/sandbox/agents {{"balance": "100.00"}} ; GET {base}/sandbox/ledger')
+        # Bound before the banner: a port in use is one line, not a banner for a server that is not.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as error:
+            sock.close()
+            fail(f"--host {host} --port {port}: {error.strerror or error} (choose another --port)")
+        bound = sock.getsockname()[1]
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        _sandbox_banner(f"http://{shown}:{bound}", mounted, rate_limits, dispute_review, clock_speed)
         sys.stdout.flush()
-        uvicorn.run(sandbox_app, host=host, port=port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(sandbox_app, log_level="warning", lifespan="off")
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+def _sandbox_options(
+    rate_limits: str, dispute_review: str, sweep_every: float | None, clock_speed: float
+) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """The sandbox's own options from the command's: (escrow options, RunPod options, seed)."""
+    escrow: dict[str, Any] = {}
+    runpod: dict[str, Any] = {}
+    text = rate_limits.strip().lower()
+    if text == "off":
+        escrow["rate_limits"] = dict.fromkeys(_ESCROW_ROUTES, _NO_LIMIT)
+        runpod["rate_limits"] = {}
+    elif text != "faithful":
+        limits: dict[str, int] = {}
+        for pair in (item.strip() for item in text.split(",") if item.strip()):
+            route, sep, number = pair.partition("=")
+            if not sep or route.strip() not in _ESCROW_ROUTES or not number.strip().isdigit():
+                fail(
+                    f"--rate-limits: {pair!r} is not ROUTE=CALLS_PER_MINUTE "
+                    f"(routes: {', '.join(_ESCROW_ROUTES)}), nor faithful or off"
+                )
+            if int(number) < 1:
+                fail(f"--rate-limits: {pair!r}: a limit is at least 1 (or use --rate-limits off)")
+            limits[route.strip()] = int(number)
+        escrow["rate_limits"] = limits
+    if dispute_review not in ("manual", "refund", "release"):
+        fail(f"--dispute-review: {dispute_review!r} is not one of manual, refund, release")
+    if dispute_review != "manual":
+        escrow["dispute_review"] = dispute_review
+    if sweep_every is not None:
+        escrow["sweep_interval_s"] = sweep_every
+    if clock_speed != 1.0:
+        from datetime import UTC, datetime
+
+        started = datetime.now(UTC)
+        escrow["clock"] = lambda: started + (datetime.now(UTC) - started) * clock_speed
+    return escrow, runpod, 0
+
+
+def _sandbox_endpoints(
+    mounted: dict[str, str], workers: int | None, faults: str | None, seed: int
+) -> tuple[dict[str, Any], int]:
+    """Every endpoint the sandbox serves, with `--workers` and `--faults` applied (built-in ones
+    too), and the seed of the faults' draws."""
+    from pydantic import ValidationError
+
+    from podsettle.sandbox.handlers import BUILTIN_HANDLERS
+    from podsettle.sandbox.runpod_worker import EndpointConfig, Faults
+
+    if workers is None and faults is None:
+        return dict(mounted), seed
+    plan = Faults()
+    if faults is not None:
+        seed_text, _, spec = faults.partition("/")
+        if not seed_text.strip().isdigit():
+            fail(f"--faults: {faults!r} does not start with a seed (a whole number), e.g. 7/failure_rate=0.1")
+        seed = int(seed_text)
+        values: dict[str, str] = {}
+        for pair in (item.strip() for item in spec.split(",") if item.strip()):
+            name, sep, value = pair.partition("=")
+            if not sep:
+                fail(f"--faults: {pair!r} is not NAME=VALUE")
+            values[name.strip()] = value.strip()
+        try:
+            plan = Faults.model_validate(values)
+        except ValidationError as error:
+            first = error.errors()[0]
+            fail(f"--faults: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+    count = workers or EndpointConfig.workers
+    handlers: dict[str, Any] = {**BUILTIN_HANDLERS, **mounted}
+    return {
+        name: EndpointConfig(handler=handler, workers=count, faults=plan.model_copy())
+        for name, handler in handlers.items()
+    }, seed
+
+
+def _sandbox_banner(
+    base: str, mounted: dict[str, str], rate_limits: str, dispute_review: str, clock_speed: float
+) -> None:
+    for name, path in mounted.items():
+        typer.echo(f"Endpoint {name}: {path}  ->  {base}/v2/{name}/run")
+    typer.echo(f"RunPod serverless API:  {base}/v2   (RUNPOD_ENDPOINT_BASE_URL; any non-empty key)")
+    typer.echo(f"Purple Flea escrow API: {base}       (PODSETTLE_ESCROW_URL; dialects v1 and seed)")
+    typer.echo(f"Escrow rate limits: {rate_limits}; disputes: {dispute_review}; clock: x{clock_speed:g}")
+    typer.echo("Admin routes (no key; sandbox only):")
+    for route, what in (
+        ('POST /sandbox/agents {"balance": "100.00"}', "a funded agent: its id and key"),
+        ("GET  /sandbox/ledger", "every balance and hold; conserved: true"),
+        ("POST /sandbox/disputes/ESCROW_ID/resolve", '{"outcome": "refund"|"release"}: a manual review'),
+        ('POST /sandbox/clock {"advance_s": 3600}', "move the escrow clock forward"),
+        ("POST /sandbox/sweep", "run the timeout sweep now"),
+        ("GET|POST|DELETE /sandbox/faults", '{"route": "create", "mode": "error_before", "count": 3}'),
+        ("GET|POST|DELETE /v2/ENDPOINT/_faults", "RunPod faults of one endpoint"),
+    ):
+        typer.echo(f"  {route:<44} {what}")
+    typer.echo(f"Stop with Ctrl-C.  Admin base: {base}")
 
 
 def _endpoint_options(values: list[str]) -> dict[str, str]:
