@@ -46,6 +46,23 @@ class _Commands(TyperGroup):
             finally:
                 _SETTINGS.reset(token)
 
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _flags_as_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        """The command, with its on/off options shown as flags in `--help` (no `<bool>` value)."""
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _flags_as_flags(command, ctx)
+        return command
+
+
+def _flags_as_flags(command: Any, ctx: Any) -> None:
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""  # an empty type column: the option takes no value
+
 
 def _settings() -> Settings:
     """The configuration of the running command (read now when a command is called directly)."""
@@ -706,7 +723,6 @@ def batch(
         assert stop.signal is not None
         _report_stop(stop.signal.name, finished, len(jobs), store)
         raise typer.Exit(stop.exit_code)
-    result = run(go())
     if json_output:
         emit_json(result.to_json())
     else:
@@ -918,7 +934,9 @@ def jobs(
     else:
         from podsettle.cli.console import print_jobs
 
-        print_jobs(rows)
+        # Short ids must be unique in the whole store, not only among the jobs listed.
+        filtered = state is not None or batch is not None
+        print_jobs(rows, [row.job_id for row in model.jobs()] if filtered else None)
 
 
 @app.command()

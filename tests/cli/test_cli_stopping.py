@@ -142,6 +142,8 @@ def test_an_outage_is_one_line_when_it_starts_and_one_when_it_ends(
     assert lines[0].startswith(f"podsettle: {ESCROW} is not answering (")
     assert lines[1].startswith(f"podsettle: {ESCROW} answers again (after ") and "retries)" in lines[1]
     assert json.loads(done.stdout)["totals"]["paid_jobs"] == 4
+    in_store = json.loads(invoke(env, "totals", "--json").stdout)
+    assert (in_store["jobs"], in_store["paid_jobs"]) == (4, 4)  # each job once
 
     # With PODSETTLE_LOG_LEVEL set, the engine's JSON warning lines are there as well.
     httpx.post(f"{sandbox.url}/sandbox/faults", json={**fault, "count": 2}, timeout=10).raise_for_status()
