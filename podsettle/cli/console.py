@@ -138,8 +138,7 @@ def print_jobs(rows: Iterable[Any], all_ids: Iterable[str] | None = None) -> Non
             table.add_column(header, overflow="ellipsis", no_wrap=True, min_width=5)
         else:
             widest = max(len(header), *(len(row[index]) for row in rows_shown))
-            justify = "left" if index < 2 else "right"
-            table.add_column(header, justify=justify, no_wrap=True, min_width=widest)
+            table.add_column(header, justify="left" if index < 2 else "right", no_wrap=True, min_width=widest)
     for row in rows_shown:
         table.add_row(*row)
     out.print(table, soft_wrap=False)
