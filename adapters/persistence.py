@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -11,6 +14,21 @@ DEFAULT_STORE = "sqlite:///podsettle.db"
 
 class StoreConfigError(ValueError):
     """`PODSETTLE_STORE` does not name a store podsettle can use."""
+
+
+class StoreUnavailable(StoreConfigError):
+    """The store is named well but cannot be opened: not a database, not writable, its server down,
+    its database missing, or the credentials refused. The message names the store (never its
+    password) and the cause, on one line."""
+
+    def __init__(self, store: str, cause: str) -> None:
+        self.store = store
+        self.cause = cause
+        super().__init__(f"store {store}: {cause}")
+
+
+# How long a check of a PostgreSQL store may wait for the server: a person waits on it.
+CHECK_TIMEOUT_S = 5
 
 
 @dataclass(frozen=True)
@@ -68,3 +86,80 @@ def store_from_url(url: str) -> Store:
     raise StoreConfigError(
         f"PODSETTLE_STORE: {shown!r} is not a store; use sqlite:///path.db, memory, or postgresql://host/db"
     )
+
+
+def check_store(store: Store, timeout_s: int = CHECK_TIMEOUT_S) -> None:
+    """Raise `StoreUnavailable` when `store` cannot be opened, within `timeout_s` seconds.
+
+    The library would raise a traceback after a 30 s hang for a server that is down; this asks once,
+    quickly, so a person learns which store failed and why."""
+    if store.kind == "sqlite":
+        path = store.sqlite_path
+        if path is not None:
+            _check_sqlite(store.url, path)
+    elif store.kind == "postgres":
+        _check_postgres(store, timeout_s)
+
+
+def _check_sqlite(url: str, path: Path) -> None:
+    if path.is_dir():
+        raise StoreUnavailable(url, f"{path} is a folder, not a database file")
+    if not path.exists():
+        try:  # a real attempt: permission bits say nothing for root or a read-only mount
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+                pass
+        except OSError as error:
+            raise StoreUnavailable(
+                url, f"cannot create {path}: {error.strerror or error} (choose a writable folder)"
+            ) from None
+        return
+    if not os.access(path, os.R_OK):
+        raise StoreUnavailable(url, f"cannot read {path}: permission denied")
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        connection.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as error:
+        raise StoreUnavailable(url, f"{path}: {error}") from None
+    finally:
+        connection.close()
+
+
+def _check_postgres(store: Store, timeout_s: int) -> None:
+    import psycopg
+
+    env = store.env
+    try:
+        connection = psycopg.connect(
+            host=env["POSTGRES_HOST"],
+            port=int(env["POSTGRES_PORT"]),
+            dbname=env["POSTGRES_DBNAME"],
+            user=env["POSTGRES_USER"],
+            password=env["POSTGRES_PASSWORD"] or None,
+            connect_timeout=timeout_s,
+        )
+    except psycopg.Error as error:
+        raise StoreUnavailable(store.url, postgres_cause(error, env.get("POSTGRES_PASSWORD", ""))) from None
+    connection.close()
+
+
+def postgres_cause(error: BaseException, password: str = "") -> str:
+    """The cause of a PostgreSQL failure as one line a person can act on (the password never shown)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    if password:
+        text = text.replace(password, "***")
+    lowered = text.lower()
+    if "does not exist" in lowered and "database" in lowered:
+        return f"{_server_said(text)} (create it, or fix the database name in the URL)"
+    if "password authentication failed" in lowered or ("role" in lowered and "does not exist" in lowered):
+        return f"credentials refused: {_server_said(text)}"
+    if "connection refused" in lowered or "timeout" in lowered or "could not" in lowered:
+        return f"the server does not answer ({_server_said(text)})"
+    return _server_said(text)
+
+
+def _server_said(text: str) -> str:
+    """The server's own reason, without psycopg's `connection failed: connection to server at ...`
+    preamble (the store is already named)."""
+    reason = text.rsplit("failed: ", 1)[-1] if "failed: " in text else text
+    return reason.removeprefix("FATAL: ").strip()

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # The configuration of the command being run: read from the environment once, before it runs.
 _SETTINGS: ContextVar[Settings | None] = ContextVar("podsettle_cli_settings", default=None)
+# The store the command opened (shown without its password), to name it when it fails later.
+_STORE_SHOWN: ContextVar[str | None] = ContextVar("podsettle_cli_store", default=None)
 
 
 class _Commands(TyperGroup):
@@ -43,6 +45,23 @@ class _Commands(TyperGroup):
                 return super().invoke(ctx)
             finally:
                 _SETTINGS.reset(token)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _flags_as_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        """The command, with its on/off options shown as flags in `--help` (no `<bool>` value)."""
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _flags_as_flags(command, ctx)
+        return command
+
+
+def _flags_as_flags(command: Any, ctx: Any) -> None:
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""  # an empty type column: the option takes no value
 
 
 def _settings() -> Settings:
@@ -111,6 +130,28 @@ def user_errors() -> Iterator[None]:
         _die(str(error), EXIT_FAILURE)
     except OSError as error:
         _die(f"{error.strerror or error}: {getattr(error, 'filename', '') or ''}".rstrip(": "), EXIT_FAILURE)
+    except Exception as error:
+        cause = _store_failure(error)
+        if cause is None:
+            raise
+        _die(cause, EXIT_USAGE)
+
+
+def _store_failure(error: Exception) -> str | None:
+    """One line for a failure of the event store met after it was opened (a file replaced, a server
+    gone), naming the store; None when `error` is not the store's."""
+    import sqlite3
+
+    persistence = sys.modules.get("eventsourcing.persistence")
+    ours = isinstance(error, sqlite3.Error) or (
+        persistence is not None and isinstance(error, persistence.PersistenceError)
+    )
+    if not ours:
+        return None
+    from podsettle.adapters.persistence import postgres_cause
+
+    store = _STORE_SHOWN.get() or "(the configured store)"
+    return f"store {store}: {postgres_cause(error)}"
 
 
 def _die(message: str, code: int) -> NoReturn:
@@ -132,11 +173,58 @@ def show_progress(json_output: bool) -> bool:
 
 
 def _store(store: str | None) -> str:
-    from podsettle.adapters.persistence import store_from_url
+    """The store's URL, checked: a wrong URL or a store that cannot be opened (not a database, not
+    writable, its server down, its database missing, credentials refused) is one line and exit 2,
+    within seconds, before any command touches it."""
+    from podsettle.adapters.persistence import check_store, store_from_url
 
     url = store or _settings().store
-    store_from_url(url)  # validates, with a message naming PODSETTLE_STORE
+    parsed = store_from_url(url)  # validates, with a message naming PODSETTLE_STORE
+    _STORE_SHOWN.set(parsed.url)
+    check_store(parsed)
     return url
+
+
+def _paying_store(store: str | None, command: str) -> str:
+    """The store for a command that moves money: never `memory`, whose log is gone when the command
+    exits, so the same `--key` (or batch) run again would fund and pay a second time."""
+    from podsettle.adapters.persistence import store_from_url
+
+    url = _store(store)
+    if store_from_url(url).kind == "popo":
+        fail(
+            f"{command}: a memory store keeps no log after this command, so a key could be paid twice; "
+            "use --store sqlite:///podsettle.db (or PODSETTLE_STORE) for commands that move money"
+        )
+    return url
+
+
+async def _check_services(engine: Any, endpoint: str) -> None:
+    """The services answer, and the endpoint exists (an unknown one is a usage error: exit 2)."""
+    from podsettle.adapters.ports import NotFound
+
+    try:
+        await engine.check_services(endpoint)
+    except NotFound:
+        fail(f"--endpoint {endpoint}: the RunPod service has no such endpoint (check the endpoint id)")
+
+
+@contextmanager
+def _reused(option: str, value: str | None) -> Iterator[None]:
+    """A key or batch id already used for a different job: say which option to change."""
+    from podsettle.domain.errors import ConflictingOutcome
+
+    try:
+        yield
+    except ConflictingOutcome as error:
+        if error.command != "open":
+            raise
+        shown = f" {value!r}" if value else ""
+        fail(
+            f"{option}{shown} was already used for a different job (another input, budget, payee or "
+            f"endpoint), which is now {error.state}: give a new {option}, or the same input to see "
+            "that job again"
+        )
 
 
 def _parse_json_object(text: str, what: str) -> dict[str, Any]:
@@ -183,6 +271,11 @@ def demo(
 # ---------------------------------------------------------------------------------------- sandbox
 
 
+_ESCROW_ROUTES = ("create", "complete", "release", "dispute", "cancel", "faucet")
+# "Off": a limit no sandbox run reaches (the escrow sandbox takes a number per route, not none).
+_NO_LIMIT = 1_000_000_000
+
+
 @app.command()
 def sandbox(
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
@@ -198,26 +291,191 @@ def sandbox(
             help="Serve a RunPod worker file (or its folder) unchanged as endpoint NAME; repeatable.",
         ),
     ] = None,
+    rate_limits: Annotated[
+        str,
+        typer.Option(
+            "--rate-limits",
+            metavar="faithful|off|ROUTE=N,...",
+            help="Escrow calls per minute: as the service (faithful: 20 creates a minute), off (no limits,"
+            " RunPod's either), or per route, e.g. create=1000,release=1000.",
+        ),
+    ] = "faithful",
+    dispute_review: Annotated[
+        str,
+        typer.Option(
+            "--dispute-review",
+            metavar="manual|refund|release",
+            help="A dispute waits for POST /sandbox/disputes/ID/resolve (manual, as the service's staff)"
+            " or is decided at once.",
+        ),
+    ] = "manual",
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, max=1000, help="Workers of every endpoint (default 4).")
+    ] = None,
+    faults: Annotated[
+        str | None,
+        typer.Option(
+            "--faults",
+            metavar="SEED[/NAME=VALUE,...]",
+            help="Seeded RunPod faults on every endpoint, e.g. 7/failure_rate=0.1,http_5xx_rate=0.02"
+            " (names: GET /v2/ENDPOINT/_faults).",
+        ),
+    ] = None,
+    sweep_every: Annotated[
+        float | None,
+        typer.Option(
+            "--sweep-every",
+            min=0.001,
+            metavar="SECONDS",
+            help="Run the escrow timeout sweep every SECONDS of the sandbox clock (the service: 300).",
+        ),
+    ] = None,
+    clock_speed: Annotated[
+        float,
+        typer.Option(
+            "--clock-speed",
+            min=1.0,
+            max=100_000.0,
+            metavar="X",
+            help="The escrow clock runs X times faster, so escrows reach their timeout (an hour or"
+            " more) and the sweep refunds them in minutes (60: an hour a minute).",
+        ),
+    ] = 1.0,
 ) -> None:
     """Serve the RunPod-compatible and Purple Flea-compatible sandbox APIs on one port."""
     with user_errors():
+        import socket
+
         import uvicorn
 
         from podsettle.sandbox.app import SandboxApp
 
         mounted = _endpoint_options(endpoint or [])
+        escrow_options, runpod_options, seed = _sandbox_options(
+            rate_limits, dispute_review, sweep_every, clock_speed
+        )
+        endpoints, seed = _sandbox_endpoints(mounted, workers, faults, seed)
         try:
-            sandbox_app = SandboxApp(ledger_path=ledger, endpoints=mounted)
+            sandbox_app = SandboxApp(
+                ledger_path=ledger,
+                endpoints=endpoints,
+                seed=seed,
+                escrow_options=escrow_options,
+                runpod_options=runpod_options,
+            )
         except ValueError as error:  # a worker file that cannot be mounted, a bad endpoint name
             fail(str(error))
-        base = f"http://{host}:{port}"
-        for name, path in mounted.items():
-            typer.echo(f"Endpoint {name}: {path}  ->  {base}/v2/{name}/run")
-        typer.echo(f"RunPod serverless API:  {base}/v2   (RUNPOD_ENDPOINT_BASE_URL; any non-empty key)")
-        typer.echo(f"Purple Flea escrow API: {base}       (PODSETTLE_ESCROW_URL; dialects v1 and seed)")
-        typer.echo(f'Admin: POST {base}/sandbox/agents {{"balance": "100.00"}} ; GET {base}/sandbox/ledger')
+        # Bound before the banner: a port in use is one line, not a banner for a server that is not.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as error:
+            sock.close()
+            fail(f"--host {host} --port {port}: {error.strerror or error} (choose another --port)")
+        bound = sock.getsockname()[1]
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        _sandbox_banner(f"http://{shown}:{bound}", mounted, rate_limits, dispute_review, clock_speed)
         sys.stdout.flush()
-        uvicorn.run(sandbox_app, host=host, port=port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(sandbox_app, log_level="warning", lifespan="off")
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+def _sandbox_options(
+    rate_limits: str, dispute_review: str, sweep_every: float | None, clock_speed: float
+) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """The sandbox's own options from the command's: (escrow options, RunPod options, seed)."""
+    escrow: dict[str, Any] = {}
+    runpod: dict[str, Any] = {}
+    text = rate_limits.strip().lower()
+    if text == "off":
+        escrow["rate_limits"] = dict.fromkeys(_ESCROW_ROUTES, _NO_LIMIT)
+        runpod["rate_limits"] = {}
+    elif text != "faithful":
+        limits: dict[str, int] = {}
+        for pair in (item.strip() for item in text.split(",") if item.strip()):
+            route, sep, number = pair.partition("=")
+            if not sep or route.strip() not in _ESCROW_ROUTES or not number.strip().isdigit():
+                fail(
+                    f"--rate-limits: {pair!r} is not ROUTE=CALLS_PER_MINUTE "
+                    f"(routes: {', '.join(_ESCROW_ROUTES)}), nor faithful or off"
+                )
+            if int(number) < 1:
+                fail(f"--rate-limits: {pair!r}: a limit is at least 1 (or use --rate-limits off)")
+            limits[route.strip()] = int(number)
+        escrow["rate_limits"] = limits
+    if dispute_review not in ("manual", "refund", "release"):
+        fail(f"--dispute-review: {dispute_review!r} is not one of manual, refund, release")
+    if dispute_review != "manual":
+        escrow["dispute_review"] = dispute_review
+    if sweep_every is not None:
+        escrow["sweep_interval_s"] = sweep_every
+    if clock_speed != 1.0:
+        from datetime import UTC, datetime
+
+        started = datetime.now(UTC)
+        escrow["clock"] = lambda: started + (datetime.now(UTC) - started) * clock_speed
+    return escrow, runpod, 0
+
+
+def _sandbox_endpoints(
+    mounted: dict[str, str], workers: int | None, faults: str | None, seed: int
+) -> tuple[dict[str, Any], int]:
+    """Every endpoint the sandbox serves, with `--workers` and `--faults` applied (built-in ones
+    too), and the seed of the faults' draws."""
+    from pydantic import ValidationError
+
+    from podsettle.sandbox.handlers import BUILTIN_HANDLERS
+    from podsettle.sandbox.runpod_worker import EndpointConfig, Faults
+
+    if workers is None and faults is None:
+        return dict(mounted), seed
+    plan = Faults()
+    if faults is not None:
+        seed_text, _, spec = faults.partition("/")
+        if not seed_text.strip().isdigit():
+            fail(f"--faults: {faults!r} does not start with a seed (a whole number), e.g. 7/failure_rate=0.1")
+        seed = int(seed_text)
+        values: dict[str, str] = {}
+        for pair in (item.strip() for item in spec.split(",") if item.strip()):
+            name, sep, value = pair.partition("=")
+            if not sep:
+                fail(f"--faults: {pair!r} is not NAME=VALUE")
+            values[name.strip()] = value.strip()
+        try:
+            plan = Faults.model_validate(values)
+        except ValidationError as error:
+            first = error.errors()[0]
+            fail(f"--faults: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+    count = workers or EndpointConfig.workers
+    handlers: dict[str, Any] = {**BUILTIN_HANDLERS, **mounted}
+    return {
+        name: EndpointConfig(handler=handler, workers=count, faults=plan.model_copy())
+        for name, handler in handlers.items()
+    }, seed
+
+
+def _sandbox_banner(
+    base: str, mounted: dict[str, str], rate_limits: str, dispute_review: str, clock_speed: float
+) -> None:
+    for name, path in mounted.items():
+        typer.echo(f"Endpoint {name}: {path}  ->  {base}/v2/{name}/run")
+    typer.echo(f"RunPod serverless API:  {base}/v2   (RUNPOD_ENDPOINT_BASE_URL; any non-empty key)")
+    typer.echo(f"Purple Flea escrow API: {base}       (PODSETTLE_ESCROW_URL; dialects v1 and seed)")
+    typer.echo(f"Escrow rate limits: {rate_limits}; disputes: {dispute_review}; clock: x{clock_speed:g}")
+    typer.echo("Admin routes (no key; sandbox only):")
+    for route, what in (
+        ('POST /sandbox/agents {"balance": "100.00"}', "a funded agent: its id and key"),
+        ("GET  /sandbox/ledger", "every balance and hold; conserved: true"),
+        ("POST /sandbox/disputes/ESCROW_ID/resolve", '{"outcome": "refund"|"release"}: a manual review'),
+        ('POST /sandbox/clock {"advance_s": 3600}', "move the escrow clock forward"),
+        ("POST /sandbox/sweep", "run the timeout sweep now"),
+        ("GET|POST|DELETE /sandbox/faults", '{"route": "create", "mode": "error_before", "count": 3}'),
+        ("GET|POST|DELETE /v2/ENDPOINT/_faults", "RunPod faults of one endpoint"),
+    ):
+        typer.echo(f"  {route:<44} {what}")
+    typer.echo(f"Stop with Ctrl-C.  Admin base: {base}")
 
 
 def _endpoint_options(values: list[str]) -> dict[str, str]:
@@ -321,14 +579,20 @@ def run_job(
     with user_errors():
         to_money(budget, "--budget", allow_zero=False)
 
-    async def go() -> Any:
-        async with _engine(store=_store(store)) as engine:
-            await engine.check_services(endpoint)
-            return await engine.run_paid_job(
-                endpoint, job_input, budget, payee=payee, referral=referral, job_key=key
-            )
+    url = _paying_store(store, "run")
 
-    result = run(go())
+    async def go() -> Any:
+        async with _engine(store=url) as engine:
+            await _check_services(engine, endpoint)
+            with _reused("--key", key):
+                return await engine.run_paid_job(
+                    endpoint, job_input, budget, payee=payee, referral=referral, job_key=key
+                )
+
+    from podsettle.cli.stopping import outage_lines
+
+    with outage_lines(_user_log_level()):
+        result = run(go())
     if json_output:
         emit_json(result.to_json())
     else:
@@ -337,6 +601,25 @@ def run_job(
         print_job(result)
     _explain_refunds([result])
     raise typer.Exit(0 if result.paid else EXIT_FAILURE)
+
+
+def _user_log_level() -> str | None:
+    """PODSETTLE_LOG_LEVEL when the user set it (then the engine's JSON lines are wanted), else None."""
+    settings = _settings()
+    return settings.log_level if "log_level" in settings.model_fields_set else None
+
+
+def _report_stop(signal_name: str, finished: int, total: int, store: str | None) -> None:
+    """After a stop by a signal: what is done, what is left, and the command that finishes it."""
+    left = total - finished
+    typer.echo(
+        f"podsettle: stopped by {signal_name}: {finished} of {total} job(s) finished, {left} left "
+        "(each one's escrow and progress are in the log)",
+        err=True,
+    )
+    if left:
+        resume = "podsettle resume" + (f" --store {store}" if store else "")
+        typer.echo(f"podsettle: to finish them: {resume}", err=True)
 
 
 def _explain_refunds(results: list[Any]) -> None:
@@ -396,23 +679,50 @@ def batch(
     with user_errors():
         to_money(budget, "--budget", allow_zero=False)
 
+    url = _paying_store(store, "batch")
+    from podsettle.cli.stopping import Stop, outage_lines
+
+    stop = Stop()
+    finished = 0
+
+    def one_done(advance: Any) -> None:
+        nonlocal finished
+        finished += 1
+        advance()
+
     async def go() -> Any:
         from podsettle.cli.console import progress
 
-        async with _engine(store=_store(store)) as engine:
-            await engine.check_services(endpoint)
-            with progress(len(jobs), "settling", enabled=show_progress(json_output)) as advance:
-                return await engine.run_batch(
-                    endpoint,
-                    jobs,
-                    budget,
-                    payee=payee,
-                    concurrency=concurrency,
-                    batch_id=batch_id,
-                    on_result=lambda _: advance(),
-                )
+        with stop.catching():
+            try:
+                async with _engine(store=url) as engine:
+                    await _check_services(engine, endpoint)
+                    with (
+                        _reused("--batch-id", batch_id),
+                        progress(len(jobs), "settling", enabled=show_progress(json_output)) as advance,
+                    ):
+                        return await engine.run_batch(
+                            endpoint,
+                            jobs,
+                            budget,
+                            payee=payee,
+                            concurrency=concurrency,
+                            batch_id=batch_id,
+                            on_result=lambda _: one_done(advance),
+                        )
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if stop.signal is None or task is None:
+                    raise
+                task.uncancel()  # stopped by a signal: the engine has saved what it had
+                return None
 
-    result = run(go())
+    with outage_lines(_user_log_level()):
+        result = run(go())
+    if result is None:
+        assert stop.signal is not None
+        _report_stop(stop.signal.name, finished, len(jobs), store)
+        raise typer.Exit(stop.exit_code)
     if json_output:
         emit_json(result.to_json())
     else:
@@ -434,10 +744,19 @@ def bonus(
     json_output: JsonFlag = False,
 ) -> None:
     """Pay the performance bonus on a paid job (once)."""
+    from podsettle.domain.errors import InvalidInput
+
+    url = _paying_store(store, "bonus")
 
     async def go() -> Any:
-        async with _engine(store=_store(store)) as engine:
-            return await engine.award_bonus(job_id, baseline, achieved, pool, threshold=threshold)
+        async with _engine(store=url) as engine:
+            try:
+                return await engine.award_bonus(job_id, baseline, achieved, pool, threshold=threshold)
+            except InvalidInput as error:  # named as the user typed it, not as the engine calls it
+                flag = _BONUS_FLAGS.get(error.field)
+                if flag is None:
+                    raise
+                fail(f"{flag}: {error.reason}")
 
     result = run(go())
     if json_output:
@@ -447,13 +766,87 @@ def bonus(
     raise typer.Exit(0 if result.status in ("awarded", "none") else EXIT_FAILURE)
 
 
+_BONUS_FLAGS = {
+    "base_metric": "--baseline",
+    "achieved_metric": "--achieved",
+    "threshold": "--threshold",
+    "pool": "--pool",
+    "job_id": "JOB_ID",
+}
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str | None, typer.Argument(help="The job to cancel (its id).")] = None,
+    batch: Annotated[
+        str | None, typer.Option("--batch", help="Cancel every job of this batch that can be.")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why (kept in the log).")] = "cancelled by the user",
+    store: StoreOption = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Cancel a funded or running job (or those of a batch) on RunPod and refund its escrow; works
+    while the batch runs in another terminal. Exit 1 when any job could not be cancelled or ended
+    other than refunded."""
+    from podsettle.domain.lifecycle import State, status_of
+
+    if (job_id is None) == (batch is None):
+        fail("cancel takes a JOB_ID or --batch BATCH_ID (one of them)")
+    url = _paying_store(store, "cancel")
+    settlements = _settlements(url)
+    cancellable = (State.FUNDED, State.RUNNING)
+    with user_errors():
+        if job_id is not None:
+            job = settlements.get_job(_job_id(settlements, job_id))
+            if job.state not in cancellable:
+                fail(
+                    f"job {job.id} is {job.state}: only a FUNDED or RUNNING job can be cancelled",
+                    EXIT_FAILURE,
+                )
+            targets, skipped = [job.id], []
+        else:
+            found = [settlements.get_job(i) for i in settlements.job_ids(batch_id=batch)]
+            if not found:
+                fail(f"--batch {batch}: no job of that batch is in the store")
+            targets = [job.id for job in found if job.state in cancellable]
+            skipped = [
+                job for job in found if job.state not in cancellable and status_of(job.state) == "in_flight"
+            ]
+
+    async def go() -> list[Any]:
+        async with _engine(store=url) as engine:
+            # Only these jobs: the engine must not pick up the store's other unfinished jobs.
+            engine.recover_on_start = False
+            return [await engine.cancel(target, reason) for target in targets]
+
+    results = run(go()) if targets else []
+    if json_output:
+        emit_json([r.to_json() for r in results])
+    else:
+        for result in results:
+            typer.echo(f"{result.job_id}  {result.status}")
+        if batch is not None and not targets:
+            typer.echo(f"batch {batch}: no job is funded or running; nothing to cancel")
+    if skipped:
+        states = ", ".join(sorted({job.state for job in skipped}))
+        typer.echo(
+            f"podsettle: {len(skipped)} job(s) of batch {batch} could not be cancelled now ({states}): "
+            "run cancel again once they run",
+            err=True,
+        )
+    _explain_refunds(results)
+    ok = not skipped and all(r.status in ("refunded", "refunding", "rejected") for r in results)
+    raise typer.Exit(0 if ok else EXIT_FAILURE)
+
+
 @app.command()
 def resume(store: StoreOption = None, json_output: JsonFlag = False) -> None:
     """Finish every job an engine left unfinished (after a crash or a stop). An escrow service that
     cannot be reached fails it as it fails `run` (exit 1), before any job is touched."""
+    url = _paying_store(store, "resume")
 
     async def go() -> Any:
-        engine = _engine(store=_store(store))
+        engine = _engine(store=url)
         try:
             # As `run` checks before it opens anything: the engine starts (and resumes) only after.
             await engine.escrow.health()
@@ -486,6 +879,21 @@ def _settlements(store: str | None) -> Any:
         return Settlements(url)
 
 
+def _job_id(settlements: Any, text: str) -> str:
+    """A job id, or a unique prefix of one (as `jobs` shows them): the full id."""
+    import re
+
+    candidate = text.strip().lower()
+    if len(candidate) == 36 or not re.fullmatch(r"[0-9a-f-]{4,35}", candidate):
+        return text  # a full id, or something the store will reject by name
+    matches = [str(i) for i in settlements.job_ids() if str(i).startswith(candidate)]
+    if len(matches) > 1:
+        fail(f"job id {text!r} is the start of {len(matches)} jobs' ids: give more of it")
+    if not matches:
+        fail(f"job {text!r}: no job id starts with it")
+    return matches[0]
+
+
 def _read_model(store: str | None) -> Any:
     from podsettle.cli.console import read_model
 
@@ -494,14 +902,14 @@ def _read_model(store: str | None) -> Any:
 
 @app.command()
 def status(
-    job_id: Annotated[str, typer.Argument(help="The job id (a UUID).")],
+    job_id: Annotated[str, typer.Argument(help="The job id, or the start of it as `jobs` shows it.")],
     store: StoreOption = None,
     json_output: JsonFlag = False,
 ) -> None:
     """One job as the log has it."""
     settlements = _settlements(store)
     with user_errors():
-        job = settlements.get_job(job_id)
+        job = settlements.get_job(_job_id(settlements, job_id))
     summary = job.summary()
     if json_output:
         emit_json(summary)
@@ -535,7 +943,9 @@ def jobs(
     else:
         from podsettle.cli.console import print_jobs
 
-        print_jobs(rows)
+        # Short ids must be unique in the whole store, not only among the jobs listed.
+        filtered = state is not None or batch is not None
+        print_jobs(rows, [row.job_id for row in model.jobs()] if filtered else None)
 
 
 @app.command()
@@ -722,6 +1132,13 @@ def onboard(
         typer.echo(f"agent:  {result['agent_id']}")
         typer.echo(f"key:    {result['api_key']}   (shown once: keep it as PF_API_KEY)")
         typer.echo(f"faucet: {result['faucet']}")
+    if not result["claimed"]:
+        typer.echo(
+            "podsettle: error: the faucet refused the claim: the agent above exists and its key works, "
+            "but it holds no USDC yet",
+            err=True,
+        )
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command("mcp")

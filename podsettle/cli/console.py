@@ -102,20 +102,62 @@ def print_evaluation(evaluation: Mapping[str, Any] | None) -> None:
     out.print(table)
 
 
-def print_jobs(rows: Iterable[Any]) -> None:
-    table = Table()
-    items = list(rows)
+SHORT_ID = 8
+
+
+def short_ids(ids: Iterable[str], length: int = SHORT_ID) -> dict[str, str]:
+    """Each id's shortest prefix of at least `length` characters that no other id starts with (as
+    `status` accepts it)."""
+    items = sorted(set(ids))
+    shown: dict[str, str] = {}
+    for index, job_id in enumerate(items):
+        size = length
+        for neighbour in (
+            items[index - 1] if index else "",
+            items[index + 1] if index + 1 < len(items) else "",
+        ):
+            common = 0
+            while common < min(len(job_id), len(neighbour)) and job_id[common] == neighbour[common]:
+                common += 1
+            size = max(size, common + 1)
+        shown[job_id] = job_id[:size]
+    return shown
+
+
+def print_jobs(rows: Iterable[Any], all_ids: Iterable[str] | None = None) -> None:
+    """One line per job at 80 columns: an id short enough to read and whole enough to copy (any
+    command takes it), the status and the money; `--json` has every field and the full ids."""
+    items = [row.to_json() for row in rows]
     if not items:
         out.print("no jobs")
         return
-    keys = ["job_id", "batch_id", "endpoint_id", "status", "state", "budget", "to_workers", "returned"]
-    keys += ["still_held", "escrow_id"]
-    for key in keys:
-        table.add_column(key)
-    for row in items:
-        data = row.to_json()
-        table.add_row(*(str(data.get(key) or "") for key in keys))
-    out.print(table)
+    prefixes = short_ids(all_ids if all_ids is not None else (item["job_id"] for item in items))
+    rows_shown = [
+        [
+            prefixes.get(item["job_id"], item["job_id"]),
+            item["status"],
+            item["to_workers"],
+            item["returned"],
+            item["still_held"],
+            item.get("batch_id") or "",
+            item["endpoint_id"],
+        ]
+        for item in items
+    ]
+    # The budget is in `--json` and `status`: at 80 columns the batch id matters more (it is copied).
+    headers = ["job", "status", "to_workers", "returned", "held", "batch", "endpoint"]
+    table = Table(box=None, padding=(0, 1), pad_edge=False)
+    for index, header in enumerate(headers):
+        if header in ("endpoint", "batch"):
+            # What gives way when the terminal is narrow: the names, never an id, a status or an amount.
+            table.add_column(header, overflow="ellipsis", no_wrap=True, min_width=5)
+        else:
+            widest = max(len(header), *(len(row[index]) for row in rows_shown))
+            table.add_column(header, justify="left" if index < 2 else "right", no_wrap=True, min_width=widest)
+    for row in rows_shown:
+        table.add_row(*row)
+    out.print(table, soft_wrap=False)
+    err.print("full ids and every field: --json; `podsettle status JOB` takes the short id", soft_wrap=True)
 
 
 def print_earnings(rows: Iterable[Any]) -> None:

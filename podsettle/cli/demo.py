@@ -96,5 +96,7 @@ async def run_demo(path: Path, *, jobs: int, seed: int, json_output: bool) -> bo
         print_earnings(earnings)
         out.print(f"sandbox ledger conserves money: {'yes' if ledger['conserved'] else 'NO'}")
         out.print(report.render())
-        err.print(f"audit it again any time: PODSETTLE_STORE={store} podsettle replay")
+        # The command on a line of its own, never wrapped: it is meant to be copied whole.
+        err.print("audit it again any time:")
+        err.print(f"  PODSETTLE_STORE={store} podsettle replay", soft_wrap=True)
     return bool(report.ok and ledger["conserved"])

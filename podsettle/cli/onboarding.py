@@ -60,6 +60,8 @@ async def onboard(casino_url: str, faucet_url: str) -> dict[str, Any]:
             faucet = (
                 claim.get("message") or f"claimed {claim.get('amount', claim.get('amount_usd', '?'))} USDC"
             )
-        except Rejected as error:
+            claimed = True
+        except Rejected as error:  # the agent exists: the caller shows its key, then exits non-zero
             faucet = f"not claimed: {error}"
-    return {"agent_id": agent.agent_id, "api_key": agent.api_key, "faucet": faucet}
+            claimed = False
+    return {"agent_id": agent.agent_id, "api_key": agent.api_key, "faucet": faucet, "claimed": claimed}

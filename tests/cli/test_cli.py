@@ -263,10 +263,10 @@ def test_bonus_on_a_paid_job(env: dict[str, str]) -> None:
     one_error_line(below, "already granted")
     bad = invoke(env, "bonus", paid["job_id"], "--baseline", "zero", "--achieved", "1")
     assert bad.exit_code == 2
-    one_error_line(bad, "base_metric")
+    one_error_line(bad, "--baseline")
     unknown = invoke(env, "bonus", "not-a-uuid", "--baseline", "1", "--achieved", "2")
     assert unknown.exit_code == 2
-    one_error_line(unknown, "job_id")
+    one_error_line(unknown, "JOB_ID")
 
 
 def test_status_of_a_missing_job_and_a_missing_store(env: dict[str, str], tmp_path: Path) -> None:

@@ -1,0 +1,184 @@
+"""Stopping a batch (SIGINT, SIGTERM) and living through an outage, as a person at a terminal meets
+them: the process is the real command line, the services a sandbox over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+from typer.testing import CliRunner
+
+from podsettle.cli import app
+from podsettle.cli.stopping import ESCROW, OutageWatch
+from podsettle.sandbox.app import Sandbox
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    limits = {"create": 10_000, "complete": 10_000, "release": 10_000, "dispute": 10_000}
+    with Sandbox(escrow_options={"dispute_review": "refund", "rate_limits": limits}) as served:
+        yield served
+
+
+@pytest.fixture
+def env(sandbox: Sandbox, tmp_path: Path) -> dict[str, str]:
+    payer = sandbox.create_agent("50")
+    worker = sandbox.create_agent("0")
+    return {
+        "PODSETTLE_STORE": f"sqlite:///{tmp_path / 'store.db'}",
+        "PODSETTLE_ESCROW_URL": sandbox.url,
+        "PF_API_KEY": payer.api_key,
+        "PODSETTLE_PAYER": payer.agent_id,
+        "PODSETTLE_PAYEE": worker.agent_id,
+        "RUNPOD_API_KEY": "sandbox-key",
+        "RUNPOD_ENDPOINT_BASE_URL": sandbox.runpod_url,
+        "PODSETTLE_ESCROW_RATE_LIMITS": "create=10000,release=10000,dispute=10000",
+        "PODSETTLE_JOB_TIMEOUT_S": "60",
+        "PODSETTLE_REFUND_WAIT_S": "10",
+        "PODSETTLE_REFUND_POLL_S": "0.05",
+        # A stopped process's claims on its jobs lapse after this; `resume` then takes them over.
+        "PODSETTLE_CLAIM_LEASE_S": "2",
+    }
+
+
+def invoke(env: dict[str, str], *args: str) -> Any:
+    return runner.invoke(app, list(args), env=env, catch_exceptions=False)
+
+
+def account(sandbox: Sandbox, agent: str) -> dict[str, str]:
+    (found,) = [a for a in sandbox.ledger()["accounts"] if a["account"] == agent]
+    return found
+
+
+def released(env: dict[str, str]) -> int:
+    if not Path(env["PODSETTLE_STORE"].removeprefix("sqlite:///")).exists():
+        return 0
+    listed = invoke(env, "jobs", "--state", "released", "--json")
+    return len(json.loads(listed.stdout)) if listed.exit_code == 0 else 0
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_batch_says_what_is_done_and_left_and_resume_finishes_it(
+    env: dict[str, str], sandbox: Sandbox, tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(f'{{"seconds": 0.4, "n": {n}}}\n' for n in range(12)))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), "--endpoint", "sleep", "--budget", "0.50",
+         "--concurrency", "2"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while released(env) < 2:
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.1)
+        child.send_signal(sig)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and not any(line.startswith("{") for line in lines), err
+    stopped = next(line for line in lines if line.startswith("podsettle: stopped by"))
+    assert stopped.startswith(f"podsettle: stopped by {sig.name}: ") and "of 12 job(s) finished" in stopped
+    finished = int(stopped.split(": ")[2].split()[0])
+    assert 2 <= finished < 12
+    assert f"{12 - finished} left" in stopped
+    assert lines[-1] == "podsettle: to finish them: podsettle resume"
+    assert out == ""  # no totals of a batch that did not end
+
+    # What was saved is consistent: the released jobs paid the worker exactly what the log says.
+    so_far = json.loads(invoke(env, "totals", "--json").stdout)
+    assert so_far["jobs"] == 12
+    assert Decimal(account(sandbox, env["PODSETTLE_PAYEE"])["balance"]) == Decimal(so_far["to_workers"])
+
+    resumed = invoke(env, "resume", "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    totals = json.loads(invoke(env, "totals", "--json").stdout)
+    assert totals["paid_jobs"] == 12
+    assert account(sandbox, env["PODSETTLE_PAYER"])["held"] == "0.000000"
+    assert Decimal(account(sandbox, env["PODSETTLE_PAYEE"])["balance"]) == Decimal(totals["to_workers"])
+    assert Decimal(totals["funded"]) == Decimal("6.000000")
+    assert invoke(env, "replay").exit_code == 0
+    assert sandbox.ledger()["conserved"] is True
+
+
+def test_an_outage_is_one_line_when_it_starts_and_one_when_it_ends(
+    env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(f'{{"n": {n}}}\n' for n in range(4)))
+    # The escrow service fails the next 12 releases before doing anything (a 5xx): the jobs retry.
+    # (Not creates: the payer check before the batch takes a create slot, and would fail first.)
+    fault = {"route": "release", "mode": "error_before", "count": 12}
+    httpx.post(f"{sandbox.url}/sandbox/faults", json=fault, timeout=10).raise_for_status()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), "--endpoint", "echo",
+             "--budget", "0.50", "--json"],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        httpx.delete(f"{sandbox.url}/sandbox/faults", timeout=10)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2, done.stderr  # not one per retry, and no JSON lines
+    assert lines[0].startswith(f"podsettle: {ESCROW} is not answering (")
+    assert lines[1].startswith(f"podsettle: {ESCROW} answers again (after ") and "retries)" in lines[1]
+    assert json.loads(done.stdout)["totals"]["paid_jobs"] == 4
+    in_store = json.loads(invoke(env, "totals", "--json").stdout)
+    assert (in_store["jobs"], in_store["paid_jobs"]) == (4, 4)  # each job once
+
+    # With PODSETTLE_LOG_LEVEL set, the engine's JSON warning lines are there as well.
+    httpx.post(f"{sandbox.url}/sandbox/faults", json={**fault, "count": 2}, timeout=10).raise_for_status()
+    try:
+        logged = subprocess.run(
+            [sys.executable, "-m", "podsettle.cli", "run", "--endpoint", "echo", "--input", '{"n": 9}',
+             "--budget", "0.50"],
+            env={**os.environ, **env, "PODSETTLE_LOG_LEVEL": "WARNING"}, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+    finally:
+        httpx.delete(f"{sandbox.url}/sandbox/faults", timeout=10)
+    assert logged.returncode == 0, logged.stderr
+    warnings = [json.loads(line) for line in logged.stderr.splitlines() if line.startswith("{")]
+    assert [w["event"] for w in warnings].count("escrow.bad_response") == 2  # one per failed call
+    assert sum("is not answering" in line for line in logged.stderr.splitlines()) == 1
+
+
+def test_the_watch_prints_changes_only() -> None:
+    printed: list[str] = []
+    now = [100.0]
+    watch = OutageWatch(show_level=40, echo=printed.append, clock=lambda: now[0])
+    retry = {"event": "effect.retry", "step": "fund", "error": "cannot reach the service"}
+    for _ in range(50):
+        with pytest.raises(structlog.DropEvent):
+            watch(None, "warning", dict(retry))
+    start = {"event": "effect.retry", "step": "start", "error": "503"}
+    with pytest.raises(structlog.DropEvent):
+        watch(None, "warning", dict(start))
+    now[0] = 130.0
+    with pytest.raises(structlog.DropEvent):
+        watch(None, "info", {"event": "escrow.funded"})
+    assert printed == [
+        "podsettle: the escrow service is not answering (cannot reach the service); the jobs wait and retry",
+        "podsettle: RunPod is not answering (503); the jobs wait and retry",
+        "podsettle: the escrow service answers again (after 30 s, 50 retries)",
+    ]
+    assert watch(None, "error", {"event": "engine.failed"}) == {"event": "engine.failed"}
