@@ -213,6 +213,9 @@ class LedgerEscrow:
             raise NotFound(f"escrow {escrow_id} does not exist") from None
         return _view(hold.hold_id, hold.status, hold.amount, hold.payer, hold.meta, hold.expires_at)
 
+    async def balance(self) -> Money | None:
+        return self.ledger.balance(self.payer)
+
     async def health(self) -> None:
         """The ledger is in this process: always reachable."""
 

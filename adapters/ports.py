@@ -210,6 +210,10 @@ class EscrowGateway(Protocol):
 
     async def get(self, escrow_id: str) -> EscrowView: ...
 
+    async def balance(self) -> Money | None:
+        """The payer's balance where the service shows it; None where it does not (Purple Flea)."""
+        ...
+
     async def health(self) -> None:
         """Raises `Unavailable` when the service cannot be reached."""
         ...

@@ -43,6 +43,7 @@ repr, in log lines or in exception messages: any echo of a key in a server messa
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
 from datetime import datetime
 from decimal import Decimal
@@ -93,6 +94,9 @@ DEFAULT_BASE_URL = "https://escrow.purpleflea.com"
 MIN_AMOUNT = Money(Decimal("0.100000"))
 MIN_DESCRIPTION_CHARS = 3
 MAX_TIMEOUT_HOURS = 720
+# How long a 402 on create stands for the payer's balance: later creates of as much or more are not
+# sent meanwhile (money may come back from a refund, or the payer may be topped up).
+SHORT_BALANCE_HOLD_S = 60.0
 SERVICE_MINIMUMS: dict[str, Any] = {
     "min_amount": MIN_AMOUNT,
     "min_description_chars": MIN_DESCRIPTION_CHARS,
@@ -229,6 +233,7 @@ class PurpleFleaEscrow(ABC):
         self._redactor = Redactor([payer_key, worker_key or ""])
         limits = {**DEFAULT_RATE_LIMITS, **(rate_limits or {})}
         self._limiters = {route: RateLimiter(n, rate_limit_period_s) for route, n in limits.items()}
+        self._short_balance: tuple[Money, float] | None = None  # a create's 402: (amount, when)
         self._client = HttpClient(
             self.base_url,
             headers={"Accept": "application/json", "User-Agent": "podsettle"},
@@ -290,6 +295,9 @@ class PurpleFleaEscrow(ABC):
     async def find_by_key(self, key: str) -> EscrowView | None:
         raise NotImplementedError("Purple Flea escrows can only be found by id, not by key")
 
+    async def balance(self) -> Money | None:
+        return None  # the published service has no balance route
+
     async def health(self) -> None:
         """`GET /health`: raises `Unavailable` when the service cannot be reached or is not well."""
         response = await self._call("health", "GET", "/health", money=False)
@@ -318,7 +326,18 @@ class PurpleFleaEscrow(ABC):
     ) -> None:
         """The service's own checks, made here so that a create it would refuse is never sent."""
         refusal = None
-        if amount < MIN_AMOUNT:
+        short = self._short_balance
+        if short is not None and time.monotonic() - short[1] > SHORT_BALANCE_HOLD_S:
+            short = self._short_balance = None
+        if short is not None and amount >= short[0]:
+            refusal = (
+                "insufficient_balance",
+                (
+                    f"the service refused an escrow of {fmt(short[0])} for the payer's balance (402) "
+                    f"{time.monotonic() - short[1]:.0f} s ago, and nothing has come back since"
+                ),
+            )
+        elif amount < MIN_AMOUNT:
             refusal = "invalid_amount", f"amount {fmt(amount)} is below the minimum of {fmt(MIN_AMOUNT)}"
         elif len(description.strip()) < MIN_DESCRIPTION_CHARS:
             refusal = "invalid_description", f"description needs at least {MIN_DESCRIPTION_CHARS} characters"
@@ -377,6 +396,13 @@ class PurpleFleaEscrow(ABC):
                 retry_after=retry_after,
             )
         return response
+
+    def _expect_status_of_create(self, response: Answer, amount: Money, ok: tuple[int, ...]) -> None:
+        # After a 402 the batch's next creates of as much or more are refused here, not each sent to
+        # be refused by the service (a refund, or SHORT_BALANCE_HOLD_S, lifts that).
+        if response.status == 402:
+            self._short_balance = (amount, time.monotonic())
+        self._expect_status(response, "create", ok, money=True)
 
     def _expect_status(
         self,
@@ -502,7 +528,7 @@ class PurpleFleaV1(PurpleFleaEscrow):
         response = await self._call(
             "create", "POST", "/escrow/create", body=body, money=True, send_within_s=send_within_s
         )
-        self._expect_status(response, "create", (201, 200), money=True)
+        self._expect_status_of_create(response, value, (201, 200))
         created = self._parse(response, CreatedV1, "create", money=True)
         reported = {
             "escrow_id": created.escrow_id,
@@ -719,6 +745,7 @@ class PurpleFleaV1(PurpleFleaEscrow):
 
     def _refunded(self, view: EscrowView, key: str) -> Settlement:
         self._check_view(view, view.amount)
+        self._short_balance = None  # money came back: a create may fit the balance again
         log.info("escrow.refunded", key=key, escrow_id=view.escrow_id, returned=fmt(view.net))
         return Settlement(
             escrow_id=view.escrow_id,
@@ -799,7 +826,7 @@ class PurpleFleaSeed(PurpleFleaEscrow):
         response = await self._call(
             "create", "POST", "/api/escrow/create", body=body, money=True, send_within_s=send_within_s
         )
-        self._expect_status(response, "create", (200, 201), money=True)
+        self._expect_status_of_create(response, value, (200, 201))
         created = self._parse(response, SeedCreated, "create", money=True)
         self._amounts[created.escrow_id] = value
         log.info("escrow.created", key=key, escrow_id=created.escrow_id, amount=fmt(value), dialect="seed")
@@ -833,6 +860,7 @@ class PurpleFleaSeed(PurpleFleaEscrow):
             )
         await self._settle("cancel", escrow_id, EscrowStatus.REFUNDED, "cancelled")
         log.info("escrow.refunded", key=key, escrow_id=escrow_id, dialect="seed")
+        self._short_balance = None  # money came back: a create may fit the balance again
         return _cancelled(escrow_id, amount)
 
     async def get(self, escrow_id: str) -> EscrowView:

@@ -36,6 +36,7 @@ from podsettle.domain.escrow_job import (
     JobMoney,
     JobView,
     check_id,
+    job_id_for,
     job_json,
     reason_of,
 )
@@ -514,6 +515,7 @@ class EngineCore:
         # Validating and hashing thousands of inputs is CPU work: off the event loop.
         specs = await asyncio.to_thread(build) if len(jobs) > 100 else build()
         await self.start()
+        await self._check_balance(batch, specs)
         ids = await self._open(specs)
         slots = asyncio.Semaphore(limit)
 
@@ -528,6 +530,22 @@ class EngineCore:
         totals = batch_totals(results)
         log.info("batch.settled", batch_id=batch, **totals.to_json())
         return BatchResult(batch, results, totals)
+
+    async def _check_balance(self, batch: str, specs: Sequence[JobRequest]) -> None:
+        """Refuse a batch whose new jobs' budgets (each holds its fee) exceed the payer's balance,
+        where the escrow shows one, before anything is opened: else the jobs past the balance would
+        each be sent to be refused. (A resumed batch counts only the jobs it has not opened yet.)"""
+        available = await self.escrow.balance()
+        if available is None:
+            return
+        opened = set(await self.writer.call(lambda: list(self.app.job_ids(batch_id=batch))))
+        needed = sum((s.budget for s in specs if job_id_for(s.job_key) not in opened), ZERO)
+        if needed > available:
+            raise InvalidInput(
+                "budget",
+                f"the batch's {len(specs)} jobs need {fmt(needed)} USDC and the payer holds "
+                f"{fmt(available)}; nothing was opened",
+            )
 
     async def wait(self, job_id: uuid.UUID | str) -> JobResult:
         """Drive the job (unless this engine already is) until it rests; its result."""
@@ -724,10 +742,17 @@ class EngineCore:
         await self.escrow.health()
         await self.compute.health(endpoint_id)
 
-    async def resume(self) -> list[JobResult]:
+    async def resume(
+        self,
+        *,
+        on_start: Callable[[int, str | None], None] | None = None,
+        on_result: Callable[[JobResult], None] | None = None,
+    ) -> list[JobResult]:
         """Finish every job that is not resting (the CLI's `resume`); their results. Refuses
         (`PayerMismatch`) when some were opened under another payer than this engine's: this key
-        would pay for them under the wrong name."""
+        would pay for them under the wrong name. `on_start(jobs, waiting)` is told how many jobs
+        there are and, when some are claimed by another engine, what the resume waits for;
+        `on_result` is called as each job rests."""
         await self.start()
         ids, _ = await self.writer.call(self._unfinished_jobs)
         payers: list[str] = await self.writer.call(lambda: [self.app.get_job(i).payer for i in ids])
@@ -739,7 +764,30 @@ class EngineCore:
                 f"engine pays as {self.payer} (PODSETTLE_PAYER and PF_API_KEY): resume them with that "
                 "payer's key; nothing was done"
             )
-        return [await self.wait(job_id) for job_id in ids]
+        if on_start is not None:
+            on_start(len(ids), await self._claims_waited_for(ids))
+
+        async def one(job_id: uuid.UUID) -> JobResult:
+            result = await self.wait(job_id)
+            if on_result is not None:
+                on_result(result)
+            return result
+
+        return list(await asyncio.gather(*(one(job_id) for job_id in ids)))
+
+    async def _claims_waited_for(self, ids: Sequence[uuid.UUID]) -> str | None:
+        """What a resume waits for: the live claims of other engines on these jobs, if any."""
+        views = [await self.writer.view(job_id, fresh=True) for job_id in ids]
+        held = [v.intent for v in views if v.intent is not None and self.processor.held_by_another(v.intent)]
+        if not held:
+            return None
+        claimers = sorted({str(intent.claimed_by) for intent in held})
+        lease = self.processor.config.claim_lease_s
+        return (
+            f"{len(held)} job(s) are claimed by another engine ({', '.join(claimers)}): waiting up to "
+            f"{lease:g} s for those claims to lapse (PODSETTLE_CLAIM_LEASE_S); a process of this "
+            "machine that has exited is not waited for"
+        )
 
     async def _check_payer(self) -> None:
         """Before any money moves: the configured payer must be the agent the escrow key belongs to

@@ -266,7 +266,7 @@ class Processor:
                     intent.claimed_by == self.config.processor_id
                 ):
                     view = await self._execute(view, intent, claimed=intent.attempts)
-                elif self._held_by_another(intent):
+                elif self.held_by_another(intent):
                     self.deferred += 1
                     await self.sleep(self._jitter(min(0.2, self.config.claim_lease_s / 4)))
                     view = await self.store.view(job_id, fresh=True)  # the other engine writes it
@@ -282,7 +282,7 @@ class Processor:
         self.pending_refunds.discard(job_id)
         return view
 
-    def _held_by_another(self, intent: Intent) -> bool:
+    def held_by_another(self, intent: Intent) -> bool:
         """Another processor's attempt that is still within its lease: that processor may be alive
         (unless it is a process of this machine known to have exited)."""
         claimer = intent.claimed_by

@@ -123,6 +123,9 @@ class FaultyEscrow:
     async def health(self) -> None:
         await self.inner.health()
 
+    async def balance(self) -> Any:
+        return await self.inner.balance()
+
     async def find_by_key(self, key: str) -> Any:
         if not self.capabilities.lookup_by_key:
             raise NotImplementedError("this escrow service has no lookup by key")

@@ -8,9 +8,10 @@ what is wrong and exits 2 (usage or configuration) or 1 (failure), without a tra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -843,6 +844,8 @@ def cancel(
 def resume(store: StoreOption = None, json_output: JsonFlag = False) -> None:
     """Finish every job an engine left unfinished (after a crash or a stop). An escrow service that
     cannot be reached fails it as it fails `run` (exit 1), before any job is touched."""
+    from podsettle.cli.console import progress
+
     url = _paying_store(store, "resume")
 
     async def go() -> Any:
@@ -854,7 +857,19 @@ def resume(store: StoreOption = None, json_output: JsonFlag = False) -> None:
             await engine.aclose()
             raise
         async with engine:
-            return await engine.resume()
+            with contextlib.ExitStack() as stack:
+                advance: list[Callable[[], None]] = []
+
+                def started(jobs: int, waiting: str | None) -> None:
+                    # What the resume does, on stderr, before it waits (it may wait for claims).
+                    if not json_output:
+                        typer.echo(f"resuming {jobs} unfinished job(s)", err=True)
+                        if waiting:
+                            typer.echo(waiting, err=True)
+                    bar = progress(jobs, "resuming", enabled=show_progress(json_output))
+                    advance.append(stack.enter_context(bar))
+
+                return await engine.resume(on_start=started, on_result=lambda _: advance[0]())
 
     results = run(go())
     if json_output:

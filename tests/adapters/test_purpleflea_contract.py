@@ -785,3 +785,21 @@ async def test_the_sandbox_works_when_an_outer_app_routes_to_it() -> None:
                 assert (await pf.get(receipt.escrow_id)).status is EscrowStatus.FUNDED
             assert (await admin.get("/sandbox/ledger")).json()["held"] == "0.500000"
     inner.state.escrow.ledger.close()
+
+
+async def test_after_a_402_the_next_creates_of_as_much_are_not_each_sent_to_be_refused() -> None:
+    """Issue 15: after a 402 the remaining jobs of a batch are not each sent to be refused."""
+    with running_sandbox() as box:
+        payer, payer_key = box.agent("1.00")
+        worker, _ = box.agent("0")
+        async with box.adapter(payer_key) as pf:
+            with pytest.raises(Rejected) as refused:
+                await _create(pf, worker, "5.00")
+            assert refused.value.status_code == 402
+            sent = box.http.get("/sandbox/ledger").json()
+            with pytest.raises(Rejected, match="nothing was sent") as local:
+                await _create(pf, worker, "5.00")
+            assert local.value.code == "insufficient_balance" and local.value.status_code is None
+            assert box.http.get("/sandbox/ledger").json() == sent
+            small = await _create(pf, worker, "0.50")  # less than what was refused: still tried, and fits
+        assert small.amount == to_money("0.50") and box.balance(payer) == "0.500000"

@@ -137,3 +137,18 @@ async def test_the_start_window_is_a_setting(engine: Engine) -> None:
     engine.processor.config.min_start_window_s = 10.0
     paid = await engine.run_paid_job("echo", {"n": 2}, budget="1.00", timeout_s=60)
     assert paid.status == "paid"
+
+
+async def test_a_batch_over_the_payers_balance_is_refused_before_anything_is_opened() -> None:
+    """Issue 15: the batch's total is checked against the balance the escrow shows (the ledger's)."""
+    async with Engine.in_process("memory", balance="10") as engine:
+        with pytest.raises(
+            InvalidInput, match=r"budget: the batch's 30 jobs need 15\.000000 USDC and the payer holds 10"
+        ):
+            await engine.run_batch("echo", [{"n": n} for n in range(30)], "0.50", batch_id="big")
+        assert engine.app.list_jobs() == [] and payer_balance(engine) == D("10")
+        done = await engine.run_batch("echo", [{"n": n} for n in range(12)], "0.50", batch_id="fits")
+        assert done.totals.paid_jobs == 12
+        # Resumed, the same batch counts only what it has not opened yet: nothing new to fund.
+        again = await engine.run_batch("echo", [{"n": n} for n in range(12)], "0.50", batch_id="fits")
+        assert again.totals.paid_jobs == 12 and payer_balance(engine) == D("4")

@@ -127,11 +127,20 @@ async def test_resume_waits_for_the_lease_of_a_claimer_it_cannot_judge(tmp_path:
         processor=ProcessorConfig(processor_id=local_processor_id(), claim_lease_s=1.5),
     )
     started = time.monotonic()
+    told: list[tuple[int, str | None]] = []
+    settled: list[str] = []
     async with engine:
-        results = await asyncio.wait_for(engine.resume(), 20)
+        resuming = engine.resume(
+            on_start=lambda n, w: told.append((n, w)), on_result=lambda r: settled.append(r.status)
+        )
+        results = await asyncio.wait_for(resuming, 20)
     assert time.monotonic() - started >= 1.0
-    assert [r.status for r in results] == ["paid"]
+    assert [r.status for r in results] == ["paid"] == settled
     assert engine.processor.deferred > 0
+    # The resume said what it waited for (issue 15: `resume` no longer waits without a word).
+    ((jobs, waiting),) = told
+    assert jobs == 1 and waiting is not None
+    assert waiting.startswith("1 job(s) are claimed by another engine (") and "1.5 s" in waiting
 
 
 def test_resume_with_the_escrow_service_unreachable_fails_as_run_does(tmp_path: Path) -> None:

@@ -55,6 +55,9 @@ class FakeEscrow:
     async def health(self) -> None:
         return None
 
+    async def balance(self) -> Money | None:
+        return None
+
     async def refund(self, escrow_id: str, *, key: str, reason: str, expected: object = None) -> Settlement:
         raise NotImplementedError("reconciliation never refunds escrows")
 
