@@ -297,6 +297,10 @@ class HttpClient:
         self._closed = False
         # Parsed URLs by path: most paths repeat (create, release, runsync), and a URL is immutable.
         self._urls: dict[str, URL] = {}
+        if replier is None:
+            # aiohttp is imported when a client is built (importing this module stays light), not on
+            # the first request: that import would stall the running event loop for ~0.1 s mid-batch.
+            _failure_types()
 
     async def request(
         self,
