@@ -583,13 +583,13 @@ def replay(
                 fail(f"--log: {log} does not exist")
             report = audit_export(log, seals=SEALS)
         else:
-            from podsettle.cli.console import views_path
+            from podsettle.cli.console import open_views
             from podsettle.projections import ReadModel
             from podsettle.replay import audit
 
             settlements = _settlements(store)
             url = _store(store)
-            views = ReadModel(settlements, views_path(url, _settings().views))
+            views = ReadModel(settlements, open_views(settlements, url, _settings().views))
             report = audit(settlements, read_model=views, seals=SEALS)
     if json_output:
         emit_json(report.to_json())
