@@ -28,20 +28,20 @@ class Store:
         return None if name is None or name.startswith("file::memory:") else Path(name)
 
 
-def store_from_url(url: str) -> Store:
-    """`sqlite:///relative.db`, `sqlite:////abs/path.db`, `memory`, or `postgresql://user@host:5432/db`."""
+def store_from_url(url: str, source: str = "PODSETTLE_STORE") -> Store:
+    """`sqlite:///relative.db`, `sqlite:////abs/path.db`, `memory`, or `postgresql://user@host:5432/db`.
+
+    `source` names where the URL came from in errors (`--store` for a flag)."""
     text = url.strip()
     if text in ("memory", "memory://", "popo"):
         return Store(text, {"PERSISTENCE_MODULE": "eventsourcing.popo"})
     if text.startswith("sqlite:///"):
         path = text[len("sqlite:///") :]
         if not path:
-            raise StoreConfigError(
-                "PODSETTLE_STORE: sqlite:/// needs a file path, e.g. sqlite:///podsettle.db"
-            )
+            raise StoreConfigError(f"{source}: sqlite:/// needs a file path, e.g. sqlite:///podsettle.db")
         parent = Path(path).expanduser().parent
         if not parent.is_dir():
-            raise StoreConfigError(f"PODSETTLE_STORE: the folder {parent} does not exist")
+            raise StoreConfigError(f"{source}: the folder {parent} does not exist")
         return Store(
             text,
             {
@@ -54,7 +54,7 @@ def store_from_url(url: str) -> Store:
         parts = urlsplit(text)
         dbname = parts.path.lstrip("/")
         if not parts.hostname or not dbname:
-            raise StoreConfigError("PODSETTLE_STORE: a postgresql:// URL needs a host and a database name")
+            raise StoreConfigError(f"{source}: a postgresql:// URL needs a host and a database name")
         env = {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
             "POSTGRES_DBNAME": dbname,
@@ -66,5 +66,5 @@ def store_from_url(url: str) -> Store:
         return Store(f"postgresql://{parts.hostname}:{parts.port or 5432}/{dbname}", env)
     shown = text.split("@")[-1] if "@" in text else text
     raise StoreConfigError(
-        f"PODSETTLE_STORE: {shown!r} is not a store; use sqlite:///path.db, memory, or postgresql://host/db"
+        f"{source}: {shown!r} is not a store; use sqlite:///path.db, memory, or postgresql://host/db"
     )

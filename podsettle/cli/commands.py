@@ -71,6 +71,7 @@ StoreOption = Annotated[
     typer.Option("--store", help="Event store URL (default: $PODSETTLE_STORE or sqlite:///podsettle.db)."),
 ]
 EXIT_FAILURE, EXIT_USAGE = 1, 2
+DEMO_STORE = "sqlite:///podsettle-demo.db"
 
 
 class UserError(Exception):
@@ -135,8 +136,12 @@ def _store(store: str | None) -> str:
     from podsettle.adapters.persistence import store_from_url
 
     url = store or _settings().store
-    store_from_url(url)  # validates, with a message naming PODSETTLE_STORE
+    store_from_url(url, _source(store))  # validates, with a message naming where the URL came from
     return url
+
+
+def _source(store: str | None) -> str:
+    return "--store" if store else "PODSETTLE_STORE"
 
 
 def _parse_json_object(text: str, what: str) -> dict[str, Any]:
@@ -164,19 +169,24 @@ def demo(
     jobs: Annotated[int, typer.Option("--jobs", min=1, max=500, help="How many jobs in the batch.")] = 24,
     json_output: JsonFlag = False,
     store: Annotated[
-        str, typer.Option("--store", help="SQLite file for the demo's event log.")
-    ] = "podsettle-demo.db",
+        str,
+        typer.Option(
+            "--store",
+            help="Event store URL for the demo: empty, or written by an earlier demo "
+            "(default: sqlite:///podsettle-demo.db).",
+        ),
+    ] = DEMO_STORE,
     seed: Annotated[int, typer.Option(help="Seed of the simulated failures.")] = 7,
 ) -> None:
     """Run a batch on the embedded sandbox (no network, no keys): fund, run, pay or refund, a bonus,
-    the totals and the audit."""
-    from podsettle.cli.demo import run_demo
+    the totals and the audit. Refuses a store holding events the demo did not write."""
+    from podsettle.adapters.persistence import store_from_url
+    from podsettle.cli.demo import prepare_store, run_demo
 
-    path = Path(store)
     with user_errors():
-        for suffix in ("", "-wal", "-shm", ".views", ".views-wal", ".views-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        outcome = asyncio.run(run_demo(path, jobs=jobs, seed=seed, json_output=json_output))
+        store_from_url(store, "--store")
+        prepare_store(store, "--store", env=_settings().store_env())
+        outcome = asyncio.run(run_demo(store, jobs=jobs, seed=seed, json_output=json_output))
     raise typer.Exit(0 if outcome else EXIT_FAILURE)
 
 
@@ -474,8 +484,8 @@ def _settlements(store: str | None) -> Any:
     with user_errors():
         url = _store(store)
         if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).expanduser().exists():
-            fail(f"PODSETTLE_STORE: {url} does not exist yet (run a job first, or point --store at a store)")
-        return Settlements(url)
+            fail(f"{_source(store)}: {url} does not exist yet (run a job first, or point --store at a store)")
+        return Settlements(url, env=_settings().store_env())
 
 
 def _read_model(store: str | None) -> Any:
@@ -589,6 +599,14 @@ def replay(
 
             settlements = _settlements(store)
             url = _store(store)
+            if not settlements.recorder.max_notification_id():
+                # An audit of nothing is not a clean bill: most likely the wrong store.
+                message = f"the store {url} is empty: there is nothing to audit"
+                if json_output:
+                    emit_json({"ok": False, "empty": True, "events": 0, "store": url})
+                else:
+                    typer.echo(message)
+                raise typer.Exit(EXIT_FAILURE)
             views = ReadModel(settlements, open_views(settlements, url, _settings().views))
             report = audit(settlements, read_model=views, seals=SEALS)
     if json_output:
