@@ -617,6 +617,33 @@ def replay(
 
 
 @app.command()
+def migrate(
+    source: Annotated[str, typer.Option("--from", help="The store URL to copy the event log from.")],
+    target: Annotated[str, typer.Option("--to", help="The store URL to copy it to (holding no events).")],
+    json_output: JsonFlag = False,
+) -> None:
+    """Copy an event log between stores (SQLite and PostgreSQL, either way): audit the source first
+    (a tampered one is refused), copy every event in order, compare and audit the copy. Exit 1 when
+    the copy does not check out."""
+    from podsettle.cli.migrate import migrate as copy_log
+
+    with user_errors():
+        result = copy_log(source, target, env=_settings().store_env())
+    if json_output:
+        emit_json(result.to_json())
+    else:
+        typer.echo(
+            f"copied {result.events} events from {result.source} to {result.target}; "
+            f"same events in the same order: {'yes' if result.same_events else 'NO'}; "
+            f"audit of the copy: {'OK' if result.target_audit_ok else 'FAILED'}"
+        )
+        typer.echo(f"log digest: {result.log_digest}")
+        for finding in result.findings:
+            typer.echo(f"  {finding}")
+    raise typer.Exit(0 if result.ok else EXIT_FAILURE)
+
+
+@app.command()
 def export(
     out: Annotated[Path, typer.Option("--out", help="The JSON Lines file to write.")],
     store: StoreOption = None,
