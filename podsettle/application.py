@@ -44,6 +44,18 @@ class Settlements(Application[UUID]):
         super().__init__(env=merged)
         self._opened_topic = get_topic(EscrowJob.Opened)
 
+    def construct_recorder(self) -> Any:
+        """The library's recorder, its tables created when missing. Processes starting together on
+        a new PostgreSQL database race to create them: the loser's `CREATE TABLE IF NOT EXISTS`
+        fails with `IntegrityError` (a duplicate type), and the tables then exist."""
+        for attempt in range(3):
+            try:
+                return super().construct_recorder()
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     def construct_mapper(self) -> ChainMapper:
         """Every stored event is sealed and chained to its job's previous event (adapters/chain.py)."""
         return ChainMapper(
