@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 DEFAULT_STORE = "sqlite:///podsettle.db"
@@ -68,3 +71,23 @@ def store_from_url(url: str, source: str = "PODSETTLE_STORE") -> Store:
     raise StoreConfigError(
         f"{source}: {shown!r} is not a store; use sqlite:///path.db, memory, or postgresql://host/db"
     )
+
+
+@contextmanager
+def creating_tables(factory: Any) -> Iterator[None]:
+    """Hold the store's table-creation lock while the library creates its tables (PostgreSQL; a
+    no-op for the other stores). Processes starting together on a new database otherwise race in
+    `CREATE TABLE IF NOT EXISTS`, and the loser fails with a duplicate type or "tuple concurrently
+    updated". The lock is a session advisory lock on a connection of its own, released with it."""
+    datastore = getattr(factory, "datastore", None)
+    if type(factory).__module__ != "eventsourcing.postgres" or datastore is None:
+        yield
+        return
+    import psycopg
+
+    kwargs = {k: v for k, v in datastore.pool.kwargs.items() if k != "row_factory"}
+    with psycopg.connect(**kwargs, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_advisory_lock(hashtext(%s))", (f"podsettle-create-tables:{datastore.schema}",)
+        )
+        yield

@@ -49,3 +49,31 @@ def test_pool_settings_size_the_pool(pg_schema: str) -> None:
     pool = store.recorder.datastore.pool  # type: ignore[attr-defined]
     assert (pool.min_size, pool.max_size) == (3, 5)
     store.close()
+
+
+def test_stores_opened_together_on_a_new_database_all_open(pg_database: Callable[[], str]) -> None:
+    # Several processes starting on a new database raced in the library's CREATE TABLE IF NOT
+    # EXISTS: the losers failed (a duplicate type, or "tuple concurrently updated").
+    import threading
+
+    url = pg_database()
+    barrier = threading.Barrier(6)
+    opened: list[Settlements] = []
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            opened.append(Settlements(url))
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_store) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert len(opened) == 6
+    for store in opened:
+        store.close()
