@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 DEFAULT_STORE = "sqlite:///podsettle.db"
@@ -46,20 +49,20 @@ class Store:
         return None if name is None or name.startswith("file::memory:") else Path(name)
 
 
-def store_from_url(url: str) -> Store:
-    """`sqlite:///relative.db`, `sqlite:////abs/path.db`, `memory`, or `postgresql://user@host:5432/db`."""
+def store_from_url(url: str, source: str = "PODSETTLE_STORE") -> Store:
+    """`sqlite:///relative.db`, `sqlite:////abs/path.db`, `memory`, or `postgresql://user@host:5432/db`.
+
+    `source` names where the URL came from in errors (`--store` for a flag)."""
     text = url.strip()
     if text in ("memory", "memory://", "popo"):
         return Store(text, {"PERSISTENCE_MODULE": "eventsourcing.popo"})
     if text.startswith("sqlite:///"):
         path = text[len("sqlite:///") :]
         if not path:
-            raise StoreConfigError(
-                "PODSETTLE_STORE: sqlite:/// needs a file path, e.g. sqlite:///podsettle.db"
-            )
+            raise StoreConfigError(f"{source}: sqlite:/// needs a file path, e.g. sqlite:///podsettle.db")
         parent = Path(path).expanduser().parent
         if not parent.is_dir():
-            raise StoreConfigError(f"PODSETTLE_STORE: the folder {parent} does not exist")
+            raise StoreConfigError(f"{source}: the folder {parent} does not exist")
         return Store(
             text,
             {
@@ -72,7 +75,7 @@ def store_from_url(url: str) -> Store:
         parts = urlsplit(text)
         dbname = parts.path.lstrip("/")
         if not parts.hostname or not dbname:
-            raise StoreConfigError("PODSETTLE_STORE: a postgresql:// URL needs a host and a database name")
+            raise StoreConfigError(f"{source}: a postgresql:// URL needs a host and a database name")
         env = {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
             "POSTGRES_DBNAME": dbname,
@@ -84,7 +87,7 @@ def store_from_url(url: str) -> Store:
         return Store(f"postgresql://{parts.hostname}:{parts.port or 5432}/{dbname}", env)
     shown = text.split("@")[-1] if "@" in text else text
     raise StoreConfigError(
-        f"PODSETTLE_STORE: {shown!r} is not a store; use sqlite:///path.db, memory, or postgresql://host/db"
+        f"{source}: {shown!r} is not a store; use sqlite:///path.db, memory, or postgresql://host/db"
     )
 
 
@@ -163,3 +166,23 @@ def _server_said(text: str) -> str:
     preamble (the store is already named)."""
     reason = text.rsplit("failed: ", 1)[-1] if "failed: " in text else text
     return reason.removeprefix("FATAL: ").strip()
+
+
+@contextmanager
+def creating_tables(factory: Any) -> Iterator[None]:
+    """Hold the store's table-creation lock while the library creates its tables (PostgreSQL; a
+    no-op for the other stores). Processes starting together on a new database otherwise race in
+    `CREATE TABLE IF NOT EXISTS`, and the loser fails with a duplicate type or "tuple concurrently
+    updated". The lock is a session advisory lock on a connection of its own, released with it."""
+    datastore = getattr(factory, "datastore", None)
+    if type(factory).__module__ != "eventsourcing.postgres" or datastore is None:
+        yield
+        return
+    import psycopg
+
+    kwargs = {k: v for k, v in datastore.pool.kwargs.items() if k != "row_factory"}
+    with psycopg.connect(**kwargs, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_advisory_lock(hashtext(%s))", (f"podsettle-create-tables:{datastore.schema}",)
+        )
+        yield

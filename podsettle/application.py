@@ -15,7 +15,7 @@ from eventsourcing.persistence import IntegrityError, Transcoder
 from eventsourcing.utils import get_topic
 
 from podsettle.adapters.chain import ChainMapper
-from podsettle.adapters.persistence import Store, store_from_url
+from podsettle.adapters.persistence import Store, creating_tables, store_from_url
 from podsettle.adapters.transcoder import FastJSONTranscoder
 from podsettle.domain import EscrowJob, State
 from podsettle.domain.digests import canonical_json, digest_bytes
@@ -43,6 +43,12 @@ class Settlements(Application[UUID]):
         self.store = store_
         super().__init__(env=merged)
         self._opened_topic = get_topic(EscrowJob.Opened)
+
+    def construct_recorder(self) -> Any:
+        """The library's recorder, its tables created when missing, one process at a time
+        (`creating_tables`: processes starting together on a new PostgreSQL database race)."""
+        with creating_tables(self.factory):
+            return super().construct_recorder()
 
     def construct_mapper(self) -> ChainMapper:
         """Every stored event is sealed and chained to its job's previous event (adapters/chain.py)."""

@@ -137,7 +137,7 @@ def engine_from_settings(settings: Settings) -> Engine:
         streaming=settings.runpod_streaming,
     )
     engine = Engine(
-        Settlements(settings.store),
+        Settlements(settings.store, env=settings.store_env()),
         escrow,
         compute,
         payer=settings.payer,

@@ -413,6 +413,14 @@ class EngineCore:
         self._drive(job_id)
         return job_id
 
+    def _opened(self, job_key: str) -> bool:
+        """Whether a job of this key is in the log already (a blocking store call)."""
+        try:
+            self.app.find_job(job_key)
+        except JobNotFound:
+            return False
+        return True
+
     async def _open(self, specs: list[JobRequest]) -> list[uuid.UUID]:
         """Open jobs, refused (`BudgetExceeded`) when the new ones would pass the payer's budget."""
         if self.budget.budget is None:
@@ -516,6 +524,7 @@ class EngineCore:
         specs = await asyncio.to_thread(build) if len(jobs) > 100 else build()
         await self.start()
         await self._check_balance(batch, specs)
+        joined = bool(specs) and await self.writer.call(partial(self._opened, specs[0].job_key))
         ids = await self._open(specs)
         slots = asyncio.Semaphore(limit)
 
@@ -526,7 +535,12 @@ class EngineCore:
                 on_result(result)
             return result
 
-        results = list(await asyncio.gather(*(one(job_id) for job_id in ids)))
+        # Engines given the same batch split it by claims. One that joins a batch already opened (by
+        # another engine, or by itself before a restart) goes through it from the end: in the same
+        # order it would queue behind the other's claims, each slot waiting on a job held there.
+        order = list(reversed(ids)) if joined else ids
+        settled = await asyncio.gather(*(one(job_id) for job_id in order))
+        results = list(reversed(settled)) if joined else list(settled)
         totals = batch_totals(results)
         log.info("batch.settled", batch_id=batch, **totals.to_json())
         return BatchResult(batch, results, totals)

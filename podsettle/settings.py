@@ -127,6 +127,19 @@ class Settings(BaseSettings):
     # The bearer token `podsettle serve` asks of every request when set; without one it serves loopback
     # only. Long enough that it cannot be guessed over the network.
     token: SecretStr | None = Field(default=None, validation_alias="PODSETTLE_TOKEN")
+    # A PostgreSQL store's connection pool, under the library's own names (unset: its defaults, a
+    # pool of one connection). An engine's store calls run on one thread; `podsettle serve` and the
+    # MCP server read from several, and gain from a few more connections.
+    postgres_pool_size: int | None = Field(default=None, ge=1, le=1000, validation_alias="POSTGRES_POOL_SIZE")
+    postgres_max_overflow: int | None = Field(
+        default=None, ge=0, le=1000, validation_alias="POSTGRES_MAX_OVERFLOW"
+    )
+    postgres_max_waiting: int | None = Field(default=None, ge=0, validation_alias="POSTGRES_MAX_WAITING")
+    postgres_connect_timeout: float | None = Field(
+        default=None, gt=0, le=3600, validation_alias="POSTGRES_CONNECT_TIMEOUT"
+    )
+    postgres_conn_max_age: float | None = Field(default=None, gt=0, validation_alias="POSTGRES_CONN_MAX_AGE")
+    postgres_pre_ping: bool | None = Field(default=None, validation_alias="POSTGRES_PRE_PING")
 
     @classmethod
     def settings_customise_sources(
@@ -249,6 +262,16 @@ class Settings(BaseSettings):
         except ValidationError as error:
             raise ConfigError(describe(error)) from None
 
+    def store_env(self) -> dict[str, str]:
+        """The store's settings for the event-sourcing library (the pool's, for PostgreSQL): the
+        variables of the fields that are set, as the library reads them."""
+        env: dict[str, str] = {}
+        for name in _POOL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                env[ENVIRONMENT[name]] = ("y" if value else "n") if isinstance(value, bool) else str(value)
+        return env
+
     def payee_for(self, endpoint_id: str, override: str | None = None) -> str:
         payee = override or self.payees.get(endpoint_id) or self.payee
         if not payee:
@@ -275,6 +298,7 @@ ENVIRONMENT: dict[str, str] = {
     name: str(field.validation_alias) for name, field in Settings.model_fields.items()
 }
 _FIELD_OF = {var: name for name, var in ENVIRONMENT.items()}
+_POOL_FIELDS = tuple(name for name in Settings.model_fields if name.startswith("postgres_"))
 
 
 def describe(error: ValidationError) -> str:

@@ -43,6 +43,7 @@ from eventsourcing.persistence import (
     ApplicationRecorder,
     InfrastructureFactory,
     IntegrityError,
+    InternalError,
     Notification,
     Tracking,
     TrackingRecorder,
@@ -124,12 +125,13 @@ class TrackedPosition:
     @classmethod
     def open(cls, factory: InfrastructureFactory[TrackingRecorder], name: str) -> TrackedPosition:
         """The tracking table of `factory`'s store, created when missing. Two followers starting
-        together on a new store may both create it: the library then raises `IntegrityError` for
-        the second, and the table exists."""
+        together on a new store may both create it: the library then raises `IntegrityError` (a
+        duplicate type) or, on PostgreSQL, `InternalError` ("tuple concurrently updated") for the
+        second, and the table exists."""
         for attempt in range(3):
             try:
                 return cls(factory.tracking_recorder(), name)
-            except IntegrityError:
+            except (IntegrityError, InternalError):
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")

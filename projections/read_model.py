@@ -1,5 +1,9 @@
 """The read model facade: catch up with the event log, and answer the questions operators ask.
 
+Several readers (threads, processes, machines) may keep the same views: each page is written only
+if the views' position is still the one this reader's tallies were read at, else it reloads them
+and carries on from where the other reader got (no event is counted twice).
+
 Pull-based: eventsourcing cannot subscribe to a SQLite recorder, so `catch_up()` reads the
 notifications after the tracked position, a page at a time (projections/follower.py, the follower
 the engine uses too), and flushes each page with its position in one transaction. It is cheap to
@@ -25,9 +29,17 @@ from podsettle.domain.money import QUANTUM
 from podsettle.projections.apply import Applier, Creator, applier, creator
 from podsettle.projections.follower import LogFollower
 from podsettle.projections.rows import JobRow, Totals
-from podsettle.projections.views import CHECKPOINT_EVERY, Checkpoint, Projector, Tracking, ViewStore
+from podsettle.projections.views import (
+    CHECKPOINT_EVERY,
+    Checkpoint,
+    Projector,
+    Tracking,
+    ViewsMoved,
+    ViewStore,
+)
 from podsettle.support.lru import keep
 
+_MOVED_RETRIES = 100  # catch-ups that found the views moved by another reader, in a row
 DEFAULT_PAGE_SIZE = 5_000  # each page is one flush: a job spread over a page is one row update, not several
 _job_topics: dict[str, bool] = {}
 
@@ -151,7 +163,8 @@ def cost_floor(seconds: Decimal, price: Decimal | None) -> Decimal | None:
 class ReadModel:
     """Batch totals, worker earnings, endpoint spend, jobs by state and timings, fed from `app`'s log.
 
-    `path` is the read model's own SQLite file (None: an in-memory database, for tests).
+    `path` is the read model's own SQLite file (None: an in-memory database, for tests), or the
+    views themselves (projections/views_pg.py: the tables inside a PostgreSQL store).
     `gpu_second_price` (USDC per GPU-second) turns execution time into a compute-cost lower bound.
     `checkpoint_every` events, the running digest of the log is kept, for the audit to compare with
     the log as it is later (a smaller interval places a moved event more closely).
@@ -160,7 +173,7 @@ class ReadModel:
     def __init__(
         self,
         app: Application[Any],
-        path: str | None = None,
+        path: str | ViewStore | None = None,
         *,
         gpu_second_price: Decimal | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
@@ -176,12 +189,13 @@ class ReadModel:
         self.page_size = page_size
         self.cache_size = cache_size
         self.checkpoint_every = checkpoint_every
-        self.views = ViewStore(path)
+        self.views = path if isinstance(path, ViewStore) else ViewStore(path)
         self.projector = self._projector()
         self._jobs: OrderedDict[int | str, EscrowJob] = OrderedDict()
         self._appliers: dict[type, Applier | None] = {}
         self._creators: dict[type, Creator | None] = {}
         self._lock = threading.RLock()
+        self._written = 0  # events the running catch-up has written (its pages are committed)
 
     # ------------------------------------------------------------------ updating
 
@@ -196,18 +210,27 @@ class ReadModel:
     def catch_up(self, stop: int | None = None) -> int:
         """Apply every notification after the tracked position (up to `stop`); returns how many."""
         with self._lock:
-            try:
-                return self._catch_up(stop)
-            except BaseException:
-                # The failed page's transaction was rolled back: forget what was applied in memory.
-                self._reload()
-                raise
+            self._written = 0
+            for _ in range(_MOVED_RETRIES):
+                if self.views.tracking(self.app.name).position != self.projector.stored_position:
+                    # Another reader (another process, or another model on the same views) moved
+                    # the views: what this one holds in memory is stale.
+                    self._reload()
+                try:
+                    self._catch_up(stop)
+                    return self._written
+                except ViewsMoved:
+                    self._reload()  # nothing of the page was written; carry on from the views
+                except BaseException:
+                    # The failed page's transaction was rolled back: forget what was applied in memory.
+                    self._reload()
+                    raise
+            raise ViewsMoved(f"the views kept moving under {_MOVED_RETRIES} catch-ups in a row")
 
-    def _catch_up(self, stop: int | None) -> int:
+    def _catch_up(self, stop: int | None) -> None:
         to_domain_event = self.app.mapper.to_domain_event
         projector = self.projector
         appliers = self._appliers
-        done = 0
         # Every notification, whatever its aggregate: each one moves the log digest.
         follower = LogFollower(self.app.recorder, page_size=self.page_size)
         for page in follower.pages_after(projector.position, stop):
@@ -237,8 +260,7 @@ class ReadModel:
                 self._remember(job)
                 projector.apply(job, event, note.id)
             projector.flush()
-            done += len(page.notifications)
-        return done
+            self._written += len(page.notifications)
 
     def _projector(self) -> Projector:
         return Projector(

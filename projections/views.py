@@ -175,6 +175,11 @@ def _tally_values(tally: Totals) -> tuple[Any, ...]:
     return tuple(getattr(tally, n) for n in COUNTS) + tuple(fmt(getattr(tally, n)) for n in AMOUNTS)
 
 
+class ViewsMoved(Exception):
+    """Another reader wrote the views since this one read their position: its page was not written
+    (a reader reloads its position and tallies from the views, and carries on from there)."""
+
+
 class ViewStore:
     """The SQLite file (or in-memory database) that holds one set of read-model tables."""
 
@@ -331,8 +336,13 @@ class ViewStore:
         tallies: Iterable[tuple[str, str, Totals]],
         tracking: Tracking,
         checkpoints: Iterable[Checkpoint],
+        expected: int | None = None,
     ) -> None:
-        """One transaction: the changed rows and tallies with the position they reflect."""
+        """One transaction: the changed rows and tallies with the position they reflect.
+
+        With `expected`, the stored position must still be that one (the position the writer's
+        tallies were read at), else nothing is written and `ViewsMoved` is raised: two processes
+        catching up on the same views would otherwise both add the same events."""
         placeholders = ", ".join("?" * (len(_ROW_COLUMNS) + 1))
         tally_columns = ", ".join(("view", "key", *COUNTS, *AMOUNTS))
         tally_marks = ", ".join("?" * (2 + len(COUNTS) + len(AMOUNTS)))
@@ -340,6 +350,10 @@ class ViewStore:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
             try:
+                if expected is not None:
+                    found = conn.execute("SELECT position FROM tracking WHERE name = ?", (name,)).fetchone()
+                    if (0 if found is None else found[0]) != expected:
+                        raise ViewsMoved(f"views at {found and found[0]}, expected {expected}")
                 conn.executemany(
                     f"INSERT OR REPLACE INTO jobs ({', '.join(_ROW_COLUMNS[:_FUNDING_US_AT])}, funding_us, "
                     f"{', '.join(_ROW_COLUMNS[_FUNDING_US_AT:])}) VALUES ({placeholders})",
@@ -396,6 +410,7 @@ class Projector:
         self._checkpoints: list[Checkpoint] = []
         tracking = store.tracking(name)
         self.position = tracking.position
+        self.stored_position = tracking.position  # where the views were when read or last written
         self.events = tracking.events
         self.digest = bytes.fromhex(tracking.log_digest)
 
@@ -491,7 +506,9 @@ class Projector:
             [(view, key, self._tallies[(view, key)]) for view, key in sorted(self._dirty)],
             Tracking(self.position, self.events, self.digest.hex()),
             self._checkpoints,
+            expected=self.stored_position,
         )
+        self.stored_position = self.position
         self._pending.clear()
         self._dirty.clear()
         self._checkpoints.clear()

@@ -91,6 +91,7 @@ StoreOption = Annotated[
     typer.Option("--store", help="Event store URL (default: $PODSETTLE_STORE or sqlite:///podsettle.db)."),
 ]
 EXIT_FAILURE, EXIT_USAGE = 1, 2
+DEMO_STORE = "sqlite:///podsettle-demo.db"
 
 
 class UserError(Exception):
@@ -180,7 +181,7 @@ def _store(store: str | None) -> str:
     from podsettle.adapters.persistence import check_store, store_from_url
 
     url = store or _settings().store
-    parsed = store_from_url(url)  # validates, with a message naming PODSETTLE_STORE
+    parsed = store_from_url(url, _source(store))  # validates, naming where the URL came from
     _STORE_SHOWN.set(parsed.url)
     check_store(parsed)
     return url
@@ -228,6 +229,10 @@ def _reused(option: str, value: str | None) -> Iterator[None]:
         )
 
 
+def _source(store: str | None) -> str:
+    return "--store" if store else "PODSETTLE_STORE"
+
+
 def _parse_json_object(text: str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -253,19 +258,24 @@ def demo(
     jobs: Annotated[int, typer.Option("--jobs", min=1, max=500, help="How many jobs in the batch.")] = 24,
     json_output: JsonFlag = False,
     store: Annotated[
-        str, typer.Option("--store", help="SQLite file for the demo's event log.")
-    ] = "podsettle-demo.db",
+        str,
+        typer.Option(
+            "--store",
+            help="Event store URL for the demo: empty, or written by an earlier demo "
+            "(default: sqlite:///podsettle-demo.db).",
+        ),
+    ] = DEMO_STORE,
     seed: Annotated[int, typer.Option(help="Seed of the simulated failures.")] = 7,
 ) -> None:
     """Run a batch on the embedded sandbox (no network, no keys): fund, run, pay or refund, a bonus,
-    the totals and the audit."""
-    from podsettle.cli.demo import run_demo
+    the totals and the audit. Refuses a store holding events the demo did not write."""
+    from podsettle.adapters.persistence import store_from_url
+    from podsettle.cli.demo import prepare_store, run_demo
 
-    path = Path(store)
     with user_errors():
-        for suffix in ("", "-wal", "-shm", ".views", ".views-wal", ".views-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        outcome = asyncio.run(run_demo(path, jobs=jobs, seed=seed, json_output=json_output))
+        store_from_url(store, "--store")
+        prepare_store(store, "--store", env=_settings().store_env())
+        outcome = asyncio.run(run_demo(store, jobs=jobs, seed=seed, json_output=json_output))
     raise typer.Exit(0 if outcome else EXIT_FAILURE)
 
 
@@ -890,8 +900,8 @@ def _settlements(store: str | None) -> Any:
     with user_errors():
         url = _store(store)
         if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).expanduser().exists():
-            fail(f"PODSETTLE_STORE: {url} does not exist yet (run a job first, or point --store at a store)")
-        return Settlements(url)
+            fail(f"{_source(store)}: {url} does not exist yet (run a job first, or point --store at a store)")
+        return Settlements(url, env=_settings().store_env())
 
 
 def _job_id(settlements: Any, text: str) -> str:
@@ -1023,19 +1033,54 @@ def replay(
                 fail(f"--log: {log} does not exist")
             report = audit_export(log, seals=SEALS, settled=settled)
         else:
-            from podsettle.cli.console import views_path
+            from podsettle.cli.console import open_views
             from podsettle.projections import ReadModel
             from podsettle.replay import audit
 
             settlements = _settlements(store)
             url = _store(store)
-            views = ReadModel(settlements, views_path(url, _settings().views))
+            if not settlements.recorder.max_notification_id():
+                # An audit of nothing is not a clean bill: most likely the wrong store.
+                message = f"the store {url} is empty: there is nothing to audit"
+                if json_output:
+                    emit_json({"ok": False, "empty": True, "events": 0, "store": url})
+                else:
+                    typer.echo(message)
+                raise typer.Exit(EXIT_FAILURE)
+            views = ReadModel(settlements, open_views(settlements, url, _settings().views))
             report = audit(settlements, read_model=views, seals=SEALS, settled=settled)
     if json_output:
         emit_json(report.to_json())
     else:
         typer.echo(audit_report(report))
     raise typer.Exit(0 if report.ok else EXIT_FAILURE)
+
+
+@app.command()
+def migrate(
+    source: Annotated[str, typer.Option("--from", help="The store URL to copy the event log from.")],
+    target: Annotated[str, typer.Option("--to", help="The store URL to copy it to (holding no events).")],
+    json_output: JsonFlag = False,
+) -> None:
+    """Copy an event log between stores (SQLite and PostgreSQL, either way): audit the source first
+    (a tampered one is refused), copy every event in order, compare and audit the copy. Exit 1 when
+    the copy does not check out."""
+    from podsettle.cli.migrate import migrate as copy_log
+
+    with user_errors():
+        result = copy_log(source, target, env=_settings().store_env())
+    if json_output:
+        emit_json(result.to_json())
+    else:
+        typer.echo(
+            f"copied {result.events} events from {result.source} to {result.target}; "
+            f"same events in the same order: {'yes' if result.same_events else 'NO'}; "
+            f"audit of the copy: {'OK' if result.target_audit_ok else 'FAILED'}"
+        )
+        typer.echo(f"log digest: {result.log_digest}")
+        for finding in result.findings:
+            typer.echo(f"  {finding}")
+    raise typer.Exit(0 if result.ok else EXIT_FAILURE)
 
 
 @app.command()

@@ -199,8 +199,9 @@ def audit_report(report: Any) -> str:
 
 
 def views_path(store_url: str, explicit: str | None = None) -> str:
-    """Where the read models live: `explicit` (the settings' views, $PODSETTLE_VIEWS) if given,
-    else next to a SQLite store, else in the cwd."""
+    """Where a SQLite file of read models lives: `explicit` (the settings' views, $PODSETTLE_VIEWS)
+    if given, else next to a SQLite store, else in the cwd (a PostgreSQL store keeps its views
+    inside it: `open_views`)."""
     if explicit:
         return explicit
     if store_url.startswith("sqlite:///"):
@@ -208,10 +209,22 @@ def views_path(store_url: str, explicit: str | None = None) -> str:
     return "podsettle-views.db"
 
 
+def open_views(settlements: Any, store_url: str, explicit: str | None = None) -> Any:
+    """The read models' views of a store: `explicit` (a SQLite file) if given, else the tables
+    inside a PostgreSQL store, else the file beside a SQLite store."""
+    if not explicit:
+        from podsettle.projections.views_pg import postgres_views
+
+        inside = postgres_views(settlements)
+        if inside is not None:
+            return inside
+    return views_path(store_url, explicit)
+
+
 def read_model(settlements: Any, store_url: str, views: str | None = None) -> Any:
     """The read model of a store, caught up with its log."""
     from podsettle.projections import ReadModel
 
-    model = ReadModel(settlements, views_path(store_url, views))
+    model = ReadModel(settlements, open_views(settlements, store_url, views))
     model.catch_up()
     return model

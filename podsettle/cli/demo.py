@@ -4,17 +4,64 @@ A sandbox of both services runs in this process on loopback HTTP; the engine (th
 production) settles a hyper-parameter sweep of training jobs on a SQLite event log: some runs crash,
 some miss the accuracy the acceptance check asks for and are refunded, the best run earns the
 performance bonus. Then the totals, the worker's earnings, and the audit's verdict.
+
+The demo writes into any store (`--store`, a store URL) that is empty or holds only earlier demos'
+batches (their ids start with `demo-`); a SQLite file of earlier demos is started afresh (its
+escrow ids come from the seeded sandbox and would repeat), a PostgreSQL database of them is refused
+like any other store with events: the demo deletes nothing it did not write.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import uuid
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from eventsourcing.utils import get_topic
+
 BASELINE = Decimal("0.80")
+DEMO_BATCH = "demo-"
+
+
+def prepare_store(url: str, source: str, *, env: Mapping[str, str] | None = None) -> None:
+    """Make `url` ready for the demo, or raise `StoreConfigError` (naming `source`) when it holds
+    events the demo did not write, or earlier demos' events in a store the demo cannot start afresh."""
+    from podsettle.adapters.persistence import StoreConfigError, store_from_url
+    from podsettle.application import Settlements
+    from podsettle.domain import EscrowJob
+    from podsettle.projections.follower import LogFollower
+
+    store = store_from_url(url, source)
+    path = store.sqlite_path
+    if store.kind == "popo" or (path is not None and not path.exists()):
+        return
+    app = Settlements(store, env=env)
+    try:
+        if not app.recorder.max_notification_id():
+            return
+        opened = LogFollower(app.recorder, topics=[get_topic(EscrowJob.Opened)], page_size=500)
+        batches = {
+            getattr(app.mapper.to_domain_event(note), "batch_id", None) or ""
+            for page in opened.pages_after(0)
+            for note in page.notifications
+        }
+    finally:
+        app.close()
+    if not batches or not all(batch.startswith(DEMO_BATCH) for batch in batches):
+        raise StoreConfigError(
+            f"{source}: {store.url} holds events the demo did not write; give the demo an empty store"
+        )
+    if path is None:
+        raise StoreConfigError(
+            f"{source}: {store.url} holds an earlier demo's events; give the demo an empty database "
+            "(it starts afresh only its own SQLite files)"
+        )
+    for suffix in ("", "-wal", "-shm", ".views", ".views-wal", ".views-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def sweep(jobs: int, seed: int) -> list[dict[str, Any]]:
@@ -25,16 +72,15 @@ def sweep(jobs: int, seed: int) -> list[dict[str, Any]]:
     ]
 
 
-async def run_demo(path: Path, *, jobs: int, seed: int, json_output: bool) -> bool:
+async def run_demo(store: str, *, jobs: int, seed: int, json_output: bool) -> bool:
     from podsettle.adapters.chain import SEALS
     from podsettle.bootstrap import Engine
-    from podsettle.cli.console import err, out, print_earnings, print_totals, progress
+    from podsettle.cli.console import err, open_views, out, print_earnings, print_totals, progress
     from podsettle.domain import acceptance
     from podsettle.projections import ReadModel
     from podsettle.replay import audit
     from podsettle.sandbox.runpod_worker import EndpointConfig, Faults
 
-    store = f"sqlite:///{path}"
     train = EndpointConfig(
         handler="podsettle.sandbox.handlers:train",
         workers=8,
@@ -60,6 +106,7 @@ async def run_demo(path: Path, *, jobs: int, seed: int, json_output: bool) -> bo
                 acceptance=acceptance.metric_at_least("accuracy", BASELINE),
                 bonus_pool="5",
                 concurrency=8,
+                batch_id=f"{DEMO_BATCH}{uuid.uuid4().hex[:12]}",
                 on_result=lambda _: advance(),
             )
         paid = [r for r in batch.results if r.paid and isinstance(r.output, dict)]
@@ -69,7 +116,7 @@ async def run_demo(path: Path, *, jobs: int, seed: int, json_output: bool) -> bo
             bonus = await engine.award_bonus(best.job_id, BASELINE, str(best.output["accuracy"]), pool="5")
         ledger = engine.sandbox_server.ledger()
     app = engine.app
-    model = ReadModel(app, f"{path}.views")
+    model = ReadModel(app, open_views(app, store))
     model.catch_up()
     earnings = model.earnings()
     report = audit(app, read_model=model, seals=SEALS)
@@ -98,5 +145,5 @@ async def run_demo(path: Path, *, jobs: int, seed: int, json_output: bool) -> bo
         out.print(report.render())
         # The command on a line of its own, never wrapped: it is meant to be copied whole.
         err.print("audit it again any time:")
-        err.print(f"  PODSETTLE_STORE={store} podsettle replay", soft_wrap=True)
+        err.print(f"  podsettle replay --store {store}", soft_wrap=True)
     return bool(report.ok and ledger["conserved"])

@@ -13,7 +13,7 @@ from typing import Any
 from podsettle.application import Settlements
 from podsettle.domain import EscrowJob, State
 from podsettle.domain.money import fmt
-from podsettle.projections import ReadModel
+from podsettle.projections import ReadModel, ViewStore
 
 # Attributes every event carries that the timeline shows under its own names (or not at all).
 _EVENT_HEADER = {"originator_id", "originator_version", "originator_topic", "timestamp"}
@@ -61,7 +61,7 @@ class Reads:
     """The read models of one store, caught up with its log before each answer. Blocking: the
     service calls it from a worker thread."""
 
-    def __init__(self, app: Settlements, views: str | None) -> None:
+    def __init__(self, app: Settlements, views: str | ViewStore | None) -> None:
         self.app = app
         self.model = ReadModel(app, views)
         self._lock = threading.Lock()

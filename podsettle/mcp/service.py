@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from podsettle.bootstrap import Engine
-from podsettle.cli.console import views_path
+from podsettle.cli.console import open_views
 from podsettle.domain.digests import canonical_json
 from podsettle.domain.errors import InvalidInput
 from podsettle.domain.escrow_job import check_id, job_id_for
@@ -90,7 +90,7 @@ class Service:
         await engine.start()
         store = engine.settings.store
         # An in-memory store has no file to keep its views beside: they live in memory with it.
-        views = None if store == "memory" else views_path(store, self.settings.views)
+        views = None if store == "memory" else open_views(engine.app, store, self.settings.views)
         self._reads = Reads(engine.app, views)
         self._guard = SpendingGuard(
             SpendingLimits.from_settings(self.settings), engine.app, clock=engine.clock

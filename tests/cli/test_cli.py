@@ -87,6 +87,7 @@ def test_help_answers_quickly_without_heavy_imports() -> None:
         "export",
         "reconcile",
         "resume",
+        "migrate",
         "onboard",
     ],
 )

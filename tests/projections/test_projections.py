@@ -254,3 +254,21 @@ def test_a_views_file_of_the_old_layout_is_rebuilt_in_the_new_one(tmp_path: Path
     model.close()
     again = ReadModel(app, str(path))  # a file of the current layout is kept
     assert again.position == fresh.position
+
+
+def test_two_readers_of_one_views_file_never_count_an_event_twice(tmp_path: Path) -> None:
+    # Each reader held its position and tallies in memory: the second one to catch up added the
+    # first one's events again on top of the tallies it had written.
+    app = Settlements(f"sqlite:///{tmp_path / 'store.db'}")
+    views = str(tmp_path / "store.db.views")
+    first, second = ReadModel(app, views), ReadModel(app, views)
+    history(app, 8, seed=3)
+    first.catch_up()
+    second.catch_up()
+    history(app, 5, seed=4)
+    second.catch_up()
+    first.catch_up()
+    rebuilt = ReadModel(app)
+    rebuilt.catch_up()
+    assert first.batch_totals().jobs == second.batch_totals().jobs == 13
+    assert first.dump() == second.dump() == rebuilt.dump()

@@ -31,7 +31,17 @@ def fill_with_demo(folder: Path, jobs: int = 12) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "demo.db"
     result = subprocess.run(
-        [sys.executable, "-m", "podsettle.cli", "demo", "--store", str(path), "--jobs", str(jobs), "--json"],
+        [
+            sys.executable,
+            "-m",
+            "podsettle.cli",
+            "demo",
+            "--store",
+            f"sqlite:///{path}",
+            "--jobs",
+            str(jobs),
+            "--json",
+        ],
         cwd=folder,
         env=clean_env(),
         capture_output=True,

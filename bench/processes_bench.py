@@ -1,0 +1,158 @@
+"""Several `podsettle batch` processes on one PostgreSQL store, next to one process on SQLite.
+
+Each case settles the same batch of echo jobs (`--jobs`, 1,000 by default) through the command
+line against one sandbox served by a process of its own (its rate limits lifted), each engine
+process given the whole batch with the same batch id. Reported: jobs/s from the first process's
+start to the last one's exit (interpreter start-up included, as a user sees it), for SQLite with one
+process and PostgreSQL with 1, 2 and 4, as ratios to SQLite; and, per case, the longest gap between
+two consecutive events in the log (the longest stall of the whole batch).
+
+    .venv/bin/python bench/processes_bench.py [--jobs 1000] [--processes 1 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, figure, pick
+
+SERVER = "host=127.0.0.1 port=5432 user=postgres"
+SANDBOX = """
+import json, sys
+from podsettle.sandbox.app import Sandbox
+from podsettle.support.logs import configure_logging
+configure_logging("WARNING")
+lifted = {route: 1_000_000 for route in ("create", "complete", "release", "dispute", "cancel")}
+with Sandbox(escrow_options={"rate_limits": lifted}) as sandbox:
+    payer, worker = sandbox.create_agent("1000000"), sandbox.create_agent("0")
+    print(json.dumps({"url": sandbox.url, "runpod_url": sandbox.runpod_url, "payer": payer.agent_id,
+                      "key": payer.api_key, "worker": worker.agent_id}), flush=True)
+    sys.stdin.read()
+"""
+
+
+def _engine_env(store: str, info: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PODSETTLE_", "PF_", "RUNPOD_"))}
+    return {
+        **env,
+        "PODSETTLE_STORE": store,
+        "PODSETTLE_ESCROW_URL": info["url"],
+        "PF_API_KEY": info["key"],
+        "PODSETTLE_PAYER": info["payer"],
+        "PODSETTLE_PAYEE": info["worker"],
+        "RUNPOD_API_KEY": "sandbox-key",
+        "RUNPOD_ENDPOINT_BASE_URL": info["runpod_url"],
+        "PODSETTLE_ESCROW_RATE_LIMITS": "create=1000000,release=1000000,cancel=1000000,dispute=1000000",
+        "PODSETTLE_LOG_LEVEL": "WARNING",
+    }
+
+
+def _run(store: str, info: dict[str, str], jobs: Path, processes: int, batch: str) -> tuple[float, float]:
+    """Wall seconds of the case, and the CPU seconds its engine processes used (user + system)."""
+    env = _engine_env(store, info)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    args = ["batch", str(jobs), "--endpoint", "echo", "--budget", "0.10", "--batch-id", batch, "--json"]
+    started = time.perf_counter()
+    running = [
+        subprocess.Popen(
+            [sys.executable, "-m", "podsettle.cli", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    for proc in running:
+        _, err = proc.communicate(timeout=3600)
+        if proc.returncode != 0:
+            raise SystemExit(f"podsettle batch failed ({proc.returncode}): {err[-2000:]}")
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _longest_stall(store: str) -> float:
+    from podsettle.application import Settlements
+
+    app = Settlements(store)
+    try:
+        times = []
+        for note in app.recorder.select_notifications(1, 10_000_000):
+            event: Any = app.mapper.to_domain_event(note)
+            times.append(event.timestamp)
+        times.sort()
+        return max(((b - a).total_seconds() for a, b in itertools.pairwise(times)), default=0.0)
+    finally:
+        app.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=pick(1000, 200))
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    options = parser.parse_args()
+    import psycopg
+
+    try:
+        psycopg.connect(f"{SERVER} dbname=test", connect_timeout=2).close()
+    except psycopg.Error as error:
+        raise SystemExit(f"PostgreSQL is not reachable on 127.0.0.1:5432: {error}") from None
+    sandbox = subprocess.Popen(
+        [sys.executable, "-c", SANDBOX], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert sandbox.stdout is not None
+    info = json.loads(sandbox.stdout.readline())
+    made: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="podsettle-bench-") as folder:
+            jobs = Path(folder) / "jobs.jsonl"
+            jobs.write_text("".join(json.dumps({"n": n}) + "\n" for n in range(options.jobs)))
+            sqlite_store = f"sqlite:///{Path(folder) / 'store.db'}"
+            sqlite_s, cpu = _run(sqlite_store, info, jobs, 1, "bench-sqlite")
+            sqlite_rate = options.jobs / sqlite_s
+            figure(
+                "processes.sqlite_1",
+                sqlite_rate,
+                "jobs/s",
+                note=f"longest stall {_longest_stall(sqlite_store):.3f} s; engine CPU {cpu:.1f} s "
+                f"in {sqlite_s:.1f} s on {os.cpu_count()} cores",
+            )
+            for count in options.processes:
+                name = f"podsettle_bench_{uuid.uuid4().hex[:10]}"
+                with psycopg.connect(f"{SERVER} dbname=test", autocommit=True) as conn:
+                    conn.execute(f"CREATE DATABASE {name}")
+                made.append(name)
+                store = f"postgresql://postgres@127.0.0.1:5432/{name}"
+                wall, cpu = _run(store, info, jobs, count, f"bench-pg-{count}")
+                rate = options.jobs / wall
+                figure(
+                    f"processes.postgres_{count}",
+                    rate,
+                    "jobs/s",
+                    ratio_to=rate / sqlite_rate,
+                    baseline="sqlite_1",
+                    note=f"longest stall {_longest_stall(store):.3f} s; engine CPU {cpu:.1f} s "
+                    f"in {wall:.1f} s on {os.cpu_count()} cores",
+                )
+    finally:
+        sandbox.communicate("", timeout=30)
+        with psycopg.connect(f"{SERVER} dbname=test", autocommit=True) as conn:
+            for name in made:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+if __name__ == "__main__":
+    main()
