@@ -9,6 +9,17 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from podsettle.support.logs import configure_logging
+
+
+@pytest.fixture(scope="session", autouse=True)
+def podsettle_logging() -> None:
+    """The test process is a runtime that embeds podsettle: logging is configured before anything
+    logs (lines to stderr, warnings and up), as the CLI does first thing. Left at structlog's
+    defaults, a sandbox thread's debug lines would go to stdout, which `CliRunner` captures as a
+    command's --json output."""
+    configure_logging("WARNING", force=True)
+
 
 class FakeClock:
     def __init__(self) -> None:

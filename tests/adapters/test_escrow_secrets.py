@@ -21,6 +21,7 @@ from podsettle.adapters.ports import GatewayError
 from podsettle.adapters.purpleflea import purple_flea
 from podsettle.domain.money import to_money
 from podsettle.domain.rules import split
+from podsettle.support.logs import configure_logging
 from tests.escrow_sandbox_helpers import running_sandbox
 
 
@@ -42,6 +43,7 @@ def json_logs() -> Iterator[io.StringIO]:
     )
     yield buffer
     structlog.reset_defaults()
+    configure_logging("WARNING", force=True)  # as the session's conftest left it
 
 
 def _texts(error: BaseException) -> list[str]:

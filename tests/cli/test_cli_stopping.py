@@ -109,7 +109,7 @@ def test_a_stopped_batch_says_what_is_done_and_left_and_resume_finishes_it(
     assert Decimal(account(sandbox, env["PODSETTLE_PAYEE"])["balance"]) == Decimal(so_far["to_workers"])
 
     resumed = invoke(env, "resume", "--json")
-    assert resumed.exit_code == 0, resumed.stderr
+    assert resumed.exit_code == 0, (resumed.stdout, resumed.stderr)
     totals = json.loads(invoke(env, "totals", "--json").stdout)
     assert totals["paid_jobs"] == 12
     assert account(sandbox, env["PODSETTLE_PAYER"])["held"] == "0.000000"
