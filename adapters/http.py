@@ -28,6 +28,7 @@ import builtins
 import functools
 import inspect
 import json as jsonlib
+import math
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -200,6 +201,12 @@ class Timeouts:
     connect: float | None = 5.0  # opening a connection (TCP, TLS, a proxy's tunnel)
     read: float | None = 20.0  # silence while waiting for (the rest of) the answer
     pool: float | None = 10.0  # waiting for a free connection, opening included
+
+    def longest_s(self, read: float | None = None) -> float:
+        """The longest one exchange can last while the server keeps it waiting (a free connection,
+        connecting, then the silence before the answer): infinite when a phase has no bound."""
+        phases = (self.pool, self.connect, self.read if read is None else read)
+        return math.inf if any(p is None for p in phases) else sum(p or 0.0 for p in phases)
 
     def aiohttp(self, read: float | None = None) -> aiohttp.ClientTimeout:
         import aiohttp

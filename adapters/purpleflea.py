@@ -242,6 +242,12 @@ class PurpleFleaEscrow(ABC):
             replier=replier,
         )
 
+    @property
+    def longest_call_s(self) -> float:
+        """The longest one call to the service can last (see `Timeouts.longest_s`): a claim on a
+        money-moving intent must outlast it (the engine's claim lease)."""
+        return self._client.timeouts.longest_s()
+
     def __repr__(self) -> str:
         worker = "set" if self._worker_key else "none"
         return f"PurpleFleaEscrow(base_url={self.base_url!r}, dialect={self.dialect!r}, worker_key={worker})"

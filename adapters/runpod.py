@@ -368,6 +368,16 @@ class RunPodCompute:
             replier=replier,
         )
 
+    @property
+    def longest_call_s(self) -> float:
+        """The longest one submission can last (a runsync's wait included; see `Timeouts.longest_s`):
+        a claim on a start must outlast it (the engine's claim lease), else a live engine's start is
+        taken over and the job runs twice."""
+        read = self._client.timeouts.read
+        if self.sync is not None and read is not None:
+            read = max(read, self.sync.wait_ms / 1000 + RUNSYNC_READ_MARGIN_S)
+        return self._client.timeouts.longest_s(read)
+
     def __repr__(self) -> str:
         return f"RunPodCompute(base_url={self.base_url!r})"
 

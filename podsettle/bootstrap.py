@@ -144,7 +144,7 @@ def engine_from_settings(settings: Settings) -> Engine:
         settings=settings,
         processor=ProcessorConfig(
             processor_id=local_processor_id(),
-            claim_lease_s=settings.claim_lease_s,
+            claim_lease_s=settings.claim_lease(max(escrow.longest_call_s, compute.longest_call_s)),
             refund_wait_s=settings.refund_wait_s,
             pending_refund_poll_s=settings.refund_poll_s,
         ),

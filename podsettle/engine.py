@@ -43,7 +43,7 @@ from podsettle.domain.escrow_job import (
 from podsettle.domain.lifecycle import Status
 from podsettle.domain.money import ZERO, fmt, to_money
 from podsettle.domain.rules import BONUS_THRESHOLD, to_metric
-from podsettle.processor import Processor, ProcessorConfig
+from podsettle.processor import Processor, ProcessorConfig, release_processor_id
 from podsettle.projections.follower import LogFollower, Page, TrackedPosition
 from podsettle.projections.rows import Totals as Totals  # the batch result's totals, re-exported
 from podsettle.requests import JobRequest, build_request
@@ -320,7 +320,11 @@ class EngineCore:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Calls that move money and were under way finish, and their outcomes are saved: cut off,
+        # they would leave jobs whose escrow nobody can tell exists.
+        await self.processor.finish_money_calls(self.settings.stop_grace_s)
         await self.writer.aclose()
+        release_processor_id(self.processor.config.processor_id)
         for callback in reversed(self._closers.callbacks):
             result = callback()
             if result is not None:
@@ -331,7 +335,9 @@ class EngineCore:
         self._closed = True
         for task in [*self._background, *self._driving.values()]:
             task.cancel()
+        self.processor.abandon_money_calls()
         self.writer.abandon()
+        release_processor_id(self.processor.config.processor_id)
 
     # ------------------------------------------------------------------ jobs
 

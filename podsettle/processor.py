@@ -103,6 +103,12 @@ def _boot_and_namespace(proc: Path) -> tuple[str, str] | None:
     return (boot, digits) if boot and digits else None
 
 
+# The ids `local_processor_id` gave to engines of this process that have not closed yet: a claim
+# recorded under one of this process's ids that is not here was left by an engine that closed (or
+# crashed in a test), and no live engine holds it.
+_OPEN_HERE: set[str] = set()
+
+
 def local_processor_id(proc: Path = PROC) -> str:
     """The id this process records on its claims (`Attempted`): host, pid, the process's start time,
     the machine's boot id and the pid namespace, so that another process on this machine can tell
@@ -116,20 +122,32 @@ def local_processor_id(proc: Path = PROC) -> str:
     if start is None or found is None:
         return f"{host}:{pid}:{tag}"
     boot, namespace = found
-    return f"{host}/pid-{pid}/start-{start}/boot-{boot}/ns-{namespace}/{tag}"
+    processor_id = f"{host}/pid-{pid}/start-{start}/boot-{boot}/ns-{namespace}/{tag}"
+    _OPEN_HERE.add(processor_id)
+    return processor_id
+
+
+def release_processor_id(processor_id: str) -> None:
+    """The engine that used this id closed: its claims are no longer held by anyone alive."""
+    _OPEN_HERE.discard(processor_id)
 
 
 def process_gone(processor_id: str, proc: Path = PROC) -> bool:
     """True only when `processor_id` names a process of this machine and pid namespace (same boot id
     and namespace) that no longer runs: its pid is free, or taken by a process started at another
-    time. Another machine, another namespace, no /proc or an id of another form: False (unsure)."""
+    time; or an engine of this very process that has closed. Another machine, another namespace, no
+    /proc or an id of another form: False (unsure)."""
     match = _LOCAL_ID.match(processor_id)
     if match is None:
         return False
     here = _boot_and_namespace(proc)
     if here is None or here != (match["boot"], match["ns"]):
         return False
-    return _process_start(int(match["pid"]), proc) != int(match["start"])
+    pid, start = int(match["pid"]), int(match["start"])
+    if _process_start(pid, proc) != start:
+        return True
+    # This very process: the claimer is gone when its engine has closed.
+    return proc == PROC and pid == os.getpid() and processor_id not in _OPEN_HERE
 
 
 class RefundPending(Exception):
@@ -222,6 +240,8 @@ class Processor:
         self.deferred = 0  # times this processor left an intent to the processor holding its claim
         # Attempts this processor claimed together with the outcome before them, not yet carried out.
         self._fresh_claims: dict[UUID, int] = {}
+        # Calls that move money, with the recording of their outcomes: a stop lets them finish.
+        self._money_calls: set[asyncio.Task[JobView]] = set()
         self._effects: dict[Step, Callable[[JobView, int], Awaitable[Command]]] = {
             Step.FUND: self._fund,
             Step.START: self._start,
@@ -321,7 +341,7 @@ class Processor:
                     return await self.store.view(view.job_id)  # the intent changed meanwhile: re-read
             self._info("effect.attempt", view, step=str(intent.step), attempt=attempt)
             try:
-                command = await self._effects[intent.step](view, attempt)
+                return await self._carry_out(view, intent.step, attempt)
             except RateLimited as error:
                 await self.sleep(max(error.retry_after, delay))
             except Unavailable as error:
@@ -334,8 +354,6 @@ class Processor:
                     return await self._unknown(view, intent, error)
                 log.warning("effect.retry", **self._ids(view), step=str(intent.step), error=str(error))
                 await self.sleep(self._jitter(delay))
-            else:
-                return await self._record(view, command)
             delay = min(delay * 2, self.config.retry_cap_s)
             view = await self.store.view(view.job_id)
             if view.intent is None or view.intent.step != intent.step or view.rests:
@@ -355,6 +373,51 @@ class Processor:
                         "the escrow service could not be reached before the deadline"
                     ),
                 )
+
+    async def _carry_out(self, view: JobView, step: Step, attempt: int) -> JobView:
+        """Make the claimed call and record its outcome. A call that moves money is not cut off when
+        the job's driver is cancelled (a stop, SIGINT or SIGTERM): cut off after it was sent, its
+        outcome would be unknown, and the published service cannot be asked whether a create
+        happened (the job would wait for an operator). It finishes in the background, its outcome is
+        recorded, and `finish_money_calls` (the engine's close) waits for it."""
+        if not step.moves_money:
+            return await self._record(view, await self._effects[step](view, attempt))
+
+        async def call_and_record() -> JobView:
+            return await self._record(view, await self._effects[step](view, attempt))
+
+        task = asyncio.get_running_loop().create_task(call_and_record(), name=f"money-{view.job_id}")
+        self._money_calls.add(task)
+        task.add_done_callback(self._money_call_done)
+        return await asyncio.shield(task)
+
+    def _money_call_done(self, task: asyncio.Task[JobView]) -> None:
+        self._money_calls.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The driver, if still there, handles it (a retry, a confirmation); after a stop the next
+            # engine's recovery does, from the attempt in the log.
+            log.debug("effect.finished_after_stop", error=repr(task.exception()))
+
+    async def finish_money_calls(self, within_s: float) -> int:
+        """Wait (up to `within_s`) for calls that move money to end and their outcomes to be recorded;
+        those still running then are cancelled (their attempts stay in the log for recovery). The
+        number cancelled."""
+        pending = set(self._money_calls)
+        if not pending:
+            return 0
+        log.info("engine.finishing_money_calls", calls=len(pending), within_s=within_s)
+        _, late = await asyncio.wait(pending, timeout=within_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        if late:
+            log.warning("engine.money_calls_cut_off", calls=len(late))
+        return len(late)
+
+    def abandon_money_calls(self) -> None:
+        """A simulated crash: the calls in flight end with the process."""
+        for task in list(self._money_calls):
+            task.cancel()
 
     async def _recover(self, view: JobView, intent: Intent) -> JobView:
         """An attempt without an outcome: confirm through the gateway, else redo or park."""

@@ -32,6 +32,7 @@ class ConfigError(ValueError):
 
 
 MIN_TOKEN_LENGTH = 16
+DEFAULT_CLAIM_LEASE_S = 60.0
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -81,8 +82,16 @@ class Settings(BaseSettings):
     refund_wait_s: float = Field(default=0.0, ge=0, le=24 * 3600, validation_alias="PODSETTLE_REFUND_WAIT_S")
     refund_poll_s: float = Field(default=30.0, gt=0, le=3600, validation_alias="PODSETTLE_REFUND_POLL_S")
     # How long another engine's unanswered attempt is left to it before this one confirms or redoes
-    # it (several engines on one store); also how long a restarted engine waits for a dead one's.
-    claim_lease_s: float = Field(default=30.0, ge=0, le=3600, validation_alias="PODSETTLE_CLAIM_LEASE_S")
+    # it (several engines on one store); also how long a restarted engine waits for a dead one's
+    # (a process of this machine that has exited is not waited for). Unset: the longest call a
+    # claim covers, at least DEFAULT_CLAIM_LEASE_S; set below that call, the engine refuses to start
+    # (a live engine's start would be taken over mid-call and the job run twice).
+    claim_lease_s: float | None = Field(
+        default=None, ge=0, le=3600, validation_alias="PODSETTLE_CLAIM_LEASE_S"
+    )
+    # On a stop (SIGINT, SIGTERM, closing the engine), how long calls that move money and are under
+    # way are given to finish, so that their outcomes are saved (cut off, a create's is unknown).
+    stop_grace_s: float = Field(default=30.0, ge=0, le=600, validation_alias="PODSETTLE_STOP_GRACE_S")
     # The first status read after a submit; later reads back off (x1.5, at most 5 s) and the
     # client-side limiter keeps them under RunPod's /status limit.
     runpod_poll_s: float = Field(default=0.05, gt=0, le=60, validation_alias="PODSETTLE_RUNPOD_POLL_S")
@@ -271,6 +280,20 @@ class Settings(BaseSettings):
             if value is not None:
                 env[ENVIRONMENT[name]] = ("y" if value else "n") if isinstance(value, bool) else str(value)
         return env
+
+    def claim_lease(self, longest_call_s: float) -> float:
+        """The claim lease for gateways whose longest call lasts `longest_call_s`: the configured
+        one, which must outlast that call, or by default that call and at least DEFAULT_CLAIM_LEASE_S."""
+        if self.claim_lease_s is None:
+            return max(DEFAULT_CLAIM_LEASE_S, longest_call_s)
+        if self.claim_lease_s < longest_call_s:
+            raise ConfigError(
+                f"PODSETTLE_CLAIM_LEASE_S: {self.claim_lease_s:g} s is shorter than the longest call a "
+                f"claim covers ({longest_call_s:g} s, from the services' timeouts and "
+                "PODSETTLE_RUNPOD_RUNSYNC_MS): another engine would take over a live engine's call "
+                f"mid-way and make it again; set it to at least {longest_call_s:g}, or leave it unset"
+            )
+        return self.claim_lease_s
 
     def payee_for(self, endpoint_id: str, override: str | None = None) -> str:
         payee = override or self.payees.get(endpoint_id) or self.payee

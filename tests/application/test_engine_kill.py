@@ -56,7 +56,6 @@ def test_a_killed_engine_process_finishes_its_batch_after_a_restart(tmp_path: Pa
             "RUNPOD_ENDPOINT_BASE_URL": sandbox.runpod_url,
             "PODSETTLE_LOG_LEVEL": "WARNING",
             "PODSETTLE_ESCROW_RATE_LIMITS": "create=10000,release=10000,cancel=10000,dispute=10000",
-            "PODSETTLE_CLAIM_LEASE_S": "1",  # the killed engine's attempts are abandoned after 1 s
         }
         args = [
             "batch",

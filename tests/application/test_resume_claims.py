@@ -24,7 +24,7 @@ from podsettle.cli import app as cli
 from podsettle.domain import State, Step
 from podsettle.domain.money import to_money
 from podsettle.domain.rules import split
-from podsettle.processor import ProcessorConfig, local_processor_id, process_gone
+from podsettle.processor import ProcessorConfig, local_processor_id, process_gone, release_processor_id
 from tests.histories import Plan, drive_history
 from tests.jobs import opened
 
@@ -68,6 +68,26 @@ def test_the_processor_id_names_this_process_and_is_never_judged_gone() -> None:
     assert f"/pid-{os.getpid()}/" in mine and mine.startswith(socket.gethostname()[:32])
     assert process_gone(mine) is False
     assert local_processor_id() != mine  # two engines in one process do not share an id
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+async def test_the_claims_of_an_engine_of_this_process_that_closed_are_not_waited_for(tmp_path: Path) -> None:
+    """Two engines in one process (a runtime that closes one and opens another, the CLI under a test
+    runner): the closed one holds nothing, whatever the lease."""
+    first = local_processor_id()
+    second = local_processor_id()
+    release_processor_id(first)
+    assert process_gone(first) is True
+    assert process_gone(second) is False  # still open: its lease is honoured
+    store, ledger = await releasing_job_claimed_by(tmp_path, first)
+    engine = in_process_engine(
+        store, ledger_path=ledger, processor=ProcessorConfig(processor_id=second, claim_lease_s=300)
+    )
+    async with engine:
+        results = await asyncio.wait_for(engine.resume(), 20)
+    assert [r.status for r in results] == ["paid"]
+    assert engine.processor.deferred == 0
+    assert process_gone(second) is True  # closed now
 
 
 def dead_processor_id() -> str:

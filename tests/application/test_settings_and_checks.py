@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from podsettle import Engine
 from podsettle.domain import InvalidInput
 from podsettle.domain import acceptance as checks
 from podsettle.processor import escrow_timeout_hours
@@ -100,6 +101,43 @@ def test_a_bad_key_is_named_without_its_value() -> None:
 def test_a_missing_payee_is_explained() -> None:
     with pytest.raises(ConfigError, match="PODSETTLE_PAYEE"):
         Settings.from_env({}).payee_for("echo")
+
+
+PRODUCTION = {
+    "PF_API_KEY": "pf_live_" + "k" * 40,
+    "PODSETTLE_PAYER": "ag_payer",
+    "RUNPOD_API_KEY": "runpod-key",
+    "PODSETTLE_STORE": "memory",
+}
+
+
+def production(**more: str) -> Engine:
+    return Engine.from_env(Settings.from_env({**PRODUCTION, **more}))
+
+
+async def test_the_claim_lease_outlasts_the_longest_call_a_claim_covers() -> None:
+    """A lease shorter than a start's longest wait would let a live engine's start be taken over
+    and the job submitted twice: such a setting is refused, naming the variable and the minimum."""
+    engine = production()  # the default: the longest call (65 s here), at least 60
+    try:
+        assert engine.processor.config.claim_lease_s == 65.0
+    finally:
+        await engine.aclose()
+    longer = production(PODSETTLE_RUNPOD_RUNSYNC_MS="120000")
+    try:
+        assert longer.processor.config.claim_lease_s == 35.0 + 120 + 10  # a runsync waits 120 s
+    finally:
+        await longer.aclose()
+    with pytest.raises(ConfigError) as refused:
+        production(PODSETTLE_CLAIM_LEASE_S="2")
+    message = str(refused.value)
+    assert message.startswith("PODSETTLE_CLAIM_LEASE_S: 2 s is shorter than the longest call")
+    assert "at least 65" in message
+    chosen = production(PODSETTLE_CLAIM_LEASE_S="90")
+    try:
+        assert chosen.processor.config.claim_lease_s == 90.0
+    finally:
+        await chosen.aclose()
 
 
 def test_the_escrow_outlives_the_job_by_the_release_margin() -> None:

@@ -49,8 +49,6 @@ def env(sandbox: Sandbox, tmp_path: Path) -> dict[str, str]:
         "PODSETTLE_JOB_TIMEOUT_S": "60",
         "PODSETTLE_REFUND_WAIT_S": "10",
         "PODSETTLE_REFUND_POLL_S": "0.05",
-        # A stopped process's claims on its jobs lapse after this; `resume` then takes them over.
-        "PODSETTLE_CLAIM_LEASE_S": "2",
     }
 
 
@@ -117,6 +115,49 @@ def test_a_stopped_batch_says_what_is_done_and_left_and_resume_finishes_it(
     assert Decimal(totals["funded"]) == Decimal("6.000000")
     assert invoke(env, "replay").exit_code == 0
     assert sandbox.ledger()["conserved"] is True
+
+
+def test_a_stop_during_an_escrow_create_waits_for_its_answer_so_nothing_is_left_unknown(
+    env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The published service cannot be asked whether a create happened: a create cut off by a stop
+    would leave its job for an operator. A stop lets the calls that move money finish and records
+    their outcomes first; then `resume` pays every job and nothing waits for an operator."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(f'{{"n": {n}}}\n' for n in range(3)))
+    # Every create (the payer check's included) answers after 2 s; the work is done at once.
+    fault = {"route": "create", "mode": "delay", "delay_s": 2, "count": 10}
+    httpx.post(f"{sandbox.url}/sandbox/faults", json=fault, timeout=10).raise_for_status()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), "--endpoint", "echo", "--budget", "0.50",
+         "--concurrency", "1"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        store = Path(env["PODSETTLE_STORE"].removeprefix("sqlite:///"))
+        while not (store.exists() and json.loads(invoke(env, "totals", "--json").stdout)["jobs"] == 3):
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.1)
+        time.sleep(0.5)  # the first job's create is on its way (it answers 2 s after it was sent)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+        httpx.delete(f"{sandbox.url}/sandbox/faults", timeout=10)
+    assert child.returncode == 143, err
+    assert "podsettle: stopped by SIGTERM" in err
+    waiting = json.loads(invoke(env, "jobs", "--state", "attention", "--json").stdout)
+    assert waiting == []
+
+    resumed = invoke(env, "resume", "--json")
+    assert resumed.exit_code == 0, (resumed.stdout, resumed.stderr)
+    totals = json.loads(invoke(env, "totals", "--json").stdout)
+    assert (totals["jobs"], totals["paid_jobs"]) == (3, 3)
+    assert account(sandbox, env["PODSETTLE_PAYER"])["held"] == "0.000000"
+    assert invoke(env, "replay").exit_code == 0
 
 
 def test_an_outage_is_one_line_when_it_starts_and_one_when_it_ends(

@@ -28,7 +28,7 @@ from podsettle.domain import EscrowJob, State
 JOBS = 36
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = "shared-batch"
-LEASE_S = 5.0  # the killed process's claims are taken over after it
+LEASE_S = 65.0  # the shortest the engine accepts; a killed process of this machine is not waited for
 
 
 class SandboxProcess:
@@ -64,7 +64,7 @@ def sandbox() -> Any:
     made.kill()
 
 
-def _engine_env(store: str, sandbox: SandboxProcess, lease_s: float = 30.0) -> dict[str, str]:
+def _engine_env(store: str, sandbox: SandboxProcess, lease_s: float = 65.0) -> dict[str, str]:
     """The environment of an engine process. A claim's lease must outlast its longest attempt (a
     start waits for RunPod's synchronous answer while the job queues): with a lease of 1 s, live
     processes took over each other's start attempts and submitted those jobs twice."""
