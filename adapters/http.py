@@ -69,6 +69,8 @@ __all__ = [
     "transport_error",
 ]
 
+# The largest answer read (RunPod's results are at most ~20 MB; escrow answers are small).
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 KEEPALIVE_S = 4.0  # below the common 5 s server keep-alive timeouts
 URLS_KEPT = 256
 MAY_HAVE_TAKEN_EFFECT = "the call may or may not have taken effect"
@@ -140,6 +142,24 @@ def classify(error: BaseException) -> TransportFailure | None:
         if isinstance(error, kind):
             return TransportFailure(sent, type(error).__name__, timeout=isinstance(error, TimeoutError))
     return None
+
+
+async def _body(response: aiohttp.ClientResponse) -> bytes:
+    """The answer's body, refused past MAX_ANSWER_BYTES (a server or a proxy gone wrong must not
+    fill the engine's memory): the request was answered, so it may have taken effect."""
+    length = response.content_length
+    if length is not None and length <= MAX_ANSWER_BYTES:
+        return await response.read()
+    if length is not None:
+        raise TransportFailure(Sent.MAYBE, f"AnswerTooLarge ({length} bytes announced)", timeout=False)
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(1 << 16):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise TransportFailure(
+                Sent.MAYBE, f"AnswerTooLarge (over {MAX_ANSWER_BYTES} bytes)", timeout=False
+            )
+    return bytes(body)
 
 
 def transport_error(failure: TransportFailure, what: str, *, money: bool, maybe: str = "") -> GatewayError:
@@ -340,8 +360,7 @@ class HttpClient:
             async with session.request(
                 method, url, data=content, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
-                body = await response.read()
-                return Answer(response.status, body, response.headers)
+                return Answer(response.status, await _body(response), response.headers)
         except Exception as error:
             failure = classify(error)
             if failure is None:

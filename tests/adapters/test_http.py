@@ -297,6 +297,28 @@ async def test_a_connection_lost_after_the_request_may_have_arrived(reply: bytes
     assert failure.kind == kind
 
 
+def chunked(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+async def test_an_answer_past_the_size_cap_is_refused_as_possibly_taken_effect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server (or a proxy) gone wrong must not fill the engine's memory: an answer larger than the
+    cap is not read, whether its length is announced or not; one within it is read whole."""
+    monkeypatch.setattr("podsettle.adapters.http.MAX_ANSWER_BYTES", 1000)
+    announced = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000
+    for reply in (announced, chunked(b"y" * 5000)):
+        async with Server(answers(reply)) as server, client_of(server) as client:
+            failure = await failure_of(client.request("POST", "/", content=b"{}"))
+        assert failure.sent is Sent.MAYBE and failure.kind.startswith("AnswerTooLarge")
+        error = transport_error(failure, "escrow create", money=True)
+        assert isinstance(error, OutcomeUnknown) and "AnswerTooLarge" in str(error)
+    async with Server(answers(chunked(b"z" * 900))) as server, client_of(server) as client:
+        answer = await client.request("GET", "/")
+    assert answer.status == 200 and answer.content == b"z" * 900
+
+
 async def test_a_reset_after_the_request_may_have_arrived() -> None:
     async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
