@@ -812,8 +812,16 @@ class EscrowJob(Aggregate):
         self.intent = None
 
     def request_cancel(self, reason: str) -> None:
-        """Cancel a running job on RunPod; its failure then refunds the escrow."""
+        """Cancel a job: one still waiting to be funded ends REJECTED with nothing funded (no call
+        was made); a funded one not yet submitted fails at once; a running one is cancelled on
+        RunPod, and its failure then refunds the escrow. A job whose escrow is being created cannot
+        be cancelled until the create's outcome is known (`Conflict`)."""
         if self.intent is not None and self.intent.step == Step.CANCEL:
+            return
+        if self.state == State.FUNDING and self.intent is not None:
+            if self.intent.attempts:
+                raise self._conflict("cancel", "its escrow is being created: cancel it once it is funded")
+            self.record_funding_rejected(f"cancelled before funding: {reason}")
             return
         if self.state == State.FUNDED and self.intent is not None and self.intent.attempts == 0:
             # Nothing was submitted yet: fail it here, no RunPod call needed.

@@ -252,6 +252,9 @@ class EngineCore:
         self.clock = clock
         self.follow_interval_s = follow_interval_s
         self.recover_on_start = recover_on_start
+        # Whether the engine follows the log for intents other processes wrote, and drives them (a
+        # one-off command that acts on given jobs, such as `cancel`, must not work the others).
+        self.follow_log = True
         self.stats = EngineStats()
         self.writer = JobWriter(settlements)
         self._checks: dict[str, checks.CustomCheck] = {}
@@ -308,7 +311,8 @@ class EngineCore:
         position = 0
         if self.recover_on_start:
             position = await self._recover()
-        self._background.append(loop.create_task(self._follow(position), name="podsettle-follower"))
+        if self.follow_log:
+            self._background.append(loop.create_task(self._follow(position), name="podsettle-follower"))
         self._background.append(loop.create_task(self._watch_pending_refunds(), name="podsettle-refunds"))
 
     async def aclose(self) -> None:

@@ -786,6 +786,9 @@ _BONUS_FLAGS = {
 }
 
 
+CANCEL_FOLLOW_S = 30.0  # how long `cancel` waits for jobs being funded to be cancellable
+
+
 @app.command()
 def cancel(
     job_id: Annotated[str | None, typer.Argument(help="The job to cancel (its id).")] = None,
@@ -796,22 +799,31 @@ def cancel(
     store: StoreOption = None,
     json_output: JsonFlag = False,
 ) -> None:
-    """Cancel a funded or running job (or those of a batch) on RunPod and refund its escrow; works
-    while the batch runs in another terminal. Exit 1 when any job could not be cancelled or ended
-    other than refunded."""
+    """Cancel a job (or those of a batch): one still waiting to be funded ends with nothing funded,
+    a funded or running one is cancelled on RunPod and its escrow refunded; works while the batch
+    runs in another terminal. Exit 1 when any job could not be cancelled or ended other than
+    refunded or rejected."""
+    from podsettle.domain.errors import DomainError
     from podsettle.domain.lifecycle import State, status_of
 
     if (job_id is None) == (batch is None):
         fail("cancel takes a JOB_ID or --batch BATCH_ID (one of them)")
     url = _paying_store(store, "cancel")
     settlements = _settlements(url)
-    cancellable = (State.FUNDED, State.RUNNING)
+
+    def cancellable(job: Any) -> bool:
+        # A job whose escrow create is under way can be cancelled only once its outcome is known.
+        waiting = job.state == State.FUNDING and job.intent is not None and not job.intent.attempts
+        return waiting or job.state in (State.FUNDED, State.RUNNING)
+
     with user_errors():
         if job_id is not None:
             job = settlements.get_job(_job_id(settlements, job_id))
-            if job.state not in cancellable:
+            if not cancellable(job):
+                being_funded = " (its escrow is being created: try again once it is funded)"
                 fail(
-                    f"job {job.id} is {job.state}: only a FUNDED or RUNNING job can be cancelled",
+                    f"job {job.id} is {job.state}{being_funded if job.state == State.FUNDING else ''}: only "
+                    "a job waiting to be funded, FUNDED or RUNNING can be cancelled",
                     EXIT_FAILURE,
                 )
             targets, skipped = [job.id], []
@@ -819,16 +831,43 @@ def cancel(
             found = [settlements.get_job(i) for i in settlements.job_ids(batch_id=batch)]
             if not found:
                 fail(f"--batch {batch}: no job of that batch is in the store")
-            targets = [job.id for job in found if job.state in cancellable]
-            skipped = [
-                job for job in found if job.state not in cancellable and status_of(job.state) == "in_flight"
-            ]
+            # Jobs being funded too: they are cancelled once funded (below).
+            chosen = [job for job in found if cancellable(job) or job.state == State.FUNDING]
+            targets = [job.id for job in chosen]
+            skipped = [job for job in found if job not in chosen and status_of(job.state) == "in_flight"]
 
     async def go() -> list[Any]:
-        async with _engine(store=url) as engine:
-            # Only these jobs: the engine must not pick up the store's other unfinished jobs.
-            engine.recover_on_start = False
-            return [await engine.cancel(target, reason) for target in targets]
+        engine = _engine(store=url)
+        # Only these jobs: the engine must not pick up the store's other unfinished jobs (it would
+        # fund the jobs a batch running elsewhere has queued). Set before it starts.
+        engine.recover_on_start = False
+        engine.follow_log = False
+        async with engine:
+            done: list[Any] = []
+            pending = list(targets)
+            # A batch running elsewhere funds its next jobs while these are cancelled: those whose
+            # escrow was being created are cancelled once funded (looked at again for a while).
+            deadline = asyncio.get_running_loop().time() + CANCEL_FOLLOW_S
+            while pending:
+                # The jobs waiting to be funded first: cancelling them is immediate, and the batch
+                # then has no more of them to fund.
+                jobs = sorted(
+                    (settlements.get_job(i) for i in pending), key=lambda j: j.state != State.FUNDING
+                )
+                pending = []
+                for job in jobs:
+                    try:
+                        done.append(await engine.cancel(job.id, reason))
+                    except DomainError:  # its create was sent meanwhile: once it is funded
+                        pending.append(job.id)
+                if pending and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.2)
+                    current = [settlements.get_job(i) for i in pending]
+                    pending = [j.id for j in current if cancellable(j) or j.state == State.FUNDING]
+                else:
+                    skipped.extend(settlements.get_job(i) for i in pending)
+                    break
+            return done
 
     results = run(go()) if targets else []
     if json_output:
@@ -837,7 +876,7 @@ def cancel(
         for result in results:
             typer.echo(f"{result.job_id}  {result.status}")
         if batch is not None and not targets:
-            typer.echo(f"batch {batch}: no job is funded or running; nothing to cancel")
+            typer.echo(f"batch {batch}: no job waits to be funded, is funded or running; nothing to cancel")
     if skipped:
         states = ", ".join(sorted({job.state for job in skipped}))
         typer.echo(

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +322,53 @@ def _wait_for(predicate: Any, timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+def test_cancel_batch_ends_the_jobs_still_waiting_to_be_funded_with_nothing_funded(
+    env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """One job runs (concurrency 1), three wait their turn to be funded: cancelling the batch
+    refunds the running one and ends the waiting ones REJECTED without any escrow (no fee lost)."""
+    import os
+    import subprocess
+
+    jobs_file = tmp_path / "queued.jsonl"
+    jobs_file.write_text("".join(f'{{"seconds": 60, "n": {n}}}\n' for n in range(4)))
+    payer = env["PODSETTLE_PAYER"]
+    start_balance = Decimal(balance(sandbox, payer)[0])
+    batch = subprocess.Popen(
+        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs_file), "--endpoint", "sleep",
+         "--budget", "0.50", "--batch-id", "b-queued", "--concurrency", "1", "--json"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+
+        def listed(state: str) -> list[dict[str, Any]]:
+            if not (tmp_path / "store.db").exists():
+                return []
+            shown = invoke(env, "jobs", "--batch", "b-queued", "--state", state, "--json")
+            return json.loads(shown.stdout) if shown.exit_code == 0 else []
+
+        _wait_for(lambda: len(listed("running")) == 1 and len(listed("funding")) == 3)
+        cancelled = invoke(env, "cancel", "--batch", "b-queued", "--json")
+        assert cancelled.exit_code == 0, cancelled.stderr
+        statuses = sorted(r["status"] for r in json.loads(cancelled.stdout))
+        assert statuses == ["refunded", "rejected", "rejected", "rejected"], cancelled.stdout
+        out, err = batch.communicate(timeout=60)
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+            batch.communicate()
+    assert batch.returncode == 1, err
+    assert json.loads(out)["totals"]["paid_jobs"] == 0
+    rejected = listed("rejected")
+    assert len(rejected) == 3 and all(job["escrow_id"] is None for job in rejected)
+    # Only the running job's escrow existed: the payer lost its fee and nothing else.
+    after, held = balance(sandbox, payer)
+    assert held == "0.000000"
+    totals = json.loads(invoke(env, "totals", "--batch", "b-queued", "--json").stdout)
+    assert start_balance - Decimal(after) == Decimal(totals["fees"]) == Decimal("0.005000")
+    assert invoke(env, "replay").exit_code == 0
+
+
 def test_cancel_a_job_and_then_its_batch_while_the_batch_runs_in_another_process(
     env: dict[str, str], sandbox: Sandbox, tmp_path: Path
 ) -> None:
@@ -367,7 +415,7 @@ def test_cancel_a_job_and_then_its_batch_while_the_batch_runs_in_another_process
         assert one.stdout.split() == [first, "refunded"]
         again = invoke(env, "cancel", first)
         assert again.exit_code == 1
-        one_error_line(again, "only a FUNDED or RUNNING job can be cancelled")
+        one_error_line(again, "only a job waiting to be funded, FUNDED or RUNNING can be cancelled")
 
         rest = invoke(env, "cancel", "--batch", "b-cancel", "--json")
         assert rest.exit_code == 0, rest.stderr
@@ -379,7 +427,9 @@ def test_cancel_a_job_and_then_its_batch_while_the_batch_runs_in_another_process
             batch.communicate()
     assert batch.returncode == 1, err  # the batch ends: none paid
     assert json.loads(out)["totals"]["paid_jobs"] == 0
-    assert invoke(env, "cancel", "--batch", "b-cancel").stdout.startswith("batch b-cancel: no job is funded")
+    assert invoke(env, "cancel", "--batch", "b-cancel").stdout.startswith(
+        "batch b-cancel: no job waits to be funded"
+    )
     assert invoke(env, "cancel", "--batch", "nope").exit_code == 2
     assert invoke(env, "cancel").exit_code == 2
     # Every escrow settled: nothing held, nothing paid, the worker got nothing, the log audits clean.

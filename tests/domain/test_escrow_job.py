@@ -122,6 +122,26 @@ def test_cancel_of_a_running_job_asks_runpod_then_refunds() -> None:
     assert job.state == State.REFUNDING
 
 
+def test_cancel_before_funding_rejects_the_job_with_nothing_funded() -> None:
+    job = opened()
+    job.request_cancel("user asked")
+    assert job.state == State.REJECTED and job.rests
+    assert job.rejection == "cancelled before funding: user asked"
+    assert job.escrow_id is None and job.money.funded == 0
+    assert job.violations(quiescent=True) == []
+
+
+def test_a_job_whose_escrow_is_being_created_cannot_be_cancelled_until_it_is_funded() -> None:
+    job = opened()
+    job.record_attempt(Step.FUND, "p1")
+    with pytest.raises(ConflictingOutcome, match="being created"):
+        job.request_cancel("user asked")
+    assert job.state == State.FUNDING
+    job.record_funded("esc_1", "0.50", "0.005", "0.495")
+    job.request_cancel("user asked")  # funded, not submitted: fails at once, then refunds
+    assert job.state == State.REFUNDING
+
+
 def test_cancel_before_submission_fails_at_once() -> None:
     job = funded()
     job.request_cancel("user asked")
