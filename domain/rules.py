@@ -13,8 +13,10 @@ The fee rule belongs to the escrow dialect a job was opened under (`EscrowJob.di
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Final
@@ -34,6 +36,25 @@ DIALECTS: Final = (V1, SEED)
 # lowercase hex. The escrow service matches `referral_code` against these codes only (an agent id or
 # any other text is silently ignored, and no referrer is paid).
 REFERRAL_CODE = re.compile(r"ref_[0-9a-f]{8}")
+# How long the engine funds an escrow: past the job's deadline by this margin (the escrow may not
+# auto-refund while the job can still succeed, and the engine needs time to release after it ends),
+# in whole hours, at least 1, at most MAX_ESCROW_HOURS (the service's limit).
+ESCROW_MARGIN_S: Final = 3600
+MAX_ESCROW_HOURS: Final = 720
+
+
+def escrow_timeout_hours(deadline: datetime, now: datetime) -> int:
+    """The `timeout_hours` of an escrow created at `now` for a job due by `deadline`."""
+    seconds = (deadline - now).total_seconds() + ESCROW_MARGIN_S
+    return min(MAX_ESCROW_HOURS, max(1, math.ceil(seconds / 3600)))
+
+
+def latest_escrow_expiry(deadline: datetime, created_by: datetime) -> datetime:
+    """The latest moment an escrow of `escrow_timeout_hours`, created at or before `created_by` for a
+    job due by `deadline`, can expire (the audit's bound on a refund the service's sweep makes)."""
+    hour = timedelta(hours=1)
+    past_deadline = deadline + timedelta(seconds=ESCROW_MARGIN_S) + hour  # whole hours round up
+    return min(max(created_by + hour, past_deadline), created_by + MAX_ESCROW_HOURS * hour)
 
 
 @dataclass(frozen=True)

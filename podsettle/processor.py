@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import random
 import re
@@ -57,7 +56,7 @@ from podsettle.domain.errors import ClaimLost, DomainError, InvalidInput
 from podsettle.domain.escrow_job import DEFAULT_REFUND_METHOD, Intent, JobView
 from podsettle.domain.lifecycle import Status
 from podsettle.domain.money import ZERO, Money, fmt
-from podsettle.domain.rules import FeeSplit, metered_payout, referral_fee, split
+from podsettle.domain.rules import FeeSplit, escrow_timeout_hours, metered_payout, referral_fee, split
 from podsettle.support import logs
 from podsettle.support.logs import get_logger
 
@@ -65,11 +64,7 @@ log = get_logger("podsettle.processor")
 Command = Callable[[EscrowJob], Any]
 # Opens (or finds) the evaluator job of an evaluated job and drives it until it rests: the engine's.
 Evaluator = Callable[[JobView], Awaitable[JobView]]
-# The escrow must outlive the job: it may not auto-refund while the job can still succeed, and the
-# engine needs time to release after the job ends.
-ESCROW_MARGIN_S = 3600
 RUNPOD_TIMEOUT_SLACK_MS = 2000  # RunPod's executionTimeout runs this much past the engine's deadline
-MAX_ESCROW_HOURS = 720
 
 
 PROC = Path("/proc")
@@ -198,12 +193,6 @@ class Outputs:
     """Outputs of finished runs, kept in memory for the caller (the log keeps only digests)."""
 
     by_job: dict[UUID, Any] = field(default_factory=dict)
-
-
-def escrow_timeout_hours(deadline: datetime, now: datetime) -> int:
-    """Hours the escrow must stay funded: past the job's deadline by a margin for the release."""
-    seconds = (deadline - now).total_seconds() + ESCROW_MARGIN_S
-    return max(1, math.ceil(seconds / 3600))
 
 
 class Processor:
@@ -515,7 +504,7 @@ class Processor:
                     description=self.config.description.format(
                         endpoint_id=view.endpoint_id, job_key=view.job_key
                     ),
-                    timeout_hours=min(MAX_ESCROW_HOURS, escrow_timeout_hours(view.deadline, self.clock())),
+                    timeout_hours=escrow_timeout_hours(view.deadline, self.clock()),
                     referral=view.referral,
                     metadata={"job_id": str(view.job_id), "input_digest": view.input_digest},
                     # Queued behind the create limit past that, the job could no longer start.

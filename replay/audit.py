@@ -36,6 +36,7 @@ from eventsourcing.persistence import JSONTranscoder
 
 from podsettle.domain import EscrowJob, State
 from podsettle.domain.bounty import BOUNTY_TOPIC_PREFIX, Bounty
+from podsettle.domain.rules import latest_escrow_expiry
 from podsettle.projections import Checkpoint, JobRow, Projector, ReadModel, ViewStore, is_job_topic
 from podsettle.projections.apply import Applier, Creator, applier, creator, event_method
 from podsettle.projections.views import VIEWS, row_from_record
@@ -57,11 +58,6 @@ DEFAULT_RECENT = 2_048
 DEFAULT_MAX_FINDINGS = 1_000
 # The published escrow service's timeout sweep runs every five minutes.
 SWEEP_PERIOD = timedelta(minutes=5)
-# How long the engine funds an escrow (the processor's rule, read here as the log's bound): past the
-# job's deadline by an hour's margin, in whole hours (so up to one more), at least 1, at most 720.
-ESCROW_PAST_DEADLINE = timedelta(hours=2)
-ESCROW_MIN = timedelta(hours=1)
-ESCROW_MAX = timedelta(hours=720)
 LEFT_IN_FLIGHT = "funded job left in "  # the quiescent rule's words (EscrowJob.violations)
 Clock = Callable[[], datetime]
 # Events after which an invariant can newly break (besides any order violation the apply recorded).
@@ -147,7 +143,7 @@ def waiting_on_service(job: EscrowJob, funded_at: datetime | None) -> tuple[str,
 
     Compute ends by the job's deadline. A release or a refund ends, at the latest, when the escrow's
     timeout sweep has run after the escrow expired: the escrow was created before it was recorded
-    funded, for at most the hours the engine gives it (ESCROW_PAST_DEADLINE and its limits)."""
+    funded, for at most the hours the engine gives it (`escrow_timeout_hours`)."""
     state = job.state
     if state in (State.FUNDED, State.RUNNING):
         return "compute", job.deadline
@@ -158,8 +154,7 @@ def waiting_on_service(job: EscrowJob, funded_at: datetime | None) -> tuple[str,
     else:
         return None
     created = funded_at or job.modified_on or job.created_on
-    expiry = min(max(created + ESCROW_MIN, job.deadline + ESCROW_PAST_DEADLINE), created + ESCROW_MAX)
-    return waiting, expiry + SWEEP_PERIOD
+    return waiting, latest_escrow_expiry(job.deadline, created) + SWEEP_PERIOD
 
 
 @dataclass

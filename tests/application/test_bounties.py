@@ -133,16 +133,25 @@ async def test_a_payout_stopped_midway_is_carried_on_by_the_next_engine_without_
     log. The next engine on the store carries the payout on as it starts; `claim_bounty` is not
     called again, and the winner is paid once."""
     store, ledger = f"sqlite:///{tmp_path / 'store.db'}", str(tmp_path / "ledger.db")
+    refused_twice = asyncio.Event()
+    calls = iter(range(1, 10_000))
+
+    def count() -> None:
+        if next(calls) >= 2:  # the payout has been tried, and refused
+            refused_twice.set()
+
     first = engine_with(
-        escrow_fault=(RateLimited("slow down", retry_after=0.05), 10_000), store=store, ledger_path=ledger
+        escrow_fault=(RateLimited("slow down", retry_after=0.05), 10_000),
+        on_escrow=count,
+        store=store,
+        ledger_path=ledger,
     )
     async with first:
         bounty_id = await first.post_bounty("train", "4", target="0.9", deadline_s=600, bounty_key="b-stop")
         await entered(first, bounty_id, "rp-1")
         report = BountyReport("rp-1", "pod-rp-1", "ag_worker", D("0.95"), datetime.now(UTC))
         claiming = asyncio.ensure_future(first.claim_bounty(bounty_id, [report]))
-        while first.escrow.creates < 2:  # the payout has been tried, and refused
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(refused_twice.wait(), 30)
         claiming.cancel()
         await asyncio.gather(claiming, return_exceptions=True)
         assert (await first.bounty(bounty_id)).state == BountyState.CLAIMED

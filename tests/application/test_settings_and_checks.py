@@ -9,7 +9,7 @@ import pytest
 from podsettle import Engine
 from podsettle.domain import InvalidInput
 from podsettle.domain import acceptance as checks
-from podsettle.processor import escrow_timeout_hours
+from podsettle.domain.rules import escrow_timeout_hours, latest_escrow_expiry
 from podsettle.settings import ConfigError, Settings
 
 
@@ -145,6 +145,23 @@ def test_the_escrow_outlives_the_job_by_the_release_margin() -> None:
     assert escrow_timeout_hours(now + timedelta(minutes=10), now) == 2  # 10 min + 1 h margin -> 2 h
     assert escrow_timeout_hours(now + timedelta(hours=5), now) == 6
     assert escrow_timeout_hours(now, now) == 1
+    assert escrow_timeout_hours(now + timedelta(days=60), now) == 720  # the service's most
+
+
+def test_the_audit_s_bound_is_the_latest_an_escrow_the_engine_creates_can_expire() -> None:
+    """The audit's bound on a sweep refund comes from the same rule as the escrow's hours: for any
+    moment of creation up to the one recorded, the escrow expires by the bound, and it is tight."""
+    deadline = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    for lead_s in (0, 1, 59, 600, 3599, 3600, 3601, 7200, 86_400, 40 * 86_400, 60 * 86_400):
+        recorded = deadline - timedelta(seconds=lead_s)
+        bound = latest_escrow_expiry(deadline, recorded)
+        latest = recorded
+        for earlier_s in (0, 1, 30, 1800, 3599):
+            created = recorded - timedelta(seconds=earlier_s)
+            expiry = created + timedelta(hours=escrow_timeout_hours(deadline, created))
+            assert expiry <= bound
+            latest = max(latest, expiry)
+        assert bound - latest <= timedelta(hours=1)
 
 
 @pytest.mark.parametrize(
