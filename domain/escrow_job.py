@@ -85,6 +85,8 @@ class Intent(NamedTuple):
     attempts: int = 0
     claimed_by: str | None = None  # the processor that made the last attempt, and when
     claimed_at: datetime | None = None
+    # The last attempt certainly did nothing (`NothingDone`): the next one needs no confirmation.
+    answered: bool = False
 
 
 class Funding(NamedTuple):
@@ -396,6 +398,14 @@ class EscrowJob(Aggregate):
         processor: str
         at: datetime | None
 
+    class NothingDone(Event):
+        """The attempt certainly did nothing: nothing was sent (the service could not be reached,
+        no rate-limit slot), or the service refused it before acting (a 429)."""
+
+        step: str
+        attempt: int
+        reason: str
+
     class Funded(Event):
         escrow_id: str
         amount: Decimal
@@ -666,7 +676,7 @@ class EscrowJob(Aggregate):
     @property
     def awaiting_outcome(self) -> bool:
         """An intent has been attempted and its outcome is not recorded yet."""
-        return self.intent is not None and self.intent.attempts > 0
+        return self.intent is not None and self.intent.attempts > 0 and not self.intent.answered
 
     def _guard(self, command: str, *allowed: State, detail: str = "") -> None:
         if self.state not in allowed:
@@ -723,6 +733,25 @@ class EscrowJob(Aggregate):
             self.order_violations.append(f"{step} attempted without an open intent")
         if step == Step.START:
             self.start_attempt = attempt
+
+    def record_nothing_done(self, step: Step, attempt: int, reason: str) -> None:
+        """Attempt `attempt` of the open intent certainly did nothing (nothing was sent, or a 429):
+        the intent is open again, and whoever carries it on makes a new attempt instead of asking
+        the service what became of this one (which the published service cannot answer for a
+        create). Moot, and not recorded, when another attempt or an outcome came since."""
+        intent = self.intent
+        if intent is None or intent.step != step or intent.attempts != attempt or intent.answered:
+            return
+        if self.state == State.ATTENTION:
+            return
+        self.trigger_event(self.NothingDone, step=str(step), attempt=attempt, reason=reason)
+
+    @event(NothingDone)
+    def _nothing_done(self, step: str, attempt: int, reason: str) -> None:
+        if self.intent is not None and self.intent.step == step:
+            self.intent = self.intent._replace(answered=True)
+        else:
+            self.order_violations.append(f"{step}: nothing done without an open intent")
 
     # ------------------------------------------------------------------ funding
 

@@ -269,7 +269,7 @@ class Processor:
                     if view.state != State.RUNNING:
                         return view  # nothing is wanted
                     view = await self._watch(view)
-                elif intent.attempts == 0:
+                elif intent.attempts == 0 or intent.answered:
                     view = await self._execute(view, intent)
                 elif self._fresh_claims.pop(job_id, None) == intent.attempts and (
                     intent.claimed_by == self.config.processor_id
@@ -373,12 +373,26 @@ class Processor:
             return await self._record(view, await self._effects[step](view, attempt))
 
         async def call_and_record() -> JobView:
-            return await self._record(view, await self._effects[step](view, attempt))
+            try:
+                command = await self._effects[step](view, attempt)
+            except (RateLimited, Unavailable) as error:
+                # Certainly nothing happened: said in the log at once, so that an engine carrying
+                # the job on after a stop or a crash makes a new attempt instead of asking about
+                # this one (the published service cannot tell whether a create happened).
+                await self._nothing_done(view, step, attempt, f"{type(error).__name__}: {error}")
+                raise
+            return await self._record(view, command)
 
         task = asyncio.get_running_loop().create_task(call_and_record(), name=f"money-{view.job_id}")
         self._money_calls.add(task)
         task.add_done_callback(self._money_call_done)
         return await asyncio.shield(task)
+
+    async def _nothing_done(self, view: JobView, step: Step, attempt: int, reason: str) -> None:
+        try:
+            await self.store.execute(view.job_id, lambda job: job.record_nothing_done(step, attempt, reason))
+        except DomainError as error:  # only informs: the next attempt is made either way
+            log.warning("effect.nothing_done_not_recorded", **self._ids(view), error=str(error))
 
     def _money_call_done(self, task: asyncio.Task[JobView]) -> None:
         self._money_calls.discard(task)

@@ -124,7 +124,7 @@ def row_of(job: EscrowJob, position: int, funded_at: datetime | None) -> JobRow:
         delay_ms=job.delay_ms,
         worker_id=job.worker_id,
         intent=None if intent is None else str(intent.step),
-        awaiting_outcome=intent is not None and intent.attempts > 0,
+        awaiting_outcome=job.awaiting_outcome,
         opened_at=job.created_on,
         funded_at=funded_at,
         version=job.version,

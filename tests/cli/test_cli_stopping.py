@@ -19,6 +19,7 @@ import pytest
 import structlog
 from typer.testing import CliRunner
 
+from podsettle.application import Settlements
 from podsettle.cli import app
 from podsettle.cli.stopping import ESCROW, OutageWatch
 from podsettle.sandbox.app import Sandbox
@@ -156,6 +157,56 @@ def test_a_stop_during_an_escrow_create_waits_for_its_answer_so_nothing_is_left_
     assert resumed.exit_code == 0, (resumed.stdout, resumed.stderr)
     totals = json.loads(invoke(env, "totals", "--json").stdout)
     assert (totals["jobs"], totals["paid_jobs"]) == (3, 3)
+    assert account(sandbox, env["PODSETTLE_PAYER"])["held"] == "0.000000"
+    assert invoke(env, "replay").exit_code == 0
+
+
+def test_a_stop_while_creates_are_refused_leaves_nothing_for_an_operator(
+    env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The service answers every create with a 429 (nothing done) and the batch is stopped while its
+    jobs retry: each refused attempt is recorded as having done nothing, so `resume` makes new
+    attempts and pays the jobs, instead of asking the published service about creates it cannot
+    tell of (and parking the jobs for an operator)."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(f'{{"n": {n}}}\n' for n in range(2)))
+    # The first create is the payer check's (it must pass); the jobs' are refused after it.
+    httpx.post(
+        f"{sandbox.url}/sandbox/faults", json={"route": "create", "mode": "delay", "delay_s": 0}, timeout=10
+    ).raise_for_status()
+    refused = {"route": "create", "mode": "rate_limit", "count": 10_000}
+    httpx.post(f"{sandbox.url}/sandbox/faults", json=refused, timeout=10).raise_for_status()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), "--endpoint", "echo", "--budget", "0.50"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    store = Path(env["PODSETTLE_STORE"].removeprefix("sqlite:///"))
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # both jobs were refused at least twice
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            if store.exists():
+                watcher = Settlements(env["PODSETTLE_STORE"])
+                try:
+                    intents = [watcher.get_job(i).intent for i in watcher.job_ids()]
+                finally:
+                    watcher.close()
+                if len(intents) == 2 and all(i is not None and i.attempts >= 2 for i in intents):
+                    break
+            time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+        httpx.delete(f"{sandbox.url}/sandbox/faults", timeout=10)
+    assert child.returncode == 143, err
+
+    resumed = invoke(env, "resume", "--json")
+    assert resumed.exit_code == 0, (resumed.stdout, resumed.stderr)
+    assert sorted(r["status"] for r in json.loads(resumed.stdout)) == ["paid", "paid"]
+    assert json.loads(invoke(env, "jobs", "--state", "attention", "--json").stdout) == []
     assert account(sandbox, env["PODSETTLE_PAYER"])["held"] == "0.000000"
     assert invoke(env, "replay").exit_code == 0
 

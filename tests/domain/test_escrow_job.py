@@ -112,6 +112,24 @@ def test_rejected_funding_is_terminal_and_moves_nothing() -> None:
     assert job.violations(quiescent=True) == []
 
 
+def test_an_attempt_that_did_nothing_opens_the_intent_again_for_a_new_attempt() -> None:
+    job = opened()
+    job.record_attempt(Step.FUND, "p1")
+    assert job.awaiting_outcome
+    job.record_nothing_done(Step.FUND, 1, "RateLimited: slow down")
+    assert job.intent is not None and job.intent.answered and not job.awaiting_outcome
+    assert job.state == State.FUNDING
+    job.record_nothing_done(Step.FUND, 1, "again")  # said once: a repeat records nothing
+    assert [type(e).__name__ for e in job.collect_events()].count("NothingDone") == 1
+    assert job.record_attempt(Step.FUND, "p2", after=1) == 2
+    assert job.awaiting_outcome and not job.intent.answered
+    job.record_nothing_done(Step.FUND, 1, "late answer of the first attempt")  # moot: ignored
+    assert job.awaiting_outcome
+    job.record_funded("esc_1", "0.50", "0.005", "0.495")
+    assert job.state == State.FUNDED
+    assert job.violations() == []
+
+
 def test_cancel_of_a_running_job_asks_runpod_then_refunds() -> None:
     job = running()
     job.request_cancel("user asked")
