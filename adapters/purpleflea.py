@@ -233,6 +233,7 @@ class PurpleFleaEscrow(ABC):
         self._redactor = Redactor([payer_key, worker_key or ""])
         limits = {**DEFAULT_RATE_LIMITS, **(rate_limits or {})}
         self._limiters = {route: RateLimiter(n, rate_limit_period_s) for route, n in limits.items()}
+        self._reserved: dict[str, int] = {}  # slots `reserve` took for the next calls of a route
         self._short_balance: tuple[Money, float] | None = None  # a create's 402: (amount, when)
         self._client = HttpClient(
             self.base_url,
@@ -241,6 +242,18 @@ class PurpleFleaEscrow(ABC):
             max_connections=max_connections,
             replier=replier,
         )
+
+    async def reserve(self, route: str, within_s: float | None = None) -> bool:
+        """Wait until the client-side rate limit lets one more call of `route` go, and keep that slot
+        for the next such call (which then goes at once). False, reserving nothing, when no slot comes
+        within `within_s`. The engine waits here before it claims a create, so that a stop during the
+        wait leaves no attempt behind (waiting inside the call, after the claim, it would)."""
+        limiter = self._limiters.get(route)
+        if limiter is not None and not await limiter.acquire(within_s):
+            return False
+        if limiter is not None:
+            self._reserved[route] = self._reserved.get(route, 0) + 1
+        return True
 
     @property
     def longest_call_s(self) -> float:
@@ -371,7 +384,9 @@ class PurpleFleaEscrow(ABC):
         send_within_s: float | None = None,
     ) -> Answer:
         limiter = self._limiters.get(route)
-        if limiter is not None and not await limiter.acquire(send_within_s):
+        if self._reserved.get(route):
+            self._reserved[route] -= 1  # its slot was taken by `reserve`
+        elif limiter is not None and not await limiter.acquire(send_within_s):
             raise Rejected(
                 f"{route}: not sent: the rate limit has no slot within {send_within_s:.1f} s",
                 code="start_window",

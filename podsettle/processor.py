@@ -318,6 +318,9 @@ class Processor:
             if claimed is not None:
                 attempt, claimed = claimed, None
             else:
+                ending = await self._before_claim(view, intent.step)
+                if ending is not None:
+                    return await self._record(view, ending)
                 try:
                     seen = view.intent.attempts if view.intent is not None else 0
                     attempt, view = await self.store.claim(
@@ -362,6 +365,24 @@ class Processor:
                         "the escrow service could not be reached before the deadline"
                     ),
                 )
+
+    async def _before_claim(self, view: JobView, step: Step) -> Command | None:
+        """Wait, before claiming, for what a create needs and that sends nothing: its rate-limit slot
+        (the published service allows 20 creates a minute). Waiting after the claim, a stop or a
+        crash during the wait would leave an attempt whose outcome nobody can tell. A command that
+        ends the job instead when no slot comes before its start window closes."""
+        reserve = getattr(self.escrow, "reserve", None)
+        if reserve is None or step not in (Step.FUND, Step.BONUS_FUND):
+            return None
+        within_s = None
+        if step == Step.FUND:
+            within_s = (view.deadline - self.clock()).total_seconds() - self.config.min_start_window_s
+            if within_s <= 0:
+                return None  # the create refuses it without a call (`_fund`)
+        if await reserve("create", within_s):
+            return None
+        reason = f"not funded: no escrow create could be sent within the {within_s:.1f} s left to start it"
+        return lambda job: job.record_funding_rejected(reason)
 
     async def _carry_out(self, view: JobView, step: Step, attempt: int) -> JobView:
         """Make the claimed call and record its outcome. A call that moves money is not cut off when

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from podsettle.application import Settlements
 from podsettle.cli import app
 from podsettle.cli.stopping import ESCROW, OutageWatch
+from podsettle.domain import State
 from podsettle.sandbox.app import Sandbox
 
 runner = CliRunner()
@@ -209,6 +210,48 @@ def test_a_stop_while_creates_are_refused_leaves_nothing_for_an_operator(
     assert json.loads(invoke(env, "jobs", "--state", "attention", "--json").stdout) == []
     assert account(sandbox, env["PODSETTLE_PAYER"])["held"] == "0.000000"
     assert invoke(env, "replay").exit_code == 0
+
+
+def test_a_job_waiting_for_a_create_slot_has_claimed_nothing_when_the_batch_stops(
+    env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Two creates a minute (the payer check takes one): the second job waits for its slot before it
+    claims its create, so a stop during the wait leaves it unattempted, and `resume` funds it."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(f'{{"n": {n}}}\n' for n in range(2)))
+    slow = {
+        **env,
+        "PODSETTLE_ESCROW_RATE_LIMITS": "create=2,release=10000,dispute=10000",
+        "PODSETTLE_JOB_TIMEOUT_S": "600",
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), "--endpoint", "echo", "--budget", "0.50"],
+        env={**os.environ, **slow}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while released(env) < 1:  # the first job is paid; the second waits for a slot
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 143, err
+    watcher = Settlements(env["PODSETTLE_STORE"])
+    try:
+        waiting = [watcher.get_job(i) for i in watcher.job_ids() if watcher.get_job(i).state == State.FUNDING]
+    finally:
+        watcher.close()
+    assert len(waiting) == 1 and waiting[0].intent is not None and waiting[0].intent.attempts == 0
+
+    resumed = invoke(env, "resume", "--json")
+    assert resumed.exit_code == 0, (resumed.stdout, resumed.stderr)
+    assert [r["status"] for r in json.loads(resumed.stdout)] == ["paid"]
+    assert account(sandbox, env["PODSETTLE_PAYER"])["held"] == "0.000000"
 
 
 def test_an_outage_is_one_line_when_it_starts_and_one_when_it_ends(
