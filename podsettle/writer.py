@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,7 +56,8 @@ class WriterStats:
     commands: int = 0
     fallbacks: int = 0
     longest_save_s: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)
+    # The sizes of the latest groups saved (a bounded window: a writer lives as long as its engine).
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
 
 
 class JobWriter:
@@ -211,7 +212,9 @@ class JobWriter:
     def _note_version(self, job: EscrowJob) -> None:
         self._versions[job.id] = job.version
         self._versions.move_to_end(job.id)
-        while len(self._versions) > 10 * self.cache_size:
+        # Bounded like the cache: a version forgotten costs the follower one needless read of a job
+        # (it drives the job again and finds it resting), never a missed intent.
+        while len(self._versions) > self.cache_size:
             self._versions.popitem(last=False)
 
     def _remember(self, job: EscrowJob) -> None:
