@@ -833,6 +833,19 @@ class EngineCore:
             "that agent while the log named this one; nothing was funded"
         )
 
+    def per_job_state(self) -> dict[str, int]:
+        """How many entries the engine holds now in each of its per-job structures: all of them
+        empty once every job rests, whatever the batch's size (the writer's `versions`, which let
+        the log follower skip this engine's own events, are bounded by its cache size instead)."""
+        return {
+            "driving": len(self._driving),
+            "outputs": len(self.processor.outputs.by_job),
+            "run_waits": len(self.processor._waits),
+            "fresh_claims": len(self.processor._fresh_claims),
+            "pending_refunds": len(self.processor.pending_refunds),
+            **self.writer.held(),
+        }
+
     # ------------------------------------------------------------------ driving
 
     def _drive(self, job_id: uuid.UUID, *, fresh: bool = False) -> asyncio.Task[JobView]:
