@@ -237,6 +237,12 @@ class BatchStream:
                 index += len(specs)
                 self.opened = max(self.opened, index)
                 await chunks.put(list(reversed(ids)) if joined else ids)
+            if self.total is not None and index < self.total:
+                raise InvalidInput(
+                    "jobs",
+                    f"gave {index} inputs when read again, {self.total} the first time: pass a "
+                    "collection that can be read twice, or a one-shot iterator",
+                )
         except asyncio.CancelledError:
             raise
         except Exception as error:  # the jobs opened before it settle first; then the caller gets it

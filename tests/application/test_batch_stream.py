@@ -13,7 +13,7 @@ import pytest
 
 from podsettle.batches import BadBatchInput
 from podsettle.bootstrap import Engine
-from podsettle.domain.errors import ConflictingOutcome
+from podsettle.domain.errors import ConflictingOutcome, InvalidInput
 from podsettle.engine import JobResult
 
 
@@ -139,3 +139,20 @@ async def test_a_bad_input_in_a_one_shot_stream_stops_the_opening_after_the_jobs
             async for result in stream:
                 paid += result.paid
         assert paid == 10 and len(batch_jobs(engine, "s")) == 10
+
+
+async def test_a_sized_source_that_cannot_be_read_twice_is_refused_not_taken_as_empty() -> None:
+    class Once:
+        def __init__(self) -> None:
+            self.inputs = iter([{"n": n} for n in range(5)])
+
+        def __len__(self) -> int:
+            return 5
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            return self.inputs
+
+    async with Engine.in_process("memory", balance="100") as engine:
+        with pytest.raises(InvalidInput, match="gave 0 inputs when read again, 5 the first time"):
+            await engine.run_batch("echo", Once(), "0.50")
+        assert engine.app.list_jobs() == []
