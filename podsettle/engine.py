@@ -24,6 +24,7 @@ from eventsourcing.utils import get_topic
 
 from podsettle.adapters.ports import ComputeGateway, EscrowGateway
 from podsettle.application import Settlements
+from podsettle.batches import DEFAULT_CHUNK_SIZE, BatchStream, JobInputs, batch_job_key
 from podsettle.bounties import Bounties, BountyResult, BudgetGuard, Pod, bounty_deadline
 from podsettle.domain import EscrowJob
 from podsettle.domain import acceptance as checks
@@ -36,7 +37,6 @@ from podsettle.domain.escrow_job import (
     JobMoney,
     JobView,
     check_id,
-    job_id_for,
     job_json,
     reason_of,
 )
@@ -494,10 +494,10 @@ class EngineCore:
         )
         return await self.wait(job_id)
 
-    async def run_batch(
+    def stream_batch(
         self,
         endpoint_id: str,
-        jobs: Sequence[Mapping[str, Any]],
+        jobs: JobInputs,
         per_job_budget: object = "0.25",
         *,
         payee: str | None = None,
@@ -507,76 +507,88 @@ class EngineCore:
         concurrency: int | None = None,
         batch_id: str | None = None,
         timeout_s: float | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        on_result: Callable[[JobResult], None] | None = None,
+    ) -> BatchStream:
+        """A batch of any size, settled in flat memory: `async for result in stream` gives each job's
+        result as it rests (in the order they rest), and `stream.totals` sums them as they come.
+
+        `jobs` may be any iterable or async iterable of job inputs, read as they are needed. Jobs
+        are opened `chunk_size` at a time, each chunk in one atomic save, and at most `concurrency`
+        run at once. A sized collection (a list, or anything with `len` that can be read twice) is
+        validated whole first, and checked against the payer's balance, before anything is opened;
+        a one-shot iterator is validated a chunk at a time, and a bad input stops the opening: the
+        jobs opened before it settle, then the stream raises `BadBatchInput` (naming its index).
+        Running the same `batch_id` again resumes the batch after the last chunk it opened (its
+        opened jobs are driven, or just returned, not opened again). `on_result` is called as each
+        job rests, before the stream yields it."""
+        batch = batch_id or f"batch-{uuid.uuid4().hex[:12]}"
+        check_id(batch, "batch_id")
+
+        def build(index: int, job_input: Mapping[str, Any]) -> JobRequest:
+            return self._spec(
+                endpoint_id,
+                job_input,
+                per_job_budget,
+                job_key=batch_job_key(batch, index),
+                payee=payee,
+                referral=referral,
+                acceptance=acceptance,
+                bonus_pool=bonus_pool,
+                batch_id=batch,
+                timeout_s=timeout_s,
+            )
+
+        return BatchStream(
+            self,
+            batch,
+            jobs,
+            build,
+            concurrency=concurrency or self.settings.concurrency,
+            chunk_size=chunk_size,
+            on_result=on_result,
+        )
+
+    async def run_batch(
+        self,
+        endpoint_id: str,
+        jobs: JobInputs,
+        per_job_budget: object = "0.25",
+        *,
+        payee: str | None = None,
+        referral: str | None = None,
+        acceptance: Mapping[str, Any] | None = None,
+        bonus_pool: object = None,
+        concurrency: int | None = None,
+        batch_id: str | None = None,
+        timeout_s: float | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         on_result: Callable[[JobResult], None] | None = None,
     ) -> BatchResult:
         """Run a fleet of jobs in parallel and settle each; individual failures do not raise.
 
-        All jobs are opened in one atomic save (a batch is recorded whole or not at all), then at
-        most `concurrency` are in flight at once. Re-running with the same `batch_id` resumes it.
+        `stream_batch`, with every result kept and returned in the batch's order: for a batch
+        whose results fit in memory. Jobs are opened in chunks (each chunk whole or not at all), at
+        most `concurrency` in flight. Re-running with the same `batch_id` resumes it.
         """
-        limit = concurrency or self.settings.concurrency
-        if limit < 1:
-            raise InvalidInput("concurrency", f"must be at least 1, got {limit}")
-        batch = batch_id or f"batch-{uuid.uuid4().hex[:12]}"
-        check_id(batch, "batch_id")
-
-        def build() -> list[JobRequest]:
-            return [
-                self._spec(
-                    endpoint_id,
-                    job_input,
-                    per_job_budget,
-                    job_key=f"{batch}-{index:06d}",
-                    payee=payee,
-                    referral=referral,
-                    acceptance=acceptance,
-                    bonus_pool=bonus_pool,
-                    batch_id=batch,
-                    timeout_s=timeout_s,
-                )
-                for index, job_input in enumerate(jobs)
-            ]
-
-        # Validating and hashing thousands of inputs is CPU work: off the event loop.
-        specs = await asyncio.to_thread(build) if len(jobs) > 100 else build()
-        await self.start()
-        await self._check_balance(batch, specs)
-        joined = bool(specs) and await self.writer.call(partial(self._opened, specs[0].job_key))
-        ids = await self._open(specs)
-        slots = asyncio.Semaphore(limit)
-
-        async def one(job_id: uuid.UUID) -> JobResult:
-            async with slots:
-                result = await self.wait(job_id)
-            if on_result is not None:
-                on_result(result)
-            return result
-
-        # Engines given the same batch split it by claims. One that joins a batch already opened (by
-        # another engine, or by itself before a restart) goes through it from the end: in the same
-        # order it would queue behind the other's claims, each slot waiting on a job held there.
-        order = list(reversed(ids)) if joined else ids
-        settled = await asyncio.gather(*(one(job_id) for job_id in order))
-        results = list(reversed(settled)) if joined else list(settled)
-        totals = batch_totals(results)
-        log.info("batch.settled", batch_id=batch, **totals.to_json())
-        return BatchResult(batch, results, totals)
-
-    async def _check_balance(self, batch: str, specs: Sequence[JobRequest]) -> None:
-        """Refuse a batch whose new jobs' budgets (each holds its fee) exceed the payer's balance,
-        where the escrow shows one, before anything is opened: else the jobs past the balance would
-        each be sent to be refused. (A resumed batch counts only the jobs it has not opened yet.)"""
-        available = await self.escrow.balance()
-        if available is None:
-            return
-        opened = set(await self.writer.call(lambda: list(self.app.job_ids(batch_id=batch))))
-        needed = sum((s.budget for s in specs if job_id_for(s.job_key) not in opened), ZERO)
-        if needed > available:
-            raise InvalidInput(
-                "budget",
-                f"the batch's {len(specs)} jobs need {fmt(needed)} USDC and the payer holds "
-                f"{fmt(available)}; nothing was opened",
-            )
+        stream = self.stream_batch(
+            endpoint_id,
+            jobs,
+            per_job_budget,
+            payee=payee,
+            referral=referral,
+            acceptance=acceptance,
+            bonus_pool=bonus_pool,
+            concurrency=concurrency,
+            batch_id=batch_id,
+            timeout_s=timeout_s,
+            chunk_size=chunk_size,
+            on_result=on_result,
+        )
+        results = [result async for result in stream]
+        results.sort(key=lambda result: int(result.job_key.rsplit("-", 1)[1]))
+        log.info("batch.settled", batch_id=stream.batch_id, **stream.totals.to_json())
+        return BatchResult(stream.batch_id, results, stream.totals)
 
     async def wait(self, job_id: uuid.UUID | str) -> JobResult:
         """Drive the job (unless this engine already is) until it rests; its result."""
@@ -841,6 +853,19 @@ class EngineCore:
             "that agent while the log named this one; nothing was funded"
         )
 
+    def per_job_state(self) -> dict[str, int]:
+        """How many entries the engine holds now in each of its per-job structures: all of them
+        empty once every job rests, whatever the batch's size (the writer's `versions`, which let
+        the log follower skip this engine's own events, are bounded by its cache size instead)."""
+        return {
+            "driving": len(self._driving),
+            "outputs": len(self.processor.outputs.by_job),
+            "run_waits": len(self.processor._waits),
+            "fresh_claims": len(self.processor._fresh_claims),
+            "pending_refunds": len(self.processor.pending_refunds),
+            **self.writer.held(),
+        }
+
     # ------------------------------------------------------------------ driving
 
     def _drive(self, job_id: uuid.UUID, *, fresh: bool = False) -> asyncio.Task[JobView]:
@@ -884,15 +909,36 @@ class EngineCore:
         self.stats.recovered = len(ids)
         if ids:
             log.info("engine.recovering", jobs=len(ids))
-            slots = asyncio.Semaphore(self.settings.concurrency)
-
-            async def one(job_id: uuid.UUID) -> None:
-                async with slots:
-                    await self._drive(job_id)
-
-            for job_id in ids:
-                self._background.append(asyncio.get_running_loop().create_task(one(job_id)))
+            loop = asyncio.get_running_loop()
+            self._background.append(loop.create_task(self._recover_jobs(ids), name="podsettle-recovery"))
         return last
+
+    async def _recover_jobs(self, ids: list[uuid.UUID]) -> None:
+        """At most `concurrency` at once, a task for a job only while it is driven: a large log's
+        unfinished jobs cost their ids, not a task each."""
+        slots = asyncio.Semaphore(self.settings.concurrency)
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(job_id: uuid.UUID) -> None:
+            try:
+                await self._drive(job_id)
+            except Exception:  # logged by `_drive_done`; the others go on
+                pass
+            finally:
+                slots.release()
+
+        loop = asyncio.get_running_loop()
+        try:
+            for job_id in ids:
+                await slots.acquire()
+                task = loop.create_task(one(job_id))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                await asyncio.wait(set(running))
+        finally:
+            for task in running:
+                task.cancel()
 
     def _payouts_under_way(self) -> list[uuid.UUID]:
         """Bounties whose payout an engine began and did not end (a blocking store call)."""

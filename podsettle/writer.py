@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,7 +56,8 @@ class WriterStats:
     commands: int = 0
     fallbacks: int = 0
     longest_save_s: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)
+    # The sizes of the latest groups saved (a bounded window: a writer lives as long as its engine).
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
 
 
 class JobWriter:
@@ -137,6 +138,16 @@ class JobWriter:
         events it caused itself."""
         return self._versions.get(job_id, 0)
 
+    def held(self) -> dict[str, int]:
+        """The entries this writer holds per job: jobs cached, their views, inputs not submitted yet,
+        and versions seen (the last bounded by `cache_size`, the others emptied as jobs rest)."""
+        return {
+            "cached_jobs": len(self._cache),
+            "views": len(self._views),
+            "inputs": len(self._inputs),
+            "versions": len(self._versions),
+        }
+
     async def aclose(self) -> None:
         """Save what is queued, then stop."""
         self._closed = True
@@ -199,11 +210,19 @@ class JobWriter:
 
     # ------------------------------------------------------------------ on the store thread
 
-    def _load(self, job_id: UUID) -> EscrowJob:
+    def _load(self, job_id: UUID, touched: dict[UUID, EscrowJob] | None = None) -> EscrowJob:
+        """The job as this writer has it: changed in the group being saved, cached, or read from the
+        store. A resting job read from the store is not cached: a batch's settled jobs, read once
+        more (a resumed batch, the log follower), would otherwise fill the cache."""
+        if touched is not None and job_id in touched:
+            return touched[job_id]
         job = self._cache.get(job_id)
         if job is None:
             job = self.app.get_job(job_id)
-            self._remember(job)
+            if job.rests:
+                self._note_version(job)
+            else:
+                self._remember(job)
         else:
             self._cache.move_to_end(job_id)
         return job
@@ -211,7 +230,9 @@ class JobWriter:
     def _note_version(self, job: EscrowJob) -> None:
         self._versions[job.id] = job.version
         self._versions.move_to_end(job.id)
-        while len(self._versions) > 10 * self.cache_size:
+        # Bounded like the cache: a version forgotten costs the follower one needless read of a job
+        # (it drives the job again and finds it resting), never a missed intent.
+        while len(self._versions) > self.cache_size:
             self._versions.popitem(last=False)
 
     def _remember(self, job: EscrowJob) -> None:
@@ -283,7 +304,7 @@ class JobWriter:
                 # exists after all (a batch run again), the save fails and `_fallback` opens the
                 # batch through `open_jobs`, which compares it with the stored one.
                 if job.id in touched or job.id in self._cache:
-                    existing = self._load(job.id)
+                    existing = self._load(job.id, touched)
                     if existing.input_digest != job.input_digest or existing.budget != job.budget:
                         raise ConflictingOutcome(
                             job.id, existing.state, "open", f"key {job.job_key!r} opened a different job"
@@ -303,7 +324,7 @@ class JobWriter:
         if request.kind == "fresh" and request.job_id not in touched:
             self._cache.pop(request.job_id, None)
             self._views.pop(request.job_id, None)
-        job = self._load(request.job_id)
+        job = self._load(request.job_id, touched)
         if request.kind in ("view", "fresh"):
             return job.view()
         assert request.command is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shlex
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -620,17 +621,29 @@ def _user_log_level() -> str | None:
     return settings.log_level if "log_level" in settings.model_fields_set else None
 
 
-def _report_stop(signal_name: str, finished: int, total: int, store: str | None) -> None:
-    """After a stop by a signal: what is done, what is left, and the command that finishes it."""
+def _report_stop(
+    signal_name: str, finished: int, total: int, store: str | None, *, unopened: int = 0, again: str = ""
+) -> None:
+    """After a stop by a signal: what is done, what is left, and the command that finishes it (for a
+    batch with `unopened` jobs not opened yet, `again`, the batch run again: `resume` knows only the
+    jobs in the log)."""
     left = total - finished
     typer.echo(
         f"podsettle: stopped by {signal_name}: {finished} of {total} job(s) finished, {left} left "
         "(each one's escrow and progress are in the log)",
         err=True,
     )
-    if left:
-        resume = "podsettle resume" + (f" --store {store}" if store else "")
-        typer.echo(f"podsettle: to finish them: {resume}", err=True)
+    if not left:
+        return
+    where = f" --store {store}" if store else ""
+    if unopened and again:
+        typer.echo(
+            f"podsettle: {unopened} of them are not opened yet; to finish the batch, run it again "
+            f"with its id: {again}{where}",
+            err=True,
+        )
+        return
+    typer.echo(f"podsettle: to finish them: podsettle resume{where}", err=True)
 
 
 def _explain_refunds(results: list[Any]) -> None:
@@ -649,23 +662,6 @@ def _explain_refunds(results: list[Any]) -> None:
         )
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        fail(f"{path}: no such file")
-    except UnicodeDecodeError:
-        fail(f"{path}: not UTF-8 text")
-    jobs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        jobs.append(_parse_json_object(line, f"{path} line {number}"))
-    if not jobs:
-        fail(f"{path}: holds no jobs (one JSON object per line)")
-    return jobs
-
-
 @app.command()
 def batch(
     file: Annotated[Path, typer.Argument(help="JSON Lines: one job input (a JSON object) per line.")],
@@ -676,17 +672,26 @@ def batch(
         str | None, typer.Option(help="Worker agent to pay (default: $PODSETTLE_PAYEE).")
     ] = None,
     batch_id: Annotated[str | None, typer.Option("--batch-id", help="Re-use to resume a batch.")] = None,
+    chunk_size: Annotated[
+        int, typer.Option("--chunk-size", min=1, max=100_000, help="Jobs opened per atomic save.")
+    ] = 200,
     store: StoreOption = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Run a batch of jobs and settle each; prints the totals. Exit 1 when any job was not paid.
 
+    The file is read as the jobs are opened (a batch of any size runs in flat memory), after a first
+    pass that checks every line. Jobs are opened in chunks, each chunk whole or not at all; the same
+    --batch-id run again continues after the last chunk opened. With --json the jobs are written as
+    they settle (in that order), then the totals.
+
     Refunds on the published Purple Flea service come back through its timeout sweep: after each
     escrow's timeout (the job's deadline plus an hour, in whole hours) and up to 5 minutes more, less
     the 1% commission, which the service keeps."""
+    from podsettle.cli.batch_io import JobsFile, JsonBatch, RestNotes
     from podsettle.domain.money import to_money
 
-    jobs = _read_jsonl(file)
+    jobs = JobsFile(file)
     with user_errors():
         to_money(budget, "--budget", allow_zero=False)
 
@@ -695,6 +700,9 @@ def batch(
 
     stop = Stop()
     finished = 0
+    notes = RestNotes()
+    made: list[Any] = []  # the batch's stream, once made
+    output: list[JsonBatch] = []  # the --json document, once its batch id is known
 
     def one_done(advance: Any) -> None:
         nonlocal finished
@@ -702,6 +710,7 @@ def batch(
         advance()
 
     async def go() -> Any:
+        from podsettle.batches import BadBatchInput
         from podsettle.cli.console import progress
 
         with stop.catching():
@@ -712,15 +721,27 @@ def batch(
                         _reused("--batch-id", batch_id),
                         progress(len(jobs), "settling", enabled=show_progress(json_output)) as advance,
                     ):
-                        return await engine.run_batch(
+                        stream = engine.stream_batch(
                             endpoint,
                             jobs,
                             budget,
                             payee=payee,
                             concurrency=concurrency,
                             batch_id=batch_id,
+                            chunk_size=chunk_size,
                             on_result=lambda _: one_done(advance),
                         )
+                        made.append(stream)
+                        if json_output:
+                            output.append(JsonBatch(stream.batch_id))
+                        try:
+                            async for result in stream:
+                                notes.add(result)
+                                if output:
+                                    output[0].job(result.to_json())
+                        except BadBatchInput as error:
+                            fail(f"{file} line {jobs.line_of(error.index)}: {error.inner}")
+                        return stream
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if stop.signal is None or task is None:
@@ -729,19 +750,30 @@ def batch(
                 return None
 
     with outage_lines(_user_log_level()):
-        result = run(go())
-    if result is None:
+        try:
+            stream = run(go())
+        except typer.Exit:
+            if output and output[0].begun:  # an error ended the batch: the document says so
+                output[0].close(made[0].totals.to_json(), stopped="error")
+            raise
+    if stream is None:
         assert stop.signal is not None
-        _report_stop(stop.signal.name, finished, len(jobs), store)
+        if output:
+            output[0].close(made[0].totals.to_json(), stopped=stop.signal.name)
+        unopened = len(jobs) - (made[0].opened if made else 0)
+        again = ["podsettle", "batch", str(file), "--endpoint", endpoint, "--budget", budget]
+        named = made[0].batch_id if made else batch_id
+        again += ["--batch-id", named] if named else []
+        _report_stop(stop.signal.name, finished, len(jobs), store, unopened=unopened, again=shlex.join(again))
         raise typer.Exit(stop.exit_code)
-    if json_output:
-        emit_json(result.to_json())
+    if output:
+        output[0].close(stream.totals.to_json())
     else:
         from podsettle.cli.console import print_totals
 
-        print_totals(result.totals, title=f"batch {result.batch_id}")
-    _explain_refunds(result.results)
-    raise typer.Exit(0 if result.totals.paid_jobs == result.totals.jobs else EXIT_FAILURE)
+        print_totals(stream.totals, title=f"batch {stream.batch_id}")
+    notes.explain()
+    raise typer.Exit(0 if stream.totals.paid_jobs == stream.totals.jobs else EXIT_FAILURE)
 
 
 @app.command()

@@ -234,8 +234,9 @@ class Service:
         )
 
         def opened_or_not(task: asyncio.Task[BatchResult]) -> None:
-            # A batch is opened whole or not at all: if it failed, nothing of it was opened unless
-            # its events are in the log, and the guard finds those there.
+            # A failed batch opened whole chunks at most (a list is validated whole first, so a bad
+            # input opens nothing): the jobs that were opened are in the log, and the guard finds
+            # those there.
             if task.cancelled() or task.exception() is not None:
                 self.guard.release(fresh)
 

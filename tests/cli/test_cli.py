@@ -250,6 +250,46 @@ def test_batch_refuses_a_bad_file(env: dict[str, str], tmp_path: Path, content: 
     one_error_line(missing, "no such file")
 
 
+@pytest.mark.parametrize(
+    ("bad_line", "words"),
+    [
+        ("{oops", "line 451: not valid JSON"),
+        # Read as JSON by Python, refused as a job input by the engine's first pass.
+        ('{"v": NaN}', "line 451: job_input.v: nan is not a JSON number"),
+    ],
+)
+def test_a_bad_line_far_down_a_streamed_file_is_refused_before_anything_is_opened(
+    env: dict[str, str], tmp_path: Path, bad_line: str, words: str
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    inputs = [json.dumps({"tile": n}) for n in range(600)]
+    inputs[446] = bad_line
+    # Blank lines are skipped as jobs, and still counted as lines: job 446 is on line 451.
+    jobs.write_text("\n".join([*inputs[:10], "", "  ", "", "", *inputs[10:]]) + "\n")
+    result = invoke(
+        env, "batch", str(jobs), "--endpoint", "render", "--budget", "0.25", "--chunk-size", "50", "--json"
+    )
+    assert result.exit_code == 2
+    one_error_line(result, words)
+    assert result.stdout == ""
+    listed = invoke(env, "jobs", "--json")
+    assert listed.exit_code != 0 or json.loads(listed.stdout) == []
+
+
+def test_batch_json_lists_each_job_as_it_settles_then_the_totals(env: dict[str, str], tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"frame": 2, "tile": n}) + "\n" for n in range(7)))
+    result = invoke(
+        env, "batch", str(jobs), "--endpoint", "render", "--budget", "0.25", "--batch-id", "s1",
+        "--chunk-size", "3", "--concurrency", "2", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["batch_id"] == "s1" and data["totals"]["paid_jobs"] == 7
+    assert sorted(job["job_key"] for job in data["jobs"]) == [f"s1-{n:06d}" for n in range(7)]
+    assert all(job["status"] == "paid" for job in data["jobs"])
+
+
 def test_bonus_on_a_paid_job(env: dict[str, str]) -> None:
     paid = json.loads(
         invoke(env, "run", "--endpoint", "echo", "--input", '{"x": 1}', "--budget", "1", "--json").stdout

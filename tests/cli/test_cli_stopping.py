@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -117,6 +118,48 @@ def test_a_stopped_batch_says_what_is_done_and_left_and_resume_finishes_it(
     assert Decimal(totals["funded"]) == Decimal("6.000000")
     assert invoke(env, "replay").exit_code == 0
     assert sandbox.ledger()["conserved"] is True
+
+
+def test_a_batch_stopped_before_its_last_chunk_is_opened_is_finished_by_running_it_again(
+    env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(f'{{"seconds": 0.4, "n": {n}}}\n' for n in range(12)))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), "--endpoint", "sleep", "--budget", "0.50",
+         "--concurrency", "2", "--chunk-size", "2"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while released(env) < 2:
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.1)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    stopped = next(line for line in lines if line.startswith("podsettle: stopped by SIGINT"))
+    finished = int(stopped.split(": ")[2].split()[0])
+    assert 2 <= finished < 12 and f"{12 - finished} left" in stopped
+    # Only whole chunks were opened, a few ahead of the jobs running: `resume` knows only those.
+    opened = json.loads(invoke(env, "totals", "--json").stdout)["jobs"]
+    assert opened % 2 == 0 and finished <= opened < 12
+    assert lines[-1].startswith(f"podsettle: {12 - opened} of them are not opened yet; ")
+    again = shlex.split(lines[-1].split("run it again with its id: ")[1])
+    assert again[:3] == ["podsettle", "batch", str(jobs)] and "--batch-id" in again
+
+    finished_run = invoke(env, *again[1:])
+    assert finished_run.exit_code == 0, finished_run.stderr
+    totals = json.loads(invoke(env, "totals", "--json").stdout)
+    assert (totals["jobs"], totals["paid_jobs"]) == (12, 12)
+    assert Decimal(totals["funded"]) == Decimal("6.000000")  # each job escrowed once
+    assert Decimal(account(sandbox, env["PODSETTLE_PAYEE"])["balance"]) == Decimal(totals["to_workers"])
+    assert account(sandbox, env["PODSETTLE_PAYER"])["held"] == "0.000000"
 
 
 def test_a_stop_during_an_escrow_create_waits_for_its_answer_so_nothing_is_left_unknown(
