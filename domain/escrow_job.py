@@ -76,6 +76,10 @@ class Step(StrEnum):
         return self not in (Step.START, Step.CANCEL, Step.EVALUATE)
 
 
+# The rejection of a job cancelled while it waited to be funded starts with these words.
+CANCELLED_BEFORE_FUNDING = "cancelled before funding"
+
+
 class Intent(NamedTuple):
     """An effect that is wanted: its step, its stable idempotency key, and the attempts made so far.
     (Immutable; a named tuple because the aggregate makes one for every intent and attempt.)"""
@@ -674,6 +678,15 @@ class EscrowJob(Aggregate):
         )
 
     @property
+    def cancelled(self) -> bool:
+        """Someone cancelled the job: before it was funded, before it was submitted, or on RunPod."""
+        return (
+            self.cancel_reason is not None
+            or (self.rejection or "").startswith(CANCELLED_BEFORE_FUNDING)
+            or (self.failure is not None and self.failure.stage == "cancel")
+        )
+
+    @property
     def awaiting_outcome(self) -> bool:
         """An intent has been attempted and its outcome is not recorded yet."""
         return self.intent is not None and self.intent.attempts > 0 and not self.intent.answered
@@ -850,7 +863,7 @@ class EscrowJob(Aggregate):
         if self.state == State.FUNDING and self.intent is not None:
             if self.intent.attempts:
                 raise self._conflict("cancel", "its escrow is being created: cancel it once it is funded")
-            self.record_funding_rejected(f"cancelled before funding: {reason}")
+            self.record_funding_rejected(f"{CANCELLED_BEFORE_FUNDING}: {reason}")
             return
         if self.state == State.FUNDED and self.intent is not None and self.intent.attempts == 0:
             # Nothing was submitted yet: fail it here, no RunPod call needed.

@@ -23,6 +23,7 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import partial
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -32,10 +33,12 @@ from podsettle.domain.escrow_job import job_id_for
 from podsettle.domain.money import fmt
 from podsettle.projections.rows import Totals
 from podsettle.requests import JobRequest
+from podsettle.support.logs import get_logger
 
 if TYPE_CHECKING:
     from podsettle.engine import EngineCore, JobResult
 
+log = get_logger("podsettle.batches")
 DEFAULT_CHUNK_SIZE = 200  # jobs opened per atomic save: one save stays short for the jobs in flight
 IN_THREAD = 100  # more inputs than this are read and validated off the event loop
 
@@ -118,6 +121,7 @@ class BatchStream:
         self.resumed = 0
         self.opened = 0
         self.settled = 0
+        self.cancelled = False  # its jobs were cancelled while it ran: it opened no more
         self.totals = Totals()
         self._engine = engine
         self._jobs = jobs
@@ -230,6 +234,10 @@ class BatchStream:
                     await chunks.put([job_id_for(batch_job_key(self.batch_id, i)) for i in back])
             index = found
             while True:
+                if index and await engine.writer.call(partial(self._cancelled, index - 1)):
+                    self.cancelled = True  # `cancel --batch` (or a caller) cancelled its jobs
+                    log.info("batch.cancelled", batch_id=self.batch_id, opened=index)
+                    break
                 specs = await self._next_chunk(inputs, index)
                 if not specs:
                     break
@@ -237,7 +245,7 @@ class BatchStream:
                 index += len(specs)
                 self.opened = max(self.opened, index)
                 await chunks.put(list(reversed(ids)) if joined else ids)
-            if self.total is not None and index < self.total:
+            if self.total is not None and index < self.total and not self.cancelled:
                 raise InvalidInput(
                     "jobs",
                     f"gave {index} inputs when read again, {self.total} the first time: pass a "
@@ -248,6 +256,12 @@ class BatchStream:
         except Exception as error:  # the jobs opened before it settle first; then the caller gets it
             end = _End(error)
         await chunks.put(end)
+
+    def _cancelled(self, index: int) -> bool:
+        """Whether the batch's job at `index` (the last opened) was cancelled: the batch then opens
+        no more (a blocking store call). `cancel --batch` ends the jobs waiting to be funded, and the
+        last chunk opened waits ahead of the jobs running."""
+        return bool(self._engine.app.get_job(job_id_for(batch_job_key(self.batch_id, index))).cancelled)
 
     def _inputs(self) -> AsyncIterator[Mapping[str, Any]] | Iterator[Mapping[str, Any]]:
         jobs = self._jobs

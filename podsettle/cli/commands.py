@@ -773,7 +773,15 @@ def batch(
 
         print_totals(stream.totals, title=f"batch {stream.batch_id}")
     notes.explain()
-    raise typer.Exit(0 if stream.totals.paid_jobs == stream.totals.jobs else EXIT_FAILURE)
+    if stream.cancelled:
+        typer.echo(
+            f"podsettle: batch {stream.batch_id} was cancelled: it opened {stream.opened} of the "
+            f"{len(jobs)} job(s) of {file} and no more",
+            err=True,
+        )
+    raise typer.Exit(
+        0 if stream.totals.paid_jobs == stream.totals.jobs and not stream.cancelled else EXIT_FAILURE
+    )
 
 
 @app.command()
@@ -819,6 +827,7 @@ _BONUS_FLAGS = {
 
 
 CANCEL_FOLLOW_S = 30.0  # how long `cancel` waits for jobs being funded to be cancellable
+CANCEL_RESCAN_S = 1.0  # `cancel --batch` looks again this much later for jobs the batch opened meanwhile
 
 
 @app.command()
@@ -877,10 +886,24 @@ def cancel(
         async with engine:
             done: list[Any] = []
             pending = list(targets)
+            seen = set(targets)
             # A batch running elsewhere funds its next jobs while these are cancelled: those whose
-            # escrow was being created are cancelled once funded (looked at again for a while).
+            # escrow was being created are cancelled once funded (looked at again for a while). It
+            # may open a chunk more before it sees its jobs cancelled: those are cancelled too.
             deadline = asyncio.get_running_loop().time() + CANCEL_FOLLOW_S
-            while pending:
+            while True:
+                if batch is not None and not pending and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(CANCEL_RESCAN_S)
+                    fresh = [
+                        settlements.get_job(i) for i in settlements.job_ids(batch_id=batch) if i not in seen
+                    ]
+                    pending = [j.id for j in fresh if cancellable(j) or j.state == State.FUNDING]
+                    seen.update(j.id for j in fresh)
+                    skipped.extend(
+                        j for j in fresh if j.id not in pending and status_of(j.state) == "in_flight"
+                    )
+                if not pending:
+                    break
                 # The jobs waiting to be funded first: cancelling them is immediate, and the batch
                 # then has no more of them to fund.
                 jobs = sorted(
@@ -896,7 +919,7 @@ def cancel(
                     await asyncio.sleep(0.2)
                     current = [settlements.get_job(i) for i in pending]
                     pending = [j.id for j in current if cancellable(j) or j.state == State.FUNDING]
-                else:
+                elif pending:
                     skipped.extend(settlements.get_job(i) for i in pending)
                     break
             return done

@@ -369,6 +369,52 @@ def test_cancel_batch_ends_the_jobs_still_waiting_to_be_funded_with_nothing_fund
     assert invoke(env, "replay").exit_code == 0
 
 
+def test_cancel_batch_stops_a_streamed_batch_from_opening_more_chunks(
+    env: dict[str, str], sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """A 40-job file opened 2 at a time: cancelling the batch ends what is opened and the batch
+    opens no more; it says so and exits 1. Only the jobs that had been funded cost a fee."""
+    import os
+    import subprocess
+
+    jobs_file = tmp_path / "long.jsonl"
+    jobs_file.write_text("".join(f'{{"seconds": 60, "n": {n}}}\n' for n in range(40)))
+    payer = env["PODSETTLE_PAYER"]
+    start_balance = Decimal(balance(sandbox, payer)[0])
+    batch = subprocess.Popen(
+        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs_file), "--endpoint", "sleep",
+         "--budget", "0.50", "--batch-id", "b-chunks", "--concurrency", "2", "--chunk-size", "2"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+
+        def running() -> int:
+            if not (tmp_path / "store.db").exists():
+                return 0
+            shown = invoke(env, "jobs", "--batch", "b-chunks", "--state", "running", "--json")
+            return len(json.loads(shown.stdout)) if shown.exit_code == 0 else 0
+
+        _wait_for(lambda: running() == 2)
+        cancelled = invoke(env, "cancel", "--batch", "b-chunks", "--json")
+        assert cancelled.exit_code == 0, cancelled.stderr
+        _, err = batch.communicate(timeout=90)
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+            batch.communicate()
+    assert batch.returncode == 1, err
+    assert "podsettle: batch b-chunks was cancelled: it opened " in err
+    totals = json.loads(invoke(env, "totals", "--batch", "b-chunks", "--json").stdout)
+    assert 4 <= totals["jobs"] < 40 and totals["paid_jobs"] == 0  # whole chunks, far fewer than 40
+    assert totals["jobs"] % 2 == 0
+    after, held = balance(sandbox, payer)
+    assert held == "0.000000"
+    assert start_balance - Decimal(after) == Decimal(totals["fees"])
+    funded = Decimal(totals["funded"]) / Decimal("0.50")
+    assert funded == 2  # only the two running jobs had escrows
+    assert invoke(env, "replay").exit_code == 0
+
+
 def test_cancel_a_job_and_then_its_batch_while_the_batch_runs_in_another_process(
     env: dict[str, str], sandbox: Sandbox, tmp_path: Path
 ) -> None:
