@@ -350,6 +350,7 @@ class EngineCore:
         # (lease over, or its process gone). job id -> (version, claimer, lapses at: monotonic s).
         self._foreign: dict[uuid.UUID, tuple[int, str, float]] = {}
         self.pull_fallback_s = PULL_FALLBACK_S
+        self.listener: LogWakeup | None = None  # the follower's wake-up, on PostgreSQL
         self.follow_stats = FollowStats()
         self.budget = BudgetGuard(settlements, self.payer, self.settings.payer_budget, self.writer.call)
         self.bounties = Bounties(
@@ -991,6 +992,7 @@ class EngineCore:
         loop = asyncio.get_running_loop()
         listener = LogWakeup.start(self.app.recorder, lambda: loop.call_soon_threadsafe(wakeup.set))
         self.follow_stats.listening = listener is not None
+        self.listener = listener
         interval = self.follow_interval_s if listener is None else self.pull_fallback_s
         recorded_at = 0.0
         try:
