@@ -1021,12 +1021,15 @@ class EngineCore:
                 if more:
                     await asyncio.sleep(0)
                     continue
+                # `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` can swallow a
+                # cancellation that arrives as the wake-up does, and the engine would never close.
                 try:
-                    await asyncio.wait_for(wakeup.wait(), self._next_wait(interval))
-                    self.follow_stats.woken += 1
-                    await asyncio.sleep(WAKE_COALESCE_S)
+                    async with asyncio.timeout(self._next_wait(interval)):
+                        await wakeup.wait()
                 except TimeoutError:
-                    pass
+                    continue
+                self.follow_stats.woken += 1
+                await asyncio.sleep(WAKE_COALESCE_S)
         finally:
             if listener is not None:
                 await asyncio.to_thread(listener.stop)

@@ -252,7 +252,8 @@ class JobWatch:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, []).append((after, future))
         try:
-            await asyncio.wait_for(future, max(within_s, 0.0))
+            async with asyncio.timeout(max(within_s, 0.0)):  # not wait_for: it can swallow a cancel
+                await future
             return True
         except TimeoutError:
             self.timeouts += 1
@@ -304,6 +305,7 @@ class Processor:
         self.watch: JobWatch | None = None
         self.waiting: Callable[[], contextlib.AbstractAsyncContextManager[None]] = _no_slot
         self.claims_lost = 0  # races for an intent that another processor won
+        self.claims_avoided = 0  # claims not tried: the log showed the job had changed (re-read first)
         self.deferred = 0  # times this processor left an intent to the processor holding its claim
         # Attempts this processor claimed together with the outcome before them, not yet carried out.
         self._fresh_claims: dict[UUID, int] = {}
@@ -349,6 +351,7 @@ class Processor:
                     if self.watch is not None and self.watch.latest(job_id) > view.version:
                         # The log has a newer event of this job (another processor's claim, most
                         # likely): read it before claiming rather than lose the race in a save.
+                        self.claims_avoided += 1
                         view = await self.store.view(job_id, fresh=True)
                         continue
                     view = await self._execute(view, intent)
