@@ -4,8 +4,10 @@ Each case settles the same batch of echo jobs (`--jobs`, 1,000 by default) throu
 line against one sandbox served by a process of its own (its rate limits lifted), each engine
 process given the whole batch with the same batch id. Reported: jobs/s from the first process's
 start to the last one's exit (interpreter start-up included, as a user sees it), for SQLite with one
-process and PostgreSQL with 1, 2 and 4, as ratios to SQLite; and, per case, the longest gap between
-two consecutive events in the log (the longest stall of the whole batch).
+process and PostgreSQL with 1, 2 and 4, as ratios to SQLite and to one PostgreSQL process; per case,
+the longest gap between two consecutive events in the log (the longest stall of the whole batch) and
+the CPU the engine processes used; then a line saying what limits the curve. Aims (issue 18): more
+processes never slower than one, one process on PostgreSQL within 1.2x of SQLite.
 
     .venv/bin/python bench/processes_bench.py [--jobs 1000] [--processes 1 2 4]
 """
@@ -99,6 +101,39 @@ def _longest_stall(store: str) -> float:
         app.close()
 
 
+def _limit(cpus: dict[int, tuple[float, float]], cores: int) -> str:
+    """What limits the curve, from the CPU each case's engine processes used: when they use most of
+    the machine's cores (PostgreSQL and the sandbox run on the same cores), more processes only
+    share the same CPU; when they do not, the store (its table lock per insert) is what they wait on."""
+    if not cpus:
+        return "limit: no PostgreSQL case ran"
+    most = max(cpus)
+    cpu, wall = cpus[most]
+    share = cpu / (wall * cores)
+    per_job = {count: used for count, (used, _) in sorted(cpus.items())}
+    growth = ", ".join(f"{count}: {used:.1f} s" for count, used in per_job.items())
+    load = os.getloadavg()[0]
+    if load >= cores:
+        return (
+            f"limit: CPU. The machine's load average is {load:.1f} on {cores} cores (other work, "
+            f"PostgreSQL, the sandbox and the engines); engine CPU per case ({growth}) grows with the "
+            "number of processes (each starts an interpreter, compares the whole batch with the store "
+            "and reads every job's result), so more processes only share the same busy cores"
+        )
+    if share >= 0.6:
+        return (
+            f"limit: CPU. With {most} processes the engines alone use {share:.0%} of {cores} cores' time "
+            f"(PostgreSQL and the sandbox share them); engine CPU per case ({growth}) grows with the "
+            "number of processes (each starts an interpreter, opens/compares the whole batch and "
+            "reads every job's result), so on this machine more processes cannot go faster"
+        )
+    return (
+        f"limit: the store. With {most} processes the engines use {share:.0%} of {cores} cores' time "
+        f"(engine CPU per case: {growth}): they wait on PostgreSQL, whose recorder serialises "
+        "inserts with a table lock (one writer at a time); fewer, larger saves lift it"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=pick(1000, 200))
@@ -130,6 +165,8 @@ def main() -> None:
                 note=f"longest stall {_longest_stall(sqlite_store):.3f} s; engine CPU {cpu:.1f} s "
                 f"in {sqlite_s:.1f} s on {os.cpu_count()} cores",
             )
+            rates: dict[int, float] = {}
+            cpus: dict[int, tuple[float, float]] = {}
             for count in options.processes:
                 name = f"podsettle_bench_{uuid.uuid4().hex[:10]}"
                 with psycopg.connect(f"{SERVER} dbname=test", autocommit=True) as conn:
@@ -138,6 +175,7 @@ def main() -> None:
                 store = f"postgresql://postgres@127.0.0.1:5432/{name}"
                 wall, cpu = _run(store, info, jobs, count, f"bench-pg-{count}")
                 rate = options.jobs / wall
+                rates[count], cpus[count] = rate, (cpu, wall)
                 figure(
                     f"processes.postgres_{count}",
                     rate,
@@ -147,6 +185,19 @@ def main() -> None:
                     note=f"longest stall {_longest_stall(store):.3f} s; engine CPU {cpu:.1f} s "
                     f"in {wall:.1f} s on {os.cpu_count()} cores",
                 )
+                if count != 1 and 1 in rates:
+                    figure(
+                        f"processes.postgres_{count}_vs_1",
+                        rate / rates[1],
+                        "x",
+                        note="aim: at least 1 (more processes never slower than one)",
+                    )
+            if 1 in rates:
+                print(
+                    f"# aim: PostgreSQL 1 process within 1.2x of SQLite: SQLite/PostgreSQL = "
+                    f"{sqlite_rate / rates[1]:.2f}x ({'met' if sqlite_rate / rates[1] <= 1.2 else 'not met'})"
+                )
+            print("# " + _limit(cpus, os.cpu_count() or 1))
     finally:
         sandbox.communicate("", timeout=30)
         with psycopg.connect(f"{SERVER} dbname=test", autocommit=True) as conn:

@@ -10,12 +10,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent, project_aggregate
 from eventsourcing.persistence import IntegrityError, Transcoder
 from eventsourcing.utils import get_topic
 
 from podsettle.adapters.chain import ChainMapper
-from podsettle.adapters.persistence import Store, creating_tables, store_from_url
+from podsettle.adapters.persistence import Store, creating_tables, select_events_of, store_from_url
 from podsettle.adapters.transcoder import FastJSONTranscoder
 from podsettle.domain import EscrowJob, State
 from podsettle.domain.digests import canonical_json, digest_bytes
@@ -80,7 +80,11 @@ class Settlements(Application[UUID]):
         keys = [job.job_key for job, _ in built]
         if len(set(keys)) != len(keys):
             raise InvalidInput("job_key", "the same key appears twice in one batch")
-        fresh = [(job, extra) for job, extra in built if not self.matches_existing(job)]
+        stored = self.get_jobs([job.id for job, _ in built]) if len(built) > 1 else None
+        if stored is not None:  # one query for the whole batch (PostgreSQL), not one per job
+            fresh = [(job, extra) for job, extra in built if not self._same_job(stored.get(job.id), job)]
+        else:
+            fresh = [(job, extra) for job, extra in built if not self.matches_existing(job)]
         if fresh:
             try:
                 self.save(*(a for job, extra in fresh for a in (job, *extra)))
@@ -138,6 +142,12 @@ class Settlements(Application[UUID]):
             existing = self.get_job(job.id)
         except JobNotFound:
             return False
+        return self._same_job(existing, job)
+
+    @staticmethod
+    def _same_job(existing: EscrowJob | None, job: EscrowJob) -> bool:
+        if existing is None:
+            return False
         same = all(
             getattr(existing, name) == getattr(job, name)
             for name in (
@@ -177,6 +187,19 @@ class Settlements(Application[UUID]):
         except AggregateNotFoundError:
             raise JobNotFound(job_id) from None
         return job
+
+    def get_jobs(self, job_ids: Sequence[UUID]) -> dict[UUID, EscrowJob] | None:
+        """Several jobs read in one query (those found), or None on a store that has no such read
+        (then read them one by one with `get_job`)."""
+        stored = select_events_of(self.recorder, job_ids)
+        if stored is None:
+            return None
+        jobs: dict[UUID, EscrowJob] = {}
+        for job_id, events in stored.items():
+            aggregate: Any = project_aggregate(None, map(self.mapper.to_domain_event, events))
+            if isinstance(aggregate, EscrowJob):
+                jobs[job_id] = aggregate
+        return jobs
 
     def find_job(self, job_key: str) -> EscrowJob:
         check_id(job_key, "job_key")

@@ -33,6 +33,7 @@ from podsettle.domain.escrow_job import job_id_for
 from podsettle.domain.money import fmt
 from podsettle.projections.rows import Totals
 from podsettle.requests import JobRequest
+from podsettle.slots import Slot
 from podsettle.support.logs import get_logger
 
 if TYPE_CHECKING:
@@ -231,7 +232,9 @@ class BatchStream:
                 for stop in range(found, 0, -self.chunk_size):
                     start = max(0, stop - self.chunk_size)
                     back = range(stop - 1, start - 1, -1)
-                    await chunks.put([job_id_for(batch_job_key(self.batch_id, i)) for i in back])
+                    ids = [job_id_for(batch_job_key(self.batch_id, i)) for i in back]
+                    engine._wanted.update(ids)  # this engine settles them: its follower leaves them
+                    await chunks.put(ids)
             index = found
             while True:
                 if index and await engine.writer.call(partial(self._cancelled, index - 1)):
@@ -344,14 +347,21 @@ class BatchStream:
                 break
             for job_id in item:
                 await slots.acquire()
-                task = loop.create_task(self._settle(job_id, results), name=f"batch-job-{job_id}")
+                slot = Slot(slots, held=True)
+                task = loop.create_task(self._settle(job_id, results, slot), name=f"batch-job-{job_id}")
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
         if self._running:
             await asyncio.wait(set(self._running))
         await results.put(item)
 
-    async def _settle(self, job_id: UUID, results: asyncio.Queue[JobResult | _Failed | _End]) -> None:
+    async def _settle(
+        self, job_id: UUID, results: asyncio.Queue[JobResult | _Failed | _End], slot: Slot
+    ) -> None:
+        # The job's slot is given back while it waits for another engine's claim (the batch moves
+        # on to jobs nobody holds), and taken again before its result is put out; the consumer
+        # releases it when it takes the result.
+        slot.enter()
         try:
             result = await self._engine.wait(job_id)
             self.totals.add_job(result.status, result.money, result.execution_ms)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,11 +44,12 @@ from podsettle.domain.escrow_job import (
 from podsettle.domain.lifecycle import Status
 from podsettle.domain.money import ZERO, fmt, to_money
 from podsettle.domain.rules import BONUS_THRESHOLD, to_metric
-from podsettle.processor import Processor, ProcessorConfig, release_processor_id
-from podsettle.projections.follower import LogFollower, Page, TrackedPosition
+from podsettle.processor import JobWatch, Processor, ProcessorConfig, release_processor_id
+from podsettle.projections.follower import LogFollower, LogWakeup, Page, TrackedPosition
 from podsettle.projections.rows import Totals as Totals  # the batch result's totals, re-exported
 from podsettle.requests import JobRequest, build_request
 from podsettle.settings import ConfigError, Settings
+from podsettle.slots import Slot, slot_given_back
 from podsettle.support.logs import configure_logging, get_logger
 from podsettle.writer import JobWriter
 
@@ -79,6 +81,18 @@ PAYOUT_TOPICS = frozenset(get_topic(cls) for cls in (Bounty.Claimed, Bounty.Atte
 PAYOUT_OVER_TOPICS = frozenset(
     get_topic(cls) for cls in (Bounty.Paid, Bounty.Expired, Bounty.AttentionRaised)
 )
+ATTEMPTED_TOPIC = get_topic(EscrowJob.Attempted)
+# An attempt answered as having done nothing: the job is free to be claimed again at once.
+NOTHING_DONE_TOPIC = get_topic(EscrowJob.NothingDone)
+# What the engine's follower reads: intents (to drive), claims (whose, to wait for them rather than
+# poll) and resting events (to wake the tasks waiting for another engine's job).
+FOLLOW_TOPICS = [*INTENT_TOPICS, ATTEMPTED_TOPIC, NOTHING_DONE_TOPIC, *sorted(RESTING_TOPICS)]
+# With a wake-up from the store (PostgreSQL's LISTEN/NOTIFY), the follower still pulls at least this
+# often: a notification that never arrives costs this much latency, never an event.
+PULL_FALLBACK_S = 2.0
+# Reads woken by notifications are this far apart at least (many saves, one read).
+WAKE_COALESCE_S = 0.02
+TRACK_EVERY_S = 1.0  # the follower's position is written at most this often (re-reading is harmless)
 
 
 class PayerMismatch(ConfigError):
@@ -219,9 +233,30 @@ class BonusResult:
 
 
 @dataclass
+class FollowStats:
+    """What the engine's log follower did: pages read, how many of them a store notification woke
+    (PostgreSQL's LISTEN/NOTIFY), jobs of other engines it drove itself."""
+
+    pages: int = 0
+    woken: int = 0
+    adopted: int = 0
+    listening: bool = False
+
+
+@dataclass
 class EngineStats:
     longest_stall_s: float = 0.0
     recovered: int = 0
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """The last event of a job in a page the follower read: its version, topic, and for a claim
+    (`Attempted`) written by another processor, that processor's id."""
+
+    version: int
+    topic: str
+    claimer: str | None
 
 
 @dataclass
@@ -273,6 +308,18 @@ class EngineCore:
         )
         self.processor.payer = self.payer
         self.processor.evaluator = self._run_evaluator
+        self.watch = JobWatch()
+        self.processor.watch = self.watch
+        self.processor.waiting = slot_given_back
+        # Jobs this engine was asked to settle (opened or joined here, found by recovery): its log
+        # follower leaves them to the tasks that settle them instead of driving them itself.
+        self._wanted: set[uuid.UUID] = set()
+        # Jobs of other engines whose claims the follower saw: driven here only when a claim lapses
+        # (lease over, or its process gone). job id -> (version, claimer, lapses at: monotonic s).
+        self._foreign: dict[uuid.UUID, tuple[int, str, float]] = {}
+        self.pull_fallback_s = PULL_FALLBACK_S
+        self.listener: LogWakeup | None = None  # the follower's wake-up, on PostgreSQL
+        self.follow_stats = FollowStats()
         self.budget = BudgetGuard(settlements, self.payer, self.settings.payer_budget, self.writer.call)
         self.bounties = Bounties(
             settlements, escrow, compute, payer=self.payer, call=self.writer.call, clock=clock
@@ -440,6 +487,11 @@ class EngineCore:
 
     async def _open(self, specs: list[JobRequest]) -> list[uuid.UUID]:
         """Open jobs, refused (`BudgetExceeded`) when the new ones would pass the payer's budget."""
+        ids = await self._open_jobs(specs)
+        self._wanted.update(ids)
+        return ids
+
+    async def _open_jobs(self, specs: list[JobRequest]) -> list[uuid.UUID]:
         if self.budget.budget is None:
             return await self.writer.open(specs)
 
@@ -880,8 +932,14 @@ class EngineCore:
     def _drive_done(self, job_id: uuid.UUID, task: asyncio.Task[JobView]) -> None:
         if self._driving.get(job_id) is task:
             del self._driving[job_id]
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             log.error("job.drive_failed", job_id=str(job_id), error=repr(task.exception()))
+        elif task.result().rests:
+            self._wanted.discard(job_id)
+            self._foreign.pop(job_id, None)
+            self.watch.forget(job_id)
 
     def _unfinished_jobs(self) -> tuple[list[uuid.UUID], int]:
         """Every job whose last event leaves it with something to do, and the log's last position.
@@ -909,6 +967,7 @@ class EngineCore:
         self.stats.recovered = len(ids)
         if ids:
             log.info("engine.recovering", jobs=len(ids))
+            self._wanted.update(ids)
             loop = asyncio.get_running_loop()
             self._background.append(loop.create_task(self._recover_jobs(ids), name="podsettle-recovery"))
         return last
@@ -919,19 +978,24 @@ class EngineCore:
         slots = asyncio.Semaphore(self.settings.concurrency)
         running: set[asyncio.Task[None]] = set()
 
-        async def one(job_id: uuid.UUID) -> None:
+        async def one(job_id: uuid.UUID, slot: Slot) -> None:
+            # Its slot is given back while it waits for another engine's claim.
+            slot.enter()
             try:
                 await self._drive(job_id)
             except Exception:  # logged by `_drive_done`; the others go on
                 pass
             finally:
-                slots.release()
+                if slot.held:
+                    slots.release()
 
         loop = asyncio.get_running_loop()
         try:
-            for job_id in ids:
+            # Newest first: the jobs another engine may be working through in log order are met
+            # from the other end (as a batch joined from another process is walked).
+            for job_id in reversed(ids):
                 await slots.acquire()
-                task = loop.create_task(one(job_id))
+                task = loop.create_task(one(job_id, Slot(slots, held=True)))
                 running.add(task)
                 task.add_done_callback(running.discard)
             if running:
@@ -968,34 +1032,122 @@ class EngineCore:
             self._background.append(task)
 
     async def _follow(self, position: int) -> None:
-        """Follow the log for intents written by other processes (an operator's resolution, another
-        engine's jobs), recording how far it has read."""
+        """Follow the log: drive intents written by other processes (an operator's resolution,
+        another engine's jobs), wake the tasks waiting for jobs other engines hold (`JobWatch`), and
+        take over claims that lapse; recording how far it has read.
+
+        On PostgreSQL a LISTEN on the library's insert channel wakes it at each save (`LogWakeup`);
+        it pulls anyway every `pull_fallback_s`, so a lost notification costs latency only. Other
+        stores are pulled every `follow_interval_s`."""
         tracked: TrackedPosition = await self.writer.call(
             partial(TrackedPosition.open, self.app.factory, FOLLOWER)
         )
         position = max(position, await self.writer.call(tracked.get))
-        follower = LogFollower(self.app.recorder, topics=INTENT_TOPICS, page_size=INTENT_PAGE_SIZE)
-        while True:
-            try:
-                page: Page = await self.writer.call(partial(follower.page_after, position))
-                for notification in page.notifications:
-                    originator = notification.originator_id
-                    job_id = originator if isinstance(originator, uuid.UUID) else uuid.UUID(str(originator))
-                    if job_id not in self._driving and not self._knows(
-                        job_id, notification.originator_version
-                    ):
-                        self._drive(job_id, fresh=True)  # written by another process
-                if page.position > position:
-                    position = page.position
-                    await self.writer.call(partial(tracked.record, position))
-            except RuntimeError:
-                return  # the writer closed
-            except (
-                Exception
-            ) as error:  # keep following: a stopped follower would strand other writers' intents
-                log.error("engine.follow_failed", error=repr(error))
-                await asyncio.sleep(max(1.0, self.follow_interval_s))
-            await asyncio.sleep(self.follow_interval_s)
+        follower = LogFollower(self.app.recorder, topics=FOLLOW_TOPICS, page_size=INTENT_PAGE_SIZE)
+        wakeup = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        listener = LogWakeup.start(self.app.recorder, lambda: loop.call_soon_threadsafe(wakeup.set))
+        self.follow_stats.listening = listener is not None
+        self.listener = listener
+        interval = self.follow_interval_s if listener is None else self.pull_fallback_s
+        recorded_at = 0.0
+        try:
+            while True:
+                wakeup.clear()
+                more = False
+                try:
+                    read: tuple[Page, dict[uuid.UUID, _Seen]] = await self.writer.call(
+                        partial(self._read_page, follower, position)
+                    )
+                    page, seen = read
+                    self.follow_stats.pages += 1
+                    self._take(seen)
+                    more = page.more
+                    if page.position > position:
+                        position = page.position
+                        if not more or time.monotonic() - recorded_at >= TRACK_EVERY_S:
+                            await self.writer.call(partial(tracked.record, position))
+                            recorded_at = time.monotonic()
+                    self._take_over_lapsed()
+                except RuntimeError:
+                    return  # the writer closed
+                except Exception as error:  # keep following, or other writers' intents are stranded
+                    log.error("engine.follow_failed", error=repr(error))
+                    await asyncio.sleep(max(1.0, self.follow_interval_s))
+                if more:
+                    await asyncio.sleep(0)
+                    continue
+                # `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` can swallow a
+                # cancellation that arrives as the wake-up does, and the engine would never close.
+                try:
+                    async with asyncio.timeout(self._next_wait(interval)):
+                        await wakeup.wait()
+                except TimeoutError:
+                    continue
+                self.follow_stats.woken += 1
+                await asyncio.sleep(WAKE_COALESCE_S)
+        finally:
+            if listener is not None:
+                await asyncio.to_thread(listener.stop)
+
+    def _next_wait(self, interval: float) -> float:
+        """Until the next pull: the interval, or sooner when a claim seen in the log lapses."""
+        if not self._foreign:
+            return interval
+        soonest = min(at for _, _, at in self._foreign.values()) - time.monotonic()
+        return max(0.05, min(interval, soonest))
+
+    def _read_page(self, follower: LogFollower, position: int) -> tuple[Page, dict[uuid.UUID, _Seen]]:
+        """On the store thread: the next page, and each job's last event in it (a claim written by
+        another processor decoded for its processor id; this engine's own events are not)."""
+        page = follower.page_after(position)
+        last: dict[uuid.UUID, Any] = {}
+        for notification in page.notifications:
+            originator = notification.originator_id
+            job_id = originator if isinstance(originator, uuid.UUID) else uuid.UUID(str(originator))
+            last[job_id] = notification
+        seen: dict[uuid.UUID, _Seen] = {}
+        for job_id, notification in last.items():
+            version, claimer = notification.originator_version, None
+            if notification.topic == ATTEMPTED_TOPIC and not self._knows(job_id, version):
+                event: Any = self.app.mapper.to_domain_event(notification)
+                claimer = str(event.processor)
+            seen[job_id] = _Seen(version, notification.topic, claimer)
+        return page, seen
+
+    def _take(self, seen: Mapping[uuid.UUID, _Seen]) -> None:
+        """Act on a page: wake waiters (many jobs at once), note other engines' claims, and drive
+        what nobody here is settling and no live claim covers."""
+        for job_id, last in seen.items():
+            self.watch.seen(job_id, last.version)
+            self._foreign.pop(job_id, None)
+            if last.topic in RESTING_TOPICS or job_id in self._driving or job_id in self._wanted:
+                continue
+            if self._knows(job_id, last.version):
+                continue  # written by this engine
+            if last.claimer is not None and last.claimer != self.processor.config.processor_id:
+                lapses = time.monotonic() + self.processor.config.claim_lease_s
+                self._foreign[job_id] = (last.version, last.claimer, lapses)
+                continue
+            self.follow_stats.adopted += 1
+            self._drive(job_id, fresh=True)  # written by another process, claimed by nobody yet
+
+    def _take_over_lapsed(self) -> None:
+        """Drive the jobs of other engines whose claims lapsed (lease over, or their process gone)
+        with nothing newer in the log: the drive confirms or redoes the attempt (DESIGN.md)."""
+        if not self._foreign:
+            return
+        now, gone = time.monotonic(), {}
+        for job_id, (version, claimer, lapses) in list(self._foreign.items()):
+            if claimer not in gone:
+                gone[claimer] = self.processor.config.claimer_gone(claimer)
+            if now < lapses and not gone[claimer]:
+                continue
+            del self._foreign[job_id]
+            if self.watch.latest(job_id) > version or job_id in self._driving:
+                continue
+            self.follow_stats.adopted += 1
+            self._drive(job_id, fresh=True)
 
     def _knows(self, job_id: uuid.UUID, version: int) -> bool:
         return self.writer.known_version(job_id) >= version

@@ -14,12 +14,14 @@ to rest; its score decides release or refund. Opening it again (after a restart)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import re
 import socket
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -177,6 +179,9 @@ class ProcessorConfig:
     claim_lease_s: float = 30.0
     # Whether a claimer is a process of this machine that has exited: its claim is not waited for.
     claimer_gone: Callable[[str], bool] = process_gone
+    # While waiting for another processor's claim, how often to look whether its claimer has exited
+    # (no store read: `claimer_gone`); the wait otherwise ends when the log shows the job changed.
+    claimer_check_s: float = 1.0
     # How long `drive` waits for a refund the service makes on its own (v1: dispute review, timeout
     # sweep) before it returns the job as "refunding" and leaves it to the background watcher.
     refund_wait_s: float = 0.0
@@ -193,6 +198,83 @@ class Outputs:
     """Outputs of finished runs, kept in memory for the caller (the log keeps only digests)."""
 
     by_job: dict[UUID, Any] = field(default_factory=dict)
+
+
+def _no_slot() -> contextlib.AbstractAsyncContextManager[None]:
+    return contextlib.nullcontext()
+
+
+class JobWatch:
+    """What a log follower has seen of each job, and the tasks waiting for a job to change.
+
+    A processor that finds a job claimed by another (live) processor does not poll the store for
+    it: it waits here until the engine's log follower reads a newer event of that job (`seen`, called
+    for every notification of a page, many jobs at once), then reads the job once. Waiters register
+    the version they last read; an event the follower saw before the waiter registered still wakes it
+    (`latest` is kept for recently seen jobs)."""
+
+    def __init__(self, remember: int = 100_000) -> None:
+        self.remember = remember
+        self._latest: OrderedDict[UUID, int] = OrderedDict()
+        self._waiters: dict[UUID, list[tuple[int, asyncio.Future[None]]]] = {}
+        self.wakes = 0  # waiters woken by an event the follower read
+        self.timeouts = 0  # waits that ended without one (a lease to check, a claimer to look at)
+
+    def latest(self, job_id: UUID) -> int:
+        """The newest version of the job the follower has read (0 if none is remembered)."""
+        return self._latest.get(job_id, 0)
+
+    def seen(self, job_id: UUID, version: int) -> None:
+        """The follower read an event of the job at `version`: wake whoever waits for an older one."""
+        if version > self._latest.get(job_id, 0):
+            self._latest[job_id] = version
+            self._latest.move_to_end(job_id)
+            while len(self._latest) > self.remember:
+                self._latest.popitem(last=False)
+        waiting = self._waiters.get(job_id)
+        if not waiting:
+            return
+        kept = []
+        for after, future in waiting:
+            if version > after:
+                if not future.done():
+                    future.set_result(None)
+                    self.wakes += 1
+            else:
+                kept.append((after, future))
+        if kept:
+            self._waiters[job_id] = kept
+        else:
+            del self._waiters[job_id]
+
+    def forget(self, job_id: UUID) -> None:
+        """The job rests: nothing will wait for it again (keeps `latest` small)."""
+        self._latest.pop(job_id, None)
+
+    async def changed(self, job_id: UUID, after: int, within_s: float) -> bool:
+        """Wait until the follower reads an event of the job newer than version `after`, at most
+        `within_s` seconds; True when one was read."""
+        if self._latest.get(job_id, 0) > after:
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, []).append((after, future))
+        try:
+            async with asyncio.timeout(max(within_s, 0.0)):  # not wait_for: it can swallow a cancel
+                await future
+            return True
+        except TimeoutError:
+            self.timeouts += 1
+            return False
+        finally:
+            waiting = self._waiters.get(job_id)
+            if waiting is not None:
+                waiting[:] = [(v, f) for v, f in waiting if f is not future]
+                if not waiting:
+                    del self._waiters[job_id]
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(w) for w in self._waiters.values())
 
 
 class Processor:
@@ -225,7 +307,12 @@ class Processor:
         self.payer: str | None = None
         # Runs the evaluator job of a job gated by `acceptance.evaluated_by` (set by the engine).
         self.evaluator: Evaluator | None = None
+        # Set by the engine: what its log follower has seen of each job (waits on other processors'
+        # claims are woken by it), and how a waiting job gives its concurrency slot back meanwhile.
+        self.watch: JobWatch | None = None
+        self.waiting: Callable[[], contextlib.AbstractAsyncContextManager[None]] = _no_slot
         self.claims_lost = 0  # races for an intent that another processor won
+        self.claims_avoided = 0  # claims not tried: the log showed the job had changed (re-read first)
         self.deferred = 0  # times this processor left an intent to the processor holding its claim
         # Attempts this processor claimed together with the outcome before them, not yet carried out.
         self._fresh_claims: dict[UUID, int] = {}
@@ -270,6 +357,12 @@ class Processor:
                         return view  # nothing is wanted
                     view = await self._watch(view)
                 elif intent.attempts == 0 or intent.answered:
+                    if self.watch is not None and self.watch.latest(job_id) > view.version:
+                        # The log has a newer event of this job (another processor's claim, most
+                        # likely): read it before claiming rather than lose the race in a save.
+                        self.claims_avoided += 1
+                        view = await self.store.view(job_id, fresh=True)
+                        continue
                     view = await self._execute(view, intent)
                 elif self._fresh_claims.pop(job_id, None) == intent.attempts and (
                     intent.claimed_by == self.config.processor_id
@@ -277,8 +370,7 @@ class Processor:
                     view = await self._execute(view, intent, claimed=intent.attempts)
                 elif self.held_by_another(intent):
                     self.deferred += 1
-                    await self.sleep(self._jitter(min(0.2, self.config.claim_lease_s / 4)))
-                    view = await self.store.view(job_id, fresh=True)  # the other engine writes it
+                    view = await self._wait_for_claim(view, intent)
                 else:
                     view = await self._recover(view, intent)
             except RefundPending:
@@ -515,9 +607,32 @@ class Processor:
         return after
 
     async def _wait_for_other(self, view: JobView) -> JobView:
-        """Another processor holds the claim: give it time, then look again (in the store: the
-        other processor's writes are not in this engine's cache)."""
-        await self.sleep(self._jitter(self.config.retry_base_s * 4))
+        """Another processor won the claim: read the job again (in the store: the other processor's
+        writes are not in this engine's cache); the drive loop then waits for that claim. Without a
+        log follower to wake it, give the other processor time first."""
+        if self.watch is None:
+            await self.sleep(self._jitter(self.config.retry_base_s * 4))
+        return await self.store.view(view.job_id, fresh=True)
+
+    async def _wait_for_claim(self, view: JobView, intent: Intent) -> JobView:
+        """Another live processor holds the job's claim: wait, without reading the store, until the
+        log follower reads a newer event of the job (`JobWatch`), the claim's lease runs out, or its
+        claimer is seen to have exited; then read the job once. The job gives its concurrency slot
+        back while it waits (`waiting`). Without a watch (a processor used on its own), poll."""
+        if self.watch is None or intent.claimed_at is None:
+            await self.sleep(self._jitter(min(0.2, self.config.claim_lease_s / 4)))
+            return await self.store.view(view.job_id, fresh=True)
+        async with self.waiting():
+            while True:
+                held_s = (self.clock() - intent.claimed_at).total_seconds()
+                left_s = self.config.claim_lease_s - held_s
+                if left_s <= 0:
+                    break
+                step_s = min(left_s, self.config.claimer_check_s)
+                if await self.watch.changed(view.job_id, view.version, self._jitter(step_s)):
+                    break
+                if intent.claimed_by is not None and self.config.claimer_gone(intent.claimed_by):
+                    break
         return await self.store.view(view.job_id, fresh=True)
 
     # ------------------------------------------------------------------ escrow effects

@@ -55,6 +55,9 @@ class WriterStats:
     saves: int = 0
     commands: int = 0
     fallbacks: int = 0
+    regroups: int = 0  # group saves that lost a race and were saved again as a group
+    reads: int = 0  # jobs read from the store (not found in the writer's cache)
+    bulk_reads: int = 0  # queries that read several jobs at once (`Settlements.get_jobs`)
     longest_save_s: float = 0.0
     # The sizes of the latest groups saved (a bounded window: a writer lives as long as its engine).
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
@@ -218,6 +221,7 @@ class JobWriter:
             return touched[job_id]
         job = self._cache.get(job_id)
         if job is None:
+            self.stats.reads += 1
             job = self.app.get_job(job_id)
             if job.rests:
                 self._note_version(job)
@@ -241,15 +245,16 @@ class JobWriter:
         while len(self._cache) > self.cache_size:
             self._views.pop(self._cache.popitem(last=False)[0], None)
 
-    def _process(self, batch: list[_Request]) -> list[tuple[_Request, Any]]:
+    def _process(self, batch: list[_Request], *, regroup: bool = True) -> list[tuple[_Request, Any]]:
         outcomes: list[tuple[_Request, Any]] = []
         touched: dict[UUID, EscrowJob] = {}
         new: list[Any] = []
         broken: set[UUID] = set()
         inputs: dict[str, dict[str, Any]] = {}  # of the jobs opened here: kept once they are saved
+        fresh = self._prefetch(batch)
         for request in batch:
             try:
-                outcomes.append((request, self._apply(request, touched, new, broken, inputs)))
+                outcomes.append((request, self._apply(request, touched, new, broken, inputs, fresh)))
             except Exception as error:  # handed to the caller, who decides
                 outcomes.append((request, error))
         aggregates = list({id(a): a for a in (*new, *touched.values())}.values())
@@ -263,6 +268,8 @@ class JobWriter:
             try:
                 self.app.save_all(aggregates)
             except IntegrityError:
+                if regroup and not any(request.kind == "open" for request in batch):
+                    return self._regroup(batch, aggregates)
                 return self._fallback(batch)
             except Exception:
                 self._evict(aggregates)
@@ -295,6 +302,7 @@ class JobWriter:
         new: list[Any],
         broken: set[UUID],
         inputs: dict[str, dict[str, Any]],
+        fresh: set[UUID],
     ) -> Any:
         if request.kind == "open":
             ids = []
@@ -321,7 +329,7 @@ class JobWriter:
             cached = self._inputs.pop(request.job_key, None)
             return cached if cached is not None else self.app.job_input(request.job_key)
         assert request.job_id is not None
-        if request.kind == "fresh" and request.job_id not in touched:
+        if request.kind == "fresh" and request.job_id not in touched and request.job_id not in fresh:
             self._cache.pop(request.job_id, None)
             self._views.pop(request.job_id, None)
         job = self._load(request.job_id, touched)
@@ -339,12 +347,50 @@ class JobWriter:
             touched[job.id] = job
         return result, job.view()
 
+    def _prefetch(self, batch: list[_Request]) -> set[UUID]:
+        """Read every job the group needs from the store in one query (where the store has one):
+        the jobs it does not hold, and those asked for fresh (another engine may have written
+        them). Returns the jobs read fresh here, which the group's `fresh` requests then use."""
+        wanted: dict[UUID, None] = {}
+        fresh: set[UUID] = set()
+        for request in batch:
+            job_id = request.job_id
+            if job_id is None or request.kind in ("open", "input"):
+                continue
+            if request.kind == "fresh":
+                fresh.add(job_id)
+            elif job_id in self._cache:
+                continue
+            wanted[job_id] = None
+        if len(wanted) < 2:
+            return set()
+        found = self.app.get_jobs(list(wanted))
+        if found is None:
+            return set()
+        self.stats.bulk_reads += 1
+        for job_id in fresh:
+            self._cache.pop(job_id, None)
+            self._views.pop(job_id, None)
+        for job in found.values():
+            self.stats.reads += 1
+            self._remember(job)
+        return fresh & found.keys()
+
     def _evict(self, aggregates: Sequence[Any]) -> None:
         for aggregate in aggregates:
             self._cache.pop(aggregate.id, None)
             self._views.pop(aggregate.id, None)
             # Unsaved versions must not make the log follower skip another writer's events.
             self._versions.pop(aggregate.id, None)
+
+    def _regroup(self, batch: list[_Request], aggregates: Sequence[Any]) -> list[tuple[_Request, Any]]:
+        """Another writer changed some of the jobs this group touched (another engine's claim or
+        outcome): read those jobs again and apply the group's commands once more, still as one
+        save. A claim whose intent was claimed meanwhile now fails alone (`ClaimLost`); a second
+        race falls back to one save per command."""
+        self.stats.regroups += 1
+        self._evict(aggregates)
+        return self._process(batch, regroup=False)
 
     def _fallback(self, batch: list[_Request]) -> list[tuple[_Request, Any]]:
         """Replay each request alone, on fresh copies, saving each on its own."""

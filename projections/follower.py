@@ -36,8 +36,10 @@ and `max_notification_id`) and its `TrackingRecorder` for the engine's position.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from eventsourcing.persistence import (
     ApplicationRecorder,
@@ -48,6 +50,10 @@ from eventsourcing.persistence import (
     Tracking,
     TrackingRecorder,
 )
+
+from podsettle.support.logs import get_logger
+
+log = get_logger("podsettle.follower")
 
 DEFAULT_PAGE_SIZE = 1_000
 
@@ -113,6 +119,60 @@ class LogFollower:
             if not page.more:
                 return
             position = page.position
+
+
+class LogWakeup:
+    """A follower's wake-up on PostgreSQL: a thread that LISTENs on the channel eventsourcing's
+    PostgreSQL recorder NOTIFYs in every insert (`recorder.channel_name`), and calls `on_notify`
+    (which must be thread-safe) when something was written. It carries no events: the follower
+    reads the log after its own position as always, so a notification lost (the connection dropped,
+    the thread restarting) costs latency until the follower's next pull, never an event.
+
+    Why not the library's own `recorder.subscribe()`: its subscription selects the notifications
+    itself, on threads and a connection of its own, from a position it keeps; the engine's store
+    calls run on one store thread and its position is tracked, so only the wake-up is taken."""
+
+    def __init__(self, recorder: Any, on_notify: Callable[[], object], *, retry_s: float = 1.0) -> None:
+        self.channel: str = recorder.channel_name
+        self.datastore: Any = recorder.datastore
+        self.on_notify = on_notify
+        self.retry_s = retry_s
+        self.notified = 0
+        self.listening = threading.Event()  # set while a LISTEN is in place
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="podsettle-listen", daemon=True)
+
+    @classmethod
+    def start(cls, recorder: ApplicationRecorder, on_notify: Callable[[], object]) -> LogWakeup | None:
+        """Listening on `recorder`'s store, or None for a store that cannot notify (SQLite, memory)."""
+        if not hasattr(recorder, "channel_name") or not hasattr(recorder, "datastore"):
+            return None  # only eventsourcing's PostgreSQL recorder NOTIFYs (psycopg: an optional extra)
+        wakeup = cls(recorder, on_notify)
+        wakeup._thread.start()
+        return wakeup
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from psycopg.sql import SQL, Identifier
+
+        while not self._stopped.is_set():
+            try:
+                with self.datastore.get_connection() as conn:
+                    conn.execute(SQL("LISTEN {0}").format(Identifier(self.channel)))
+                    self.listening.set()
+                    self.on_notify()  # anything written before the LISTEN took: look once
+                    while not self._stopped.is_set():
+                        for _ in conn.notifies(timeout=0.2, stop_after=1):
+                            self.notified += 1
+                            self.on_notify()
+            except Exception as error:  # the server went away: the follower's pulls go on meanwhile
+                log.warning("follower.listen_failed", channel=self.channel, error=repr(error))
+            finally:
+                self.listening.clear()
+            self._stopped.wait(self.retry_s)
 
 
 class TrackedPosition:

@@ -142,7 +142,9 @@ async def test_two_engines_never_execute_one_intent_twice(store: tuple[str, dict
     final = app.list_jobs(batch_id="shared")
     assert len(final) == 40 and {r.status for r in results} <= {"paid", "refunded"}
     # Both engines really competed for the same intents: claims were lost, and nothing ran twice.
-    raced = sum(e.processor.claims_lost + e.processor.deferred for e in (first, second))
+    raced = sum(
+        e.processor.claims_lost + e.processor.deferred + e.processor.claims_avoided for e in (first, second)
+    )
     assert raced > 0, raced
     attempted = get_topic(EscrowJob.Attempted)
     attempts = [
@@ -164,3 +166,89 @@ async def test_two_engines_never_execute_one_intent_twice(store: tuple[str, dict
     assert all(status in ("posted", "voided") for _, status in rows)
     conservation = ledger.conservation()
     assert conservation.conserved and conservation.held == 0
+
+
+async def _until(condition: Any, what: str, within_s: float = 30.0) -> None:
+    """Wait for `condition()` (a state, not a time: the deadline only stops a hung test)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"still waiting for: {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_job_another_engine_holds_is_learned_from_the_log_not_polled(
+    store: tuple[str, dict[str, str]],
+) -> None:
+    """Engine B waits for a job engine A has claimed: it reads the store only when A's follower-read
+    events say the job changed, never while A holds the claim and writes nothing (it used to read
+    the job every 0.2 s), and it gives its concurrency slot back meanwhile."""
+    url, env = store
+    ledger = Ledger(None)
+    with ledger.transaction() as tx:
+        tx.open_account(PAYER)
+        tx.open_account(PAYEE)
+    ledger.mint(PAYER, "100", key="mint")
+    release_a = asyncio.Event()
+    compute = InProcessCompute(seed=3)
+    settings = Settings(store="memory", payer=PAYER, payee=PAYEE)
+
+    def engine(name: str, escrow: Any) -> Engine:
+        return Engine(
+            Settlements(url, env={**env, "CREATE_TABLE": "y"}),
+            escrow,
+            compute,
+            payer=PAYER,
+            settings=settings,
+            processor=ProcessorConfig(processor_id=name, retry_base_s=0.001, retry_cap_s=0.01),
+            follow_interval_s=0.02,
+            recover_on_start=False,
+        )
+
+    a = engine("engine-a", HeldUntil(LedgerEscrow(ledger, payer=PAYER), release_a))
+    b = engine("engine-b", LedgerEscrow(ledger, payer=PAYER))
+    spec = a._spec(
+        "echo",
+        {"value": 1},
+        "0.50",
+        job_key="held-by-a",
+        payee=None,
+        referral=None,
+        acceptance=None,
+        bonus_pool=None,
+        batch_id="held",
+        timeout_s=60,
+    )
+    (job_id,) = Settlements(url, env={**env, "CREATE_TABLE": "y"}).open_jobs([spec])
+    await a.start()
+    a_result = asyncio.ensure_future(a.wait(job_id))
+    watcher = Settlements(url, env=env)
+    await _until(lambda: watcher.get_job(job_id).intent.attempts == 1, "engine A's claim")  # type: ignore[union-attr]
+    await b.start()
+    slots = asyncio.Semaphore(1)
+    from podsettle.engine import _Slot
+
+    async def settle_in_a_slot() -> Any:
+        async with _Slot(slots):
+            return await b.wait(job_id)
+
+    b_result = asyncio.ensure_future(settle_in_a_slot())
+    await _until(lambda: b.processor.deferred == 1, "engine B to defer to A's claim")
+    assert not slots.locked(), "a job waiting for another engine's claim keeps its slot"
+    reads_while_held = b.writer.stats.reads
+    await asyncio.sleep(1.5)  # A holds the claim and writes nothing: B must not read meanwhile
+    assert b.writer.stats.reads == reads_while_held
+    release_a.set()
+    paid_a, paid_b = await asyncio.wait_for(asyncio.gather(a_result, b_result), 60)
+    assert paid_a.status == paid_b.status == "paid"
+    # B read the job only when the log said it changed: once per save of A's at most.
+    assert b.watch.wakes >= 1
+    assert b.writer.stats.reads - reads_while_held <= b.watch.wakes + 1
+    attempts = [
+        watcher.mapper.to_domain_event(n)
+        for n in watcher.recorder.select_notifications(1, 1000, topics=[get_topic(EscrowJob.Attempted)])
+    ]
+    assert {a.processor for a in attempts} == {"engine-a"}
+    await a.aclose()
+    await b.aclose()
+    await compute.aclose()

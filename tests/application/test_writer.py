@@ -137,3 +137,28 @@ async def test_an_operator_release_records_the_services_figures_not_podsettles_o
     assert summary["state"] == "RELEASED" and job.released is not None
     assert (job.released.to_payee, job.released.fee) == (to_money("0.099446"), to_money("0.001004"))
     assert job.violations(quiescent=True) == []
+
+
+async def test_a_group_that_loses_a_race_is_saved_again_as_a_group(tmp_path: Path) -> None:
+    """Another engine claimed one of the jobs this writer's group touches: the group is applied
+    again on fresh copies of those jobs and saved as one group (not one save per command); the stale
+    claim alone is lost, and nothing is claimed twice."""
+    from podsettle.domain.errors import ClaimLost
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    ours, theirs = Settlements(url), Settlements(url)
+    raced, other, third = (theirs.open_job(spec(key)) for key in ("raced", "other", "third"))
+    writer = JobWriter(ours)
+    for job_id in (raced, other, third):
+        await writer.view(job_id)  # cached here: this writer does not see the other engine's claim
+    act(theirs, raced, lambda j: j.record_attempt(Step.FUND, "theirs", after=0))
+    outcomes = await asyncio.gather(
+        *(writer.claim(job_id, Step.FUND, "ours", after=0, at=DEADLINE) for job_id in (raced, other, third)),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[0], ClaimLost)
+    assert [o[0] for o in outcomes[1:]] == [1, 1]  # type: ignore[index]
+    assert (writer.stats.regroups, writer.stats.fallbacks) == (1, 0)
+    await writer.aclose()
+    claimers = {job_id: ours.get_job(job_id).intent.claimed_by for job_id in (raced, other, third)}  # type: ignore[union-attr]
+    assert claimers == {raced: "theirs", other: "ours", third: "ours"}

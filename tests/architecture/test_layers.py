@@ -35,6 +35,7 @@ LAYER_OF = {
     "podsettle.limits": "application",
     "podsettle.bounties": "application",
     "podsettle.batches": "application",
+    "podsettle.slots": "application",
     "podsettle.bootstrap": "bootstrap",
     # The front ends: the command line now; the MCP server and the dashboard when they land.
     "podsettle.cli": "frontend",

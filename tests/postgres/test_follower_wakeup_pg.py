@@ -1,0 +1,142 @@
+"""The engine's log follower on PostgreSQL: woken by LISTEN/NOTIFY on the channel eventsourcing's
+PostgreSQL recorder notifies at each insert, with a pull as the fallback (a notification that never
+arrives costs latency, not an event); and the jobs a group needs read in one query."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from podsettle import engine as engine_module
+from podsettle.adapters.ledger import Ledger
+from podsettle.adapters.ledger_gateway import LedgerEscrow
+from podsettle.application import Settlements
+from podsettle.bootstrap import Engine
+from podsettle.processor import ProcessorConfig
+from podsettle.projections.follower import LogWakeup
+from podsettle.requests import JobRequest
+from podsettle.sandbox.inprocess_compute import InProcessCompute
+from podsettle.settings import Settings
+from podsettle.writer import JobWriter
+
+PAYER, PAYEE = "ag_payer", "ag_worker"
+URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+async def _until(condition: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
+    """Wait for a state (the deadline only stops a hung test)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"still waiting for: {what}")
+        await asyncio.sleep(0.01)
+
+
+def _engine(schema: str, *, pull_fallback_s: float) -> tuple[Engine, InProcessCompute]:
+    ledger = Ledger(None)
+    with ledger.transaction() as tx:
+        tx.open_account(PAYER)
+        tx.open_account(PAYEE)
+    ledger.mint(PAYER, "100", key="mint")
+    compute = InProcessCompute(seed=1)
+    engine = Engine(
+        Settlements(URL, env={"POSTGRES_SCHEMA": schema, "CREATE_TABLE": "y"}),
+        LedgerEscrow(ledger, payer=PAYER),
+        compute,
+        payer=PAYER,
+        settings=Settings(store="memory", payer=PAYER, payee=PAYEE),
+        processor=ProcessorConfig(processor_id="engine-follower"),
+        follow_interval_s=0.05,
+    )
+    engine.pull_fallback_s = pull_fallback_s
+    return engine, compute
+
+
+def _specs(engine: Engine, keys: list[str]) -> list[JobRequest]:
+    return [
+        engine._spec(
+            "echo",
+            {"key": key},
+            "0.50",
+            job_key=key,
+            payee=None,
+            referral=None,
+            acceptance=None,
+            bonus_pool=None,
+            batch_id=None,
+            timeout_s=60,
+        )
+        for key in keys
+    ]
+
+
+async def test_a_write_by_another_process_wakes_the_follower_through_listen_notify(pg_schema: str) -> None:
+    # Pulls an hour apart: only a notification can bring the job opened elsewhere to this engine.
+    engine, compute = _engine(pg_schema, pull_fallback_s=3600)
+    await engine.start()
+    await _until(lambda: engine.listener is not None and engine.listener.listening.is_set(), "LISTEN")
+    # The listener wakes the follower once when its LISTEN is in place; let that read be done.
+    await _until(lambda: engine.follow_stats.pages >= 2, "the read after LISTEN")
+    await asyncio.sleep(0.1)
+    woken_before = engine.follow_stats.woken
+    other = Settlements(URL, env={"POSTGRES_SCHEMA": pg_schema})
+    other.open_jobs(_specs(engine, ["opened-elsewhere"]))  # an intent nobody here was asked to settle
+    await _until(lambda: engine.follow_stats.adopted == 1, "the follower to take up the job")
+    assert engine.follow_stats.listening
+    assert engine.follow_stats.woken > woken_before
+    (job_id,) = list(other.job_ids())
+    result = await asyncio.wait_for(engine.wait(job_id), 30)
+    assert result.status == "paid"
+    await engine.aclose()
+    await compute.aclose()
+    assert engine.listener is not None and not engine.listener._thread.is_alive()
+
+
+async def test_a_missed_notification_is_picked_up_by_the_pull(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[LogWakeup] = []
+    listen = LogWakeup.start
+
+    def deaf(recorder: Any, on_notify: Callable[[], object]) -> LogWakeup | None:
+        # It LISTENs, but every notification is lost on the way to the follower.
+        wakeup = listen(recorder, lambda: None)
+        if wakeup is not None:
+            started.append(wakeup)
+        return wakeup
+
+    monkeypatch.setattr(engine_module.LogWakeup, "start", staticmethod(deaf))
+    engine, compute = _engine(pg_schema, pull_fallback_s=0.3)
+    await engine.start()
+    await _until(lambda: bool(started) and started[0].listening.is_set(), "LISTEN")
+    other = Settlements(URL, env={"POSTGRES_SCHEMA": pg_schema})
+    other.open_jobs(_specs(engine, ["opened-elsewhere"]))
+    await _until(lambda: started[0].notified >= 1, "the notification (which is then lost)")
+    await _until(lambda: engine.follow_stats.adopted == 1, "the pull to find the job")
+    assert engine.follow_stats.woken == 0  # nothing woke it: the pull did
+    await engine.aclose()
+    await compute.aclose()
+
+
+async def test_the_jobs_a_group_needs_are_read_in_one_query(pg_schema: str) -> None:
+    opener = Settlements(URL, env={"POSTGRES_SCHEMA": pg_schema, "CREATE_TABLE": "y"})
+    engine, compute = _engine(pg_schema, pull_fallback_s=1)
+    ids = opener.open_jobs(_specs(engine, [f"bulk-{n}" for n in range(6)]))
+    reader = Settlements(URL, env={"POSTGRES_SCHEMA": pg_schema})
+    bulk = reader.get_jobs([*ids, ids[0]])
+    assert bulk is not None and set(bulk) == set(ids)
+    for job_id in ids:
+        one = reader.get_job(job_id)
+        assert (bulk[job_id].version, bulk[job_id].view()) == (one.version, one.view())
+    writer = JobWriter(reader)
+    views = await asyncio.gather(*(writer.view(job_id, fresh=True) for job_id in ids))
+    assert [v.job_id for v in views] == ids
+    assert (writer.stats.bulk_reads, writer.stats.reads) == (1, len(ids))
+    # Opening the same batch again (a process joining it) compares it with the store in one query.
+    again = reader.open_jobs(_specs(engine, [f"bulk-{n}" for n in range(6)]))
+    assert again == ids
+    await writer.aclose()
+    await compute.aclose()
