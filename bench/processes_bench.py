@@ -60,9 +60,39 @@ def _engine_env(store: str, info: dict[str, str]) -> dict[str, str]:
     }
 
 
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes have used so far, from /proc (0 without it)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+SERVICES: dict[str, float] = {}  # CPU seconds the sandbox and the whole machine used in the last case
+
+
 def _run(store: str, info: dict[str, str], jobs: Path, processes: int, batch: str) -> tuple[float, float]:
-    """Wall seconds of the case, and the CPU seconds its engine processes used (user + system)."""
+    """Wall seconds of the case, and the CPU seconds its engine processes used (user + system); the
+    sandbox's and PostgreSQL's CPU in the case go to SERVICES."""
     env = _engine_env(store, info)
+    sandbox_pid = int(info["pid"])
+    services_before = {"sandbox": _cpu_s([sandbox_pid]), "machine": _machine_busy_s()}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     args = ["batch", str(jobs), "--endpoint", "echo", "--budget", "0.10", "--batch-id", batch, "--json"]
     started = time.perf_counter()
@@ -82,6 +112,8 @@ def _run(store: str, info: dict[str, str], jobs: Path, processes: int, batch: st
         if proc.returncode != 0:
             raise SystemExit(f"podsettle batch failed ({proc.returncode}): {err[-2000:]}")
     wall = time.perf_counter() - started
+    SERVICES["sandbox"] = _cpu_s([sandbox_pid]) - services_before["sandbox"]
+    SERVICES["machine"] = _machine_busy_s() - services_before["machine"]
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
@@ -101,36 +133,30 @@ def _longest_stall(store: str) -> float:
         app.close()
 
 
-def _limit(cpus: dict[int, tuple[float, float]], cores: int) -> str:
-    """What limits the curve, from the CPU each case's engine processes used: when they use most of
-    the machine's cores (PostgreSQL and the sandbox run on the same cores), more processes only
-    share the same CPU; when they do not, the store (its table lock per insert) is what they wait on."""
-    if not cpus:
+def _limit(cases: dict[int, tuple[float, float, float, float]], cores: int) -> str:
+    """What limits the curve, from each case's CPU: its engines', the sandbox's and the whole
+    machine's busy time (PostgreSQL and any other work are the rest). When the machine's cores were
+    busy most of the time, more processes only share the same CPU; when they were not, the engines
+    waited on the store (its recorder's table lock per insert) or the services."""
+    if not cases:
         return "limit: no PostgreSQL case ran"
-    most = max(cpus)
-    cpu, wall = cpus[most]
-    share = cpu / (wall * cores)
-    per_job = {count: used for count, (used, _) in sorted(cpus.items())}
-    growth = ", ".join(f"{count}: {used:.1f} s" for count, used in per_job.items())
-    load = os.getloadavg()[0]
-    if load >= cores:
+    most = max(cases)
+    engines, wall, sandbox, machine = cases[most]
+    busy = machine / (wall * cores) if wall else 0.0
+    growth = ", ".join(f"{count}: {used[0]:.1f} s" for count, used in sorted(cases.items()))
+    rest = max(machine - engines - sandbox, 0.0)
+    if busy >= 0.8:
         return (
-            f"limit: CPU. The machine's load average is {load:.1f} on {cores} cores (other work, "
-            f"PostgreSQL, the sandbox and the engines); engine CPU per case ({growth}) grows with the "
-            "number of processes (each starts an interpreter, compares the whole batch with the store "
-            "and reads every job's result), so more processes only share the same busy cores"
-        )
-    if share >= 0.6:
-        return (
-            f"limit: CPU. With {most} processes the engines alone use {share:.0%} of {cores} cores' time "
-            f"(PostgreSQL and the sandbox share them); engine CPU per case ({growth}) grows with the "
-            "number of processes (each starts an interpreter, opens/compares the whole batch and "
-            "reads every job's result), so on this machine more processes cannot go faster"
+            f"limit: CPU. With {most} processes the machine's {cores} cores were busy {busy:.0%} of the "
+            f"time (engines {engines:.1f} s, sandbox {sandbox:.1f} s, PostgreSQL and other work "
+            f"{rest:.1f} s in {wall:.1f} s). Engine CPU per case ({growth}) grows with the number of "
+            "processes: each starts an interpreter, checks the whole file against the store and reads "
+            "every job's result for its totals, so on this machine more processes share the same cores"
         )
     return (
-        f"limit: the store. With {most} processes the engines use {share:.0%} of {cores} cores' time "
-        f"(engine CPU per case: {growth}): they wait on PostgreSQL, whose recorder serialises "
-        "inserts with a table lock (one writer at a time); fewer, larger saves lift it"
+        f"limit: waiting. With {most} processes the machine's {cores} cores were busy only {busy:.0%} "
+        f"of the time (engine CPU per case: {growth}): the engines waited on PostgreSQL, whose "
+        "recorder serialises inserts with a table lock (one writer at a time), or on the services"
     )
 
 
@@ -149,7 +175,7 @@ def main() -> None:
         [sys.executable, "-c", SANDBOX], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert sandbox.stdout is not None
-    info = json.loads(sandbox.stdout.readline())
+    info = {**json.loads(sandbox.stdout.readline()), "pid": str(sandbox.pid)}
     made: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="podsettle-bench-") as folder:
@@ -162,11 +188,12 @@ def main() -> None:
                 "processes.sqlite_1",
                 sqlite_rate,
                 "jobs/s",
-                note=f"longest stall {_longest_stall(sqlite_store):.3f} s; engine CPU {cpu:.1f} s "
+                note=f"longest stall {_longest_stall(sqlite_store):.3f} s; engine CPU {cpu:.1f} s, "
+                f"sandbox {SERVICES['sandbox']:.1f} s, whole machine busy {SERVICES['machine']:.1f} s "
                 f"in {sqlite_s:.1f} s on {os.cpu_count()} cores",
             )
             rates: dict[int, float] = {}
-            cpus: dict[int, tuple[float, float]] = {}
+            cpus: dict[int, tuple[float, float, float, float]] = {}
             for count in options.processes:
                 name = f"podsettle_bench_{uuid.uuid4().hex[:10]}"
                 with psycopg.connect(f"{SERVER} dbname=test", autocommit=True) as conn:
@@ -175,14 +202,16 @@ def main() -> None:
                 store = f"postgresql://postgres@127.0.0.1:5432/{name}"
                 wall, cpu = _run(store, info, jobs, count, f"bench-pg-{count}")
                 rate = options.jobs / wall
-                rates[count], cpus[count] = rate, (cpu, wall)
+                rates[count] = rate
+                cpus[count] = (cpu, wall, SERVICES["sandbox"], SERVICES["machine"])
                 figure(
                     f"processes.postgres_{count}",
                     rate,
                     "jobs/s",
                     ratio_to=rate / sqlite_rate,
                     baseline="sqlite_1",
-                    note=f"longest stall {_longest_stall(store):.3f} s; engine CPU {cpu:.1f} s "
+                    note=f"longest stall {_longest_stall(store):.3f} s; engine CPU {cpu:.1f} s, "
+                    f"sandbox {SERVICES['sandbox']:.1f} s, whole machine busy {SERVICES['machine']:.1f} s "
                     f"in {wall:.1f} s on {os.cpu_count()} cores",
                 )
                 if count != 1 and 1 in rates:

@@ -24,6 +24,7 @@ from podsettle.domain import EscrowJob, State
 from podsettle.processor import ProcessorConfig
 from podsettle.sandbox.inprocess_compute import InProcessCompute
 from podsettle.settings import Settings
+from podsettle.slots import Slot
 
 PAYER, PAYEE = "ag_payer", "ag_worker"
 POSTGRES = "host=127.0.0.1 port=5432 user=postgres dbname=test"
@@ -226,10 +227,8 @@ async def test_a_job_another_engine_holds_is_learned_from_the_log_not_polled(
     await _until(lambda: watcher.get_job(job_id).intent.attempts == 1, "engine A's claim")  # type: ignore[union-attr]
     await b.start()
     slots = asyncio.Semaphore(1)
-    from podsettle.engine import _Slot
-
     async def settle_in_a_slot() -> Any:
-        async with _Slot(slots):
+        async with Slot(slots):
             return await b.wait(job_id)
 
     b_result = asyncio.ensure_future(settle_in_a_slot())
