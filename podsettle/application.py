@@ -6,11 +6,11 @@ It opens jobs and answers queries. Commands that change a job go through one pat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent, project_aggregate
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.persistence import IntegrityError, Transcoder
 from eventsourcing.utils import get_topic
 
@@ -183,7 +183,7 @@ class Settlements(Application[UUID]):
     def get_job(self, job_id: UUID | str) -> EscrowJob:
         uid = self._uuid(job_id)
         try:
-            job: EscrowJob = self.repository.get(uid)
+            job: EscrowJob = self.repository.get(uid, projector_func=_project)
         except AggregateNotFoundError:
             raise JobNotFound(job_id) from None
         return job
@@ -196,7 +196,7 @@ class Settlements(Application[UUID]):
             return None
         jobs: dict[UUID, EscrowJob] = {}
         for job_id, events in stored.items():
-            aggregate: Any = project_aggregate(None, map(self.mapper.to_domain_event, events))
+            aggregate: Any = _project(None, map(self.mapper.to_domain_event, events))
             if isinstance(aggregate, EscrowJob):
                 jobs[job_id] = aggregate
         return jobs
@@ -242,3 +242,12 @@ class Settlements(Application[UUID]):
             return UUID(str(job_id))
         except ValueError:
             raise InvalidInput("job_id", f"{job_id!r} is not a job id (a UUID)") from None
+
+
+def _project(aggregate: Any, domain_events: Iterable[Any]) -> Any:
+    """The library's `project_aggregate` without its assert that each event is an instance of a
+    runtime-checkable protocol: that check alone was a fifth of the CPU of reading jobs in bulk on
+    PostgreSQL. Each event applies itself with its own `mutate`, as there."""
+    for domain_event in domain_events:
+        aggregate = domain_event.mutate(aggregate)
+    return aggregate
