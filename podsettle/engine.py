@@ -1118,14 +1118,16 @@ class EngineCore:
     def _take(self, seen: Mapping[uuid.UUID, _Seen]) -> None:
         """Act on a page: wake waiters (many jobs at once), note other engines' claims, and drive
         what nobody here is settling and no live claim covers."""
+        me = self.processor.config.processor_id
         for job_id, last in seen.items():
-            self.watch.seen(job_id, last.version)
+            # A job whose last event is another engine's claim is still held: its waiters sleep on.
+            self.watch.seen(job_id, last.version, wake=last.claimer is None or last.claimer == me)
             self._foreign.pop(job_id, None)
             if last.topic in RESTING_TOPICS or job_id in self._driving or job_id in self._wanted:
                 continue
             if self._knows(job_id, last.version):
                 continue  # written by this engine
-            if last.claimer is not None and last.claimer != self.processor.config.processor_id:
+            if last.claimer is not None and last.claimer != me:
                 lapses = time.monotonic() + self.processor.config.claim_lease_s
                 self._foreign[job_id] = (last.version, last.claimer, lapses)
                 continue

@@ -219,18 +219,24 @@ class JobWatch:
         self._waiters: dict[UUID, list[tuple[int, asyncio.Future[None]]]] = {}
         self.wakes = 0  # waiters woken by an event the follower read
         self.timeouts = 0  # waits that ended without one (a lease to check, a claimer to look at)
+        self.held_on = 0  # events that were another processor's next claim: nobody was woken
 
     def latest(self, job_id: UUID) -> int:
         """The newest version of the job the follower has read (0 if none is remembered)."""
         return self._latest.get(job_id, 0)
 
-    def seen(self, job_id: UUID, version: int) -> None:
-        """The follower read an event of the job at `version`: wake whoever waits for an older one."""
+    def seen(self, job_id: UUID, version: int, *, wake: bool = True) -> None:
+        """The follower read an event of the job at `version`: wake whoever waits for an older one.
+        Not with `wake=False` (the event is another live processor's next claim: the job is still
+        held, and a waiter would only read it to wait again)."""
         if version > self._latest.get(job_id, 0):
             self._latest[job_id] = version
             self._latest.move_to_end(job_id)
             while len(self._latest) > self.remember:
                 self._latest.popitem(last=False)
+        if not wake:
+            self.held_on += 1
+            return
         waiting = self._waiters.get(job_id)
         if not waiting:
             return

@@ -227,6 +227,7 @@ async def test_a_job_another_engine_holds_is_learned_from_the_log_not_polled(
     await _until(lambda: watcher.get_job(job_id).intent.attempts == 1, "engine A's claim")  # type: ignore[union-attr]
     await b.start()
     slots = asyncio.Semaphore(1)
+
     async def settle_in_a_slot() -> Any:
         async with Slot(slots):
             return await b.wait(job_id)
