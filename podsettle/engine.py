@@ -76,11 +76,6 @@ INTENT_TOPICS = [
 # After these, a job rests (until an operator or a new command acts).
 RESTING_TOPICS = frozenset(get_topic(cls) for cls in RESTING_EVENTS)
 JOB_TOPIC_PREFIX = get_topic(EscrowJob) + "."
-# A bounty's payout is under way after the first of these and over after the second ones.
-PAYOUT_TOPICS = frozenset(get_topic(cls) for cls in (Bounty.Claimed, Bounty.Attempted, Bounty.PayoutFunded))
-PAYOUT_OVER_TOPICS = frozenset(
-    get_topic(cls) for cls in (Bounty.Paid, Bounty.Expired, Bounty.AttentionRaised)
-)
 ATTEMPTED_TOPIC = get_topic(EscrowJob.Attempted)
 # An attempt answered as having done nothing: the job is free to be claimed again at once.
 NOTHING_DONE_TOPIC = get_topic(EscrowJob.NothingDone)
@@ -326,7 +321,6 @@ class EngineCore:
         )
         self._driving: dict[uuid.UUID, asyncio.Task[JobView]] = {}
         self._background: list[asyncio.Task[Any]] = []
-        self._payouts: list[asyncio.Task[BountyResult]] = []  # bounty payouts resumed on start
         self._closers = _Closers()
         self.sandbox_server: Any = None  # the in-process sandbox, when `Engine.sandbox` made this engine
         self._started = False
@@ -364,7 +358,6 @@ class EngineCore:
         position = 0
         if self.recover_on_start:
             position = await self._recover()
-            await self._resume_payouts()
         if self.follow_log:
             self._background.append(loop.create_task(self._follow(position), name="podsettle-follower"))
         self._background.append(loop.create_task(self._watch_pending_refunds(), name="podsettle-refunds"))
@@ -868,10 +861,7 @@ class EngineCore:
                 on_result(result)
             return result
 
-        results = list(await asyncio.gather(*(one(job_id) for job_id in ids)))
-        # Bounty payouts an earlier engine left under way (started with this engine) end too.
-        await asyncio.gather(*self._payouts, return_exceptions=True)
-        return results
+        return list(await asyncio.gather(*(one(job_id) for job_id in ids)))
 
     async def _claims_waited_for(self, ids: Sequence[uuid.UUID]) -> str | None:
         """What a resume waits for: the live claims of other engines on these jobs, if any."""
@@ -1003,33 +993,6 @@ class EngineCore:
         finally:
             for task in running:
                 task.cancel()
-
-    def _payouts_under_way(self) -> list[uuid.UUID]:
-        """Bounties whose payout an engine began and did not end (a blocking store call)."""
-        under_way: dict[uuid.UUID, None] = {}
-        scan = LogFollower(
-            self.app.recorder, topics=[*PAYOUT_TOPICS, *PAYOUT_OVER_TOPICS], page_size=RECOVERY_PAGE_SIZE
-        )
-        for page in scan.pages_after(0):
-            for notification in page.notifications:
-                originator = notification.originator_id
-                bounty_id = originator if isinstance(originator, uuid.UUID) else uuid.UUID(str(originator))
-                if notification.topic in PAYOUT_OVER_TOPICS:
-                    under_way.pop(bounty_id, None)
-                else:
-                    under_way[bounty_id] = None
-        return list(under_way)
-
-    async def _resume_payouts(self) -> None:
-        """Carry on (in the background) the bounty payouts an earlier engine left under way: a claim
-        is paid once, to its winner, whether or not `claim_bounty` is called again."""
-        found: list[uuid.UUID] = await self.writer.call(self._payouts_under_way)
-        if found:
-            log.info("engine.resuming_payouts", bounties=len(found))
-        for bounty_id in found:
-            task = asyncio.get_running_loop().create_task(self.bounties.pay(bounty_id))
-            self._payouts.append(task)
-            self._background.append(task)
 
     async def _follow(self, position: int) -> None:
         """Follow the log: drive intents written by other processes (an operator's resolution,

@@ -126,47 +126,6 @@ async def test_402_or_429_at_claim_time_is_retried_until_it_pays(error: Exceptio
         assert audit(engine.app).ok
 
 
-async def test_a_payout_stopped_midway_is_carried_on_by_the_next_engine_without_a_new_claim(
-    tmp_path: Any,
-) -> None:
-    """An engine stops while the winner's payout keeps being refused (a 429): the claim is in the
-    log. The next engine on the store carries the payout on as it starts; `claim_bounty` is not
-    called again, and the winner is paid once."""
-    store, ledger = f"sqlite:///{tmp_path / 'store.db'}", str(tmp_path / "ledger.db")
-    refused_twice = asyncio.Event()
-    calls = iter(range(1, 10_000))
-
-    def count() -> None:
-        if next(calls) >= 2:  # the payout has been tried, and refused
-            refused_twice.set()
-
-    first = engine_with(
-        escrow_fault=(RateLimited("slow down", retry_after=0.05), 10_000),
-        on_escrow=count,
-        store=store,
-        ledger_path=ledger,
-    )
-    async with first:
-        bounty_id = await first.post_bounty("train", "4", target="0.9", deadline_s=600, bounty_key="b-stop")
-        await entered(first, bounty_id, "rp-1")
-        report = BountyReport("rp-1", "pod-rp-1", "ag_worker", D("0.95"), datetime.now(UTC))
-        claiming = asyncio.ensure_future(first.claim_bounty(bounty_id, [report]))
-        await asyncio.wait_for(refused_twice.wait(), 30)
-        claiming.cancel()
-        await asyncio.gather(claiming, return_exceptions=True)
-        assert (await first.bounty(bounty_id)).state == BountyState.CLAIMED
-
-    second = in_process_engine(store, ledger_path=ledger)
-    async with second:
-        paid = await second.resume()
-        assert paid == []  # no job: the payout is not a job
-        result = await second.bounty(bounty_id)
-        assert result.state == BountyState.PAID and result.paid
-        assert ledger_of(second).balance("ag_worker") == D("3.96")
-        report_ = audit(second.app)
-        assert report_.ok, report_.render()
-
-
 async def test_past_the_deadline_the_claim_waits_in_attention_with_its_reservation() -> None:
     now = [datetime.now(UTC)]
 
