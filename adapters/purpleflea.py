@@ -255,6 +255,18 @@ class PurpleFleaEscrow(ABC):
             self._reserved[route] = self._reserved.get(route, 0) + 1
         return True
 
+    def unreserve(self, route: str) -> None:
+        """A slot `reserve` took will not be used (the claim was lost, or the job ended): the next
+        call of `route` waits for the limit as usual."""
+        if self._reserved.get(route):
+            self._reserved[route] -= 1
+
+    def _take_reservation(self, route: str) -> bool:
+        if self._reserved.get(route):
+            self._reserved[route] -= 1
+            return True
+        return False
+
     @property
     def longest_call_s(self) -> float:
         """The longest one call to the service can last (see `Timeouts.longest_s`): a claim on a
@@ -382,10 +394,11 @@ class PurpleFleaEscrow(ABC):
         money: bool,
         secret: SecretStr | None = None,
         send_within_s: float | None = None,
+        slotted: bool = False,
     ) -> Answer:
         limiter = self._limiters.get(route)
-        if self._reserved.get(route):
-            self._reserved[route] -= 1  # its slot was taken by `reserve`
+        if slotted:
+            pass  # its slot was taken by `reserve`
         elif limiter is not None and not await limiter.acquire(send_within_s):
             raise Rejected(
                 f"{route}: not sent: the rate limit has no slot within {send_within_s:.1f} s",
@@ -536,6 +549,7 @@ class PurpleFleaV1(PurpleFleaEscrow):
         send_within_s: float | None = None,
     ) -> EscrowReceipt:
         value = amount
+        slotted = self._take_reservation("create")  # taken even when refused here: nothing leaks
         self._refuse_what_the_service_would(payee, value, description, timeout_hours, referral)
         expected = split(value, dialect=self.dialect)
         body: dict[str, Any] = {
@@ -547,7 +561,13 @@ class PurpleFleaV1(PurpleFleaEscrow):
         if referral:
             body["referral_code"] = referral
         response = await self._call(
-            "create", "POST", "/escrow/create", body=body, money=True, send_within_s=send_within_s
+            "create",
+            "POST",
+            "/escrow/create",
+            body=body,
+            money=True,
+            send_within_s=send_within_s,
+            slotted=slotted,
         )
         self._expect_status_of_create(response, value, (201, 200))
         created = self._parse(response, CreatedV1, "create", money=True)
@@ -833,6 +853,7 @@ class PurpleFleaSeed(PurpleFleaEscrow):
         send_within_s: float | None = None,
     ) -> EscrowReceipt:
         value = amount
+        slotted = self._take_reservation("create")  # taken even when refused here: nothing leaks
         self._refuse_what_the_service_would(payee, value, description, timeout_hours, referral)
         expected = split(value, dialect=self.dialect)
         body: dict[str, Any] = {
@@ -845,7 +866,13 @@ class PurpleFleaSeed(PurpleFleaEscrow):
             "auto_release": timeout_hours,
         }
         response = await self._call(
-            "create", "POST", "/api/escrow/create", body=body, money=True, send_within_s=send_within_s
+            "create",
+            "POST",
+            "/api/escrow/create",
+            body=body,
+            money=True,
+            send_within_s=send_within_s,
+            slotted=slotted,
         )
         self._expect_status_of_create(response, value, (200, 201))
         created = self._parse(response, SeedCreated, "create", money=True)

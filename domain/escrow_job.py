@@ -861,7 +861,7 @@ class EscrowJob(Aggregate):
         if self.intent is not None and self.intent.step == Step.CANCEL:
             return
         if self.state == State.FUNDING and self.intent is not None:
-            if self.intent.attempts:
+            if self.intent.attempts and not self.intent.answered:
                 raise self._conflict("cancel", "its escrow is being created: cancel it once it is funded")
             self.record_funding_rejected(f"{CANCELLED_BEFORE_FUNDING}: {reason}")
             return

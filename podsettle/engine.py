@@ -360,6 +360,8 @@ class EngineCore:
             position = await self._recover()
         if self.follow_log:
             self._background.append(loop.create_task(self._follow(position), name="podsettle-follower"))
+        else:
+            self.processor.watch = None  # nothing would wake its waiters: they read the store instead
         self._background.append(loop.create_task(self._watch_pending_refunds(), name="podsettle-refunds"))
 
     async def aclose(self) -> None:
@@ -367,6 +369,7 @@ class EngineCore:
         if self._closed:
             return
         self._closed = True
+        self.processor.closing = True
         tasks = [*self._background, *self._driving.values()]
         for task in tasks:
             task.cancel()
@@ -1083,11 +1086,12 @@ class EngineCore:
         what nobody here is settling and no live claim covers."""
         me = self.processor.config.processor_id
         for job_id, last in seen.items():
-            # A job whose last event is another engine's claim is still held: its waiters sleep on.
-            self.watch.seen(job_id, last.version, wake=last.claimer is None or last.claimer == me)
+            self.watch.seen(job_id, last.version)
             self._foreign.pop(job_id, None)
             if last.topic in RESTING_TOPICS or job_id in self._driving or job_id in self._wanted:
                 continue
+            if last.topic == NOTHING_DONE_TOPIC:
+                continue  # its processor tries again (waiters were woken); not adopted to race it
             if self._knows(job_id, last.version):
                 continue  # written by this engine
             if last.claimer is not None and last.claimer != me:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 from uuid import UUID
@@ -219,24 +220,18 @@ class JobWatch:
         self._waiters: dict[UUID, list[tuple[int, asyncio.Future[None]]]] = {}
         self.wakes = 0  # waiters woken by an event the follower read
         self.timeouts = 0  # waits that ended without one (a lease to check, a claimer to look at)
-        self.held_on = 0  # events that were another processor's next claim: nobody was woken
 
     def latest(self, job_id: UUID) -> int:
         """The newest version of the job the follower has read (0 if none is remembered)."""
         return self._latest.get(job_id, 0)
 
-    def seen(self, job_id: UUID, version: int, *, wake: bool = True) -> None:
-        """The follower read an event of the job at `version`: wake whoever waits for an older one.
-        Not with `wake=False` (the event is another live processor's next claim: the job is still
-        held, and a waiter would only read it to wait again)."""
+    def seen(self, job_id: UUID, version: int) -> None:
+        """The follower read an event of the job at `version`: wake whoever waits for an older one."""
         if version > self._latest.get(job_id, 0):
             self._latest[job_id] = version
             self._latest.move_to_end(job_id)
             while len(self._latest) > self.remember:
                 self._latest.popitem(last=False)
-        if not wake:
-            self.held_on += 1
-            return
         waiting = self._waiters.get(job_id)
         if not waiting:
             return
@@ -324,6 +319,10 @@ class Processor:
         self._fresh_claims: dict[UUID, int] = {}
         # Calls that move money, with the recording of their outcomes: a stop lets them finish.
         self._money_calls: set[asyncio.Task[JobView]] = set()
+        self._money_by_job: dict[UUID, asyncio.Task[JobView]] = {}
+        # Set when the engine closes: an outcome recorded then claims no next intent (nobody here
+        # would carry it out, and other engines would wait the lease for it).
+        self.closing = False
         self._effects: dict[Step, Callable[[JobView, int], Awaitable[Command]]] = {
             Step.FUND: self._fund,
             Step.START: self._start,
@@ -356,6 +355,9 @@ class Processor:
             return view
         waited_s = 0.0
         while not view.rests:
+            if await self._money_call_in_flight(job_id):
+                view = await self.store.view(job_id)
+                continue
             intent = view.intent
             try:
                 if intent is None:
@@ -393,7 +395,7 @@ class Processor:
         """Another processor's attempt that is still within its lease: that processor may be alive
         (unless it is a process of this machine known to have exited)."""
         claimer = intent.claimed_by
-        if claimer in (None, self.config.processor_id) or intent.claimed_at is None:
+        if claimer in (None, self.config.processor_id) or intent.claimed_at is None or intent.answered:
             return False
         if (self.clock() - intent.claimed_at).total_seconds() >= self.config.claim_lease_s:
             return False
@@ -416,18 +418,18 @@ class Processor:
             if claimed is not None:
                 attempt, claimed = claimed, None
             else:
-                ending = await self._before_claim(view, intent.step)
+                ending, reserved = await self._before_claim(view, intent.step)
                 if ending is not None:
                     return await self._record(view, ending)
                 try:
                     seen = view.intent.attempts if view.intent is not None else 0
-                    attempt, view = await self.store.claim(
-                        view.job_id, intent.step, self.config.processor_id, seen, self.clock()
-                    )
+                    attempt, view = await self._claim(view, intent.step, seen, reserved)
                 except ClaimLost:
+                    self._unreserve(reserved)
                     self.claims_lost += 1
                     return await self._wait_for_other(view)
                 except DomainError:
+                    self._unreserve(reserved)
                     return await self.store.view(view.job_id)  # the intent changed meanwhile: re-read
             self._info("effect.attempt", view, step=str(intent.step), attempt=attempt)
             try:
@@ -464,23 +466,57 @@ class Processor:
                     ),
                 )
 
-    async def _before_claim(self, view: JobView, step: Step) -> Command | None:
+    async def _claim(self, view: JobView, step: Step, seen: int, reserved: bool) -> tuple[int, JobView]:
+        """Record this processor's attempt. Cut off by a stop while the save runs, the attempt may
+        be saved with no call behind it: for a money call it is then answered as having done
+        nothing (the stop waits for that, as for a call under way), so that no engine has to ask
+        the service about a call that was never made."""
+        claiming = asyncio.ensure_future(
+            self.store.claim(view.job_id, step, self.config.processor_id, seen, self.clock())
+        )
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            self._unreserve(reserved)
+            if step.moves_money:
+                answer = asyncio.ensure_future(self._answer_unmade(claiming, view, step))
+                self._money_calls.add(answer)
+                answer.add_done_callback(self._money_calls.discard)
+            raise
+
+    async def _answer_unmade(
+        self, claiming: asyncio.Future[tuple[int, JobView]], view: JobView, step: Step
+    ) -> JobView:
+        try:
+            attempt, after = await claiming
+        except Exception:  # the claim was not saved: nothing to answer
+            return view
+        await self._nothing_done(after, step, attempt, "stopped before the call was made")
+        return after
+
+    def _unreserve(self, reserved: bool) -> None:
+        unreserve = getattr(self.escrow, "unreserve", None)
+        if reserved and unreserve is not None:
+            unreserve("create")
+
+    async def _before_claim(self, view: JobView, step: Step) -> tuple[Command | None, bool]:
         """Wait, before claiming, for what a create needs and that sends nothing: its rate-limit slot
         (the published service allows 20 creates a minute). Waiting after the claim, a stop or a
         crash during the wait would leave an attempt whose outcome nobody can tell. A command that
-        ends the job instead when no slot comes before its start window closes."""
+        ends the job instead when no slot comes before its start window closes, and whether a slot
+        was reserved (given back with `_unreserve` when the claim is not made)."""
         reserve = getattr(self.escrow, "reserve", None)
         if reserve is None or step not in (Step.FUND, Step.BONUS_FUND):
-            return None
+            return None, False
         within_s = None
         if step == Step.FUND:
             within_s = (view.deadline - self.clock()).total_seconds() - self.config.min_start_window_s
             if within_s <= 0:
-                return None  # the create refuses it without a call (`_fund`)
+                return None, False  # the create refuses it without a call (`_fund`)
         if await reserve("create", within_s):
-            return None
+            return None, True
         reason = f"not funded: no escrow create could be sent within the {within_s:.1f} s left to start it"
-        return lambda job: job.record_funding_rejected(reason)
+        return (lambda job: job.record_funding_rejected(reason)), False
 
     async def _carry_out(self, view: JobView, step: Step, attempt: int) -> JobView:
         """Make the claimed call and record its outcome. A call that moves money is not cut off when
@@ -504,8 +540,20 @@ class Processor:
 
         task = asyncio.get_running_loop().create_task(call_and_record(), name=f"money-{view.job_id}")
         self._money_calls.add(task)
-        task.add_done_callback(self._money_call_done)
+        self._money_by_job[view.job_id] = task
+        task.add_done_callback(partial(self._money_call_done, view.job_id))
         return await asyncio.shield(task)
+
+    async def _money_call_in_flight(self, job_id: UUID) -> bool:
+        """Wait for a call of this job that an earlier, cancelled drive left running (it finishes
+        and records its outcome on its own); True when there was one. A drive must not confirm or
+        redo an attempt whose call is still under way here."""
+        task = self._money_by_job.get(job_id)
+        if task is None or task.done():
+            return False
+        with contextlib.suppress(Exception):
+            await asyncio.shield(task)
+        return True
 
     async def _nothing_done(self, view: JobView, step: Step, attempt: int, reason: str) -> None:
         try:
@@ -513,8 +561,10 @@ class Processor:
         except DomainError as error:  # only informs: the next attempt is made either way
             log.warning("effect.nothing_done_not_recorded", **self._ids(view), error=str(error))
 
-    def _money_call_done(self, task: asyncio.Task[JobView]) -> None:
+    def _money_call_done(self, job_id: UUID, task: asyncio.Task[JobView]) -> None:
         self._money_calls.discard(task)
+        if self._money_by_job.get(job_id) is task:
+            del self._money_by_job[job_id]
         if not task.cancelled() and task.exception() is not None:
             # The driver, if still there, handles it (a retry, a confirmation); after a stop the next
             # engine's recovery does, from the attempt in the log.
@@ -583,7 +633,7 @@ class Processor:
         def outcome_then_claim(job: EscrowJob) -> int | None:
             command(job)
             following = job.intent
-            if following is None or following.attempts or job.state == State.ATTENTION:
+            if following is None or following.attempts or job.state == State.ATTENTION or self.closing:
                 return None
             return job.record_attempt(following.step, processor, after=0, at=now)
 

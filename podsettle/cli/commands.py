@@ -854,7 +854,7 @@ def cancel(
 
     def cancellable(job: Any) -> bool:
         # A job whose escrow create is under way can be cancelled only once its outcome is known.
-        waiting = job.state == State.FUNDING and job.intent is not None and not job.intent.attempts
+        waiting = job.state == State.FUNDING and job.intent is not None and not job.awaiting_outcome
         return waiting or job.state in (State.FUNDED, State.RUNNING)
 
     with user_errors():

@@ -196,6 +196,14 @@ def test_a_stop_during_an_escrow_create_waits_for_its_answer_so_nothing_is_left_
     assert "podsettle: stopped by SIGTERM" in err
     waiting = json.loads(invoke(env, "jobs", "--state", "attention", "--json").stdout)
     assert waiting == []
+    # The create that finished during the stop recorded its job funded, and claimed nothing next:
+    # nobody here would start it, and an engine elsewhere would wait the claim's lease for it.
+    watcher = Settlements(env["PODSETTLE_STORE"])
+    try:
+        funded = [watcher.get_job(i) for i in watcher.job_ids() if watcher.get_job(i).state == State.FUNDED]
+    finally:
+        watcher.close()
+    assert len(funded) == 1 and funded[0].intent is not None and funded[0].intent.attempts == 0
 
     resumed = invoke(env, "resume", "--json")
     assert resumed.exit_code == 0, (resumed.stdout, resumed.stderr)

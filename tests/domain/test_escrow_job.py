@@ -160,6 +160,14 @@ def test_a_job_whose_escrow_is_being_created_cannot_be_cancelled_until_it_is_fun
     assert job.state == State.REFUNDING
 
 
+def test_a_job_whose_create_certainly_did_nothing_can_be_cancelled_before_funding() -> None:
+    job = opened()
+    job.record_attempt(Step.FUND, "p1")
+    job.record_nothing_done(Step.FUND, 1, "RateLimited: 429")
+    job.request_cancel("user asked")
+    assert job.state == State.REJECTED and job.cancelled and job.escrow_id is None
+
+
 def test_cancel_before_submission_fails_at_once() -> None:
     job = funded()
     job.request_cancel("user asked")
