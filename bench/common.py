@@ -202,3 +202,56 @@ class BareGateways:
         if not outcome.succeeded:
             raise SystemExit(f"a job without the engine failed: {outcome}")
         await self.escrow.release(receipt.escrow_id, key=f"{key}:release", expected=self.expected)
+
+
+# A sandbox of both services in a process of its own, its rate limits lifted (the benches that run
+# `podsettle batch` processes against it): it prints its URLs and agents, and ends when stdin closes.
+_SANDBOX_SCRIPT = """
+import json, sys
+from podsettle.sandbox.app import Sandbox
+from podsettle.support.logs import configure_logging
+configure_logging("WARNING")
+lifted = {route: 10_000_000 for route in ("create", "complete", "release", "dispute", "cancel")}
+with Sandbox(escrow_options={"rate_limits": lifted}) as sandbox:
+    payer, worker = sandbox.create_agent("10000000"), sandbox.create_agent("0")
+    print(json.dumps({"url": sandbox.url, "runpod_url": sandbox.runpod_url, "payer": payer.agent_id,
+                      "key": payer.api_key, "worker": worker.agent_id}), flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextmanager
+def sandbox_process() -> Iterator[dict[str, str]]:
+    """The sandbox process's URLs, agents and pid while the block runs."""
+    import json
+    import subprocess
+
+    sandbox = subprocess.Popen(
+        [sys.executable, "-c", _SANDBOX_SCRIPT],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert sandbox.stdout is not None
+    try:
+        yield {**json.loads(sandbox.stdout.readline()), "pid": str(sandbox.pid)}
+    finally:
+        sandbox.communicate("", timeout=60)
+
+
+def engine_env(store: str, sandbox: dict[str, str]) -> dict[str, str]:
+    """The environment of a `podsettle batch` process on `store` against `sandbox_process()`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PODSETTLE_", "PF_", "RUNPOD_"))}
+    return {
+        **env,
+        "PODSETTLE_STORE": store,
+        "PODSETTLE_ESCROW_URL": sandbox["url"],
+        "PF_API_KEY": sandbox["key"],
+        "PODSETTLE_PAYER": sandbox["payer"],
+        "PODSETTLE_PAYEE": sandbox["worker"],
+        "RUNPOD_API_KEY": "sandbox-key",
+        "RUNPOD_ENDPOINT_BASE_URL": sandbox["runpod_url"],
+        "PODSETTLE_ESCROW_RATE_LIMITS": "create=10000000,release=10000000,cancel=10000000,dispute=10000000",
+        "PODSETTLE_LOG_LEVEL": "WARNING",
+    }

@@ -21,36 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, figure, pick
-
-SANDBOX = """
-import json, sys
-from podsettle.sandbox.app import Sandbox
-from podsettle.support.logs import configure_logging
-configure_logging("WARNING")
-lifted = {route: 10_000_000 for route in ("create", "complete", "release", "dispute", "cancel")}
-with Sandbox(escrow_options={"rate_limits": lifted}) as sandbox:
-    payer, worker = sandbox.create_agent("10000000"), sandbox.create_agent("0")
-    print(json.dumps({"url": sandbox.url, "runpod_url": sandbox.runpod_url, "payer": payer.agent_id,
-                      "key": payer.api_key, "worker": worker.agent_id}), flush=True)
-    sys.stdin.read()
-"""
-
-
-def _engine_env(store: str, info: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PODSETTLE_", "PF_", "RUNPOD_"))}
-    return {
-        **env,
-        "PODSETTLE_STORE": store,
-        "PODSETTLE_ESCROW_URL": info["url"],
-        "PF_API_KEY": info["key"],
-        "PODSETTLE_PAYER": info["payer"],
-        "PODSETTLE_PAYEE": info["worker"],
-        "RUNPOD_API_KEY": "sandbox-key",
-        "RUNPOD_ENDPOINT_BASE_URL": info["runpod_url"],
-        "PODSETTLE_ESCROW_RATE_LIMITS": "create=10000000,release=10000000,cancel=10000000,dispute=10000000",
-        "PODSETTLE_LOG_LEVEL": "WARNING",
-    }
+from common import ROOT, engine_env, figure, pick, sandbox_process
 
 
 def _batch(folder: Path, info: dict[str, str], jobs: int) -> tuple[float, float]:
@@ -66,7 +37,7 @@ def _batch(folder: Path, info: dict[str, str], jobs: int) -> tuple[float, float]
         proc = subprocess.Popen(
             [sys.executable, "-m", "podsettle.cli", *args],
             cwd=ROOT,
-            env=_engine_env(store, info),
+            env=engine_env(store, info),
             stdout=subprocess.DEVNULL,
             stderr=errors,
         )
@@ -86,27 +57,19 @@ def main() -> None:
     )
     options = parser.parse_args()
     small, large = sorted(options.jobs)
-    sandbox = subprocess.Popen(
-        [sys.executable, "-c", SANDBOX], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert sandbox.stdout is not None
-    info = json.loads(sandbox.stdout.readline())
-    try:
-        with tempfile.TemporaryDirectory(prefix="podsettle-bench-") as name:
-            folder = Path(name)
-            small_mb, small_s = _batch(folder, info, small)
-            figure(f"memory.batch_{small}", small_mb, "MB", note=f"peak RSS; {small / small_s:.0f} jobs/s")
-            large_mb, large_s = _batch(folder, info, large)
-            figure(
-                f"memory.batch_{large}",
-                large_mb,
-                "MB",
-                ratio_to=large_mb / small_mb,
-                baseline=f"batch_{small}",
-                note=f"peak RSS; {large / large_s:.0f} jobs/s; {large // small}x the jobs",
-            )
-    finally:
-        sandbox.communicate("", timeout=60)
+    with sandbox_process() as info, tempfile.TemporaryDirectory(prefix="podsettle-bench-") as name:
+        folder = Path(name)
+        small_mb, small_s = _batch(folder, info, small)
+        figure(f"memory.batch_{small}", small_mb, "MB", note=f"peak RSS; {small / small_s:.0f} jobs/s")
+        large_mb, large_s = _batch(folder, info, large)
+        figure(
+            f"memory.batch_{large}",
+            large_mb,
+            "MB",
+            ratio_to=large_mb / small_mb,
+            baseline=f"batch_{small}",
+            note=f"peak RSS; {large / large_s:.0f} jobs/s; {large // small}x the jobs",
+        )
 
 
 if __name__ == "__main__":

@@ -27,37 +27,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, figure, pick
+from common import ROOT, engine_env, figure, pick, sandbox_process
 
 SERVER = "host=127.0.0.1 port=5432 user=postgres"
-SANDBOX = """
-import json, sys
-from podsettle.sandbox.app import Sandbox
-from podsettle.support.logs import configure_logging
-configure_logging("WARNING")
-lifted = {route: 1_000_000 for route in ("create", "complete", "release", "dispute", "cancel")}
-with Sandbox(escrow_options={"rate_limits": lifted}) as sandbox:
-    payer, worker = sandbox.create_agent("1000000"), sandbox.create_agent("0")
-    print(json.dumps({"url": sandbox.url, "runpod_url": sandbox.runpod_url, "payer": payer.agent_id,
-                      "key": payer.api_key, "worker": worker.agent_id}), flush=True)
-    sys.stdin.read()
-"""
-
-
-def _engine_env(store: str, info: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PODSETTLE_", "PF_", "RUNPOD_"))}
-    return {
-        **env,
-        "PODSETTLE_STORE": store,
-        "PODSETTLE_ESCROW_URL": info["url"],
-        "PF_API_KEY": info["key"],
-        "PODSETTLE_PAYER": info["payer"],
-        "PODSETTLE_PAYEE": info["worker"],
-        "RUNPOD_API_KEY": "sandbox-key",
-        "RUNPOD_ENDPOINT_BASE_URL": info["runpod_url"],
-        "PODSETTLE_ESCROW_RATE_LIMITS": "create=1000000,release=1000000,cancel=1000000,dispute=1000000",
-        "PODSETTLE_LOG_LEVEL": "WARNING",
-    }
 
 
 def _cpu_s(pids: list[int]) -> float:
@@ -90,7 +62,7 @@ SERVICES: dict[str, float] = {}  # CPU seconds the sandbox and the whole machine
 def _run(store: str, info: dict[str, str], jobs: Path, processes: int, batch: str) -> tuple[float, float]:
     """Wall seconds of the case, and the CPU seconds its engine processes used (user + system); the
     sandbox's and PostgreSQL's CPU in the case go to SERVICES."""
-    env = _engine_env(store, info)
+    env = engine_env(store, info)
     sandbox_pid = int(info["pid"])
     services_before = {"sandbox": _cpu_s([sandbox_pid]), "machine": _machine_busy_s()}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -171,14 +143,9 @@ def main() -> None:
         psycopg.connect(f"{SERVER} dbname=test", connect_timeout=2).close()
     except psycopg.Error as error:
         raise SystemExit(f"PostgreSQL is not reachable on 127.0.0.1:5432: {error}") from None
-    sandbox = subprocess.Popen(
-        [sys.executable, "-c", SANDBOX], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert sandbox.stdout is not None
-    info = {**json.loads(sandbox.stdout.readline()), "pid": str(sandbox.pid)}
     made: list[str] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="podsettle-bench-") as folder:
+        with sandbox_process() as info, tempfile.TemporaryDirectory(prefix="podsettle-bench-") as folder:
             jobs = Path(folder) / "jobs.jsonl"
             jobs.write_text("".join(json.dumps({"n": n}) + "\n" for n in range(options.jobs)))
             sqlite_store = f"sqlite:///{Path(folder) / 'store.db'}"
@@ -228,7 +195,6 @@ def main() -> None:
                 )
             print("# " + _limit(cpus, os.cpu_count() or 1))
     finally:
-        sandbox.communicate("", timeout=30)
         with psycopg.connect(f"{SERVER} dbname=test", autocommit=True) as conn:
             for name in made:
                 conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
