@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -71,29 +71,46 @@ def released(env: dict[str, str]) -> int:
     return len(json.loads(listed.stdout)) if listed.exit_code == 0 else 0
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_stopped_batch_says_what_is_done_and_left_and_resume_finishes_it(
-    env: dict[str, str], sandbox: Sandbox, tmp_path: Path, sig: signal.Signals, code: int
-) -> None:
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("".join(f'{{"seconds": 0.4, "n": {n}}}\n' for n in range(12)))
+def stop_batch(
+    env: dict[str, str],
+    jobs: Path,
+    *options: str,
+    when: Callable[[], bool],
+    sig: signal.Signals = signal.SIGTERM,
+    after_s: float = 0.0,
+) -> tuple[int, str, str]:
+    """Run `podsettle batch JOBS OPTIONS` in a process of its own, send it `sig` once `when()` holds
+    (and `after_s` more seconds passed), and wait for it: its exit code, stdout and stderr."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), "--endpoint", "sleep", "--budget", "0.50",
-         "--concurrency", "2"],
+        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), *options],
         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while released(env) < 2:
+        while not when():
             assert child.poll() is None and time.monotonic() < deadline, child.communicate()
             time.sleep(0.1)
+        time.sleep(after_s)
         child.send_signal(sig)
         out, err = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
             child.communicate()
-    assert child.returncode == code, err
+    return child.returncode, out, err
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_batch_says_what_is_done_and_left_and_resume_finishes_it(
+    env: dict[str, str], sandbox: Sandbox, tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(f'{{"seconds": 0.4, "n": {n}}}\n' for n in range(12)))
+    returncode, out, err = stop_batch(
+        env, jobs, "--endpoint", "sleep", "--budget", "0.50", "--concurrency", "2",
+        when=lambda: released(env) >= 2, sig=sig,
+    )  # fmt: skip
+    assert returncode == code, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and not any(line.startswith("{") for line in lines), err
     stopped = next(line for line in lines if line.startswith("podsettle: stopped by"))
@@ -125,23 +142,11 @@ def test_a_batch_stopped_before_its_last_chunk_is_opened_is_finished_by_running_
 ) -> None:
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(f'{{"seconds": 0.4, "n": {n}}}\n' for n in range(12)))
-    child = subprocess.Popen(
-        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), "--endpoint", "sleep", "--budget", "0.50",
-         "--concurrency", "2", "--chunk-size", "2"],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    returncode, _, err = stop_batch(
+        env, jobs, "--endpoint", "sleep", "--budget", "0.50", "--concurrency", "2", "--chunk-size", "2",
+        when=lambda: released(env) >= 2, sig=signal.SIGINT,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while released(env) < 2:
-            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
-            time.sleep(0.1)
-        child.send_signal(signal.SIGINT)
-        _, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
-    assert child.returncode == 130, err
+    assert returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     stopped = next(line for line in lines if line.startswith("podsettle: stopped by SIGINT"))
     finished = int(stopped.split(": ")[2].split()[0])
@@ -173,26 +178,20 @@ def test_a_stop_during_an_escrow_create_waits_for_its_answer_so_nothing_is_left_
     # Every create (the payer check's included) answers after 2 s; the work is done at once.
     fault = {"route": "create", "mode": "delay", "delay_s": 2, "count": 10}
     httpx.post(f"{sandbox.url}/sandbox/faults", json=fault, timeout=10).raise_for_status()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), "--endpoint", "echo", "--budget", "0.50",
-         "--concurrency", "1"],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    store = Path(env["PODSETTLE_STORE"].removeprefix("sqlite:///"))
+
+    def all_opened() -> bool:
+        return store.exists() and json.loads(invoke(env, "totals", "--json").stdout)["jobs"] == 3
+
     try:
-        deadline = time.monotonic() + 60
-        store = Path(env["PODSETTLE_STORE"].removeprefix("sqlite:///"))
-        while not (store.exists() and json.loads(invoke(env, "totals", "--json").stdout)["jobs"] == 3):
-            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
-            time.sleep(0.1)
-        time.sleep(0.5)  # the first job's create is on its way (it answers 2 s after it was sent)
-        child.send_signal(signal.SIGTERM)
-        _, err = child.communicate(timeout=60)
+        # Stopped 0.5 s after: the first job's create is on its way (it answers 2 s after it was sent).
+        returncode, _, err = stop_batch(
+            env, jobs, "--endpoint", "echo", "--budget", "0.50", "--concurrency", "1",
+            when=all_opened, after_s=0.5,
+        )  # fmt: skip
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
         httpx.delete(f"{sandbox.url}/sandbox/faults", timeout=10)
-    assert child.returncode == 143, err
+    assert returncode == 143, err
     assert "podsettle: stopped by SIGTERM" in err
     waiting = json.loads(invoke(env, "jobs", "--state", "attention", "--json").stdout)
     assert waiting == []
@@ -228,32 +227,25 @@ def test_a_stop_while_creates_are_refused_leaves_nothing_for_an_operator(
     ).raise_for_status()
     refused = {"route": "create", "mode": "rate_limit", "count": 10_000}
     httpx.post(f"{sandbox.url}/sandbox/faults", json=refused, timeout=10).raise_for_status()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), "--endpoint", "echo", "--budget", "0.50"],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     store = Path(env["PODSETTLE_STORE"].removeprefix("sqlite:///"))
+
+    def refused_twice() -> bool:  # both jobs were refused at least twice
+        if not store.exists():
+            return False
+        watcher = Settlements(env["PODSETTLE_STORE"])
+        try:
+            intents = [watcher.get_job(i).intent for i in watcher.job_ids()]
+        finally:
+            watcher.close()
+        return len(intents) == 2 and all(i is not None and i.attempts >= 2 for i in intents)
+
     try:
-        deadline = time.monotonic() + 60
-        while True:  # both jobs were refused at least twice
-            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
-            if store.exists():
-                watcher = Settlements(env["PODSETTLE_STORE"])
-                try:
-                    intents = [watcher.get_job(i).intent for i in watcher.job_ids()]
-                finally:
-                    watcher.close()
-                if len(intents) == 2 and all(i is not None and i.attempts >= 2 for i in intents):
-                    break
-            time.sleep(0.1)
-        child.send_signal(signal.SIGTERM)
-        _, err = child.communicate(timeout=60)
+        returncode, _, err = stop_batch(
+            env, jobs, "--endpoint", "echo", "--budget", "0.50", when=refused_twice
+        )
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
         httpx.delete(f"{sandbox.url}/sandbox/faults", timeout=10)
-    assert child.returncode == 143, err
+    assert returncode == 143, err
 
     resumed = invoke(env, "resume", "--json")
     assert resumed.exit_code == 0, (resumed.stdout, resumed.stderr)
@@ -275,23 +267,11 @@ def test_a_job_waiting_for_a_create_slot_has_claimed_nothing_when_the_batch_stop
         "PODSETTLE_ESCROW_RATE_LIMITS": "create=2,release=10000,dispute=10000",
         "PODSETTLE_JOB_TIMEOUT_S": "600",
     }
-    child = subprocess.Popen(
-        [sys.executable, "-m", "podsettle.cli", "batch", str(jobs), "--endpoint", "echo", "--budget", "0.50"],
-        env={**os.environ, **slow}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while released(env) < 1:  # the first job is paid; the second waits for a slot
-            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
-            time.sleep(0.1)
-        time.sleep(0.5)
-        child.send_signal(signal.SIGTERM)
-        _, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
-    assert child.returncode == 143, err
+    # Stopped once the first job is paid, while the second waits for its slot.
+    returncode, _, err = stop_batch(
+        slow, jobs, "--endpoint", "echo", "--budget", "0.50", when=lambda: released(env) >= 1, after_s=0.5
+    )
+    assert returncode == 143, err
     watcher = Settlements(env["PODSETTLE_STORE"])
     try:
         waiting = [watcher.get_job(i) for i in watcher.job_ids() if watcher.get_job(i).state == State.FUNDING]
