@@ -15,11 +15,14 @@ Engines given the same batch split it by claims. One that joins a batch already 
 engine, or by itself before a restart) goes through the opened jobs from the last one back, and
 through each chunk it opens after them from its end: in the same order it would queue behind the
 other's claims, each slot waiting on a job held there, so the two meet in the middle instead.
+Engines started on the batch together race to open each chunk: those that lose the race run the
+chunk in an order of their own (shuffled), so that no two go through it in step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
 from decimal import Decimal
@@ -130,6 +133,7 @@ class BatchStream:
         self._on_result = on_result
         self._iterated = False
         self._running: set[asyncio.Task[None]] = set()
+        self._shuffle = random.Random().shuffle
 
     def __aiter__(self) -> AsyncIterator[JobResult]:
         if self._iterated:
@@ -247,7 +251,14 @@ class BatchStream:
                 ids = await engine._open(specs)
                 index += len(specs)
                 self.opened = max(self.opened, index)
-                await chunks.put(list(reversed(ids)) if joined else ids)
+                if joined:
+                    ids.reverse()
+                elif not engine.writer.opened_here(ids[0]):
+                    # Another engine opened this chunk as this one tried (both were given the batch
+                    # at once) and runs it in order: run it in an order of this engine's own, so the
+                    # two seldom race for one job, and neither follows the other's steps.
+                    self._shuffle(ids)
+                await chunks.put(ids)
             if self.total is not None and index < self.total and not self.cancelled:
                 raise InvalidInput(
                     "jobs",

@@ -252,6 +252,7 @@ class _Seen:
     version: int
     topic: str
     claimer: str | None
+    claimed_at: datetime | None = None
 
 
 @dataclass
@@ -1074,11 +1075,11 @@ class EngineCore:
             last[job_id] = notification
         seen: dict[uuid.UUID, _Seen] = {}
         for job_id, notification in last.items():
-            version, claimer = notification.originator_version, None
+            version, claimer, claimed_at = notification.originator_version, None, None
             if notification.topic == ATTEMPTED_TOPIC and not self._knows(job_id, version):
                 event: Any = self.app.mapper.to_domain_event(notification)
-                claimer = str(event.processor)
-            seen[job_id] = _Seen(version, notification.topic, claimer)
+                claimer, claimed_at = str(event.processor), event.at
+            seen[job_id] = _Seen(version, notification.topic, claimer, claimed_at)
         return page, seen
 
     def _take(self, seen: Mapping[uuid.UUID, _Seen]) -> None:
@@ -1086,7 +1087,10 @@ class EngineCore:
         what nobody here is settling and no live claim covers."""
         me = self.processor.config.processor_id
         for job_id, last in seen.items():
-            self.watch.seen(job_id, last.version)
+            claim = None
+            if last.claimer is not None and last.claimed_at is not None:
+                claim = (last.claimer, last.claimed_at)
+            self.watch.seen(job_id, last.version, claim)
             self._foreign.pop(job_id, None)
             if last.topic in RESTING_TOPICS or job_id in self._driving or job_id in self._wanted:
                 continue

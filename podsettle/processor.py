@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -28,7 +29,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from uuid import UUID
 
 from podsettle.adapters.ports import (
@@ -76,14 +77,18 @@ _LOCAL_ID = re.compile(
 )
 
 
-def _process_start(pid: int, proc: Path) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), or None."""
+def _process_start(pid: int, proc: Path, *, running: bool = False) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), or None.
+    `running`: None as well for a process that has exited and waits for its parent to reap it (a
+    zombie, state Z or X): it holds nothing any more, though its pid and start time remain."""
     try:
         stat = (proc / str(pid) / "stat").read_text()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: count fields after its last ')'.
     fields = stat[stat.rfind(")") + 2 :].split()
+    if running and fields and fields[0] in ("Z", "X"):
+        return None
     try:
         return int(fields[19])
     except (IndexError, ValueError):
@@ -101,6 +106,16 @@ def _boot_and_namespace(proc: Path) -> tuple[str, str] | None:
     return (boot, digits) if boot and digits else None
 
 
+@functools.cache
+def _this_machine() -> tuple[str, str] | None:
+    """`_boot_and_namespace` of the real /proc, read once: neither changes while a process runs."""
+    return _boot_and_namespace(PROC)
+
+
+def _here(proc: Path) -> tuple[str, str] | None:
+    return _this_machine() if proc == PROC else _boot_and_namespace(proc)
+
+
 # The ids `local_processor_id` gave to engines of this process that have not closed yet: a claim
 # recorded under one of this process's ids that is not here was left by an engine that closed (or
 # crashed in a test), and no live engine holds it.
@@ -116,7 +131,7 @@ def local_processor_id(proc: Path = PROC) -> str:
     tag = uuid.uuid4().hex[:8]
     pid = os.getpid()
     start = _process_start(pid, proc)
-    found = _boot_and_namespace(proc)
+    found = _here(proc)
     if start is None or found is None:
         return f"{host}:{pid}:{tag}"
     boot, namespace = found
@@ -133,16 +148,17 @@ def release_processor_id(processor_id: str) -> None:
 def process_gone(processor_id: str, proc: Path = PROC) -> bool:
     """True only when `processor_id` names a process of this machine and pid namespace (same boot id
     and namespace) that no longer runs: its pid is free, or taken by a process started at another
-    time; or an engine of this very process that has closed. Another machine, another namespace, no
+    time, or the process exited and is not reaped yet (a zombie: a parent that waits for its
+    children one by one reaps it late); or an engine of this very process that has closed. Another machine, another namespace, no
     /proc or an id of another form: False (unsure)."""
     match = _LOCAL_ID.match(processor_id)
     if match is None:
         return False
-    here = _boot_and_namespace(proc)
+    here = _here(proc)
     if here is None or here != (match["boot"], match["ns"]):
         return False
     pid, start = int(match["pid"]), int(match["start"])
-    if _process_start(pid, proc) != start:
+    if _process_start(pid, proc, running=True) != start:
         return True
     # This very process: the claimer is gone when its engine has closed.
     return proc == PROC and pid == os.getpid() and processor_id not in _OPEN_HERE
@@ -205,6 +221,14 @@ def _no_slot() -> contextlib.AbstractAsyncContextManager[None]:
     return contextlib.nullcontext()
 
 
+class SeenClaim(NamedTuple):
+    """A claim (`Attempted`) another processor wrote, as the log follower read it."""
+
+    version: int
+    processor: str
+    at: datetime
+
+
 class JobWatch:
     """What a log follower has seen of each job, and the tasks waiting for a job to change.
 
@@ -217,6 +241,9 @@ class JobWatch:
     def __init__(self, remember: int = 100_000) -> None:
         self.remember = remember
         self._latest: OrderedDict[UUID, int] = OrderedDict()
+        # For jobs whose newest event read is another processor's claim: that claim (a waiter for
+        # the job then waits on without reading the store).
+        self._claims: dict[UUID, SeenClaim] = {}
         self._waiters: dict[UUID, list[tuple[int, asyncio.Future[None]]]] = {}
         self.wakes = 0  # waiters woken by an event the follower read
         self.timeouts = 0  # waits that ended without one (a lease to check, a claimer to look at)
@@ -225,13 +252,18 @@ class JobWatch:
         """The newest version of the job the follower has read (0 if none is remembered)."""
         return self._latest.get(job_id, 0)
 
-    def seen(self, job_id: UUID, version: int) -> None:
-        """The follower read an event of the job at `version`: wake whoever waits for an older one."""
+    def seen(self, job_id: UUID, version: int, claim: tuple[str, datetime] | None = None) -> None:
+        """The follower read an event of the job at `version` (with `claim`, the processor and time
+        of an `Attempted` another processor wrote): wake whoever waits for an older one."""
         if version > self._latest.get(job_id, 0):
             self._latest[job_id] = version
             self._latest.move_to_end(job_id)
+            if claim is None:
+                self._claims.pop(job_id, None)
+            else:
+                self._claims[job_id] = SeenClaim(version, *claim)
             while len(self._latest) > self.remember:
-                self._latest.popitem(last=False)
+                self._claims.pop(self._latest.popitem(last=False)[0], None)
         waiting = self._waiters.get(job_id)
         if not waiting:
             return
@@ -248,9 +280,14 @@ class JobWatch:
         else:
             del self._waiters[job_id]
 
+    def claim(self, job_id: UUID) -> SeenClaim | None:
+        """Another processor's claim, when that is the newest event of the job the follower read."""
+        return self._claims.get(job_id)
+
     def forget(self, job_id: UUID) -> None:
         """The job rests: nothing will wait for it again (keeps `latest` small)."""
         self._latest.pop(job_id, None)
+        self._claims.pop(job_id, None)
 
     async def changed(self, job_id: UUID, after: int, within_s: float) -> bool:
         """Wait until the follower reads an event of the job newer than version `after`, at most
@@ -315,6 +352,7 @@ class Processor:
         self.claims_lost = 0  # races for an intent that another processor won
         self.claims_avoided = 0  # claims not tried: the log showed the job had changed (re-read first)
         self.deferred = 0  # times this processor left an intent to the processor holding its claim
+        self.claims_followed = 0  # newer claims of a held job waited on without reading the store
         # Attempts this processor claimed together with the outcome before them, not yet carried out.
         self._fresh_claims: dict[UUID, int] = {}
         # Calls that move money, with the recording of their outcomes: a stop lets them finish.
@@ -678,16 +716,25 @@ class Processor:
         if self.watch is None or intent.claimed_at is None:
             await self.sleep(self._jitter(min(0.2, self.config.claim_lease_s / 4)))
             return await self.store.view(view.job_id, fresh=True)
+        # The claim waited for: the intent's, then each newer claim the follower reads, as long as
+        # the newest event is another processor's claim (it recorded an outcome and claimed the next
+        # intent in one save): the store is read when the job rests, is free, or its claim lapsed.
+        version, claimer, claimed_at = view.version, intent.claimed_by, intent.claimed_at
         async with self.waiting():
             while True:
-                held_s = (self.clock() - intent.claimed_at).total_seconds()
+                held_s = (self.clock() - claimed_at).total_seconds()
                 left_s = self.config.claim_lease_s - held_s
                 if left_s <= 0:
                     break
                 step_s = min(left_s, self.config.claimer_check_s)
-                if await self.watch.changed(view.job_id, view.version, self._jitter(step_s)):
-                    break
-                if intent.claimed_by is not None and self.config.claimer_gone(intent.claimed_by):
+                if await self.watch.changed(view.job_id, version, self._jitter(step_s)):
+                    newer = self.watch.claim(view.job_id)
+                    if newer is None or newer.processor == self.config.processor_id:
+                        break
+                    version, claimer, claimed_at = newer
+                    self.claims_followed += 1
+                    continue
+                if claimer is not None and self.config.claimer_gone(claimer):
                     break
         return await self.store.view(view.job_id, fresh=True)
 

@@ -141,6 +141,11 @@ class JobWriter:
         events it caused itself."""
         return self._versions.get(job_id, 0)
 
+    def opened_here(self, job_id: UUID) -> bool:
+        """Whether this writer saved the job's opening (just after `open`; False when another
+        writer had opened it first, and `open` found it in the store)."""
+        return self._versions.get(job_id, 0) > 0
+
     def held(self) -> dict[str, int]:
         """The entries this writer holds per job: jobs cached, their views, inputs not submitted yet,
         and versions seen (the last bounded by `cache_size`, the others emptied as jobs rest)."""
@@ -268,9 +273,12 @@ class JobWriter:
             try:
                 self.app.save_all(aggregates)
             except IntegrityError:
-                if regroup and not any(request.kind == "open" for request in batch):
-                    return self._regroup(batch, aggregates)
-                return self._fallback(batch)
+                if not regroup:
+                    return self._fallback(batch)
+                opens = [request for request in batch if request.kind == "open"]
+                if opens:
+                    return self._open_apart(batch, opens, aggregates)
+                return self._regroup(batch, aggregates)
             except Exception:
                 self._evict(aggregates)
                 raise
@@ -391,6 +399,26 @@ class JobWriter:
         self.stats.regroups += 1
         self._evict(aggregates)
         return self._process(batch, regroup=False)
+
+    def _open_apart(
+        self, batch: list[_Request], opens: list[_Request], aggregates: Sequence[Any]
+    ) -> list[tuple[_Request, Any]]:
+        """A group with opens failed to save: most likely another engine opened the same jobs (a
+        batch given to several engines). Each open is made alone (`open_jobs` accepts a job opened
+        already only if it is the same job) and the group's other commands are applied again as
+        one save, on fresh copies of only the jobs they touch."""
+        self.stats.regroups += 1
+        self._evict(aggregates)
+        outcomes: list[tuple[_Request, Any]] = []
+        for request in opens:
+            try:
+                outcomes.append((request, self._alone(request)))
+            except Exception as error:
+                outcomes.append((request, error))
+        rest = [request for request in batch if request.kind != "open"]
+        if rest:
+            outcomes.extend(self._process(rest, regroup=False))
+        return outcomes
 
     def _fallback(self, batch: list[_Request]) -> list[tuple[_Request, Any]]:
         """Replay each request alone, on fresh copies, saving each on its own."""

@@ -252,3 +252,103 @@ async def test_a_job_another_engine_holds_is_learned_from_the_log_not_polled(
     await a.aclose()
     await b.aclose()
     await compute.aclose()
+
+
+class HeldCalls:
+    """An escrow gateway whose calls named in `gates` each wait for their event first."""
+
+    def __init__(self, inner: LedgerEscrow, gates: dict[str, asyncio.Event]) -> None:
+        self.inner = inner
+        self.gates = gates
+        self.capabilities = inner.capabilities
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        gate = self.gates.get(name)
+        if gate is None:
+            return attribute
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            await gate.wait()
+            return await attribute(*args, **kwargs)
+
+        return held
+
+
+async def test_an_engine_follows_the_claims_of_a_job_another_engine_carries_on_without_reading_it(
+    store: tuple[str, dict[str, str]],
+) -> None:
+    """Engine A records each outcome of its job together with its claim on the next step (funded
+    and the start claimed; ended and the release claimed). Engine B, waiting for the job, follows
+    those claims in the log: it reads the job again only when it rests."""
+    url, env = store
+    ledger = Ledger(None)
+    with ledger.transaction() as tx:
+        tx.open_account(PAYER)
+        tx.open_account(PAYEE)
+    ledger.mint(PAYER, "100", key="mint")
+    gates = {"create": asyncio.Event(), "release": asyncio.Event()}
+    compute = InProcessCompute(seed=3)
+    settings = Settings(store="memory", payer=PAYER, payee=PAYEE)
+
+    def engine(name: str, escrow: Any) -> Engine:
+        return Engine(
+            Settlements(url, env={**env, "CREATE_TABLE": "y"}),
+            escrow,
+            compute,
+            payer=PAYER,
+            settings=settings,
+            processor=ProcessorConfig(processor_id=name, retry_base_s=0.001, retry_cap_s=0.01),
+            follow_interval_s=0.02,
+            recover_on_start=False,
+        )
+
+    a = engine("engine-a", HeldCalls(LedgerEscrow(ledger, payer=PAYER), gates))
+    b = engine("engine-b", LedgerEscrow(ledger, payer=PAYER))
+    spec = a._spec(
+        "echo",
+        {"value": 1},
+        "0.50",
+        job_key="carried-by-a",
+        payee=None,
+        referral=None,
+        acceptance=None,
+        bonus_pool=None,
+        batch_id="carried",
+        timeout_s=60,
+    )
+    (job_id,) = Settlements(url, env={**env, "CREATE_TABLE": "y"}).open_jobs([spec])
+    watcher = Settlements(url, env=env)
+
+    def last_claim() -> str | None:
+        intent = watcher.get_job(job_id).intent
+        return str(intent.step) if intent is not None and intent.attempts else None
+
+    await a.start()
+    a_result = asyncio.ensure_future(a.wait(job_id))
+    await _until(lambda: last_claim() == "fund", "engine A's claim on the funding")
+    await b.start()
+    b_result = asyncio.ensure_future(b.wait(job_id))
+    await _until(lambda: b.processor.deferred == 1, "engine B to defer to A's claim")
+    reads = b.writer.stats.reads
+    gates["create"].set()  # A funds, claims the start, runs the job, claims the release, waits
+    await _until(lambda: last_claim() == "release", "engine A's claim on the release")
+    await _until(lambda: b.processor.claims_followed >= 1, "engine B to follow A's claims")
+    assert b.writer.stats.reads == reads
+    assert not b_result.done()
+    gates["release"].set()
+    paid_a, paid_b = await asyncio.wait_for(asyncio.gather(a_result, b_result), 60)
+    assert paid_a.status == paid_b.status == "paid"
+    assert b.writer.stats.reads == reads + 1  # once, when the job rested
+    attempts = [
+        watcher.mapper.to_domain_event(n)
+        for n in watcher.recorder.select_notifications(1, 1000, topics=[get_topic(EscrowJob.Attempted)])
+    ]
+    assert [(a.step, a.processor) for a in attempts] == [
+        ("fund", "engine-a"),
+        ("start", "engine-a"),
+        ("release", "engine-a"),
+    ]
+    await a.aclose()
+    await b.aclose()
+    await compute.aclose()

@@ -32,8 +32,16 @@ BOOT = "86883401-47f3-4743-8b83-b74740de880b"
 NS = "4026531836"
 
 
-def fake_proc(root: Path, *, boot: str = BOOT, ns: str = NS, processes: dict[int, int] | None = None) -> Path:
-    """A /proc with a boot id, this process's pid namespace and `processes` (pid: start time)."""
+def fake_proc(
+    root: Path,
+    *,
+    boot: str = BOOT,
+    ns: str = NS,
+    processes: dict[int, int] | None = None,
+    zombies: tuple[int, ...] = (),
+) -> Path:
+    """A /proc with a boot id, this process's pid namespace and `processes` (pid: start time), those
+    in `zombies` exited and not reaped yet."""
     (root / "sys" / "kernel" / "random").mkdir(parents=True)
     (root / "sys" / "kernel" / "random" / "boot_id").write_text(boot + "\n")
     (root / "self" / "ns").mkdir(parents=True)
@@ -41,7 +49,7 @@ def fake_proc(root: Path, *, boot: str = BOOT, ns: str = NS, processes: dict[int
     for pid, start in (processes or {}).items():
         (root / str(pid)).mkdir()
         # Fields after the command name: state, then 18 more, then the start time (field 22).
-        rest = " ".join(["S", *["0"] * 18, str(start), "0"])
+        rest = " ".join(["Z" if pid in zombies else "S", *["0"] * 18, str(start), "0"])
         (root / str(pid) / "stat").write_text(f"{pid} (a (strange) name) {rest}\n")
     return root
 
@@ -61,6 +69,29 @@ def test_a_claimer_is_gone_only_when_this_machine_says_so(tmp_path: Path) -> Non
     assert process_gone("myhost:4343", proc) is False
     assert process_gone("engine-1a2b3c4d", proc) is False
     assert process_gone(claimer(4343, 1000), tmp_path / "no-proc") is False
+
+
+def test_a_claimer_that_exited_and_waits_to_be_reaped_is_gone(tmp_path: Path) -> None:
+    """A `podsettle batch` started by a parent that waits for its children one by one stays a zombie
+    until reaped: its claims must not be waited for until the lease runs out (a minute)."""
+    proc = fake_proc(tmp_path / "proc", processes={4242: 1000, 4343: 1000}, zombies=(4343,))
+    assert process_gone(claimer(4242, 1000), proc) is False
+    assert process_gone(claimer(4343, 1000), proc) is True
+
+
+def test_a_real_child_process_is_gone_once_it_exits_though_not_yet_reaped() -> None:
+    code = "from podsettle.processor import local_processor_id; print(local_processor_id(), flush=True)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    processor = child.stdout.readline().strip()
+    child.stdout.read()  # its end: it is exiting; not reaped (no wait, no poll) until the end
+    stat = Path(f"/proc/{child.pid}/stat")
+    deadline = time.monotonic() + 30
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process_gone(processor) is True  # a zombie now: pid and start time still there
+    child.wait(10)
+    assert process_gone(processor) is True
 
 
 def test_the_processor_id_names_this_process_and_is_never_judged_gone() -> None:

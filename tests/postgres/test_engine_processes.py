@@ -217,10 +217,15 @@ def test_a_killed_process_claims_are_taken_over_after_the_lease(
         time.sleep(0.05)
     survivor = _batch(env, jobs)
     time.sleep(0.8)
-    # Kill it while it holds a claim: an attempt of its is the last event of some job.
+    # Kill it while it holds a claim: an attempt of its is the last event of some job. It is
+    # stopped (SIGSTOP) while its claims are looked at, so none of them ends between look and kill.
     watcher = Settlements(store)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not _claims_of(watcher, victim.pid):
+    while True:
+        victim.send_signal(signal.SIGSTOP)
+        if _claims_of(watcher, victim.pid) or time.monotonic() > deadline:
+            break
+        victim.send_signal(signal.SIGCONT)
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     watcher.close()
