@@ -81,6 +81,8 @@ def store_from_url(url: str, source: str = "PODSETTLE_STORE") -> Store:
             raise StoreConfigError(f"{source}: a postgresql:// URL needs a host and a database name")
         env = {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            # The library's recorder with its inserts sent as arrays in binary (postgres_recorder.py).
+            "APPLICATION_RECORDER_TOPIC": "podsettle.adapters.postgres_recorder:ArrayInsertRecorder",
             "POSTGRES_DBNAME": dbname,
             "POSTGRES_HOST": parts.hostname,
             "POSTGRES_PORT": str(parts.port or 5432),
@@ -191,19 +193,26 @@ def creating_tables(factory: Any) -> Iterator[None]:
         yield
 
 
-def select_events_of(recorder: Any, originator_ids: Sequence[UUID]) -> dict[UUID, list[StoredEvent]] | None:
+def select_events_of(
+    recorder: Any, originator_ids: Sequence[UUID], *, first_only: bool = False
+) -> dict[UUID, list[StoredEvent]] | None:
     """Every stored event of several aggregates in one query, each aggregate's in version order,
     from eventsourcing's PostgreSQL recorder (its table, as its own `select_events` reads it); None
     for another store, whose aggregates are read one by one (SQLite reads are local and cheap).
-    One round trip instead of one per job: what a process reading other processes' jobs needs."""
+    One round trip instead of one per job: what a process reading other processes' jobs needs.
+    `first_only`: each aggregate's first event only (how it was created)."""
     if not hasattr(recorder, "datastore") or not hasattr(recorder, "channel_name"):
         return None
     from psycopg.sql import SQL, Identifier
 
     statement = SQL(
         "SELECT originator_id, originator_version, topic, state FROM {schema}.{table} "
-        "WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version"
-    ).format(schema=Identifier(recorder.datastore.schema), table=Identifier(recorder.events_table_name))
+        "WHERE originator_id = ANY(%s){first} ORDER BY originator_id, originator_version"
+    ).format(
+        first=SQL(" AND originator_version = 1" if first_only else ""),
+        schema=Identifier(recorder.datastore.schema),
+        table=Identifier(recorder.events_table_name),
+    )
     found: dict[UUID, list[StoredEvent]] = {}
     with recorder.datastore.get_connection() as conn, conn.cursor() as curs:
         curs.execute(statement, [list(originator_ids)])

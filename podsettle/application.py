@@ -80,7 +80,7 @@ class Settlements(Application[UUID]):
         keys = [job.job_key for job, _ in built]
         if len(set(keys)) != len(keys):
             raise InvalidInput("job_key", "the same key appears twice in one batch")
-        stored = self.get_jobs([job.id for job, _ in built]) if len(built) > 1 else None
+        stored = self.get_jobs([job.id for job, _ in built], as_opened=True) if len(built) > 1 else None
         if stored is not None:  # one query for the whole batch (PostgreSQL), not one per job
             fresh = [(job, extra) for job, extra in built if not self._same_job(stored.get(job.id), job)]
         else:
@@ -188,10 +188,11 @@ class Settlements(Application[UUID]):
             raise JobNotFound(job_id) from None
         return job
 
-    def get_jobs(self, job_ids: Sequence[UUID]) -> dict[UUID, EscrowJob] | None:
+    def get_jobs(self, job_ids: Sequence[UUID], *, as_opened: bool = False) -> dict[UUID, EscrowJob] | None:
         """Several jobs read in one query (those found), or None on a store that has no such read
-        (then read them one by one with `get_job`)."""
-        stored = select_events_of(self.recorder, job_ids)
+        (then read them one by one with `get_job`). `as_opened`: each job as it was opened (its
+        first event only), enough to compare it with a job opened again."""
+        stored = select_events_of(self.recorder, job_ids, first_only=as_opened)
         if stored is None:
             return None
         jobs: dict[UUID, EscrowJob] = {}
