@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, engine_env, figure, pick, sandbox_process
+from common import ROOT, compiled, engine_env, figure, pick, sandbox_process
 
 SERVER = "host=127.0.0.1 port=5432 user=postgres"
 
@@ -143,6 +143,7 @@ def main() -> None:
         psycopg.connect(f"{SERVER} dbname=test", connect_timeout=2).close()
     except psycopg.Error as error:
         raise SystemExit(f"PostgreSQL is not reachable on 127.0.0.1:5432: {error}") from None
+    compiled()
     made: list[str] = []
     try:
         with sandbox_process() as info, tempfile.TemporaryDirectory(prefix="podsettle-bench-") as folder:
