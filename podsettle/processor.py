@@ -149,8 +149,8 @@ def process_gone(processor_id: str, proc: Path = PROC) -> bool:
     """True only when `processor_id` names a process of this machine and pid namespace (same boot id
     and namespace) that no longer runs: its pid is free, or taken by a process started at another
     time, or the process exited and is not reaped yet (a zombie: a parent that waits for its
-    children one by one reaps it late); or an engine of this very process that has closed. Another machine, another namespace, no
-    /proc or an id of another form: False (unsure)."""
+    children one by one reaps it late); or an engine of this very process that has closed.
+    Another machine, another namespace, no /proc or an id of another form: False (unsure)."""
     match = _LOCAL_ID.match(processor_id)
     if match is None:
         return False

@@ -250,7 +250,9 @@ def postgres_views(app: Any) -> PostgresViewStore | None:
     """The views inside `app`'s store when it is a PostgreSQL store (None for any other store):
     the store's database and schema, the tables named after the application."""
     datastore = getattr(app.recorder, "datastore", None)
-    if type(app.recorder).__module__ != "eventsourcing.postgres" or datastore is None:
+    # The library's PostgreSQL recorder, or podsettle's subclass of it (adapters/postgres_recorder.py).
+    postgres = any(cls.__module__ == "eventsourcing.postgres" for cls in type(app.recorder).__mro__)
+    if not postgres or datastore is None:
         return None
     prefix = re.sub(r"[^a-z0-9_]", "_", app.name.lower()) + "_views_"
     return PostgresViewStore(datastore.pool.kwargs, schema=datastore.schema, prefix=prefix)
