@@ -15,6 +15,7 @@ processes never slower than one, one process on PostgreSQL within 1.2x of SQLite
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -68,21 +69,26 @@ def _run(store: str, info: dict[str, str], jobs: Path, processes: int, batch: st
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     args = ["batch", str(jobs), "--endpoint", "echo", "--budget", "0.10", "--batch-id", batch, "--json"]
     started = time.perf_counter()
-    running = [
-        subprocess.Popen(
-            [sys.executable, "-m", "podsettle.cli", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(processes)
-    ]
-    for proc in running:
-        _, err = proc.communicate(timeout=3600)
-        if proc.returncode != 0:
-            raise SystemExit(f"podsettle batch failed ({proc.returncode}): {err[-2000:]}")
+    # stderr to files, not pipes: the processes are waited for one by one, and one whose pipe filled
+    # up meanwhile would stop (holding its claims, which the others then wait a lease for).
+    with contextlib.ExitStack() as files:
+        errors = [files.enter_context(tempfile.TemporaryFile("w+")) for _ in range(processes)]
+        running = [
+            subprocess.Popen(
+                [sys.executable, "-m", "podsettle.cli", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=error,
+                text=True,
+            )
+            for error in errors
+        ]
+        for proc, error in zip(running, errors, strict=True):
+            proc.wait(timeout=3600)
+            if proc.returncode != 0:
+                error.seek(0)
+                raise SystemExit(f"podsettle batch failed ({proc.returncode}): {error.read()[-2000:]}")
     wall = time.perf_counter() - started
     SERVICES["sandbox"] = _cpu_s([sandbox_pid]) - services_before["sandbox"]
     SERVICES["machine"] = _machine_busy_s() - services_before["machine"]

@@ -109,6 +109,20 @@ class Settlements(Application[UUID]):
             extra.append(JobInput(job_key=spec.job_key, digest=spec.input_digest, payload=payload))
         return job, extra
 
+    def job_inputs(self, job_keys: Sequence[str]) -> dict[str, dict[str, Any]] | None:
+        """The inputs several jobs were opened with, read in one query (those found), or None on a
+        store that has no such read (then read them one by one with `job_input`)."""
+        ids = {input_id_for(job_key): job_key for job_key in job_keys}
+        stored = select_events_of(self.recorder, list(ids), first_only=True)
+        if stored is None:
+            return None
+        found: dict[str, dict[str, Any]] = {}
+        for input_id, events in stored.items():
+            record: Any = _project(None, map(self.mapper.to_domain_event, events))
+            if isinstance(record, JobInput):
+                found[ids[input_id]] = record.payload
+        return found
+
     def job_input(self, job_key: str) -> dict[str, Any] | None:
         """The input a job was opened with, or None when it was opened without one."""
         try:

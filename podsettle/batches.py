@@ -248,12 +248,20 @@ class BatchStream:
                 specs = await self._next_chunk(inputs, index)
                 if not specs:
                     break
-                ids = await engine._open(specs)
+                if await engine.writer.call(partial(engine._opened, specs[-1].job_key)):
+                    # Another engine given the batch opened this chunk already: check its ends
+                    # against the log (another input under this batch id is refused) rather than
+                    # build every job to find them opened.
+                    ids = await self._found_opened(specs)
+                    opened_here = False
+                else:
+                    ids = await engine._open(specs)
+                    opened_here = engine.writer.opened_here(ids[0])
                 index += len(specs)
                 self.opened = max(self.opened, index)
                 if joined:
                     ids.reverse()
-                elif not engine.writer.opened_here(ids[0]):
+                elif not opened_here:
                     # Another engine opened this chunk as this one tried (both were given the batch
                     # at once) and runs it in order: run it in an order of this engine's own, so the
                     # two seldom race for one job, and neither follows the other's steps.
@@ -270,6 +278,14 @@ class BatchStream:
         except Exception as error:  # the jobs opened before it settle first; then the caller gets it
             end = _End(error)
         await chunks.put(end)
+
+    async def _found_opened(self, specs: list[JobRequest]) -> list[UUID]:
+        engine, app = self._engine, self._engine.app
+        ends = [specs[0], specs[-1]]
+        await engine.writer.call(lambda: [app.matches_existing(app.build(spec)[0]) for spec in ends])
+        ids = [job_id_for(spec.job_key) for spec in specs]
+        engine._wanted.update(ids)  # this engine settles them too: its follower leaves them
+        return ids
 
     def _cancelled(self, index: int) -> bool:
         """Whether the batch's job at `index` (the last opened) was cancelled: the batch then opens

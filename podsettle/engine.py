@@ -82,6 +82,9 @@ NOTHING_DONE_TOPIC = get_topic(EscrowJob.NothingDone)
 # What the engine's follower reads: intents (to drive), claims (whose, to wait for them rather than
 # poll) and resting events (to wake the tasks waiting for another engine's job).
 FOLLOW_TOPICS = [*INTENT_TOPICS, ATTEMPTED_TOPIC, NOTHING_DONE_TOPIC, *sorted(RESTING_TOPICS)]
+# An intent another process wrote and nobody claimed is left to that process this long, then driven here
+# (it most likely claims it at once: it opened the job, or recorded the outcome before the intent).
+ADOPT_GRACE_S = 2.0
 # With a wake-up from the store (PostgreSQL's LISTEN/NOTIFY), the follower still pulls at least this
 # often: a notification that never arrives costs this much latency, never an event.
 PULL_FALLBACK_S = 2.0
@@ -274,6 +277,7 @@ class EngineCore:
         processor: ProcessorConfig | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         follow_interval_s: float = 0.25,
+        adopt_grace_s: float = ADOPT_GRACE_S,
         recover_on_start: bool = True,
     ) -> None:
         self.app = settlements
@@ -287,6 +291,7 @@ class EngineCore:
         self.refund_method = "cancel" if escrow.capabilities.cancel else self.settings.refund_method
         self.clock = clock
         self.follow_interval_s = follow_interval_s
+        self.adopt_grace_s = adopt_grace_s
         self.recover_on_start = recover_on_start
         # Whether the engine follows the log for intents other processes wrote, and drives them (a
         # one-off command that acts on given jobs, such as `cancel`, must not work the others).
@@ -380,10 +385,34 @@ class EngineCore:
         await self.processor.finish_money_calls(self.settings.stop_grace_s)
         await self.writer.aclose()
         release_processor_id(self.processor.config.processor_id)
+        self._log_work()
         for callback in reversed(self._closers.callbacks):
             result = callback()
             if result is not None:
                 await result
+
+    def _log_work(self) -> None:
+        """What this engine did with the store and with other engines' claims, at close (`info`):
+        where a batch shared by several engines spent its work."""
+        writer, processor, follow = self.writer.stats, self.processor, self.follow_stats
+        log.info(
+            "engine.work",
+            saves=writer.saves,
+            commands=writer.commands,
+            store_busy_s=round(writer.busy_s, 3),
+            saving_s=round(writer.save_s, 3),
+            jobs_read=writer.reads,
+            bulk_reads=writer.bulk_reads,
+            regroups=writer.regroups,
+            fallbacks=writer.fallbacks,
+            claims_lost=processor.claims_lost,
+            claims_avoided=processor.claims_avoided,
+            deferred=processor.deferred,
+            claims_followed=processor.claims_followed,
+            follower_pages=follow.pages,
+            follower_woken=follow.woken,
+            adopted=follow.adopted,
+        )
 
     def abandon(self) -> None:
         """A simulated crash: stop at once without saving anything queued or closing connections."""
@@ -1102,22 +1131,24 @@ class EngineCore:
                 lapses = time.monotonic() + self.processor.config.claim_lease_s
                 self._foreign[job_id] = (last.version, last.claimer, lapses)
                 continue
-            self.follow_stats.adopted += 1
-            self._drive(job_id, fresh=True)  # written by another process, claimed by nobody yet
+            # Written by another process and claimed by nobody yet: most likely the engine that wrote
+            # it (opening a chunk of a batch, recording an outcome) claims it in a moment. It is
+            # driven here if it is still unclaimed after `adopt_grace_s` (`_take_over_lapsed`).
+            self._foreign[job_id] = (last.version, "", time.monotonic() + self.adopt_grace_s)
 
     def _take_over_lapsed(self) -> None:
         """Drive the jobs of other engines whose claims lapsed (lease over, or their process gone)
         with nothing newer in the log: the drive confirms or redoes the attempt (DESIGN.md)."""
         if not self._foreign:
             return
-        now, gone = time.monotonic(), {}
+        now, gone = time.monotonic(), {"": False}  # "": an intent nobody has claimed
         for job_id, (version, claimer, lapses) in list(self._foreign.items()):
             if claimer not in gone:
                 gone[claimer] = self.processor.config.claimer_gone(claimer)
             if now < lapses and not gone[claimer]:
                 continue
             del self._foreign[job_id]
-            if self.watch.latest(job_id) > version or job_id in self._driving:
+            if self.watch.latest(job_id) > version or job_id in self._driving or job_id in self._wanted:
                 continue
             self.follow_stats.adopted += 1
             self._drive(job_id, fresh=True)

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import socket
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -122,6 +123,11 @@ def _here(proc: Path) -> tuple[str, str] | None:
 _OPEN_HERE: set[str] = set()
 
 
+# Claimers seen alive, and until when that is taken as still true (monotonic seconds).
+_SEEN_ALIVE: dict[tuple[str, Path], float] = {}
+ALIVE_FOR_S = 0.5
+
+
 def local_processor_id(proc: Path = PROC) -> str:
     """The id this process records on its claims (`Attempted`): host, pid, the process's start time,
     the machine's boot id and the pid namespace, so that another process on this machine can tell
@@ -158,10 +164,20 @@ def process_gone(processor_id: str, proc: Path = PROC) -> bool:
     if here is None or here != (match["boot"], match["ns"]):
         return False
     pid, start = int(match["pid"]), int(match["start"])
+    if proc == PROC and pid == os.getpid():
+        # This very process: the claimer is gone when its engine has closed.
+        return processor_id not in _OPEN_HERE
+    key = (processor_id, proc)
+    if _SEEN_ALIVE.get(key, 0.0) > time.monotonic():
+        return False
     if _process_start(pid, proc, running=True) != start:
+        _SEEN_ALIVE.pop(key, None)
         return True
-    # This very process: the claimer is gone when its engine has closed.
-    return proc == PROC and pid == os.getpid() and processor_id not in _OPEN_HERE
+    # Alive: not looked at again for a moment (waiters and the log follower ask often).
+    _SEEN_ALIVE[key] = time.monotonic() + ALIVE_FOR_S
+    if len(_SEEN_ALIVE) > 10_000:
+        _SEEN_ALIVE.clear()
+    return False
 
 
 class RefundPending(Exception):
@@ -387,7 +403,13 @@ class Processor:
     async def drive(self, job_id: UUID, *, fresh: bool = False) -> JobView:
         """Carry out the job's intents until it rests (settled, rejected, or waiting for an operator).
         `fresh`: start from the store, not this engine's cache (another process wrote the job)."""
-        view = await self.store.view(job_id, fresh=fresh)
+        held = self._held_in_log(job_id)
+        if held is not None:
+            # The log shows another processor holding the job: no need to read it before it lets go.
+            self.deferred += 1
+            view = await self._wait_for_claim(job_id, *held)
+        else:
+            view = await self.store.view(job_id, fresh=fresh)
         if self.payer is not None and view.payer != self.payer and not view.rests:
             log.warning("job.other_payer", **self._ids(view), payer=view.payer, engine_payer=self.payer)
             return view
@@ -405,9 +427,15 @@ class Processor:
                 elif intent.attempts == 0 or intent.answered:
                     if self.watch is not None and self.watch.latest(job_id) > view.version:
                         # The log has a newer event of this job (another processor's claim, most
-                        # likely): read it before claiming rather than lose the race in a save.
+                        # likely): wait for that claim, or read the job before claiming rather
+                        # than lose the race in a save.
                         self.claims_avoided += 1
-                        view = await self.store.view(job_id, fresh=True)
+                        held = self._held_in_log(job_id)
+                        if held is not None:
+                            self.deferred += 1
+                            view = await self._wait_for_claim(job_id, *held)
+                        else:
+                            view = await self.store.view(job_id, fresh=True)
                         continue
                     view = await self._execute(view, intent)
                 elif self._fresh_claims.pop(job_id, None) == intent.attempts and (
@@ -416,7 +444,9 @@ class Processor:
                     view = await self._execute(view, intent, claimed=intent.attempts)
                 elif self.held_by_another(intent):
                     self.deferred += 1
-                    view = await self._wait_for_claim(view, intent)
+                    view = await self._wait_for_claim(
+                        job_id, view.version, intent.claimed_by, intent.claimed_at
+                    )
                 else:
                     view = await self._recover(view, intent)
             except RefundPending:
@@ -441,6 +471,20 @@ class Processor:
             log.info("claim.claimer_gone", processor=claimer)
             return False
         return True
+
+    def _held_in_log(self, job_id: UUID) -> SeenClaim | None:
+        """Another processor's claim, when it is the newest event of the job the log follower read,
+        within its lease and its claimer not known to have exited."""
+        if self.watch is None:
+            return None
+        claim = self.watch.claim(job_id)
+        if claim is None or claim.processor == self.config.processor_id:
+            return None
+        if (self.clock() - claim.at).total_seconds() >= self.config.claim_lease_s:
+            return None
+        if self.config.claimer_gone(claim.processor):
+            return None
+        return claim
 
     def interrupt_wait(self, job_id: UUID) -> None:
         """Stop waiting for the job's run (a cancel was requested): the drive loop re-reads the job."""
@@ -708,18 +752,19 @@ class Processor:
             await self.sleep(self._jitter(self.config.retry_base_s * 4))
         return await self.store.view(view.job_id, fresh=True)
 
-    async def _wait_for_claim(self, view: JobView, intent: Intent) -> JobView:
+    async def _wait_for_claim(
+        self, job_id: UUID, version: int, claimer: str | None, claimed_at: datetime | None
+    ) -> JobView:
         """Another live processor holds the job's claim: wait, without reading the store, until the
         log follower reads a newer event of the job (`JobWatch`), the claim's lease runs out, or its
         claimer is seen to have exited; then read the job once. The job gives its concurrency slot
         back while it waits (`waiting`). Without a watch (a processor used on its own), poll."""
-        if self.watch is None or intent.claimed_at is None:
+        if self.watch is None or claimed_at is None:
             await self.sleep(self._jitter(min(0.2, self.config.claim_lease_s / 4)))
-            return await self.store.view(view.job_id, fresh=True)
-        # The claim waited for: the intent's, then each newer claim the follower reads, as long as
+            return await self.store.view(job_id, fresh=True)
+        # The claim waited for (at `version`), then each newer claim the follower reads, as long as
         # the newest event is another processor's claim (it recorded an outcome and claimed the next
         # intent in one save): the store is read when the job rests, is free, or its claim lapsed.
-        version, claimer, claimed_at = view.version, intent.claimed_by, intent.claimed_at
         async with self.waiting():
             while True:
                 held_s = (self.clock() - claimed_at).total_seconds()
@@ -727,8 +772,8 @@ class Processor:
                 if left_s <= 0:
                     break
                 step_s = min(left_s, self.config.claimer_check_s)
-                if await self.watch.changed(view.job_id, version, self._jitter(step_s)):
-                    newer = self.watch.claim(view.job_id)
+                if await self.watch.changed(job_id, version, self._jitter(step_s)):
+                    newer = self.watch.claim(job_id)
                     if newer is None or newer.processor == self.config.processor_id:
                         break
                     version, claimer, claimed_at = newer
@@ -736,7 +781,7 @@ class Processor:
                     continue
                 if claimer is not None and self.config.claimer_gone(claimer):
                     break
-        return await self.store.view(view.job_id, fresh=True)
+        return await self.store.view(job_id, fresh=True)
 
     # ------------------------------------------------------------------ escrow effects
 

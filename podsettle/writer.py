@@ -37,6 +37,8 @@ from podsettle.support.logs import get_logger
 log = get_logger("podsettle.writer")
 Command = Callable[[EscrowJob], Any]
 MAX_RACE_RETRIES = 20
+# A group save that lost a race is tried again as a group this many times before one save per command.
+MAX_REGROUPS = 4
 
 
 @dataclass
@@ -59,6 +61,8 @@ class WriterStats:
     reads: int = 0  # jobs read from the store (not found in the writer's cache)
     bulk_reads: int = 0  # queries that read several jobs at once (`Settlements.get_jobs`)
     longest_save_s: float = 0.0
+    save_s: float = 0.0  # time spent saving (the store's commits included)
+    busy_s: float = 0.0  # time the store thread spent on groups (reading, applying, saving)
     # The sizes of the latest groups saved (a bounded window: a writer lives as long as its engine).
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
 
@@ -202,7 +206,7 @@ class JobWriter:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             batch = [request for request in batch if not request.future.done()]
             try:
-                outcomes = await loop.run_in_executor(self._executor, self._process, batch)
+                outcomes = await loop.run_in_executor(self._executor, self._timed, batch)
             except Exception as error:
                 # The store failed (not a race): nothing of this batch was saved. Its callers get the
                 # error; the writer keeps serving, or every later command would wait forever.
@@ -217,6 +221,13 @@ class JobWriter:
                     request.future.set_result(outcome)
 
     # ------------------------------------------------------------------ on the store thread
+
+    def _timed(self, batch: list[_Request]) -> list[tuple[_Request, Any]]:
+        started = time.perf_counter()
+        try:
+            return self._process(batch)
+        finally:
+            self.stats.busy_s += time.perf_counter() - started
 
     def _load(self, job_id: UUID, touched: dict[UUID, EscrowJob] | None = None) -> EscrowJob:
         """The job as this writer has it: changed in the group being saved, cached, or read from the
@@ -250,7 +261,7 @@ class JobWriter:
         while len(self._cache) > self.cache_size:
             self._views.pop(self._cache.popitem(last=False)[0], None)
 
-    def _process(self, batch: list[_Request], *, regroup: bool = True) -> list[tuple[_Request, Any]]:
+    def _process(self, batch: list[_Request], *, regroups: int = MAX_REGROUPS) -> list[tuple[_Request, Any]]:
         outcomes: list[tuple[_Request, Any]] = []
         touched: dict[UUID, EscrowJob] = {}
         new: list[Any] = []
@@ -273,17 +284,18 @@ class JobWriter:
             try:
                 self.app.save_all(aggregates)
             except IntegrityError:
-                if not regroup:
+                if not regroups:
                     return self._fallback(batch)
                 opens = [request for request in batch if request.kind == "open"]
                 if opens:
-                    return self._open_apart(batch, opens, aggregates)
-                return self._regroup(batch, aggregates)
+                    return self._open_apart(batch, opens, aggregates, regroups - 1)
+                return self._regroup(batch, aggregates, regroups - 1)
             except Exception:
                 self._evict(aggregates)
                 raise
             finally:
                 elapsed = time.perf_counter() - started
+                self.stats.save_s += elapsed
                 self.stats.longest_save_s = max(self.stats.longest_save_s, elapsed)
             self.stats.saves += 1
             self.stats.batch_sizes.append(len(batch))
@@ -358,9 +370,15 @@ class JobWriter:
     def _prefetch(self, batch: list[_Request]) -> set[UUID]:
         """Read every job the group needs from the store in one query (where the store has one):
         the jobs it does not hold, and those asked for fresh (another engine may have written
-        them). Returns the jobs read fresh here, which the group's `fresh` requests then use."""
+        them); and in one more, the inputs it does not hold. Returns the jobs read fresh here, which
+        the group's `fresh` requests then use."""
         wanted: dict[UUID, None] = {}
         fresh: set[UUID] = set()
+        inputs = [r.job_key for r in batch if r.kind == "input" and r.job_key not in self._inputs]
+        if len(inputs) > 1:  # jobs another engine opened, about to start here: their inputs at once
+            found_inputs = self.app.job_inputs(inputs)
+            if found_inputs is not None:
+                self._inputs.update(found_inputs)  # taken (popped) by this very group's requests
         for request in batch:
             job_id = request.job_id
             if job_id is None or request.kind in ("open", "input"):
@@ -391,17 +409,21 @@ class JobWriter:
             # Unsaved versions must not make the log follower skip another writer's events.
             self._versions.pop(aggregate.id, None)
 
-    def _regroup(self, batch: list[_Request], aggregates: Sequence[Any]) -> list[tuple[_Request, Any]]:
+    def _regroup(
+        self, batch: list[_Request], aggregates: Sequence[Any], regroups: int
+    ) -> list[tuple[_Request, Any]]:
         """Another writer changed some of the jobs this group touched (another engine's claim or
         outcome): read those jobs again and apply the group's commands once more, still as one
-        save. A claim whose intent was claimed meanwhile now fails alone (`ClaimLost`); a second
-        race falls back to one save per command."""
+        save. A claim whose intent was claimed meanwhile now fails alone (`ClaimLost`). Engines
+        working one batch race often: the group is tried again up to `MAX_REGROUPS` times, each
+        time reading only the jobs it touches, before it falls back to one save per command (a
+        read and a commit each: a group of a hundred commands costs a hundred round trips)."""
         self.stats.regroups += 1
         self._evict(aggregates)
-        return self._process(batch, regroup=False)
+        return self._process(batch, regroups=regroups)
 
     def _open_apart(
-        self, batch: list[_Request], opens: list[_Request], aggregates: Sequence[Any]
+        self, batch: list[_Request], opens: list[_Request], aggregates: Sequence[Any], regroups: int
     ) -> list[tuple[_Request, Any]]:
         """A group with opens failed to save: most likely another engine opened the same jobs (a
         batch given to several engines). Each open is made alone (`open_jobs` accepts a job opened
@@ -417,7 +439,7 @@ class JobWriter:
                 outcomes.append((request, error))
         rest = [request for request in batch if request.kind != "open"]
         if rest:
-            outcomes.extend(self._process(rest, regroup=False))
+            outcomes.extend(self._process(rest, regroups=regroups))
         return outcomes
 
     def _fallback(self, batch: list[_Request]) -> list[tuple[_Request, Any]]:

@@ -1,8 +1,10 @@
 """The PostgreSQL recorder podsettle uses (adapters/postgres_recorder.py): the library's recorder with
-its inserts sent as four binary arrays. What it stores reads back byte for byte through the
+a save's events inserted in one statement (a server function that takes the library's table lock,
+notifies and inserts four binary arrays). What it stores reads back byte for byte through the
 library's own reads; a version stored already refuses the whole save (the optimistic concurrency
-every claim relies on); and saves from several connections get notification ids in one unbroken run
-each, in commit order (the table lock the library takes, kept)."""
+every claim relies on); saves from several connections get notification ids in one unbroken run
+each, in commit order (the table lock, kept); and a store the library's own recorder made (an
+earlier podsettle) gets the function when it is opened."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder
 
 from podsettle.adapters.postgres_recorder import ArrayInsertRecorder
 from podsettle.application import Settlements
@@ -103,3 +106,24 @@ def test_concurrent_saves_get_unbroken_runs_of_ids_in_commit_order(pg_database: 
     finally:
         for app in apps:
             app.close()
+
+
+def test_a_store_made_by_the_library_s_own_recorder_takes_the_function_when_opened(
+    pg_database: Callable[[], str],
+) -> None:
+    store = pg_database()
+    older = Settlements(store, env={"APPLICATION_RECORDER_TOPIC": ""})
+    try:
+        assert type(older.recorder) is PostgresApplicationRecorder
+        job = uuid.uuid4()
+        older.recorder.insert_events(_events(job, range(1, 3)))
+    finally:
+        older.close()
+    app = Settlements(store)
+    try:
+        assert isinstance(app.recorder, ArrayInsertRecorder)
+        ids = app.recorder.insert_events(_events(job, range(3, 5)))
+        assert ids is not None and len(ids) == 2
+        assert [e.originator_version for e in app.recorder.select_events(job)] == [1, 2, 3, 4]
+    finally:
+        app.close()

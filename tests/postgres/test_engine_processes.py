@@ -11,12 +11,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -101,14 +102,33 @@ def _batch(env: dict[str, str], jobs: Path) -> subprocess.Popen[str]:
         "--concurrency",
         "4",
     ]
-    return subprocess.Popen(
+    # Its output goes to files, not pipes: the processes are waited for one by one, and one whose
+    # pipe filled up meanwhile (64 KiB of log lines) would stop, holding its claims.
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115 (`_finish` closes)
+    proc = subprocess.Popen(
         [sys.executable, "-m", "podsettle.cli", *args, "--concurrency", "4", "--json"],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=out,
+        stderr=err,
         text=True,
     )
+    OUTPUTS[proc.pid] = (out, err)
+    return proc
+
+
+OUTPUTS: dict[int, tuple[IO[str], IO[str]]] = {}
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """Wait for a batch process; what it wrote to stdout and stderr."""
+    proc.wait(timeout)
+    written = []
+    for file in OUTPUTS.pop(proc.pid):
+        file.seek(0)
+        written.append(file.read())
+        file.close()
+    return written[0], written[1]
 
 
 def _claims_of(app: Settlements, pid: int) -> int:
@@ -193,7 +213,7 @@ def test_engine_processes_settle_one_batch_each_intent_once(
     running = [_batch(env, jobs) for _ in range(processes)]
     outputs = []
     for proc in running:
-        out, err = proc.communicate(timeout=240)
+        out, err = _finish(proc, timeout=240)
         assert proc.returncode == 0, err
         outputs.append(out)
     attempts, per_intent = _check_batch(store, sandbox, outputs)
@@ -231,7 +251,7 @@ def test_a_killed_process_claims_are_taken_over_after_the_lease(
     watcher.close()
     victim.wait(10)
     assert victim.returncode == -signal.SIGKILL
-    out, err = survivor.communicate(timeout=240)
+    out, err = _finish(survivor, timeout=240)
     assert survivor.returncode in (0, 1), err  # 1: a job waits for an operator
     attempts, _ = _check_batch(store, sandbox, [out], killed=True)
     by_intent: dict[Any, list[Any]] = {}
