@@ -1061,7 +1061,7 @@ class EngineCore:
                     more = page.more
                     if page.position > position:
                         position = page.position
-                        if not more or time.monotonic() - recorded_at >= TRACK_EVERY_S:
+                        if time.monotonic() - recorded_at >= TRACK_EVERY_S:
                             await self.writer.call(partial(tracked.record, position))
                             recorded_at = time.monotonic()
                     self._take_over_lapsed()
