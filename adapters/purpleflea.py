@@ -243,11 +243,16 @@ class PurpleFleaEscrow(ABC):
             replier=replier,
         )
 
-    async def reserve(self, route: str, within_s: float | None = None) -> bool:
+    async def reserve(
+        self, route: str, within_s: float | None = None, *, amount: Money | None = None
+    ) -> bool:
         """Wait until the client-side rate limit lets one more call of `route` go, and keep that slot
         for the next such call (which then goes at once). False, reserving nothing, when no slot comes
         within `within_s`. The engine waits here before it claims a create, so that a stop during the
-        wait leaves no attempt behind (waiting inside the call, after the claim, it would)."""
+        wait leaves no attempt behind (waiting inside the call, after the claim, it would). A create
+        of `amount` that a recent 402 refuses here, without sending it, needs no slot: True at once."""
+        if route == "create" and amount is not None and self._refused_for_balance(amount):
+            return True
         limiter = self._limiters.get(route)
         if limiter is not None and not await limiter.acquire(within_s):
             return False
@@ -352,15 +357,22 @@ class PurpleFleaEscrow(ABC):
     # Purple Flea matches `referral_code` against its agents' own codes only (the engine's edge checks
     # the form too, so that a job with a code the service would ignore is never recorded).
 
+    def _refused_for_balance(self, amount: Money) -> bool:
+        """Whether a create of `amount` is refused here for a 402 the service gave lately (one of as
+        much or less, within `SHORT_BALANCE_HOLD_S`)."""
+        short = self._short_balance
+        if short is not None and time.monotonic() - short[1] > SHORT_BALANCE_HOLD_S:
+            short = self._short_balance = None
+        return short is not None and amount >= short[0]
+
     def _refuse_what_the_service_would(
         self, payee: str, amount: Money, description: str, timeout_hours: int, referral: str | None = None
     ) -> None:
         """The service's own checks, made here so that a create it would refuse is never sent."""
         refusal = None
-        short = self._short_balance
-        if short is not None and time.monotonic() - short[1] > SHORT_BALANCE_HOLD_S:
-            short = self._short_balance = None
-        if short is not None and amount >= short[0]:
+        if self._refused_for_balance(amount):
+            short = self._short_balance
+            assert short is not None
             refusal = (
                 "insufficient_balance",
                 (

@@ -595,7 +595,7 @@ class Processor:
             within_s = (view.deadline - self.clock()).total_seconds() - self.config.min_start_window_s
             if within_s <= 0:
                 return None, False  # the create refuses it without a call (`_fund`)
-        if await reserve("create", within_s):
+        if await reserve("create", within_s, amount=self._create_amount(view, step)):
             return None, True
         reason = f"not funded: no escrow create could be sent within the {within_s:.1f} s left to start it"
         return (lambda job: job.record_funding_rejected(reason)), False

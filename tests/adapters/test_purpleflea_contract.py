@@ -425,6 +425,29 @@ async def test_a_create_that_cannot_be_sent_in_time_is_not_sent_at_all() -> None
         assert box.balance(payer) == "4.500000"
 
 
+async def test_after_a_402_a_create_refused_here_takes_no_rate_limit_slot() -> None:
+    """After the service refused a create for the payer's balance, creates of as much are refused
+    here without being sent: the engine reserves no create slot for them, so a batch short of money
+    ends its remaining jobs at once instead of one per slot (20 a minute)."""
+    with running_sandbox(rate_limits={"create": 20}) as box:
+        _, payer_key = box.agent("0.70")
+        worker, _ = box.agent("0")
+        async with box.adapter(payer_key, rate_limits={"create": 2}, rate_limit_period_s=60) as pf:
+            await _create(pf, worker)  # 0.50 of 0.70: one slot of two used
+            with pytest.raises(Rejected) as refused:
+                await _create(pf, worker)  # the service's 402: the second slot
+            assert refused.value.status_code == 402
+            started = time.monotonic()
+            for _ in range(5):
+                assert await pf.reserve("create", 5.0, amount=to_money("0.50")) is True
+                with pytest.raises(Rejected):
+                    await _create(pf, worker)  # refused here, nothing sent
+            assert time.monotonic() - started < 1.0  # no slot was waited for
+            # A smaller create may fit: it waits for a slot like any other (none comes in 0.2 s).
+            assert await pf.reserve("create", 0.2, amount=to_money("0.10")) is False
+        assert box.ledger()["held"] == "0.500000"
+
+
 async def test_faults_error_before_and_drop_after_on_create(fresh: Sandbox) -> None:
     _, payer_key = fresh.agent("5.00")
     worker, _ = fresh.agent("0")
