@@ -233,7 +233,8 @@ class PurpleFleaEscrow(ABC):
         self._redactor = Redactor([payer_key, worker_key or ""])
         limits = {**DEFAULT_RATE_LIMITS, **(rate_limits or {})}
         self._limiters = {route: RateLimiter(n, rate_limit_period_s) for route, n in limits.items()}
-        self._reserved: dict[str, int] = {}  # slots `reserve` took for the next calls of a route
+        # Slots `reserve` took, per route, for the calls of these keys (idempotency keys).
+        self._reserved: dict[str, set[str]] = {}
         self._short_balance: tuple[Money, float] | None = None  # a create's 402: (amount, when)
         self._client = HttpClient(
             self.base_url,
@@ -244,31 +245,32 @@ class PurpleFleaEscrow(ABC):
         )
 
     async def reserve(
-        self, route: str, within_s: float | None = None, *, amount: Money | None = None
+        self, route: str, key: str, within_s: float | None = None, *, amount: Money | None = None
     ) -> bool:
         """Wait until the client-side rate limit lets one more call of `route` go, and keep that slot
-        for the next such call (which then goes at once). False, reserving nothing, when no slot comes
-        within `within_s`. The engine waits here before it claims a create, so that a stop during the
-        wait leaves no attempt behind (waiting inside the call, after the claim, it would). A create
-        of `amount` that a recent 402 refuses here, without sending it, needs no slot: True at once."""
+        for the call of idempotency key `key` (which then goes at once). False, reserving nothing,
+        when no slot comes within `within_s`. The engine waits here before it claims a create, so
+        that a stop during the wait leaves no attempt behind (waiting inside the call, after the
+        claim, it would). A create of `amount` that a recent 402 refuses here, without sending it,
+        needs no slot: True at once, nothing reserved."""
         if route == "create" and amount is not None and self._refused_for_balance(amount):
             return True
         limiter = self._limiters.get(route)
         if limiter is not None and not await limiter.acquire(within_s):
             return False
         if limiter is not None:
-            self._reserved[route] = self._reserved.get(route, 0) + 1
+            self._reserved.setdefault(route, set()).add(key)
         return True
 
-    def unreserve(self, route: str) -> None:
-        """A slot `reserve` took will not be used (the claim was lost, or the job ended): the next
-        call of `route` waits for the limit as usual."""
-        if self._reserved.get(route):
-            self._reserved[route] -= 1
+    def unreserve(self, route: str, key: str) -> None:
+        """The slot `reserve` took for `key` will not be used (the claim was lost, or the job
+        ended); the limiter's slot is spent (the call of another key waits as usual)."""
+        self._reserved.get(route, set()).discard(key)
 
-    def _take_reservation(self, route: str) -> bool:
-        if self._reserved.get(route):
-            self._reserved[route] -= 1
+    def _take_reservation(self, route: str, key: str) -> bool:
+        reserved = self._reserved.get(route)
+        if reserved is not None and key in reserved:
+            reserved.discard(key)
             return True
         return False
 
@@ -561,7 +563,7 @@ class PurpleFleaV1(PurpleFleaEscrow):
         send_within_s: float | None = None,
     ) -> EscrowReceipt:
         value = amount
-        slotted = self._take_reservation("create")  # taken even when refused here: nothing leaks
+        slotted = self._take_reservation("create", key)  # taken even when refused here: nothing leaks
         self._refuse_what_the_service_would(payee, value, description, timeout_hours, referral)
         expected = split(value, dialect=self.dialect)
         body: dict[str, Any] = {
@@ -865,7 +867,7 @@ class PurpleFleaSeed(PurpleFleaEscrow):
         send_within_s: float | None = None,
     ) -> EscrowReceipt:
         value = amount
-        slotted = self._take_reservation("create")  # taken even when refused here: nothing leaks
+        slotted = self._take_reservation("create", key)  # taken even when refused here: nothing leaks
         self._refuse_what_the_service_would(payee, value, description, timeout_hours, referral)
         expected = split(value, dialect=self.dialect)
         body: dict[str, Any] = {

@@ -548,7 +548,7 @@ class Processor:
                     ),
                 )
 
-    async def _claim(self, view: JobView, step: Step, seen: int, reserved: bool) -> tuple[int, JobView]:
+    async def _claim(self, view: JobView, step: Step, seen: int, reserved: str | None) -> tuple[int, JobView]:
         """Record this processor's attempt. Cut off by a stop while the save runs, the attempt may
         be saved with no call behind it: for a money call it is then answered as having done
         nothing (the stop waits for that, as for a call under way), so that no engine has to ask
@@ -576,12 +576,13 @@ class Processor:
         await self._nothing_done(after, step, attempt, "stopped before the call was made")
         return after
 
-    def _unreserve(self, reserved: bool) -> None:
+    def _unreserve(self, reserved: str | None) -> None:
+        """Give back the create slot reserved for the idempotency key `reserved` (if any)."""
         unreserve = getattr(self.escrow, "unreserve", None)
-        if reserved and unreserve is not None:
-            unreserve("create")
+        if reserved is not None and unreserve is not None:
+            unreserve("create", reserved)
 
-    async def _before_claim(self, view: JobView, step: Step) -> tuple[Command | None, bool]:
+    async def _before_claim(self, view: JobView, step: Step) -> tuple[Command | None, str | None]:
         """Wait, before claiming, for what a create needs and that sends nothing: its rate-limit slot
         (the published service allows 20 creates a minute). Waiting after the claim, a stop or a
         crash during the wait would leave an attempt whose outcome nobody can tell. A command that
@@ -589,16 +590,17 @@ class Processor:
         was reserved (given back with `_unreserve` when the claim is not made)."""
         reserve = getattr(self.escrow, "reserve", None)
         if reserve is None or step not in (Step.FUND, Step.BONUS_FUND):
-            return None, False
+            return None, None
         within_s = None
         if step == Step.FUND:
             within_s = (view.deadline - self.clock()).total_seconds() - self.config.min_start_window_s
             if within_s <= 0:
-                return None, False  # the create refuses it without a call (`_fund`)
-        if await reserve("create", within_s, amount=self._create_amount(view, step)):
-            return None, True
+                return None, None  # the create refuses it without a call (`_fund`)
+        key = self._key(view)
+        if await reserve("create", key, within_s, amount=self._create_amount(view, step)):
+            return None, key
         reason = f"not funded: no escrow create could be sent within the {within_s:.1f} s left to start it"
-        return (lambda job: job.record_funding_rejected(reason)), False
+        return (lambda job: job.record_funding_rejected(reason)), None
 
     async def _carry_out(self, view: JobView, step: Step, attempt: int) -> JobView:
         """Make the claimed call and record its outcome. A call that moves money is not cut off when

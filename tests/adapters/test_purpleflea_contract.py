@@ -63,7 +63,7 @@ def _conserved(sandbox: Sandbox) -> None:
 
 async def _create(pf: Any, payee: str, amount: str = "0.50", **kwargs: Any) -> Any:
     return await pf.create(
-        key=f"job-{time.monotonic_ns()}:fund",
+        key=kwargs.pop("key", f"job-{time.monotonic_ns()}:fund"),
         payee=payee,
         amount=to_money(amount),
         description=DESCRIPTION,
@@ -438,14 +438,34 @@ async def test_after_a_402_a_create_refused_here_takes_no_rate_limit_slot() -> N
                 await _create(pf, worker)  # the service's 402: the second slot
             assert refused.value.status_code == 402
             started = time.monotonic()
-            for _ in range(5):
-                assert await pf.reserve("create", 5.0, amount=to_money("0.50")) is True
+            for n in range(5):
+                assert await pf.reserve("create", f"short-{n}", 5.0, amount=to_money("0.50")) is True
                 with pytest.raises(Rejected):
-                    await _create(pf, worker)  # refused here, nothing sent
+                    await _create(pf, worker, key=f"short-{n}")  # refused here, nothing sent
             assert time.monotonic() - started < 1.0  # no slot was waited for
             # A smaller create may fit: it waits for a slot like any other (none comes in 0.2 s).
-            assert await pf.reserve("create", 0.2, amount=to_money("0.10")) is False
+            assert await pf.reserve("create", "small", 0.2, amount=to_money("0.10")) is False
         assert box.ledger()["held"] == "0.500000"
+
+
+async def test_a_reserved_create_slot_belongs_to_its_key() -> None:
+    """A create slot the engine reserved before claiming is its job's: another job's create, refused
+    here for the payer's balance, does not spend it, and the job's own create then goes at once."""
+    with running_sandbox(rate_limits={"create": 20}) as box:
+        _, payer_key = box.agent("0.70")
+        worker, _ = box.agent("0")
+        async with box.adapter(payer_key, rate_limits={"create": 3}, rate_limit_period_s=60) as pf:
+            await _create(pf, worker)  # 0.50 of 0.70
+            with pytest.raises(Rejected):
+                await _create(pf, worker)  # the service's 402 for 0.50
+            assert await pf.reserve("create", "small", 1.0, amount=to_money("0.10")) is True  # the last slot
+            assert await pf.reserve("create", "big", 1.0, amount=to_money("0.50")) is True  # refused: no slot
+            with pytest.raises(Rejected):
+                await _create(pf, worker, key="big")
+            started = time.monotonic()
+            await _create(pf, worker, "0.10", key="small")  # its reserved slot: no wait
+            assert time.monotonic() - started < 1.0
+        assert box.ledger()["held"] == "0.600000"
 
 
 async def test_faults_error_before_and_drop_after_on_create(fresh: Sandbox) -> None:
