@@ -9,7 +9,7 @@ import json
 import os
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,19 +178,16 @@ async def _until(condition: Any, what: str, within_s: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_a_job_another_engine_holds_is_learned_from_the_log_not_polled(
-    store: tuple[str, dict[str, str]],
-) -> None:
-    """Engine B waits for a job engine A has claimed: it reads the store only when A's follower-read
-    events say the job changed, never while A holds the claim and writes nothing (it used to read
-    the job every 0.2 s), and it gives its concurrency slot back meanwhile."""
-    url, env = store
+def _engines_and_a_job(
+    url: str, env: dict[str, str], a_escrow: Callable[[LedgerEscrow], Any], *, job_key: str
+) -> tuple[Engine, Engine, InProcessCompute, Any]:
+    """Engines A (its escrow wrapped by `a_escrow`) and B on one store and one ledger, neither
+    recovering on start, and a job opened for them (its id)."""
     ledger = Ledger(None)
     with ledger.transaction() as tx:
         tx.open_account(PAYER)
         tx.open_account(PAYEE)
     ledger.mint(PAYER, "100", key="mint")
-    release_a = asyncio.Event()
     compute = InProcessCompute(seed=3)
     settings = Settings(store="memory", payer=PAYER, payee=PAYEE)
 
@@ -206,21 +203,35 @@ async def test_a_job_another_engine_holds_is_learned_from_the_log_not_polled(
             recover_on_start=False,
         )
 
-    a = engine("engine-a", HeldUntil(LedgerEscrow(ledger, payer=PAYER), release_a))
+    a = engine("engine-a", a_escrow(LedgerEscrow(ledger, payer=PAYER)))
     b = engine("engine-b", LedgerEscrow(ledger, payer=PAYER))
     spec = a._spec(
         "echo",
         {"value": 1},
         "0.50",
-        job_key="held-by-a",
+        job_key=job_key,
         payee=None,
         referral=None,
         acceptance=None,
         bonus_pool=None,
-        batch_id="held",
+        batch_id=job_key,
         timeout_s=60,
     )
     (job_id,) = Settlements(url, env={**env, "CREATE_TABLE": "y"}).open_jobs([spec])
+    return a, b, compute, job_id
+
+
+async def test_a_job_another_engine_holds_is_learned_from_the_log_not_polled(
+    store: tuple[str, dict[str, str]],
+) -> None:
+    """Engine B waits for a job engine A has claimed: it reads the store only when A's follower-read
+    events say the job changed, never while A holds the claim and writes nothing (it used to read
+    the job every 0.2 s), and it gives its concurrency slot back meanwhile."""
+    url, env = store
+    release_a = asyncio.Event()
+    a, b, compute, job_id = _engines_and_a_job(
+        url, env, lambda escrow: HeldUntil(escrow, release_a), job_key="held-by-a"
+    )
     await a.start()
     a_result = asyncio.ensure_future(a.wait(job_id))
     watcher = Settlements(url, env=env)
@@ -282,42 +293,10 @@ async def test_an_engine_follows_the_claims_of_a_job_another_engine_carries_on_w
     and the start claimed; ended and the release claimed). Engine B, waiting for the job, follows
     those claims in the log: it reads the job again only when it rests."""
     url, env = store
-    ledger = Ledger(None)
-    with ledger.transaction() as tx:
-        tx.open_account(PAYER)
-        tx.open_account(PAYEE)
-    ledger.mint(PAYER, "100", key="mint")
     gates = {"create": asyncio.Event(), "release": asyncio.Event()}
-    compute = InProcessCompute(seed=3)
-    settings = Settings(store="memory", payer=PAYER, payee=PAYEE)
-
-    def engine(name: str, escrow: Any) -> Engine:
-        return Engine(
-            Settlements(url, env={**env, "CREATE_TABLE": "y"}),
-            escrow,
-            compute,
-            payer=PAYER,
-            settings=settings,
-            processor=ProcessorConfig(processor_id=name, retry_base_s=0.001, retry_cap_s=0.01),
-            follow_interval_s=0.02,
-            recover_on_start=False,
-        )
-
-    a = engine("engine-a", HeldCalls(LedgerEscrow(ledger, payer=PAYER), gates))
-    b = engine("engine-b", LedgerEscrow(ledger, payer=PAYER))
-    spec = a._spec(
-        "echo",
-        {"value": 1},
-        "0.50",
-        job_key="carried-by-a",
-        payee=None,
-        referral=None,
-        acceptance=None,
-        bonus_pool=None,
-        batch_id="carried",
-        timeout_s=60,
+    a, b, compute, job_id = _engines_and_a_job(
+        url, env, lambda escrow: HeldCalls(escrow, gates), job_key="carried-by-a"
     )
-    (job_id,) = Settlements(url, env={**env, "CREATE_TABLE": "y"}).open_jobs([spec])
     watcher = Settlements(url, env=env)
 
     def last_claim() -> str | None:
