@@ -59,6 +59,10 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
                 "END; $BODY$"
             ).format(**names)
         )
+        # The server sessions (backend pids) this recorder's saves ran in: a log follower of this
+        # store leaves out the notifications they sent (`LogWakeup`), as it has nothing to read in
+        # its own engine's saves.
+        self.own_sessions: set[int] = set()
         self.insert_locked_statement = SQL(
             "SELECT t.notification_id FROM {schema}.{function}(%b, %b, %b, %b) AS t(notification_id)"
         ).format(**names)
@@ -68,6 +72,7 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
         if not stored_events:
             return []
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            self.own_sessions.add(conn.info.backend_pid)
             curs.execute(
                 self.insert_locked_statement,
                 (

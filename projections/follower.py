@@ -124,7 +124,8 @@ class LogFollower:
 class LogWakeup:
     """A follower's wake-up on PostgreSQL: a thread that LISTENs on the channel eventsourcing's
     PostgreSQL recorder NOTIFYs in every insert (`recorder.channel_name`), and calls `on_notify`
-    (which must be thread-safe) when something was written. It carries no events: the follower
+    (which must be thread-safe) when something was written by another session than the recorder's
+    own (a notification names the server session that sent it). It carries no events: the follower
     reads the log after its own position as always, so a notification lost (the connection dropped,
     the thread restarting) costs latency until the follower's next pull, never an event.
 
@@ -135,9 +136,13 @@ class LogWakeup:
     def __init__(self, recorder: Any, on_notify: Callable[[], object], *, retry_s: float = 1.0) -> None:
         self.channel: str = recorder.channel_name
         self.datastore: Any = recorder.datastore
+        # Sessions whose notifications are this engine's own saves (podsettle's recorder keeps
+        # them): nothing to read there, so they wake nobody. Any other recorder: every one wakes.
+        self.own_sessions: set[int] = getattr(recorder, "own_sessions", set())
         self.on_notify = on_notify
         self.retry_s = retry_s
         self.notified = 0
+        self.own = 0  # notifications of this engine's own saves, left out
         self.listening = threading.Event()  # set while a LISTEN is in place
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="podsettle-listen", daemon=True)
@@ -165,7 +170,10 @@ class LogWakeup:
                     self.listening.set()
                     self.on_notify()  # anything written before the LISTEN took: look once
                     while not self._stopped.is_set():
-                        for _ in conn.notifies(timeout=0.2, stop_after=1):
+                        for note in conn.notifies(timeout=0.2, stop_after=1):
+                            if note.pid in self.own_sessions:
+                                self.own += 1
+                                continue
                             self.notified += 1
                             self.on_notify()
             except Exception as error:  # the server went away: the follower's pulls go on meanwhile

@@ -95,6 +95,26 @@ async def test_a_write_by_another_process_wakes_the_follower_through_listen_noti
     assert engine.listener is not None and not engine.listener._thread.is_alive()
 
 
+async def test_the_engine_s_own_saves_wake_no_one(pg_schema: str) -> None:
+    """The notifications an engine's own saves send are left out by its listener: its follower has
+    nothing to read in them (it used to read a page after nearly every save of its own)."""
+    engine, compute = _engine(pg_schema, pull_fallback_s=3600)
+    await engine.start()
+    await _until(lambda: engine.listener is not None and engine.listener.listening.is_set(), "LISTEN")
+    await _until(lambda: engine.follow_stats.pages >= 2, "the read after LISTEN")
+    await asyncio.sleep(0.1)
+    woken, pages = engine.follow_stats.woken, engine.follow_stats.pages
+    result = await asyncio.wait_for(engine.run_paid_job("echo", {"own": 1}, "0.50"), 30)
+    assert result.status == "paid"
+    listener = engine.listener
+    assert listener is not None
+    await _until(lambda: listener.own >= 3, "the notifications of its saves (open, claims, outcomes)")
+    await asyncio.sleep(0.2)
+    assert (engine.follow_stats.woken, engine.follow_stats.pages) == (woken, pages)
+    await engine.aclose()
+    await compute.aclose()
+
+
 async def test_a_missed_notification_is_picked_up_by_the_pull(
     pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
