@@ -26,7 +26,7 @@ from eventsourcing.utils import get_topic
 from podsettle.application import Settlements
 from podsettle.domain import EscrowJob, State
 
-JOBS = 36
+JOBS = 72
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = "shared-batch"
 LEASE_S = 65.0  # the shortest the engine accepts; a killed process of this machine is not waited for
@@ -131,18 +131,15 @@ def _finish(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
     return written[0], written[1]
 
 
-def _claims_of(app: Settlements, pid: int) -> int:
-    """How many jobs have, as their last event, an attempt the process `pid` made (its open claims;
-    a processor id names its process as `.../pid-N/...`)."""
+def _claims_of(app: Settlements, pid: int, step: str) -> int:
+    """How many jobs have, as their last event, an attempt at `step` the process `pid` made (its
+    open claims; a processor id names its process as `.../pid-N/...`)."""
     last: dict[Any, Any] = {}
     for note in app.recorder.select_notifications(1, 100_000):
         last[note.originator_id] = note
     attempted = get_topic(EscrowJob.Attempted)
-    return sum(
-        1
-        for note in last.values()
-        if note.topic == attempted and f"/pid-{pid}/" in app.mapper.to_domain_event(note).processor
-    )
+    claims = [app.mapper.to_domain_event(note) for note in last.values() if note.topic == attempted]
+    return sum(1 for claim in claims if f"/pid-{pid}/" in claim.processor and claim.step == step)
 
 
 def _attempts(app: Settlements) -> list[Any]:
@@ -229,6 +226,7 @@ def test_a_killed_process_claims_are_taken_over_after_the_lease(
 ) -> None:
     store = pg_database()
     jobs = tmp_path / "jobs.jsonl"
+    # Runs of 0.3 s: within the runsync wait, so that a start claim lasts the whole run.
     jobs.write_text("".join(json.dumps({"seconds": 0.3, "n": n}) + "\n" for n in range(JOBS)))
     env = _engine_env(store, sandbox, lease_s=LEASE_S)
     victim = _batch(env, jobs)
@@ -237,17 +235,23 @@ def test_a_killed_process_claims_are_taken_over_after_the_lease(
         time.sleep(0.05)
     survivor = _batch(env, jobs)
     time.sleep(0.8)
-    # Kill it while it holds a claim: an attempt of its is the last event of some job. It is
-    # stopped (SIGSTOP) while its claims are looked at, so none of them ends between look and kill.
+    # Kill it while it holds a start claim: its attempt to start a job is the last event of that
+    # job (a start is redone by whoever takes it over, a second attempt; a create or a release may
+    # be confirmed at the service instead). Seen held, it is stopped (SIGSTOP) and looked at again,
+    # so that the claim cannot end between the look and the kill; it runs freely otherwise.
     watcher = Settlements(store)
     deadline = time.monotonic() + 60
-    while True:
-        victim.send_signal(signal.SIGSTOP)
-        if _claims_of(watcher, victim.pid) or time.monotonic() > deadline:
-            break
-        victim.send_signal(signal.SIGCONT)
-        time.sleep(0.02)
+    held = 0
+    while time.monotonic() < deadline:
+        if _claims_of(watcher, victim.pid, "start"):
+            victim.send_signal(signal.SIGSTOP)
+            held = _claims_of(watcher, victim.pid, "start")
+            if held:
+                break
+            victim.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
+    assert held, "the first process never held a start claim to be killed on"
     watcher.close()
     victim.wait(10)
     assert victim.returncode == -signal.SIGKILL
