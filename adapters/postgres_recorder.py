@@ -27,8 +27,6 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 from eventsourcing.utils import retry
 from psycopg.sql import SQL, Identifier
 
-TOPIC = "podsettle.adapters.postgres_recorder:ArrayInsertRecorder"
-
 
 class ArrayInsertRecorder(PostgresApplicationRecorder):
     def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events") -> None:

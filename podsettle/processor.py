@@ -403,13 +403,7 @@ class Processor:
     async def drive(self, job_id: UUID, *, fresh: bool = False) -> JobView:
         """Carry out the job's intents until it rests (settled, rejected, or waiting for an operator).
         `fresh`: start from the store, not this engine's cache (another process wrote the job)."""
-        held = self._held_in_log(job_id)
-        if held is not None:
-            # The log shows another processor holding the job: no need to read it before it lets go.
-            self.deferred += 1
-            view = await self._wait_for_claim(job_id, *held)
-        else:
-            view = await self.store.view(job_id, fresh=fresh)
+        view = await self._read_unless_held(job_id, fresh=fresh)
         if self.payer is not None and view.payer != self.payer and not view.rests:
             log.warning("job.other_payer", **self._ids(view), payer=view.payer, engine_payer=self.payer)
             return view
@@ -430,12 +424,7 @@ class Processor:
                         # likely): wait for that claim, or read the job before claiming rather
                         # than lose the race in a save.
                         self.claims_avoided += 1
-                        held = self._held_in_log(job_id)
-                        if held is not None:
-                            self.deferred += 1
-                            view = await self._wait_for_claim(job_id, *held)
-                        else:
-                            view = await self.store.view(job_id, fresh=True)
+                        view = await self._read_unless_held(job_id, fresh=True)
                         continue
                     view = await self._execute(view, intent)
                 elif self._fresh_claims.pop(job_id, None) == intent.attempts and (
@@ -471,6 +460,15 @@ class Processor:
             log.info("claim.claimer_gone", processor=claimer)
             return False
         return True
+
+    async def _read_unless_held(self, job_id: UUID, *, fresh: bool) -> JobView:
+        """The job read from the store; or, when the log shows another processor holding it, the job
+        as it is once that processor lets go (waited for without reading it first)."""
+        held = self._held_in_log(job_id)
+        if held is None:
+            return await self.store.view(job_id, fresh=fresh)
+        self.deferred += 1
+        return await self._wait_for_claim(job_id, *held)
 
     def _held_in_log(self, job_id: UUID) -> SeenClaim | None:
         """Another processor's claim, when it is the newest event of the job the log follower read,

@@ -431,12 +431,7 @@ class JobWriter:
         one save, on fresh copies of only the jobs they touch."""
         self.stats.regroups += 1
         self._evict(aggregates)
-        outcomes: list[tuple[_Request, Any]] = []
-        for request in opens:
-            try:
-                outcomes.append((request, self._alone(request)))
-            except Exception as error:
-                outcomes.append((request, error))
+        outcomes = self._each_alone(opens)
         rest = [request for request in batch if request.kind != "open"]
         if rest:
             outcomes.extend(self._process(rest, regroups=regroups))
@@ -448,8 +443,12 @@ class JobWriter:
         self._cache.clear()
         self._views.clear()
         self._inputs.clear()
+        return self._each_alone(batch)
+
+    def _each_alone(self, requests: list[_Request]) -> list[tuple[_Request, Any]]:
+        """Each request carried out and saved on its own; its outcome, or the error it raised."""
         outcomes: list[tuple[_Request, Any]] = []
-        for request in batch:
+        for request in requests:
             try:
                 outcomes.append((request, self._alone(request)))
             except Exception as error:
