@@ -123,15 +123,18 @@ async def test_two_engines_never_execute_one_intent_twice(store: tuple[str, dict
     # each going through the same jobs in the same order: every job is raced for.
     Settlements(url, env={**env, "CREATE_TABLE": "y"}).open_jobs(specs)
     await asyncio.gather(first.start(), second.start())
-    resuming: list[Engine] = []
+    listed: list[int] = []
 
     async def resume(engine: Engine) -> list[Any]:
-        # The first engine's escrow calls wait until the second engine resumes too: whatever the
-        # machine's load, both engines are working the batch at the same time.
-        resuming.append(engine)
-        if len(resuming) == 2:
-            both_resuming.set()
-        return await engine.resume()
+        # No escrow call goes through until both engines have listed the batch's unfinished jobs:
+        # however the machine's load orders their threads, neither can settle the whole batch
+        # before the other has taken it up (a resume that found nothing to do would race nothing).
+        def on_start(jobs: int, waiting: str | None) -> None:
+            listed.append(jobs)
+            if len(listed) == 2:
+                both_resuming.set()
+
+        return await engine.resume(on_start=on_start)
 
     results_a, results_b = await asyncio.wait_for(asyncio.gather(resume(first), resume(second)), 60)
     results = results_a or results_b
@@ -142,6 +145,7 @@ async def test_two_engines_never_execute_one_intent_twice(store: tuple[str, dict
     app = Settlements(url, env=env)
     final = app.list_jobs(batch_id="shared")
     assert len(final) == 40 and {r.status for r in results} <= {"paid", "refunded"}
+    assert listed == [40, 40]  # each engine took up the whole batch
     # Both engines really competed for the same intents: claims were lost, and nothing ran twice.
     raced = sum(
         e.processor.claims_lost + e.processor.deferred + e.processor.claims_avoided for e in (first, second)
