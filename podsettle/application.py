@@ -202,19 +202,37 @@ class Settlements(Application[UUID]):
             raise JobNotFound(job_id) from None
         return job
 
-    def get_jobs(self, job_ids: Sequence[UUID], *, as_opened: bool = False) -> dict[UUID, EscrowJob] | None:
+    def get_jobs(
+        self,
+        job_ids: Sequence[UUID],
+        *,
+        as_opened: bool = False,
+        known: Mapping[UUID, EscrowJob] | None = None,
+    ) -> dict[UUID, EscrowJob] | None:
         """Several jobs read in one query (those found), or None on a store that has no such read
         (then read them one by one with `get_job`). `as_opened`: each job as it was opened (its
-        first event only), enough to compare it with a job opened again."""
-        stored = select_events_of(self.recorder, job_ids, first_only=as_opened)
+        first event only), enough to compare it with a job opened again. `known`: copies of some of
+        the jobs as they were saved at their versions, brought up to date in place with only the
+        events stored after them (a job another process moved on costs its new events, not its
+        whole history)."""
+        known = {} if as_opened or known is None else known
+        after = {job_id: job.version for job_id, job in known.items()}
+        stored = select_events_of(self.recorder, job_ids, first_only=as_opened, after=after)
         if stored is None:
             return None
-        jobs: dict[UUID, EscrowJob] = {}
+        asked = set(job_ids)
+        jobs: dict[UUID, EscrowJob] = {job_id: job for job_id, job in known.items() if job_id in asked}
         for job_id, events in stored.items():
-            aggregate: Any = _project(None, map(self.mapper.to_domain_event, events))
+            aggregate: Any = _project(known.get(job_id), map(self.mapper.to_domain_event, events))
             if isinstance(aggregate, EscrowJob):
                 jobs[job_id] = aggregate
         return jobs
+
+    def caught_up(self, job: EscrowJob) -> EscrowJob:
+        """A copy of a job as it was saved at its version, brought up to date in place with the
+        events stored after it (another process may have written them)."""
+        caught: EscrowJob = _project(job, self.events.get(job.id, gt=job.version))
+        return caught
 
     def find_job(self, job_key: str) -> EscrowJob:
         check_id(job_key, "job_key")

@@ -349,10 +349,10 @@ class JobWriter:
             cached = self._inputs.pop(request.job_key, None)
             return cached if cached is not None else self.app.job_input(request.job_key)
         assert request.job_id is not None
+        caught = None
         if request.kind == "fresh" and request.job_id not in touched and request.job_id not in fresh:
-            self._cache.pop(request.job_id, None)
-            self._views.pop(request.job_id, None)
-        job = self._load(request.job_id, touched)
+            caught = self._catch_up(request.job_id)
+        job = caught if caught is not None else self._load(request.job_id, touched)
         if request.kind in ("view", "fresh"):
             return job.view()
         assert request.command is not None
@@ -367,11 +367,29 @@ class JobWriter:
             touched[job.id] = job
         return result, job.view()
 
+    def _catch_up(self, job_id: UUID) -> EscrowJob | None:
+        """A job asked for fresh (another engine may have written it): the cached copy brought up
+        to date with the events stored after it (most often one or two); None when it is not
+        cached (then it is read whole). A job that rests now leaves the cache, as one read resting
+        does."""
+        self._views.pop(job_id, None)
+        job = self._cache.pop(job_id, None)
+        if job is None:
+            return None
+        self.stats.reads += 1
+        job = self.app.caught_up(job)  # (if it raises, the job stays out of the cache)
+        if job.rests:
+            self._note_version(job)
+        else:
+            self._remember(job)
+        return job
+
     def _prefetch(self, batch: list[_Request]) -> set[UUID]:
         """Read every job the group needs from the store in one query (where the store has one):
         the jobs it does not hold, and those asked for fresh (another engine may have written
-        them); and in one more, the inputs it does not hold. Returns the jobs read fresh here, which
-        the group's `fresh` requests then use."""
+        them; of those it holds, only the events after its copy); and in one more, the inputs it
+        does not hold. Returns the jobs read fresh here, which the group's `fresh` requests then
+        use."""
         wanted: dict[UUID, None] = {}
         fresh: set[UUID] = set()
         inputs = [r.job_key for r in batch if r.kind == "input" and r.job_key not in self._inputs]
@@ -390,13 +408,17 @@ class JobWriter:
             wanted[job_id] = None
         if len(wanted) < 2:
             return set()
-        found = self.app.get_jobs(list(wanted))
+        # Taken out of the cache while they are brought up to date (in place): a read that fails
+        # leaves none of them half updated there.
+        known = {job_id: job for job_id in fresh if (job := self._cache.pop(job_id, None)) is not None}
+        for job_id in fresh:
+            self._views.pop(job_id, None)
+        found = self.app.get_jobs(list(wanted), known=known)
         if found is None:
+            for job in known.values():
+                self._remember(job)  # (no bulk read on this store: caught up one by one instead)
             return set()
         self.stats.bulk_reads += 1
-        for job_id in fresh:
-            self._cache.pop(job_id, None)
-            self._views.pop(job_id, None)
         for job in found.values():
             self.stats.reads += 1
             self._remember(job)

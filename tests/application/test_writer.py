@@ -13,7 +13,7 @@ import pytest
 from podsettle import JobRequest, Settlements
 from podsettle.domain import State, Step
 from podsettle.writer import JobWriter, run_command
-from tests.histories import act
+from tests.histories import OUTCOMES, Plan, act, drive_history, steps
 from tests.jobs import DEADLINE, request
 
 
@@ -162,3 +162,48 @@ async def test_a_group_that_loses_a_race_is_saved_again_as_a_group(tmp_path: Pat
     await writer.aclose()
     claimers = {job_id: ours.get_job(job_id).intent.claimed_by for job_id in (raced, other, third)}  # type: ignore[union-attr]
     assert claimers == {raced: "theirs", other: "ours", third: "ours"}
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+async def test_a_job_another_engine_moved_on_is_caught_up_with_its_new_events_only(
+    tmp_path: Path, outcome: str
+) -> None:
+    """A job this writer holds, asked for fresh after another engine saved more of it: the copy is
+    brought up to date with the events after its version (not read whole again), and it is then the
+    job a full read gives, from every point of every kind of history to every later point (a job
+    that rests then leaves the cache)."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    theirs, ours = Settlements(url), Settlements(url)
+    reads: list[tuple[int | None, int]] = []
+    select = ours.recorder.select_events
+
+    def counted(originator_id: Any, **kwargs: Any) -> Any:
+        found = select(originator_id, **kwargs)
+        reads.append((kwargs.get("gt"), len(found)))
+        return found
+
+    ours.recorder.select_events = counted  # type: ignore[method-assign]
+    saves = len(steps(Plan(key="count", outcome=outcome)))
+    checked = 0
+    for held_at in range(saves):
+        for moved_to in range(held_at + 1, saves + 1):
+            plan = Plan(key=f"caught-{held_at}-{moved_to}", outcome=outcome)
+            job = drive_history(theirs, plan, upto=held_at)
+            writer = JobWriter(ours)
+            copy = await writer.view(job.id)
+            if copy.rests:
+                await writer.aclose()
+                continue
+            for save in steps(plan)[held_at:moved_to]:  # the other engine moves the job on
+                for command in save:
+                    command(job)
+                theirs.save(job)
+            reads.clear()
+            after = await writer.view(job.id, fresh=True)
+            whole = theirs.get_job(job.id)
+            assert (after.version, after) == (whole.version, whole.view())
+            assert reads == [(copy.version, whole.version - copy.version)]  # its new events only
+            assert writer.held()["cached_jobs"] == (0 if whole.rests else 1)
+            await writer.aclose()
+            checked += 1
+    assert checked >= saves  # every point a copy can be held at, caught up to each later one

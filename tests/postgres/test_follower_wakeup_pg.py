@@ -50,6 +50,9 @@ def _engine(schema: str, *, pull_fallback_s: float) -> tuple[Engine, InProcessCo
         settings=Settings(store="memory", payer=PAYER, payee=PAYEE),
         processor=ProcessorConfig(processor_id="engine-follower"),
         follow_interval_s=0.05,
+        # The jobs opened elsewhere here are left to their writer for this long, not a lease: these
+        # tests are about how the follower learns of them.
+        adopt_grace_s=0.5,
     )
     engine.pull_fallback_s = pull_fallback_s
     return engine, compute
@@ -158,5 +161,49 @@ async def test_the_jobs_a_group_needs_are_read_in_one_query(pg_schema: str) -> N
     # Opening the same batch again (a process joining it) compares it with the store in one query.
     again = reader.open_jobs(_specs(engine, [f"bulk-{n}" for n in range(6)]))
     assert again == ids
+    await writer.aclose()
+    await compute.aclose()
+
+
+async def test_jobs_another_process_moved_on_are_caught_up_in_one_query_with_their_new_events(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group asking for jobs this writer holds, fresh (another process wrote them): one query
+    reads only the events after each copy's version, and each job is then what a full read gives;
+    a job nobody moved on stays as it was."""
+    from podsettle import application
+    from podsettle.domain import Step
+    from podsettle.domain.rules import split
+
+    env = {"POSTGRES_SCHEMA": pg_schema, "CREATE_TABLE": "y"}
+    theirs, ours = Settlements(URL, env=env), Settlements(URL, env=env)
+    engine, compute = _engine(pg_schema, pull_fallback_s=1)
+    ids = theirs.open_jobs(_specs(engine, [f"caught-{n}" for n in range(4)]))
+    writer = JobWriter(ours)
+    copies = await asyncio.gather(*(writer.view(job_id) for job_id in ids))
+    assert writer.held()["cached_jobs"] == 4
+    for job_id in ids[:3]:  # another process claims the funding of three of them; one is funded
+        job = theirs.get_job(job_id)
+        job.record_attempt(Step.FUND, "other-process")
+        theirs.save(job)
+    funded = theirs.get_job(ids[0])
+    parts = split(funded.budget)
+    funded.record_funded("escrow-1", parts.amount, parts.fee, parts.net)
+    theirs.save(funded)
+    asked: list[dict[Any, int]] = []
+    select = application.select_events_of
+
+    def spied(recorder: Any, job_ids: Any, **kwargs: Any) -> Any:
+        asked.append(dict(kwargs.get("after") or {}))
+        return select(recorder, job_ids, **kwargs)
+
+    monkeypatch.setattr(application, "select_events_of", spied)
+    views = await asyncio.gather(*(writer.view(job_id, fresh=True) for job_id in ids))
+    assert asked == [{job_id: copy.version for job_id, copy in zip(ids, copies, strict=True)}]
+    for job_id, view in zip(ids, views, strict=True):
+        whole = theirs.get_job(job_id)
+        assert (view.version, view) == (whole.version, whole.view())
+    moved = [v.version - c.version for v, c in zip(views, copies, strict=True)]
+    assert moved[0] > moved[1] == moved[2] == 1 and moved[3] == 0
     await writer.aclose()
     await compute.aclose()
