@@ -82,9 +82,6 @@ NOTHING_DONE_TOPIC = get_topic(EscrowJob.NothingDone)
 # What the engine's follower reads: intents (to drive), claims (whose, to wait for them rather than
 # poll) and resting events (to wake the tasks waiting for another engine's job).
 FOLLOW_TOPICS = [*INTENT_TOPICS, ATTEMPTED_TOPIC, NOTHING_DONE_TOPIC, *sorted(RESTING_TOPICS)]
-# An intent another process wrote and nobody claimed is left to that process this long, then driven here
-# (it most likely claims it at once: it opened the job, or recorded the outcome before the intent).
-ADOPT_GRACE_S = 2.0
 # With a wake-up from the store (PostgreSQL's LISTEN/NOTIFY), the follower still pulls at least this
 # often: a notification that never arrives costs this much latency, never an event.
 PULL_FALLBACK_S = 2.0
@@ -277,7 +274,7 @@ class EngineCore:
         processor: ProcessorConfig | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         follow_interval_s: float = 0.25,
-        adopt_grace_s: float = ADOPT_GRACE_S,
+        adopt_grace_s: float | None = None,
         recover_on_start: bool = True,
     ) -> None:
         self.app = settlements
@@ -291,7 +288,6 @@ class EngineCore:
         self.refund_method = "cancel" if escrow.capabilities.cancel else self.settings.refund_method
         self.clock = clock
         self.follow_interval_s = follow_interval_s
-        self.adopt_grace_s = adopt_grace_s
         self.recover_on_start = recover_on_start
         # Whether the engine follows the log for intents other processes wrote, and drives them (a
         # one-off command that acts on given jobs, such as `cancel`, must not work the others).
@@ -308,6 +304,11 @@ class EngineCore:
             clock=clock,
         )
         self.processor.payer = self.payer
+        # An intent another process wrote and nobody claimed is left to that process as a claim
+        # would be, for a lease (default): it claims it when it gets to it (a chunk of its batch
+        # opened ahead of the jobs it runs may wait a while for a slot there); driven here after.
+        lease = self.processor.config.claim_lease_s
+        self.adopt_grace_s = lease if adopt_grace_s is None else adopt_grace_s
         self.processor.evaluator = self._run_evaluator
         self.watch = JobWatch()
         self.processor.watch = self.watch
