@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -332,6 +333,26 @@ async def test_an_engine_follows_the_claims_of_a_job_another_engine_carries_on_w
         ("start", "engine-a"),
         ("release", "engine-a"),
     ]
+    await a.aclose()
+    await b.aclose()
+    await compute.aclose()
+
+
+async def test_an_intent_another_engine_wrote_and_has_not_claimed_is_left_to_it_for_a_lease(
+    store: tuple[str, dict[str, str]],
+) -> None:
+    """A job another process opened and has not claimed yet (a chunk of its batch, opened ahead of
+    the jobs it runs, waits for a slot there) is left to that process for a claim lease, as a claim
+    would be, before this engine's follower drives it: two batches on one store do not take each
+    other's queued jobs (they did after 2 s, and each process then read the other's jobs back)."""
+    url, env = store
+    a, b, compute, job_id = _engines_and_a_job(url, env, lambda escrow: escrow, job_key="queued-there")
+    await b.start()
+    await _until(lambda: job_id in b._foreign, "engine B's follower to see the job")
+    _version, claimer, lapses_at = b._foreign[job_id]
+    lease = b.processor.config.claim_lease_s
+    assert claimer == "" and lapses_at - time.monotonic() > lease - 5
+    assert b.follow_stats.adopted == 0 and job_id not in b._driving
     await a.aclose()
     await b.aclose()
     await compute.aclose()
