@@ -209,10 +209,18 @@ class BareGateways:
 _SANDBOX_SCRIPT = """
 import json, sys
 from podsettle.sandbox.app import Sandbox
+from podsettle.sandbox.runpod_worker import EndpointConfig
 from podsettle.support.logs import configure_logging
 configure_logging("WARNING")
 lifted = {route: 10_000_000 for route in ("create", "complete", "release", "dispute", "cancel")}
-with Sandbox(escrow_options={"rate_limits": lifted}) as sandbox:
+# RunPod's documented limits too (runsync: 2,000 per 10 s): a bench's cases follow one another
+# within a window, and a case would otherwise wait out 429s the cases before it earned.
+# "slow": jobs that take the time their input asks for ("seconds"), on enough workers that the
+# endpoint never queues them: what a process bound by its own concurrency, not its CPU, meets.
+slow = EndpointConfig(handler="podsettle.sandbox.handlers:sleep", workers=512)
+with Sandbox(
+    endpoints={"slow": slow}, escrow_options={"rate_limits": lifted}, runpod_options={"rate_limits": {}}
+) as sandbox:
     payer, worker = sandbox.create_agent("10000000"), sandbox.create_agent("0")
     print(json.dumps({"url": sandbox.url, "runpod_url": sandbox.runpod_url, "payer": payer.agent_id,
                       "key": payer.api_key, "worker": worker.agent_id}), flush=True)

@@ -8,11 +8,14 @@ process and PostgreSQL with 1, 2 and 4, as ratios to SQLite and to one PostgreSQ
 the longest gap between two consecutive events in the log (the longest stall of the whole batch) and
 the CPU the engine processes used. Next to each shared case of N > 1 processes, the same jobs split
 into N files run by N processes in batches of their own (nothing shared, nothing to coordinate):
-what this machine gives N processes at best, and what sharing one batch costs against it. Then a
-line saying what limits the curve. Aims (issue 18): more processes never slower than one, one
-process on PostgreSQL within 1.2x of SQLite.
+what this machine gives N processes at best, and what sharing one batch costs against it. Then
+jobs that take time (`--slow-jobs` jobs of 0.1 s on the sandbox's "slow" endpoint, 8 in flight per
+process, one batch shared by 1, 2 and 4 processes): what more processes give where each is bound by
+its own concurrency rather than the machine's CPU. Last, the aims (issue 18: more processes never
+slower than one, one process on PostgreSQL within 1.2x of SQLite) and a line saying what limits the
+curve.
 
-    .venv/bin/python bench/processes_bench.py [--jobs 1000] [--processes 1 2 4]
+    .venv/bin/python bench/processes_bench.py [--jobs 1000] [--processes 1 2 4] [--slow-jobs 400]
 """
 
 from __future__ import annotations
@@ -60,10 +63,17 @@ def _machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+ECHO = ["--endpoint", "echo"]
+# Jobs of 0.1 s at 8 in flight per process: each process is bound by its own concurrency (about
+# 80 jobs/s at most), not by the machine's CPU; the sandbox's "slow" endpoint never queues them.
+SLOW = ["--endpoint", "slow", "--concurrency", "8"]
+SLOW_INPUT = {"seconds": 0.1}
 SERVICES: dict[str, float] = {}  # CPU seconds the sandbox and the whole machine used in the last case
 
 
-def _run(store: str, info: dict[str, str], work: list[tuple[Path, str]]) -> tuple[float, float]:
+def _run(
+    store: str, info: dict[str, str], work: list[tuple[Path, str]], extra: list[str] = ECHO
+) -> tuple[float, float]:
     """Wall seconds of the case, one `podsettle batch` process per (jobs file, batch id) of `work`,
     and the CPU seconds its engine processes used (user + system); the sandbox's and the machine's
     CPU in the case go to SERVICES."""
@@ -79,7 +89,7 @@ def _run(store: str, info: dict[str, str], work: list[tuple[Path, str]]) -> tupl
         errors = [files.enter_context(tempfile.TemporaryFile("w+")) for _ in range(processes)]
         running = [
             subprocess.Popen(
-                [sys.executable, "-m", "podsettle.cli", *_batch_args(jobs, batch)],
+                [sys.executable, "-m", "podsettle.cli", *_batch_args(jobs, batch, extra)],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.DEVNULL,
@@ -100,8 +110,8 @@ def _run(store: str, info: dict[str, str], work: list[tuple[Path, str]]) -> tupl
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def _batch_args(jobs: Path, batch: str) -> list[str]:
-    return ["batch", str(jobs), "--endpoint", "echo", "--budget", "0.10", "--batch-id", batch, "--json"]
+def _batch_args(jobs: Path, batch: str, extra: list[str]) -> list[str]:
+    return ["batch", str(jobs), "--budget", "0.10", "--batch-id", batch, "--json", *extra]
 
 
 def _split(jobs: Path, parts: int) -> list[Path]:
@@ -191,6 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=pick(1000, 200))
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--slow-jobs", type=int, default=pick(400, 80))
     options = parser.parse_args()
     import psycopg
 
@@ -252,6 +263,24 @@ def main() -> None:
                     "x",
                     note="one batch shared by the processes against the same jobs split between them "
                     "(what sharing costs)",
+                )
+            # Processes bound by their own concurrency (jobs that take time), not by the machine.
+            slow_jobs = Path(folder) / "slow.jsonl"
+            slow_jobs.write_text((json.dumps(SLOW_INPUT) + "\n") * options.slow_jobs)
+            slow: dict[int, float] = {}
+            for count in options.processes:
+                store = _database(psycopg, made)
+                wall, cpu = _run(store, info, [(slow_jobs, f"bench-slow-{count}")] * count, SLOW)
+                slow[count] = options.slow_jobs / wall
+                if count == 1:
+                    figure("processes.slow_1", slow[1], "jobs/s", note=_note(store, cpu, wall))
+                    continue
+                figure(
+                    f"processes.slow_{count}_vs_1",
+                    slow[count] / slow[1],
+                    "x",
+                    note=f"{options.slow_jobs} jobs of 0.1 s, 8 in flight per process, one batch shared; "
+                    "aim: at least 1; " + _note(store, cpu, wall),
                 )
             if 1 in rates:
                 print(
