@@ -347,6 +347,21 @@ def aims(medians: dict[str, tuple[float, float | None]]) -> list[str]:
     if len(peaks) > 1 and None not in peaks:
         growth = peaks[-1] / peaks[0]  # type: ignore[operator]
         check("audit peak memory, largest log / smallest", growth, growth <= 1.1, "<= 1.1 (flat)")
+    # Issue 18: one PostgreSQL process against SQLite, and more processes against one (next to
+    # what this machine gives processes that share nothing: a reference, not an aim).
+    postgres = get("processes.postgres_1", True)
+    slower = None if not postgres else 1 / postgres
+    check("SQLite rate / one PostgreSQL process", slower, None if slower is None else slower <= 1.2, "<= 1.2")
+    for name, label, aim in (
+        ("postgres_2_vs_1", "2 processes / 1, echo jobs (CPU-bound)", True),
+        ("postgres_4_vs_1", "4 processes / 1, echo jobs (CPU-bound)", True),
+        ("independent_2_vs_1", "2 processes sharing nothing / 1 (reference)", False),
+        ("independent_4_vs_1", "4 processes sharing nothing / 1 (reference)", False),
+        ("slow_2_vs_1", "2 processes / 1, 0.1 s jobs (concurrency-bound)", True),
+        ("slow_4_vs_1", "4 processes / 1, 0.1 s jobs (concurrency-bound)", True),
+    ):
+        value = get(f"processes.{name}")
+        check(label, value, _at_least(value, 1) if aim else None, ">= 1" if aim else "this machine's ceiling")
     return lines
 
 
@@ -436,7 +451,7 @@ def write_report(
         if outcome.failures:
             table.append("")
     out += [
-        "## Aims (issues 5, 6 and 8)",
+        "## Aims (issues 5, 6, 8 and 18)",
         "",
         "| aim | median | target | state |",
         "|---|---:|---|---|",
