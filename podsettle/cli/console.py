@@ -198,15 +198,16 @@ def audit_report(report: Any) -> str:
     return rendered
 
 
-def views_path(store_url: str, explicit: str | None = None) -> str:
+def views_path(store_url: str, explicit: str | None = None) -> str | None:
     """Where a SQLite file of read models lives: `explicit` (the settings' views, $PODSETTLE_VIEWS)
-    if given, else next to a SQLite store, else in the cwd (a PostgreSQL store keeps its views
-    inside it: `open_views`)."""
+    if given, else next to a SQLite store; None (in memory) for a store in memory, whose views go
+    with its log (a PostgreSQL store keeps its views inside it: `open_views`). A file in the
+    working directory would outlive the log it was made from, and a later store's would differ."""
     if explicit:
         return explicit
     if store_url.startswith("sqlite:///"):
         return f"{Path(store_url[len('sqlite:///') :]).expanduser()}.views"
-    return "podsettle-views.db"
+    return None
 
 
 def open_views(settlements: Any, store_url: str, explicit: str | None = None) -> Any:

@@ -92,3 +92,17 @@ def test_a_bad_log_level_is_a_configuration_error_naming_the_variable() -> None:
     assert (
         result.stderr.strip().splitlines()[-1].startswith("podsettle: error: log_level (PODSETTLE_LOG_LEVEL)")
     )
+
+
+def test_a_store_in_memory_keeps_its_views_in_memory_not_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The views of a store in memory go with its log: a file in the working directory would
+    outlive that log, and the next store's views would not match it."""
+    monkeypatch.chdir(tmp_path)
+    env = {"PODSETTLE_STORE": "memory", "PODSETTLE_LOG_LEVEL": "ERROR"}
+    for _ in range(2):  # a second store in memory finds no views of the first
+        result = CliRunner().invoke(app, ["totals", "--json"], env=env)
+        assert result.exit_code == 0, result.stderr
+        assert '"jobs": 0' in result.stdout
+    assert list(tmp_path.iterdir()) == []
