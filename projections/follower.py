@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -133,7 +134,9 @@ class LogWakeup:
     itself, on threads and a connection of its own, from a position it keeps; the engine's store
     calls run on one store thread and its position is tracked, so only the wake-up is taken."""
 
-    def __init__(self, recorder: Any, on_notify: Callable[[], object], *, retry_s: float = 1.0) -> None:
+    def __init__(
+        self, recorder: Any, on_notify: Callable[[], object], *, retry_s: float = 1.0, wait_s: float = 0.2
+    ) -> None:
         self.channel: str = recorder.channel_name
         self.datastore: Any = recorder.datastore
         # Sessions whose notifications are this engine's own saves (podsettle's recorder keeps
@@ -141,10 +144,13 @@ class LogWakeup:
         self.own_sessions: set[int] = getattr(recorder, "own_sessions", set())
         self.on_notify = on_notify
         self.retry_s = retry_s
+        self.wait_s = wait_s  # the longest wait for a notification before `stop` is looked at again
         self.notified = 0
         self.own = 0  # notifications of this engine's own saves, left out
         self.listening = threading.Event()  # set while a LISTEN is in place
         self._stopped = threading.Event()
+        # A channel of this listener's own, on which `stop` wakes it (it waits on its connection).
+        self._stop_channel = f"podsettle_stop_{uuid.uuid4().hex}"
         self._thread = threading.Thread(target=self._run, name="podsettle-listen", daemon=True)
 
     @classmethod
@@ -157,7 +163,14 @@ class LogWakeup:
         return wakeup
 
     def stop(self) -> None:
+        """Stop listening, at once: the thread is woken on its own channel (it would otherwise
+        notice only when its wait for a notification times out, a closing engine's last wait)."""
         self._stopped.set()
+        if self.listening.is_set():
+            from psycopg.sql import SQL, Identifier
+
+            with contextlib.suppress(Exception), self.datastore.get_connection() as conn:
+                conn.execute(SQL("NOTIFY {0}").format(Identifier(self._stop_channel)))
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
@@ -167,10 +180,14 @@ class LogWakeup:
             try:
                 with self.datastore.get_connection() as conn:
                     conn.execute(SQL("LISTEN {0}").format(Identifier(self.channel)))
+                    conn.execute(SQL("LISTEN {0}").format(Identifier(self._stop_channel)))
                     self.listening.set()
                     self.on_notify()  # anything written before the LISTEN took: look once
                     while not self._stopped.is_set():
-                        for note in conn.notifies(timeout=0.2, stop_after=1):
+                        # (the timeout bounds a stop that came before `listening` was set)
+                        for note in conn.notifies(timeout=self.wait_s, stop_after=1):
+                            if note.channel == self._stop_channel:
+                                break
                             if note.pid in self.own_sessions:
                                 self.own += 1
                                 continue

@@ -207,3 +207,19 @@ async def test_jobs_another_process_moved_on_are_caught_up_in_one_query_with_the
     assert moved[0] > moved[1] == moved[2] == 1 and moved[3] == 0
     await writer.aclose()
     await compute.aclose()
+
+
+def test_a_listener_stops_at_once_however_long_it_waits_for_a_notification(pg_schema: str) -> None:
+    """Stopping wakes the listener on a channel of its own: a closing engine does not wait out the
+    listener's wait for a notification (here an hour)."""
+    import threading
+
+    app = Settlements(URL, env={"POSTGRES_SCHEMA": pg_schema, "CREATE_TABLE": "y"})
+    woken = threading.Event()
+    wakeup = LogWakeup(app.recorder, woken.set, wait_s=3600)
+    wakeup._thread.start()
+    assert wakeup.listening.wait(10) and woken.wait(10)  # in place, and it looked once
+    wakeup.stop()  # joins the thread for up to 5 s
+    assert not wakeup._thread.is_alive()
+    assert not wakeup.listening.is_set()
+    app.close()
