@@ -163,11 +163,16 @@ class Outcome:
     seconds: float = 0.0
 
 
+# A script's own verdicts, kept in BENCHMARKS.md with its figures (its other "#" lines are notes on
+# single figures, which the tables already carry).
+KEPT_NOTES = ("# aim:", "# limit:")
+
+
 def read_figures(script: Script, output: str) -> tuple[dict[str, Figure], list[str]]:
     figures: dict[str, Figure] = {}
     other: list[str] = []
     for line in output.splitlines():
-        if not line.strip() or line.startswith("#"):
+        if not line.strip() or (line.startswith("#") and not line.startswith(KEPT_NOTES)):
             continue
         parsed = parse_figure(line)
         if parsed is not None:
