@@ -239,13 +239,17 @@ class JobWriter:
         if job is None:
             self.stats.reads += 1
             job = self.app.get_job(job_id)
-            if job.rests:
-                self._note_version(job)
-            else:
-                self._remember(job)
+            self._keep(job)
         else:
             self._cache.move_to_end(job_id)
         return job
+
+    def _keep(self, job: EscrowJob) -> None:
+        """A job just read from the store: cached, unless it rests (then only its version is noted)."""
+        if job.rests:
+            self._note_version(job)
+        else:
+            self._remember(job)
 
     def _note_version(self, job: EscrowJob) -> None:
         self._versions[job.id] = job.version
@@ -378,10 +382,7 @@ class JobWriter:
             return None
         self.stats.reads += 1
         job = self.app.caught_up(job)  # (if it raises, the job stays out of the cache)
-        if job.rests:
-            self._note_version(job)
-        else:
-            self._remember(job)
+        self._keep(job)
         return job
 
     def _prefetch(self, batch: list[_Request]) -> set[UUID]:
@@ -408,16 +409,17 @@ class JobWriter:
             wanted[job_id] = None
         if len(wanted) < 2:
             return set()
-        # Taken out of the cache while they are brought up to date (in place): a read that fails
-        # leaves none of them half updated there.
-        known = {job_id: job for job_id in fresh if (job := self._cache.pop(job_id, None)) is not None}
+        known = {job_id: job for job_id in fresh if (job := self._cache.get(job_id)) is not None}
         for job_id in fresh:
             self._views.pop(job_id, None)
-        found = self.app.get_jobs(list(wanted), known=known)
+        try:
+            found = self.app.get_jobs(list(wanted), known=known)  # (brings `known` up to date in place)
+        except Exception:
+            for job_id in known:  # perhaps half brought up to date: read whole next time
+                self._cache.pop(job_id, None)
+            raise
         if found is None:
-            for job in known.values():
-                self._remember(job)  # (no bulk read on this store: caught up one by one instead)
-            return set()
+            return set()  # no bulk read on this store: each is caught up on its own (`_catch_up`)
         self.stats.bulk_reads += 1
         for job in found.values():
             self.stats.reads += 1
